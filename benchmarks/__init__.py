@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side measurements and load runs, not tests. See README: Benchmarks."""

@@ -1,0 +1,197 @@
+"""Noisy neighbour: tenant B's latency at a steady rate alone, then while tenant A floods at 10x its quota.
+
+    python -m benchmarks.noisy_neighbour            # or: make bench-tenants
+    python -m benchmarks.noisy_neighbour --rounds 1 --seconds 20    # a quick look
+    python -m benchmarks.noisy_neighbour --flood-factor 1 --out /tmp/control.json  # A at its quota: a control
+
+Starts its own local Ray cluster, deploys medserve with the two tenants, sends open-loop load (requests
+leave on a fixed schedule, whatever the server does) and writes benchmarks/results/noisy_neighbour.json.
+The phases alternate (alone, flood, alone, flood...) so that a change in the machine's other load
+during the run weighs on both alike.
+Target: B's p99 with the flood <= 1.2 x B's p99 alone, no 429 for B, only 200s and 429s for A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import io
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from serve_app.config import AppConfig, load_config
+from serve_app.phantoms import ct_phantom
+from serve_app.sample_data import write_ct_series
+from serve_app.tenancy.keys import hash_api_key, new_api_key
+
+RESULTS = Path(__file__).with_name("results") / "noisy_neighbour.json"
+SEGMENT = "/v1/models/ct-phantom-organ/segment"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (B alone, B with A's flood)")
+    parser.add_argument("--seconds", type=float, default=40, help="length of each phase")
+    parser.add_argument("--b-rate", type=float, default=1.0, help="tenant B's steady rate, requests/s")
+    parser.add_argument("--a-quota", type=float, default=0.25, help="tenant A's quota, requests/s; it sends 10x this")
+    parser.add_argument("--flood-factor", type=float, default=10, help="A sends this many times its quota (1: a control run)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    keys = {"a": new_api_key(), "b": new_api_key()}
+    with tempfile.TemporaryDirectory() as storage:
+        config = _config(keys, args, Path(storage))
+        url = _deploy(config)
+        try:
+            figures = asyncio.run(_run(url, keys, args, _study()))
+        finally:
+            import ray
+
+            ray.shutdown()
+    report = {
+        "noisy_neighbour": figures,
+        "parameters": {
+            "rounds": args.rounds, "seconds_per_phase": args.seconds, "b_rate_per_s": args.b_rate, "a_quota_per_s": args.a_quota,
+            "a_sends_per_s": args.a_quota * args.flood_factor, "study": "CT phantom 64x64x12, zipped DICOM, 114 kB",
+            "processing_slots": config.scheduling.processing_slots,
+        },
+        "device": _device(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+def _config(keys: dict[str, str], args, storage: Path) -> AppConfig:
+    def tenant(name, key, per_second, burst, max_concurrent):
+        return {"name": name, "api_key_hashes": [hash_api_key(key)], "models": ["*"],
+                "rate": {"per_second": per_second, "burst": burst}, "max_concurrent": max_concurrent}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return load_config(overrides={
+        "storage.root": str(storage),
+        "http.port": port,
+        "tenants": {
+            "flood-hospital": tenant("A: floods", keys["a"], args.a_quota, 1, 1),
+            # B's quota leaves it room: at its steady rate it must never see a 429.
+            "steady-hospital": tenant("B: steady", keys["b"], args.b_rate * 4, 10, 8),
+        },
+    })
+
+
+def _deploy(config: AppConfig) -> str:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
+    url = f"http://{config.http.host}:{config.http.port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit("medserve did not become ready in 300 s")
+
+
+def _study() -> bytes:
+    phantom = ct_phantom(np.random.default_rng(20_001), shape=(64, 64, 12), spacing=(5.4, 5.4, 8.0))
+    with tempfile.TemporaryDirectory() as folder:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as zf:
+            for path in write_ct_series(phantom.volume, Path(folder)):
+                zf.write(path, path.name)
+    return buffer.getvalue()
+
+
+async def _run(url: str, keys: dict[str, str], args, study: bytes) -> dict:
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        await _steady(client, keys["b"], 2.0, 5, study)  # warm-up: load the model, fill caches
+        alone, with_flood, flood = [], [], []
+        for _ in range(args.rounds):
+            alone += await _steady(client, keys["b"], args.b_rate, args.seconds, study)
+            b, a = await asyncio.gather(
+                _steady(client, keys["b"], args.b_rate, args.seconds, study),
+                _steady(client, keys["a"], args.a_quota * args.flood_factor, args.seconds, study),
+            )
+            with_flood, flood = with_flood + b, flood + a
+            await asyncio.sleep(2)  # A's last admitted requests drain before B is alone again
+    p99_alone, p99_flood = _p99(alone), _p99(with_flood)
+    return {
+        "p99_alone_ms": p99_alone,
+        "p99_flood_ms": p99_flood,
+        "p99_ratio": round(p99_flood / p99_alone, 3),
+        "target_ratio": 1.2,
+        "p50_alone_ms": _p(alone, 50),
+        "p50_flood_ms": _p(with_flood, 50),
+        "b_requests": {"alone": len(alone), "with_flood": len(with_flood)},
+        "b_status_alone": _codes(alone),
+        "b_status_with_flood": _codes(with_flood),
+        "a_status": _codes(flood),
+    }
+
+
+async def _steady(client: httpx.AsyncClient, key: str, rate: float, seconds: float, body: bytes) -> list[tuple]:
+    """Open-loop load: request i leaves at i / rate seconds, whether or not earlier ones have answered."""
+    loop = asyncio.get_running_loop()
+    start, sent = loop.time(), []
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+        sent.append(asyncio.create_task(_timed_post(client, key, body)))
+    return await asyncio.gather(*sent)
+
+
+async def _timed_post(client: httpx.AsyncClient, key: str, body: bytes) -> tuple:
+    start = time.perf_counter()
+    try:
+        response = await client.post(SEGMENT, content=body, headers={"content-type": "application/zip", "x-api-key": key})
+        status = response.status_code
+    except httpx.HTTPError as e:
+        status = type(e).__name__
+    return status, time.perf_counter() - start
+
+
+def _p(samples: list[tuple], q: float) -> float:
+    ok = [latency for status, latency in samples if status == 200]
+    return round(float(np.percentile(ok, q)) * 1000, 1)
+
+
+def _p99(samples: list[tuple]) -> float:
+    return _p(samples, 99)
+
+
+def _codes(samples: list[tuple]) -> dict:
+    return {str(k): v for k, v in sorted(Counter(status for status, _ in samples).items(), key=str)}
+
+
+def _device() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    # The machine may be shared: its load at the end says how quiet the run was.
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version(),
+            "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
+
+
+if __name__ == "__main__":
+    main()

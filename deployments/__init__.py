@@ -1,0 +1,2 @@
+"""The Serve deployments of one medserve application, in request order:
+ingress -> preprocess -> model -> postprocess."""

@@ -1,0 +1,37 @@
+"""TenantGate: the one place where tenants' quotas and the processing slots are counted, cluster-wide.
+
+Exactly one replica, whatever the config says: every ingress replica asks this one, and its methods
+are ``async`` so that they all run on its one event loop (Serve runs plain methods in a thread
+pool), never interleaving inside a check-and-update. If it restarts, the counts start afresh.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ray import serve
+
+from serve_app.config import AppConfig
+from serve_app.tenancy.quota import Quotas, Refusal
+
+
+# Waiting callers hold a request open here, so it takes many more than the ingress replicas can send.
+@serve.deployment(num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+class TenantGate:
+    def __init__(self, config: AppConfig):
+        self.quotas = Quotas(config.tenants, config.scheduling.processing_slots)
+
+    async def admit(self, tenant_id: str, ticket: str) -> Optional[Refusal]:
+        return self.quotas.admit(tenant_id, ticket)
+
+    async def acquire_slot(self, ticket: str, stat: bool) -> None:
+        await self.quotas.acquire_slot(ticket, stat)
+
+    async def leave(self, ticket: str) -> None:
+        self.quotas.leave(ticket)
+
+    async def stats(self) -> dict:
+        return self.quotas.stats()
+
+    async def ready(self) -> bool:
+        return True

@@ -1,0 +1,198 @@
+"""Every custom metric medserve exports through Ray's metrics pipeline, in one place.
+
+Ray's metrics agent prefixes custom metrics with ``ray_`` and exports a Counter as ``<name>_total``:
+``medserve_requests`` below is ``ray_medserve_requests_total`` in Prometheus. README.md
+("Metrics and dashboards") lists every name, type and label; the dashboards in ``dashboards/``
+query them. The GPU exporter (``serve_app/gpu_exporter.py``) is a separate process with its own names.
+
+Label values never come from what a hospital sends: models are the repository's names (only for
+known models), routes are templates (``/v1/results/{result_id}``), tenants are the ids the tenancy
+layer assigns.
+
+Ray rebuilds a histogram's ``_sum`` from bucket midpoints (a batch of 1 adds 0.5): use its buckets
+and ``_count``, which are exact, not ``_sum``.
+
+Metric objects are made lazily, inside the replica that records them: ``ray.serve.metrics`` reads
+the replica context (deployment, replica) when a metric is created.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+# Ingress timings (``timings_ms`` keys) -> the ``stage`` label.
+STAGES = {
+    "upload": "ingress",
+    "model_queue": "queue_wait",
+    "preprocess": "preprocess",
+    "model": "model",
+    "postprocess": "postprocess",
+    "total": "total",
+}
+# Seconds: a cached tiny study takes milliseconds a stage, a 2000-slice CT on CPU minutes.
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+# Every size up to 4 its own bucket, so ceil(histogram_quantile(...)) is exact there.
+BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+GPU_MEMORY_REPORT_INTERVAL_S = 5.0
+ANONYMOUS = "anonymous"
+
+
+@functools.cache
+def _request_metrics():
+    from ray.util import metrics
+
+    # Plain Ray metrics, not ray.serve.metrics: a replica label would multiply every request series.
+    requests = metrics.Counter(
+        "medserve_requests",
+        description="HTTP responses of the medserve API, by route template, method, status code and tenant.",
+        tag_keys=("route", "method", "code", "tenant"),
+    )
+    latency = metrics.Histogram(
+        "medserve_request_duration_seconds",
+        description="Seconds a successful segment request spent in each stage, per model and tenant.",
+        boundaries=LATENCY_BUCKETS_S,
+        tag_keys=("stage", "model", "tenant"),
+    )
+    return requests, latency
+
+
+def record_response(route: str, method: str, code: int, tenant: str) -> None:
+    _request_metrics()[0].inc(tags={"route": route, "method": method, "code": str(code), "tenant": tenant})
+
+
+def observe_segment(request, model: str, timings_ms: dict[str, float]) -> None:
+    """Called by the ingress once a segment request succeeded, with the timings it returns."""
+    latency = _request_metrics()[1]
+    tenant = tenant_of(request.scope)
+    for key, stage in STAGES.items():
+        latency.observe(timings_ms[key] / 1000.0, tags={"stage": stage, "model": model, "tenant": tenant})
+
+
+def tenant_of(scope: dict) -> str:
+    # The tenancy layer sets ``request.state.tenant_id``; Starlette keeps request.state in scope["state"].
+    return str(scope.get("state", {}).get("tenant_id", ANONYMOUS))
+
+
+class ResponseCounter:
+    """ASGI middleware: counts every response, including the 4xx an exception handler answers.
+
+    ``record(route, method, code, tenant)`` is called once per HTTP request, after it ended.
+    A request that raised past every handler is counted as the 500 the server answers.
+    """
+
+    def __init__(self, app, record: Callable[[str, str, int, str], None] = record_response):
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})
+        status = 500
+
+        async def send_and_note_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # a template, never the raw path
+            self.record(route, scope["method"], status, tenant_of(scope))
+
+
+def instrument(api) -> None:
+    """Count every response of the FastAPI app ``api`` in ``medserve_requests``."""
+    api.add_middleware(ResponseCounter)
+
+
+class ReplicaMetrics:
+    """Made in each replica's ``__init__``: reports the replica's GPU memory every few seconds and,
+    for a model replica, the size of each batch."""
+
+    def __init__(self, model: Optional[str] = None):
+        from ray.serve import metrics
+
+        self.model = model
+        # ray.serve.metrics adds the deployment, replica and application labels.
+        self._gpu_memory = metrics.Gauge(
+            "medserve_replica_gpu_memory_bytes",
+            description="CUDA memory this replica's torch holds (kind: allocated or reserved); 0 without a GPU.",
+            tag_keys=("kind",),
+        )
+        self._batch_size = metrics.Histogram(
+            "medserve_batch_size",
+            description="Requests in each batch a model replica ran.",
+            boundaries=BATCH_SIZE_BUCKETS,
+            tag_keys=("model",),
+        )
+        threading.Thread(target=self._report_gpu_memory, name="medserve-gpu-memory", daemon=True).start()
+
+    def batch(self, size: int) -> None:
+        self._batch_size.observe(size, tags={"model": self.model})
+
+    def _report_gpu_memory(self) -> None:
+        while True:
+            for kind, value in replica_gpu_memory().items():
+                self._gpu_memory.set(value, tags={"kind": kind})
+            time.sleep(GPU_MEMORY_REPORT_INTERVAL_S)
+
+
+def replica_gpu_memory() -> dict[str, int]:
+    """Bytes of CUDA memory this process's torch holds."""
+    # A replica that never imported torch (the ingress) holds no CUDA memory: don't import it for this.
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {"allocated": 0, "reserved": 0}
+    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()}
+
+
+class WsiJobMetrics:
+    """The metrics of one whole-slide-image job, for the WSI feature to call (it does not exist yet).
+
+    Make one when a job starts, call ``tiles_done`` as tiles finish and ``finished`` once.
+    ``job_id`` is the server's job id, never a slide's file name or a patient field (the label is not
+    ``job``: Prometheus keeps that for its scrape job).
+    """
+
+    def __init__(self, job_id: str, model: str, tenant: str, total_tiles: int):
+        self.tags = {"model": model, "tenant": tenant}
+        self.job_tags = {"job_id": job_id, **self.tags}
+        self.total_tiles = total_tiles
+        self.done = 0
+        self.progress_gauge, self.tiles, self.jobs = _wsi_metrics()
+        self.progress_gauge.set(0.0, tags=self.job_tags)
+
+    def tiles_done(self, n: int) -> None:
+        self.done += n
+        self.tiles.inc(n, tags=self.tags)
+        self.progress_gauge.set(self.done / max(self.total_tiles, 1), tags=self.job_tags)
+
+    def finished(self, status: str) -> None:
+        """``status``: ``done`` or ``failed``."""
+        self.jobs.inc(tags={**self.tags, "status": status})
+
+
+@functools.cache
+def _wsi_metrics():
+    from ray.util import metrics
+
+    progress = metrics.Gauge(
+        "medserve_wsi_job_progress",
+        description="Fraction (0..1) of a WSI job's tiles done.",
+        tag_keys=("job_id", "model", "tenant"),
+    )
+    tiles = metrics.Counter(
+        "medserve_wsi_tiles", description="WSI tiles processed; rate() gives tiles/s.", tag_keys=("model", "tenant")
+    )
+    jobs = metrics.Counter(
+        "medserve_wsi_jobs", description="WSI jobs finished, by status (done, failed).", tag_keys=("model", "tenant", "status")
+    )
+    return progress, tiles, jobs

@@ -1,0 +1,99 @@
+"""Results on shared storage, so that any ingress replica serves any result until it expires."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from serve_app.config import Storage
+from serve_app.errors import ResultNotFound
+
+_RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
+MASK_FILE = "mask.nii.gz"
+# Written uncompressed, gzipped on first download: gzip of a full-size CT mask costs more CPU
+# than the GPU spends segmenting it, and many clients only want the volumes.
+_RAW_MASK_FILE = "mask.nii"
+SUMMARY_FILE = "result.json"
+_SWEEP_INTERVAL_S = 600
+OWNER_FILE = "tenant"  # the tenant that made the result: only it may read the result
+
+
+class ResultStore:
+    def __init__(self, root: Path, retention_hours: float):
+        self.root = Path(root)
+        self.retention_s = retention_hours * 3600
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._next_sweep = 0.0
+
+    @classmethod
+    def of(cls, storage: Storage) -> "ResultStore":
+        return cls(storage.results, storage.result_retention_hours)
+
+    def save(self, result_id: str, mask: np.ndarray, affine: np.ndarray, summary: dict) -> None:
+        # Expired results are already unreadable (_existing checks their age); deleting them needs a
+        # scan of every result, so it runs once in a while rather than on every request's hot path.
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
+            self.sweep()
+        folder = self._folder(result_id)
+        # Written under a temporary name and renamed, so a reader never sees half a result.
+        partial = folder.with_name(folder.name + ".partial")
+        partial.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.asarray(affine, dtype=float)), str(partial / _RAW_MASK_FILE))
+        (partial / SUMMARY_FILE).write_text(json.dumps(summary))
+        partial.rename(folder)
+
+    def set_owner(self, result_id: str, tenant_id: str) -> None:
+        (self._folder(result_id) / OWNER_FILE).write_text(tenant_id)
+
+    def summary(self, result_id: str, tenant_id: str) -> dict:
+        return json.loads(self._existing(result_id, SUMMARY_FILE, tenant_id).read_text())
+
+    def mask_path(self, result_id: str, tenant_id: str) -> Path:
+        """The gzipped mask, compressed now if this is its first download."""
+        summary = self._existing(result_id, SUMMARY_FILE, tenant_id)
+        gz, raw = summary.with_name(MASK_FILE), summary.with_name(_RAW_MASK_FILE)
+        if not gz.exists():
+            partial = gz.with_name(f"{MASK_FILE}.{uuid.uuid4().hex}")
+            try:
+                with open(raw, "rb") as src, gzip.open(partial, "wb", compresslevel=1) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except FileNotFoundError:  # a concurrent download compressed it first
+                partial.unlink(missing_ok=True)
+                return gz
+            partial.rename(gz)
+            raw.unlink(missing_ok=True)
+        return gz
+
+    def sweep(self) -> None:
+        """Delete results older than the retention period."""
+        cutoff = time.time() - self.retention_s
+        for folder in self.root.iterdir():
+            try:
+                expired = folder.stat().st_mtime < cutoff
+            except FileNotFoundError:  # a concurrent save renamed its .partial folder, or another sweep won
+                continue
+            if expired:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _folder(self, result_id: str) -> Path:
+        if not _RESULT_ID.match(result_id):
+            raise ResultNotFound("no such result")
+        return self.root / result_id
+
+    def _existing(self, result_id: str, name: str, tenant_id: str) -> Path:
+        path = self._folder(result_id) / name
+        owner = path.with_name(OWNER_FILE)
+        # Another tenant's result is "not found", not "forbidden": its existence is not theirs to learn.
+        mine = owner.is_file() and owner.read_text() == tenant_id
+        if not mine or not path.is_file() or path.stat().st_mtime < time.time() - self.retention_s:
+            raise ResultNotFound("no such result, or it has expired")
+        return path

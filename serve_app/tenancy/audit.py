@@ -1,0 +1,77 @@
+"""The audit trail: one JSON line per request, to a rotating file and to stdout.
+
+A line names the tenant, model and version, the outcome and HTTP status and per-stage timings, and
+the StudyInstanceUID only as HMAC-SHA256 under a secret salt: the same study always gets the same
+hash (so an audit can follow it), but the hash cannot be turned back into the UID without the salt.
+Nothing a client sent goes in verbatim: no file names, no patient tags, no raw UIDs.
+
+The salt is ``$MEDSERVE_AUDIT_SALT`` where the cluster runs, else a random one made once and kept
+at ``<audit directory>/salt`` (mode 0600), which every ingress replica on the shared storage reads.
+Each ingress replica writes its own file, ``audit-<replica>.log``: two processes must not rotate one file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sys
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import Optional
+
+from serve_app.tenancy.settings import AuditSettings
+
+SALT_ENV = "MEDSERVE_AUDIT_SALT"
+
+
+def audit_salt(directory: Path) -> bytes:
+    if os.environ.get(SALT_ENV):
+        return os.environ[SALT_ENV].encode()
+    path = directory / "salt"
+    if not path.exists():
+        # Written aside then hard-linked into place: link fails if another replica won the race,
+        # and a reader never sees a half-written salt.
+        draft = directory / f".salt.{os.getpid()}"
+        draft.write_text(secrets.token_hex(32))
+        draft.chmod(0o600)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_bytes().strip()
+
+
+class AuditLog:
+    def __init__(self, settings: AuditSettings, storage_root: Path, writer: str):
+        directory = settings.directory or storage_root / "audit"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.salt = audit_salt(directory)
+        self.writer = writer
+        self.path = directory / f"audit-{writer}.log"
+        self.logger = logging.getLogger(f"medserve.audit.{writer}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # its own handlers only: the lines must not be reformatted elsewhere
+        self.logger.handlers.clear()
+        for handler in (
+            RotatingFileHandler(self.path, maxBytes=settings.max_bytes, backupCount=settings.backup_count),
+            logging.StreamHandler(sys.stdout),
+        ):
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self.logger.addHandler(handler)
+
+    def study_hash(self, study_instance_uid: Optional[str]) -> Optional[str]:
+        if not study_instance_uid:
+            return None
+        return hmac.new(self.salt, study_instance_uid.encode(), hashlib.sha256).hexdigest()
+
+    def write(self, record: dict) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        line = {"time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"), **record}
+        self.logger.info(json.dumps(line, separators=(",", ":")))

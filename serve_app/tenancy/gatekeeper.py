@@ -1,0 +1,158 @@
+"""What the ingress asks for each request: who sends it, may they, is there room; then the audit line.
+
+Without a ``tenants`` section the server is open: every request is tenant "anonymous" and nothing is
+refused here (the audit line is still written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import ClientDisconnect, Request
+
+from serve_app.config import AppConfig
+from serve_app.errors import Forbidden, RequestError, TooManyRequests, Unauthorized
+from serve_app.model_repository import ModelRepository
+from serve_app.tenancy.audit import AuditLog
+from serve_app.tenancy.keys import hash_api_key
+
+ANONYMOUS = "anonymous"
+CLIENT_CLOSED = 499  # nginx's code for a client that went away: the audit line still says how it ended
+_RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class Visit:
+    """One request as tenancy sees it; the ingress fills in what only it learns."""
+
+    request_id: str
+    route: str
+    stat: bool
+    tenant_id: str = ANONYMOUS
+    model: Optional[str] = None  # set only once the model is known to exist: never echo a client's string
+    model_version: Optional[str] = None
+    max_upload_bytes: int = 0
+    admitted: bool = False  # the gate counts it in: it must be let out (gate.leave)
+    slot_wait_s: float = 0.0
+    study_instance_uid: Optional[str] = None  # hashed before it is written anywhere
+    timings_ms: dict = field(default_factory=dict)
+    gate: Optional[DeploymentHandle] = None
+
+    async def wait_for_slot(self) -> None:
+        """Queue for a processing slot (STAT first, then tenants in turn); at once on an open server."""
+        if self.admitted:
+            start = time.perf_counter()
+            await self.gate.acquire_slot.remote(self.request_id, self.stat)
+            self.slot_wait_s = time.perf_counter() - start
+
+
+class Gatekeeper:
+    def __init__(self, config: AppConfig, repository: ModelRepository, gate: Optional[DeploymentHandle]):
+        self.tenants = config.tenants
+        self.tenant_by_key = {h: tid for tid, tenant in config.tenants.items() for h in tenant.api_key_hashes}
+        self.repository = repository
+        self.gate = gate
+        self.server_upload_limit = config.limits.max_upload_bytes
+        self.audit = AuditLog(config.audit, config.storage.root, _replica_name())
+
+    @asynccontextmanager
+    async def visit(
+        self, request: Request, route: str, model: Optional[str] = None, stat: bool = False,
+        admit: bool = False, result_id: Optional[str] = None,
+    ) -> AsyncIterator[Visit]:
+        """Authenticate and authorise the request (and with ``admit``, count it against its quotas);
+        whatever happens, release what it held and write its audit line."""
+        start = time.perf_counter()
+        visit = Visit(request_id=result_id or uuid.uuid4().hex, route=route, stat=stat, gate=self.gate)
+        status, error = 200, None
+        try:
+            await self._enter(visit, request, model, admit)
+            yield visit
+        except BaseException as e:
+            cause = e.cause if isinstance(e, RayTaskError) else e  # a stage's error, as Ray hands it back
+            status, error = _status_of(cause), type(cause).__name__
+            raise
+        finally:
+            if visit.admitted:
+                # Shielded: a client that hangs up cancels this task, and the slot must still be given back.
+                await asyncio.shield(self.gate.leave.remote(visit.request_id))
+            self.audit.write(self._record(visit, status, error, time.perf_counter() - start))
+
+    async def _enter(self, visit: Visit, request: Request, model: Optional[str], admit: bool) -> None:
+        tenant = None
+        if self.tenants:
+            visit.tenant_id = self._authenticate(request)
+            tenant = self.tenants[visit.tenant_id]
+        request.state.tenant_id = visit.tenant_id  # the metrics label requests by it
+        if model is not None:
+            visit.model_version = self.repository.get(model).version  # 404 for an unknown model
+            visit.model = model
+            if tenant and not tenant.may_use(model):
+                raise Forbidden(f"tenant {visit.tenant_id} may not use model {model}")
+        if visit.stat and tenant and not tenant.stat:
+            raise Forbidden(f"tenant {visit.tenant_id} may not send STAT requests")
+        tenant_limit = tenant.max_upload_bytes if tenant else None
+        visit.max_upload_bytes = min(self.server_upload_limit, tenant_limit or self.server_upload_limit)
+        if admit and self.gate is not None:
+            visit.admitted = True  # set before the call: if it is cancelled, the gate may still have counted it in
+            refusal = await self.gate.admit.remote(visit.tenant_id, visit.request_id)
+            if refusal is not None:
+                visit.admitted = False
+                raise TooManyRequests(f"tenant {visit.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s)
+
+    def _authenticate(self, request: Request) -> str:
+        key = request.headers.get("x-api-key") or _bearer_token(request.headers.get("authorization", ""))
+        if not key:
+            raise Unauthorized("an API key is required (Authorization: Bearer <key>, or X-API-Key)")
+        tenant_id = self.tenant_by_key.get(hash_api_key(key))
+        if tenant_id is None:
+            raise Unauthorized("the API key is not valid")
+        return tenant_id
+
+    def _record(self, visit: Visit, status: int, error: Optional[str], total_s: float) -> dict:
+        outcome = "ok" if status < 400 else "cancelled" if status == CLIENT_CLOSED else "rejected" if status < 500 else "failed"
+        return {
+            "request_id": visit.request_id if _RESULT_ID.match(visit.request_id) else None,
+            "tenant": visit.tenant_id,
+            "route": visit.route,
+            "model": visit.model,
+            "model_version": visit.model_version,
+            "stat": visit.stat,
+            "study_hash": self.audit.study_hash(visit.study_instance_uid),
+            "outcome": outcome,
+            "status": status,
+            "error": error,
+            "timings_ms": {**visit.timings_ms, "total": round(total_s * 1000, 1)},
+            "replica": self.audit.writer,
+        }
+
+
+def _bearer_token(authorization: str) -> Optional[str]:
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _status_of(error: BaseException) -> int:
+    if isinstance(error, RequestError):
+        return error.status_code
+    if isinstance(error, (asyncio.CancelledError, ClientDisconnect)):
+        return CLIENT_CLOSED
+    return 500
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return f"pid{os.getpid()}"

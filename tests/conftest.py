@@ -1,0 +1,161 @@
+"""Fixtures: a real local Ray cluster with the medserve application served over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import socket
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serve_app.cli import wait_until_ready
+from serve_app.config import AppConfig, load_config
+from serve_app.phantoms import Phantom, ct_phantom
+from serve_app.sample_data import write_ct_series
+
+# Small enough that a test can exceed it without a large upload.
+TEST_MAX_VOXELS = 128 * 128 * 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_config(tmp_path_factory) -> AppConfig:
+    storage = tmp_path_factory.mktemp("storage")
+    return load_config(
+        overrides={
+            "storage.root": str(storage),
+            "http.port": free_port(),
+            "limits.max_volume_voxels": TEST_MAX_VOXELS,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # "local": a fresh cluster even where `medserve up` left one running.
+    # With its dashboard, which writes the Prometheus service-discovery file test_observability scrapes
+    # through; metrics exported every 2 s rather than 10 so that test waits less.
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        logging_level="ERROR",
+        configure_logging=False,
+        _metrics_export_port=free_port(),
+        _system_config={"metrics_report_interval_ms": 2000},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server_url(ray_cluster, app_config) -> str:
+    """The medserve application deployed on the test cluster; its base URL."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.start(http_options={"host": app_config.http.host, "port": app_config.http.port})
+    serve.run(build_app(app_config), name=app_config.name, route_prefix="/", blocking=False)
+    url = f"http://{app_config.http.host}:{app_config.http.port}"
+    wait_until_ready(url, timeout_s=300)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture
+def client(server_url):
+    with httpx.Client(base_url=server_url, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def phantom() -> Phantom:
+    # Seeds from 10_000 on are never drawn by the training script's generator.
+    return ct_phantom(np.random.default_rng(10_001))
+
+
+@pytest.fixture(scope="session")
+def phantom_series(phantom, tmp_path_factory) -> list[Path]:
+    return write_ct_series(phantom.volume, tmp_path_factory.mktemp("series"))
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def zip_files(paths: list[Path]) -> bytes:
+    return zip_bytes({p.name: p.read_bytes() for p in paths})
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+TENANT_APP_PREFIX = "/tenants"
+
+
+@pytest.fixture(scope="session")
+def tenant_keys() -> dict[str, str]:
+    from serve_app.tenancy.keys import new_api_key
+
+    return {tenant: new_api_key() for tenant in ("st-marys", "city-general", "rural-clinic", "research-lab")}
+
+
+@pytest.fixture(scope="session")
+def tenant_config(app_config, tenant_keys, tmp_path_factory) -> AppConfig:
+    """A second application with four hospitals and two ingress replicas, on the same cluster and port."""
+    from serve_app.tenancy.keys import hash_api_key
+
+    def tenant(models, per_second, burst, max_concurrent, **more) -> dict:
+        return {"models": models, "rate": {"per_second": per_second, "burst": burst}, "max_concurrent": max_concurrent, **more}
+
+    tenants = {
+        "st-marys": tenant(["*"], 100, 100, 16, stat=True),
+        "city-general": tenant(["*"], 0.01, 4, 100),  # four requests, then (nearly) nothing: the exact-rate test
+        "rural-clinic": tenant(["ct-phantom-organ"], 100, 100, 2, max_upload_bytes=80_000),
+        "research-lab": tenant(["mr-brain"], 100, 100, 4),
+    }
+    for tenant_id, fields in tenants.items():
+        fields.update(name=tenant_id.replace("-", " ").title(), api_key_hashes=[hash_api_key(tenant_keys[tenant_id])])
+    return load_config(
+        overrides={
+            "name": "medserve-tenants",
+            "storage.root": str(tmp_path_factory.mktemp("tenant-storage")),
+            "http.port": app_config.http.port,
+            "limits.max_volume_voxels": TEST_MAX_VOXELS,
+            "deployments.ingress.num_replicas": 2,
+            "tenants": tenants,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def tenant_url(server_url, tenant_config) -> str:
+    """The tenant application's base URL; it shares the test cluster with the open one."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(tenant_config), name=tenant_config.name, route_prefix=TENANT_APP_PREFIX, blocking=False)
+    url = server_url + TENANT_APP_PREFIX
+    wait_until_ready(url, timeout_s=300)
+    yield url
+    serve.delete(tenant_config.name)
+
+

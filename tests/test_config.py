@@ -1,0 +1,62 @@
+import pytest
+
+from serve_app.config import ConfigError, load_config
+
+
+def test_default_config_is_valid_and_serves_the_embedded_model():
+    config = load_config()
+    assert config.model_repository.name == "models"
+    assert (config.model_repository / "ct-phantom-organ" / "model.yaml").is_file()
+    assert config.deployments.model.batching.max_batch_size >= 1
+
+
+def test_bad_field_fails_at_start_naming_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("deployments:\n  model:\n    num_gpus: -0.25\n")
+    with pytest.raises(ConfigError, match=r"deployments\.model\.num_gpus"):
+        load_config(path)
+
+
+def test_misspelt_key_is_rejected_not_ignored(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("deployments:\n  preprocess:\n    num_replica: 2\n")
+    with pytest.raises(ConfigError, match=r"deployments\.preprocess\.num_replica"):
+        load_config(path)
+
+
+def test_autoscaling_bounds_are_checked(tmp_path):
+    path = tmp_path / "scale.yaml"
+    path.write_text("deployments:\n  model:\n    autoscaling: {min_replicas: 3, max_replicas: 1}\n")
+    with pytest.raises(ConfigError, match=r"deployments\.model\.autoscaling"):
+        load_config(path)
+
+
+def test_not_yaml_and_missing_file_say_so(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("deployments: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_fractional_gpus_and_per_model_overrides_reach_serve_options(tmp_path):
+    path = tmp_path / "gpu.yaml"
+    path.write_text(
+        "deployments:\n  model: {num_gpus: 0.25, num_replicas: 4}\n"
+        "models:\n  ct-phantom-organ: {num_gpus: 0.5, autoscaling: {min_replicas: 1, max_replicas: 3}, batching: {max_batch_size: 8}}\n"
+    )
+    config = load_config(path)
+    assert config.deployments.model.serve_options()["ray_actor_options"]["num_gpus"] == 0.25
+    assert config.deployments.model.serve_options()["num_replicas"] == 4
+    override = config.model_deployment("ct-phantom-organ")
+    options = override.serve_options()
+    assert options["ray_actor_options"]["num_gpus"] == 0.5
+    assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
+    assert override.batching.max_batch_size == 8
+
+
+def test_relative_model_repository_is_relative_to_the_config_file(tmp_path):
+    path = tmp_path / "repo.yaml"
+    path.write_text("model_repository: ./my-models\n")
+    assert load_config(path).model_repository == (tmp_path / "my-models").resolve()

@@ -1,0 +1,316 @@
+"""Observability, proven against a real Prometheus scraping the test cluster under traffic.
+
+Prometheus (Debian's package; `.ci/run` installs it) finds the Ray cluster through the
+service-discovery file Ray's dashboard writes, and scrapes the GPU exporter; every PromQL
+expression of every Grafana panel must then return data.
+"""
+
+import asyncio
+import json
+import math
+import re
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from fastapi import FastAPI, HTTPException, Request
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, zip_bytes
+from serve_app import gpu_exporter, monitoring
+from serve_app.metrics import STAGES, ResponseCounter
+
+DASHBOARD_FILES = sorted((monitoring.DASHBOARDS / "grafana" / "dashboards").glob("*.json"))
+RATE_INTERVAL = "5m"  # what Grafana's $__rate_interval stands for in these queries
+MODEL = "ct-phantom-organ"
+# A zip entry name and a result id as a hospital might send them: they must never reach a label.
+PATIENT_MARKER = "DOE_JOHN_1970"
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel, PromQL) for every target of every panel of every dashboard."""
+    queries = []
+    for path in DASHBOARD_FILES:
+        dashboard = json.loads(path.read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", RATE_INTERVAL)
+                queries.append((dashboard["title"], panel["title"], expr))
+    return queries
+
+
+class Prometheus:
+    def __init__(self, url: str, log: Path):
+        self.url, self.log = url, log
+
+    def query(self, expr: str) -> list[dict]:
+        response = self._get("/api/v1/query", params={"query": expr})
+        assert response["status"] == "success", f"{expr}: {response}"
+        return response["data"]["result"]
+
+    def targets(self) -> list[dict]:
+        return self._get("/api/v1/targets")["data"]["activeTargets"]
+
+    def _get(self, path: str, **kwargs) -> dict:
+        response = httpx.get(f"{self.url}{path}", timeout=10, **kwargs)
+        if response.status_code == 503:  # still loading: an HTTPError, which wait_for waits out
+            response.raise_for_status()
+        return response.json()
+
+    def wait_for(self, what: str, ready, timeout_s: float = 90):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if result := ready():
+                    return result
+            except httpx.HTTPError:
+                pass  # not listening yet, or 503 while it loads
+            time.sleep(1)
+        pytest.fail(f"Prometheus: {what} within {timeout_s:.0f} s; its log ends:\n{self.log.read_text()[-3000:]}")
+
+
+def has_finite_value(result: list[dict]) -> bool:
+    return any(math.isfinite(float(series["value"][1])) for series in result)
+
+
+@pytest.fixture(scope="module")
+def prometheus(server_url, tmp_path_factory):
+    if monitoring.find_binary("prometheus") is None:
+        pytest.skip("Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
+    state = tmp_path_factory.mktemp("monitoring")
+    gpu_port, port = free_port(), free_port()
+    monitoring.start_gpu_exporter(gpu_port, state)
+    # This test cluster's own discovery file: /tmp/ray/'s link follows whichever cluster started last.
+    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    discovery_file = session_dir / monitoring.RAY_SERVICE_DISCOVERY_FILE.name
+    monitoring.start_prometheus(monitoring.prometheus_config(discovery_file, gpu_port, "2s"), port, state)
+    try:
+        api = Prometheus(f"http://127.0.0.1:{port}", state / "prometheus.log")
+        node_port = str(ray.nodes()[0]["MetricsExportPort"])
+
+        def node_and_gpu_targets_up():
+            up = {(t["labels"]["job"], t["labels"]["instance"].rsplit(":", 1)[1]) for t in api.targets() if t["health"] == "up"}
+            return ("ray", node_port) in up and ("medserve-gpu", str(gpu_port)) in up
+
+        api.wait_for("the Ray node's metrics agent and the GPU exporter scraped", node_and_gpu_targets_up)
+        yield api
+    finally:
+        monitoring.stop(state)
+
+
+@ray.remote(num_cpus=0)
+class WsiJobDriver:
+    """Runs WSI jobs' metrics as the WSI feature will (it does not exist yet): names and labels end to end."""
+
+    def run(self, job_id: str, tiles: int) -> None:
+        from serve_app.metrics import WsiJobMetrics
+
+        metrics = WsiJobMetrics(job_id, model="wsi-demo", tenant="anonymous", total_tiles=tiles)
+        for _ in range(tiles):
+            metrics.tiles_done(1)
+        metrics.finished("done")
+
+
+def send_traffic(server_url: str, study_zip: bytes, segments: int, wsi, job_id: str) -> None:
+    with httpx.Client(base_url=server_url, timeout=300) as client:
+        def segment(_):
+            response = client.post(f"/v1/models/{MODEL}/segment", content=study_zip, headers={"content-type": "application/zip"})
+            assert response.status_code == 200, response.text
+
+        with ThreadPoolExecutor(segments) as pool:  # concurrent, so the model can batch them
+            list(pool.map(segment, range(segments)))
+        assert client.get("/v1/models/no-such-model").status_code == 404
+        assert client.get(f"/v1/results/{PATIENT_MARKER}").status_code == 404
+        assert client.post(f"/v1/models/{MODEL}/segment", content=b"not a study").status_code == 415
+    ray.get(wsi.run.remote(job_id, tiles=20))
+
+
+@pytest.fixture(scope="module")
+def scraped(prometheus, server_url, phantom_series):
+    """Prometheus after two rounds of traffic: the first makes the series, the second moves their rates."""
+    study_zip = zip_bytes({f"{PATIENT_MARKER}_{p.name}": p.read_bytes() for p in phantom_series})
+    wsi = WsiJobDriver.remote()
+    send_traffic(server_url, study_zip, 1, wsi, "job-1")
+    first_round = [
+        "ray_medserve_request_duration_seconds_count",
+        'ray_medserve_requests_total{code="415"}',
+        "ray_medserve_batch_size_count",
+        "ray_medserve_wsi_tiles_total",
+        "ray_medserve_wsi_jobs_total",
+    ]
+    prometheus.wait_for("the first round's series", lambda: all(prometheus.query(q) for q in first_round))
+    send_traffic(server_url, study_zip, 3, wsi, "job-2")
+    yield prometheus
+    ray.kill(wsi)
+
+
+def test_every_dashboard_query_returns_data(scraped):
+    gpus = int(float(scraped.query("sum(medserve_gpu_count)")[0]["value"][1]))
+    deadline = time.monotonic() + 120
+    empty = []
+    for dashboard, panel, expr in panel_queries():
+        per_gpu = [name for name in gpu_exporter.PER_GPU_GAUGES if name in expr]
+        if per_gpu and gpus == 0:
+            # Without a GPU these series cannot exist; the query must still be valid and name the exporter's gauges.
+            assert scraped.query(expr) == [], expr
+            continue
+        while not has_finite_value(result := scraped.query(expr)) and time.monotonic() < deadline:
+            time.sleep(2)
+        if not has_finite_value(result):
+            empty.append(f"{dashboard} / {panel}: {expr} -> {result}")
+    assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def test_stage_latencies_codes_batches_and_replicas_reach_prometheus(scraped):
+    stages = {s["metric"]["stage"] for s in scraped.query(f'ray_medserve_request_duration_seconds_count{{model="{MODEL}",tenant="anonymous"}}')}
+    assert stages == set(STAGES.values())
+    codes = {s["metric"]["code"] for s in scraped.query('ray_medserve_requests_total{route="/v1/models/{name}/segment"}')}
+    assert {"200", "415"} <= codes
+    # Round one's request and round two's cannot share a batch; earlier tests on this cluster add more.
+    scraped.wait_for("two batches", lambda: scraped.query(f'sum(ray_medserve_batch_size_count{{model="{MODEL}"}}) >= 2'))
+    replicas = {(s["metric"]["deployment"], s["metric"]["kind"]) for s in scraped.query("ray_medserve_replica_gpu_memory_bytes")}
+    assert {("Preprocess", "allocated"), (f"ModelReplica:{MODEL}", "allocated"), ("Postprocess", "reserved")} <= replicas
+    healthy = scraped.query('sum by (deployment) (ray_serve_deployment_replica_healthy{application="medserve"})')
+    assert {s["metric"]["deployment"] for s in healthy} == {"Ingress", "Preprocess", f"ModelReplica:{MODEL}", "Postprocess"}
+
+
+def test_no_label_value_carries_what_a_hospital_sent(scraped):
+    for series in scraped.query('{__name__=~"ray_medserve_.+"}'):
+        assert not any(PATIENT_MARKER in value for value in series["metric"].values()), series["metric"]
+
+
+def test_response_counter_counts_exception_handled_rejections_per_tenant():
+    """The ingress's middleware on a plain FastAPI app (no Ray): 429s raised by a tenancy check count."""
+    recorded = []
+    api = FastAPI()
+    api.add_middleware(ResponseCounter, record=lambda *row: recorded.append(row))
+
+    @api.get("/v1/results/{result_id}")
+    async def limited(result_id: str, request: Request):
+        request.state.tenant_id = "clinic-a"
+        raise HTTPException(status_code=429)
+
+    @api.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    async def get(*paths):
+        transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://medserve") as client:
+            return [(await client.get(path)).status_code for path in paths]
+
+    assert asyncio.run(get(f"/v1/results/{PATIENT_MARKER}", "/boom", "/nowhere")) == [429, 500, 404]
+    assert recorded == [
+        ("/v1/results/{result_id}", "GET", 429, "clinic-a"),
+        ("/boom", "GET", 500, "anonymous"),
+        ("unmatched", "GET", 404, "anonymous"),
+    ]
+
+
+def scrape_gpu_exporter(tmp_path) -> dict:
+    port = free_port()
+    monitoring.start_gpu_exporter(port, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        monitoring.stop(tmp_path)
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_gpu_exporter_without_gpu_reports_zero(tmp_path):
+    if gpu_exporter.snapshot()["gpu_count"]:
+        pytest.skip("this machine has an NVIDIA GPU")
+    families = scrape_gpu_exporter(tmp_path)
+    assert [s.value for s in families["medserve_gpu_count"]] == [0]
+    for name in gpu_exporter.PER_GPU_GAUGES:
+        assert families[name] == []
+
+
+def test_gpu_exporter_reports_every_gpu(tmp_path):
+    reading = gpu_exporter.snapshot()
+    if not reading["gpu_count"]:
+        pytest.skip(f"no NVIDIA GPU on this machine (NVML: {reading['nvml_error']})")
+    families = scrape_gpu_exporter(tmp_path)
+    assert [s.value for s in families["medserve_gpu_count"]] == [reading["gpu_count"]]
+    for name in gpu_exporter.PER_GPU_GAUGES:
+        assert sorted(s.labels["gpu"] for s in families[name]) == [str(i) for i in range(reading["gpu_count"])], name
+    assert all(s.value > 0 for s in families["medserve_gpu_memory_total_bytes"])
+
+
+def test_dashboards_fit_grafanas_schema():
+    """Grafana itself cannot be installed here; grafana-foundation-sdk (Grafana Labs' models generated from
+    Grafana's schemas) parses each dashboard, panel options included, and re-encodes it: a key the schema
+    does not know is dropped, and any such key fails this test."""
+    from grafana_foundation_sdk.cog import plugins
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    plugins.register_default_plugins()
+    datasource_uid = re.search(r"uid: (\S+)", (monitoring.DASHBOARDS / "grafana/provisioning/datasources/prometheus.yaml").read_text())[1]
+    assert {p.stem for p in DASHBOARD_FILES} == {"overview", "gpu", "tenants", "wsi"}
+    for path in DASHBOARD_FILES:
+        ours = json.loads(path.read_text())
+        theirs = json.loads(json.dumps(Dashboard.from_json(ours), cls=JSONEncoder))
+        assert unknown_keys(ours, theirs) == [], path.name
+        assert len({p["id"] for p in ours["panels"]}) == len(ours["panels"]), path.name
+        for panel in ours["panels"]:
+            assert panel["datasource"]["uid"] == datasource_uid, (path.name, panel["title"])
+            assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), (path.name, panel["title"])
+
+
+def unknown_keys(ours, theirs, where: str = "") -> list[str]:
+    """Paths in ``ours`` that are missing or different in ``theirs``."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [p for k, v in ours.items() for p in (unknown_keys(v, theirs[k], f"{where}.{k}") if k in theirs else [f"{where}.{k}"])]
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [p for i, (a, b) in enumerate(zip(ours, theirs)) for p in unknown_keys(a, b, f"{where}[{i}]")]
+    return [] if ours == theirs else [f"{where}: {ours!r} became {theirs!r}"]
+
+
+def test_prometheus_config_is_valid(tmp_path):
+    promtool = monitoring.find_binary("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed here")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(monitoring.prometheus_config()))
+    for path in (monitoring.DASHBOARDS / "prometheus.yml", config):
+        result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_documents_every_metric():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    source = (Path(__file__).parent.parent / "serve_app" / "metrics.py").read_text()
+    names = re.findall(r'\(\s*"(medserve_\w+)"', source) + ["medserve_gpu_count", *gpu_exporter.PER_GPU_GAUGES]
+    assert len(names) >= 12
+    missing = [n for n in names if n not in readme]
+    assert not missing, f"README.md does not document {missing}"
+
+
+def test_monitoring_start_serves_prometheus_and_the_gpu_exporter_until_stopped(tmp_path):
+    """What `medserve up --monitoring` starts and `medserve down` stops, on free ports."""
+    if monitoring.find_binary("prometheus") is None:
+        pytest.skip("Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
+    ports = monitoring.Ports(prometheus=free_port(), gpu_exporter=free_port(), grafana=free_port())
+    urls = monitoring.start(ports, tmp_path)
+    try:
+        api = Prometheus(urls["prometheus"], tmp_path / "prometheus.log")
+        api.wait_for("the GPU exporter scraped", lambda: api.query('up{job="medserve-gpu"} == 1'), timeout_s=60)
+    finally:
+        stopped = monitoring.stop(tmp_path)
+    assert sorted(stopped) == sorted(name for name in ("gpu-exporter", "prometheus", "grafana") if name in urls)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(urls["prometheus"], timeout=5)

@@ -1,0 +1,43 @@
+import os
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.errors import ResultNotFound
+from serve_app.results import ResultStore
+
+RESULT_ID = "0123456789abcdef0123456789abcdef"
+
+
+def test_saved_result_reads_back_until_it_expires(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), np.eye(4), {"labels": []})
+    store.set_owner(RESULT_ID, "st-marys")
+    assert store.mask_path(RESULT_ID, "st-marys").is_file()
+    assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
+
+    two_hours_ago = time.time() - 7200
+    for path in [store.root / RESULT_ID, *(store.root / RESULT_ID).iterdir()]:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    with pytest.raises(ResultNotFound, match="expired"):
+        store.mask_path(RESULT_ID, "st-marys")
+    store.sweep()
+    assert not (store.root / RESULT_ID).exists()
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "ABC", "0123456789abcdef0123456789abcdeg", ""])
+def test_result_ids_cannot_name_other_paths(tmp_path, bad_id):
+    with pytest.raises(ResultNotFound):
+        ResultStore(tmp_path, retention_hours=1).mask_path(bad_id, "st-marys")
+
+
+def test_a_result_is_not_found_by_another_tenant(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), np.eye(4), {"labels": []})
+    with pytest.raises(ResultNotFound):
+        store.summary(RESULT_ID, "st-marys")  # no owner recorded yet: nobody's
+    store.set_owner(RESULT_ID, "st-marys")
+    with pytest.raises(ResultNotFound):
+        store.summary(RESULT_ID, "city-general")
+    assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
