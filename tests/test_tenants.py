@@ -118,18 +118,23 @@ def test_rate_quota_is_exact_across_two_ingress_replicas(tenants, tenant_keys, t
     assert len(replicas) == 2, "both ingress replicas must have taken part for this test to mean anything"
 
 
-def test_concurrency_quota_is_exact_and_given_back(tenant_url, tenants, tenant_keys, tenant_config):
-    # Uploads that stall half way hold rural-clinic's two concurrent requests open.
+def _stall_uploads(tenant_url, key, count) -> list[http.client.HTTPConnection]:
+    """Start uploads that stop half way: each holds one of the tenant's concurrent requests open."""
     url = urlsplit(tenant_url)
     stalled = []
-    for _ in range(2):
+    for _ in range(count):
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
         connection.putrequest("POST", url.path + SEGMENT)
-        for name, value in {**ZIP, **auth(tenant_keys["rural-clinic"]), "content-length": "40000"}.items():
+        for name, value in {**ZIP, **auth(key), "content-length": "40000"}.items():
             connection.putheader(name, value)
         connection.endheaders()
         connection.send(b"PK\x03\x04" + b"x" * 100)
         stalled.append(connection)
+    return stalled
+
+
+def test_concurrency_quota_is_exact_and_given_back(tenant_url, tenants, tenant_keys, tenant_config):
+    stalled = _stall_uploads(tenant_url, tenant_keys["rural-clinic"], 2)
     wait_for(lambda: gate_stats(tenant_config)["in_flight"]["rural-clinic"] == 2)
 
     third = tenants.post(SEGMENT, content=b"", headers={**ZIP, **auth(tenant_keys["rural-clinic"])})
@@ -142,6 +147,16 @@ def test_concurrency_quota_is_exact_and_given_back(tenant_url, tenants, tenant_k
     assert fourth.status_code == 422  # admitted; refused only for its empty body
     stalled.pop().close()
     wait_for(lambda: gate_stats(tenant_config)["in_flight"]["rural-clinic"] == 0)
+
+
+def test_many_clients_hanging_up_at_once_give_every_count_back(tenant_url, tenant_keys, tenant_config):
+    # Serve cancels a cancelled request's downstream calls still waiting to be routed; when many
+    # cancellations land together, a give-back made as the request's child would be among them.
+    stalled = _stall_uploads(tenant_url, tenant_keys["st-marys"], 16)
+    wait_for(lambda: gate_stats(tenant_config)["in_flight"]["st-marys"] == 16)
+    for connection in stalled:
+        connection.close()
+    wait_for(lambda: gate_stats(tenant_config)["in_flight"]["st-marys"] == 0, timeout_s=30)
 
 
 def test_a_stat_request_overtakes_queued_routine_work(tenants, tenant_keys, tenant_config, small_zip):

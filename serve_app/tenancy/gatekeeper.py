@@ -7,6 +7,7 @@ refused here (the audit line is still written).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import re
 import time
@@ -84,10 +85,21 @@ class Gatekeeper:
             status, error = _status_of(cause), type(cause).__name__
             raise
         finally:
-            if visit.admitted:
-                # Shielded: a client that hangs up cancels this task, and the slot must still be given back.
-                await asyncio.shield(self.gate.leave.remote(visit.request_id))
-            self.audit.write(self._record(visit, status, error, time.perf_counter() - start))
+            try:
+                if visit.admitted:
+                    # A client that hangs up cancels this request, and Serve then cancels the request's
+                    # calls still waiting to be routed: a `leave` among them would never reach the gate
+                    # and the tenant's count would leak. Made in an empty context, the call is not this
+                    # request's child; shielded, it outlives the cancellation.
+                    leaving = asyncio.get_running_loop().create_task(
+                        self._leave(visit.request_id), context=contextvars.Context()
+                    )
+                    await asyncio.shield(leaving)
+            finally:
+                self.audit.write(self._record(visit, status, error, time.perf_counter() - start))
+
+    async def _leave(self, ticket: str) -> None:
+        await self.gate.leave.remote(ticket)
 
     async def _enter(self, visit: Visit, request: Request, model: Optional[str], admit: bool) -> None:
         tenant = None
