@@ -147,7 +147,8 @@ class Ingress:
     @api.get("/v1/results/{result_id}/mask.nii.gz")
     async def result_mask(self, result_id: str, request: Request) -> FileResponse:
         async with self.gatekeeper.visit(request, "mask", result_id=result_id) as visit:
-            path = self.results.mask_path(result_id, visit.tenant_id)
+            # The first download builds and gzips the whole mask: seconds of CPU, off the event loop.
+            path = await asyncio.to_thread(self.results.mask_path, result_id, visit.tenant_id)
         return FileResponse(path, media_type="application/gzip", filename="mask.nii.gz")
 
     async def _spool(self, request: Request, folder: Path, limit: int) -> int:

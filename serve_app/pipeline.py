@@ -73,10 +73,9 @@ class Postprocessor:
     def __call__(self, logits: torch.Tensor, model_affine, grid: Grid, spec: ModelSpec, result_id: str) -> list[dict]:
         """Writes the mask on the study's grid; returns each foreground label's volume."""
         mask = mask_on_grid(logits, model_affine, grid.affine, grid.shape, spec.foreground_labels)
-        volumes = label_volumes_ml(mask, spec.foreground_labels, voxel_volume_ml(grid.affine))
-        mask = mask.cpu().numpy()
+        volumes = label_volumes_ml(mask.labels, spec.foreground_labels, voxel_volume_ml(grid.affine))
         labels = [{"label": k, "name": spec.labels[k], "volume_ml": ml} for k, ml in volumes.items()]
-        self.results.save(result_id, mask, grid.affine, {"labels": labels})
+        self.results.save(result_id, mask.labels.cpu().numpy(), mask.start, grid.shape, grid.affine, {"labels": labels})
         return labels
 
 

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
 from serve_app.config import Storage
 from serve_app.errors import ResultNotFound
+from serve_app.volume import shifted_affine
 
 _RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 MASK_FILE = "mask.nii.gz"
-# Written uncompressed, gzipped on first download: gzip of a full-size CT mask costs more CPU
-# than the GPU spends segmenting it, and many clients only want the volumes.
-_RAW_MASK_FILE = "mask.nii"
+# Only the box that holds the foreground is written with the result, uncompressed: the whole mask is
+# built and gzipped on its first download. A full-size CT mask is 78 MB of mostly zeros, and writing
+# it cost more than the GPU spends segmenting the study; many clients only want the volumes.
+_BOX_FILE = "mask-box.nii"
+_GRID_FILE = "grid.json"
 SUMMARY_FILE = "result.json"
 _SWEEP_INTERVAL_S = 600
 OWNER_FILE = "tenant"  # the tenant that made the result: only it may read the result
@@ -37,7 +40,9 @@ class ResultStore:
     def of(cls, storage: Storage) -> "ResultStore":
         return cls(storage.results, storage.result_retention_hours)
 
-    def save(self, result_id: str, mask: np.ndarray, affine: np.ndarray, summary: dict) -> None:
+    def save(self, result_id: str, box: np.ndarray, box_start: Sequence[int], grid_shape: Sequence[int], affine: np.ndarray, summary: dict) -> None:
+        """Store a result: ``box`` holds the mask's labels from voxel ``box_start`` of a grid of
+        ``grid_shape`` with ``affine``; outside it the mask is 0."""
         # Expired results are already unreadable (_existing checks their age); deleting them needs a
         # scan of every result, so it runs once in a while rather than on every request's hot path.
         if time.monotonic() >= self._next_sweep:
@@ -47,7 +52,10 @@ class ResultStore:
         # Written under a temporary name and renamed, so a reader never sees half a result.
         partial = folder.with_name(folder.name + ".partial")
         partial.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.asarray(affine, dtype=float)), str(partial / _RAW_MASK_FILE))
+        affine = np.asarray(affine, dtype=float)
+        nib.save(nib.Nifti1Image(box.astype(np.uint8), shifted_affine(affine, box_start)), str(partial / _BOX_FILE))
+        grid = {"shape": [int(n) for n in grid_shape], "affine": affine.tolist(), "box_start": [int(a) for a in box_start]}
+        (partial / _GRID_FILE).write_text(json.dumps(grid))
         (partial / SUMMARY_FILE).write_text(json.dumps(summary))
         partial.rename(folder)
 
@@ -58,19 +66,18 @@ class ResultStore:
         return json.loads(self._existing(result_id, SUMMARY_FILE, tenant_id).read_text())
 
     def mask_path(self, result_id: str, tenant_id: str) -> Path:
-        """The gzipped mask, compressed now if this is its first download."""
+        """The gzipped mask on the study's whole grid, built now if this is its first download."""
         summary = self._existing(result_id, SUMMARY_FILE, tenant_id)
-        gz, raw = summary.with_name(MASK_FILE), summary.with_name(_RAW_MASK_FILE)
+        gz = summary.with_name(MASK_FILE)
         if not gz.exists():
-            partial = gz.with_name(f"{MASK_FILE}.{uuid.uuid4().hex}")
-            try:
-                with open(raw, "rb") as src, gzip.open(partial, "wb", compresslevel=1) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            except FileNotFoundError:  # a concurrent download compressed it first
-                partial.unlink(missing_ok=True)
-                return gz
+            grid = json.loads(summary.with_name(_GRID_FILE).read_text())
+            box = np.asanyarray(nib.load(summary.with_name(_BOX_FILE)).dataobj)
+            mask = np.zeros(grid["shape"], np.uint8)
+            mask[tuple(slice(a, a + n) for a, n in zip(grid["box_start"], box.shape))] = box
+            # Renamed into place: a concurrent download sees the whole file or none.
+            partial = gz.with_name(f"{uuid.uuid4().hex}.nii.gz")
+            nib.save(nib.Nifti1Image(mask, np.asarray(grid["affine"])), str(partial))
             partial.rename(gz)
-            raw.unlink(missing_ok=True)
         return gz
 
     def sweep(self) -> None:

@@ -6,6 +6,8 @@ they take and return torch tensors on whatever device the input is on.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +26,7 @@ from monai.transforms import (
 )
 
 from serve_app.model_repository import Preprocessing
-from serve_app.volume import Volume
+from serve_app.volume import Volume, shifted_affine
 
 
 def preprocessing(spec: Preprocessing) -> Compose:
@@ -77,10 +79,67 @@ def resample_to_grid(image: torch.Tensor, src_affine, dst_affine, shape: Sequenc
     return out.as_tensor()
 
 
-def mask_on_grid(logits: torch.Tensor, model_affine, grid_affine, grid_shape: Sequence[int], foreground: Sequence[int]) -> torch.Tensor:
-    """The whole postprocessing of a segmentation: logits on the model's grid -> uint8 mask on the image's grid."""
-    probabilities = resample_to_grid(to_probabilities(logits), model_affine, grid_affine, grid_shape)
-    return keep_largest_component(to_labels(probabilities), foreground)[0].to(torch.uint8)
+@dataclass
+class BoxedMask:
+    """A label mask on the image grid, kept as the box that holds its foreground: everything outside is 0.
+
+    A CT mask is mostly background: a 512x512x300 grid is 78 M voxels, an organ's box a few hundred
+    thousand. Resampling, connected components, the copy to the host and the write all scale with the box.
+    """
+
+    labels: torch.Tensor  # uint8, the box's voxels
+    start: tuple[int, int, int]  # the box's first voxel on the image grid
+    grid_shape: tuple[int, int, int]
+
+    def affine(self, grid_affine) -> np.ndarray:
+        """The box's own affine: where it lies in patient space."""
+        return shifted_affine(grid_affine, self.start)
+
+    def full(self) -> torch.Tensor:
+        out = torch.zeros(self.grid_shape, dtype=torch.uint8, device=self.labels.device)
+        out[tuple(slice(a, a + n) for a, n in zip(self.start, self.labels.shape))] = self.labels
+        return out
+
+
+def foreground_box(foreground: torch.Tensor, model_affine, grid_affine, grid_shape: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The box of the image grid outside which probabilities resampled from the model's grid cannot
+    give foreground.
+
+    A resampled voxel's probabilities are a convex (trilinear) mix of its model-grid neighbours', so where
+    all of those are background, so is it: the box is the model-grid foreground grown by one voxel, mapped
+    onto the image grid, plus a voxel against rounding. Past the model grid's edge resampling repeats the
+    border (``padding_mode="border"``), so foreground on an edge reaches the image's edge.
+    """
+    shape = np.asarray(grid_shape)
+    # Per axis, which planes hold any foreground: three small reductions, not a list of every voxel.
+    planes = [torch.nonzero(foreground.any(dim=[d for d in range(3) if d != axis])).flatten().cpu() for axis in range(3)]
+    if len(planes[0]) == 0:
+        return (slice(0, 1),) * 3  # one voxel, which resamples to background: no special case downstream
+    edge = np.asarray(foreground.shape) - 1
+    lo = np.array([float(p[0]) for p in planes]) - 1
+    hi = np.array([float(p[-1]) for p in planes]) + 1
+    far = float(shape.max()) * 1e3  # beyond any edge of the image grid, in model voxels
+    lo[lo < 0], hi[hi > edge] = -far, far
+    corners = np.array(list(itertools.product(*zip(lo, hi))))
+    to_grid = np.linalg.inv(np.asarray(grid_affine, dtype=float)) @ np.asarray(model_affine, dtype=float)
+    mapped = corners @ to_grid[:3, :3].T + to_grid[:3, 3]
+    start = np.clip(np.floor(mapped.min(0)) - 1, 0, shape - 1).astype(int)
+    stop = np.clip(np.ceil(mapped.max(0)) + 2, start + 1, shape).astype(int)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def mask_on_grid(logits: torch.Tensor, model_affine, grid_affine, grid_shape: Sequence[int], foreground: Sequence[int]) -> BoxedMask:
+    """The whole postprocessing of a segmentation: logits on the model's grid -> labels on the image's grid."""
+    probabilities = to_probabilities(logits)
+    # Only the largest component survives. Found first on the model's grid (tens of times smaller than
+    # the image's), it bounds the box, and stray islands elsewhere cost nothing. Where the model's grid
+    # covers the image, as preprocessing makes it, this is the whole grid's answer exactly.
+    organ = keep_largest_component(to_labels(probabilities), foreground)[0] > 0
+    box = foreground_box(organ, model_affine, grid_affine, grid_shape)
+    start = tuple(b.start for b in box)
+    resampled = resample_to_grid(probabilities, model_affine, shifted_affine(grid_affine, start), [b.stop - b.start for b in box])
+    labels = keep_largest_component(to_labels(resampled), foreground)[0].to(torch.uint8)
+    return BoxedMask(labels, start, tuple(int(n) for n in grid_shape))
 
 
 def label_volumes_ml(mask: torch.Tensor, labels: Sequence[int], voxel_ml: float) -> dict[int, float]:

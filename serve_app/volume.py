@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -41,3 +41,10 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
+def shifted_affine(affine, start: Sequence[int]) -> np.ndarray:
+    """The affine of a box of the grid that begins at voxel ``start``."""
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return np.asarray(affine, dtype=float) @ shift

@@ -24,7 +24,7 @@ def segment(spec, phantom, device, **engine):
     spec = spec.model_copy(update={"engine": EngineOptions(**engine)})
     image = prepare(phantom.volume, spec.preprocessing, device)
     logits = load_engine(spec, device)(image.as_tensor()[None])[0]
-    return mask_on_grid(logits, image.affine, phantom.volume.affine, phantom.volume.shape, spec.foreground_labels).cpu().numpy()
+    return mask_on_grid(logits, image.affine, phantom.volume.affine, phantom.volume.shape, spec.foreground_labels).full().cpu().numpy()
 
 
 @needs_gpu

@@ -1,6 +1,7 @@
 import os
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ RESULT_ID = "0123456789abcdef0123456789abcdef"
 
 def test_saved_result_reads_back_until_it_expires(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
-    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), np.eye(4), {"labels": []})
+    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
     store.set_owner(RESULT_ID, "st-marys")
     assert store.mask_path(RESULT_ID, "st-marys").is_file()
     assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
@@ -34,10 +35,30 @@ def test_result_ids_cannot_name_other_paths(tmp_path, bad_id):
 
 def test_a_result_is_not_found_by_another_tenant(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
-    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), np.eye(4), {"labels": []})
+    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
     with pytest.raises(ResultNotFound):
         store.summary(RESULT_ID, "st-marys")  # no owner recorded yet: nobody's
     store.set_owner(RESULT_ID, "st-marys")
     with pytest.raises(ResultNotFound):
         store.summary(RESULT_ID, "city-general")
     assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
+
+
+def test_the_mask_is_rebuilt_on_the_whole_grid_from_its_box(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])
+    affine[:3, 3] = [200.0, 180.0, -90.0]
+    box = np.zeros((3, 4, 5), np.uint8)
+    box[1:, 1:3, 2:] = 1
+    store.save(RESULT_ID, box, (10, 20, 30), (40, 50, 60), affine, {"labels": []})
+    store.set_owner(RESULT_ID, "st-marys")
+
+    path = store.mask_path(RESULT_ID, "st-marys")
+    built = path.stat().st_mtime_ns
+    mask = nib.load(path)
+    expected = np.zeros((40, 50, 60), np.uint8)
+    expected[10:13, 20:24, 30:35] = box
+    assert np.array_equal(np.asanyarray(mask.dataobj), expected)
+    assert mask.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(mask.affine, affine)
+    assert store.mask_path(RESULT_ID, "st-marys").stat().st_mtime_ns == built  # built once, then served
