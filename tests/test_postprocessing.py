@@ -44,6 +44,8 @@ def covering_affine(grid_affine, grid_shape, model_shape) -> np.ndarray:
     return grid_affine @ resize
 
 
+# On the GPU machine the GPU path (cuCIM's connected components) is checked too.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 # The image is stored flipped (as a DICOM series in LPS order can be), in 1 mm voxels.
 GRID_SHAPE, MODEL_SHAPE = (61, 53, 37), (24, 24, 16)
 GRID_AFFINE = np.array([[-1.0, 0, 0, 60], [0, 1, 0, 0], [0, 0, -1, 36], [0, 0, 0, 1]])
@@ -54,13 +56,14 @@ GRID_AFFINE = np.array([[-1.0, 0, 0, 60], [0, 1, 0, 0], [0, 0, -1, 36], [0, 0, 0
 # A tilted grid's corners lie outside the image, and components are judged on the model's grid: an
 # organ in such a corner may be the model grid's largest and yet the image's smallest.
 @pytest.mark.parametrize("model_grid, at_edge", [("resized", False), ("resized", True), ("tilted", False)])
-def test_boxed_mask_is_the_whole_grid_mask(seed, labels, model_grid, at_edge):
+@pytest.mark.parametrize("device", DEVICES)
+def test_boxed_mask_is_the_whole_grid_mask(seed, labels, model_grid, at_edge, device):
     rng = np.random.default_rng(seed)
     if model_grid == "resized":
         model_affine = covering_affine(GRID_AFFINE, GRID_SHAPE, MODEL_SHAPE)
     else:
         model_affine = tilted_affine(rng, MODEL_SHAPE, [2.6, 2.3, 2.4], centre=[30.0, 26.0, 18.0])
-    logits = blobs(rng, MODEL_SHAPE, labels, at_edge)
+    logits = blobs(rng, MODEL_SHAPE, labels, at_edge).to(device)
     foreground = list(range(1, labels))
 
     boxed = mask_on_grid(logits, model_affine, GRID_AFFINE, GRID_SHAPE, foreground)
