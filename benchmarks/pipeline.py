@@ -98,8 +98,9 @@ def shift_to_organ_size(network: torch.nn.Module, spec: ModelSpec, study: Path) 
     background logit so that this much of the model's grid on the study is foreground."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     image = prepare(read_nifti(study, Limits()), spec.preprocessing, device)
+    network.to(device)
     with torch.inference_mode():
-        logits = network.to(device)(image.as_tensor()[None])[0]
+        logits = network(image.as_tensor()[None])[0]
     margin = (logits[1] - logits[0]).flatten()
     shift = margin.kthvalue(int(margin.numel() * (1 - ORGAN_FRACTION))).values.item()
     network.model[-1][1].conv.unit0.conv.bias.data[0] += shift  # the last layer: logits = conv(x) + x
