@@ -323,6 +323,7 @@ def measure_serve(spec: ModelSpec, size: Size, work: Path, repository: Path, stu
         faster = max(("fused", "split"), key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
         config = serve_config(work / f"storage-{faster}", repository, study, faster, gpu, batch, port)
         with deployed(config) as call:
+            asyncio.run(closed_loop(call, size.concurrency, size.concurrency))  # warm-up, as for c
             rate = 0.8 * out[f"handles_{faster}"]["volumes_per_s"]
             steady = asyncio.run(open_loop(call, rate, size.open_loop_s))
             out["open_loop_80pct"] = {"layout": faster, "rate_per_s": round(rate, 2), **percentiles(steady)}

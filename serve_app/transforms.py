@@ -43,7 +43,8 @@ def preprocessing(spec: Preprocessing) -> Compose:
 
 def as_image(volume: Volume, device: torch.device | str = "cpu") -> MetaTensor:
     """A channel-first MetaTensor carrying the volume's affine."""
-    array = torch.as_tensor(volume.array, dtype=torch.float32, device=device)
+    # Moved as stored (int16 for CT) and widened there: half the bytes over PCIe, no host-side copy.
+    array = torch.as_tensor(volume.array, device=device).to(torch.float32)
     return MetaTensor(array[None], affine=torch.as_tensor(volume.affine, dtype=torch.float64))
 
 

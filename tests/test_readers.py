@@ -76,3 +76,27 @@ def test_four_d_nifti_is_refused(tmp_path):
 def test_uneven_slice_spacing_means_a_missing_slice(phantom_series):
     with pytest.raises(InvalidStudy, match="uneven"):
         read_dicom_series(phantom_series[:10] + phantom_series[11:], Limits())
+
+
+@pytest.mark.parametrize(
+    "stored, slope, read_as",
+    [("int16", None, "int16"), ("uint16", None, "float32"), ("int16", 0.5, "float32")],
+    ids=["CT int16 kept for the device", "uint16 widened on the host", "scaled by the header"],
+)
+def test_nifti_voxels_keep_their_values(tmp_path, stored, slope, read_as):
+    values = np.arange(4 * 5 * 6).reshape(4, 5, 6).astype(stored)
+    image = nib.Nifti1Image(values, np.eye(4))
+    if slope is not None:
+        image.header.set_slope_inter(slope, -10)
+    nib.save(image, str(tmp_path / "000000"))
+    volume = read_study(tmp_path, Limits())
+    assert volume.array.dtype == np.dtype(read_as)
+    expected = values * slope - 10 if slope is not None else values
+    np.testing.assert_allclose(volume.array, expected)
+
+
+def test_nifti_of_colours_is_refused(tmp_path):
+    rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "000000"))
+    with pytest.raises(InvalidStudy, match="numbers are needed"):
+        read_study(tmp_path, Limits())

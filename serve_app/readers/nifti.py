@@ -11,6 +11,10 @@ from serve_app.config import Limits
 from serve_app.errors import InvalidStudy, PayloadTooLarge
 from serve_app.volume import Volume
 
+# Kept as stored when torch has the type (unsigned 16/32-bit it has only in part); float64,
+# which scaling gives, is halved to float32 here.
+_TORCH_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "int16", "int32", "int64", "float16", "float32")}
+
 
 def read_nifti(path: Path, limits: Limits) -> Volume:
     try:
@@ -25,7 +29,12 @@ def read_nifti(path: Path, limits: Limits) -> Volume:
     if int(np.prod(shape)) > limits.max_volume_voxels:
         raise PayloadTooLarge(f"the image has {np.prod(shape)} voxels, over this server's limit of {limits.max_volume_voxels}")
     try:
-        array = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+        # Scaled if the header says so, else as stored (int16 for CT): widened to float on the device.
+        array = np.asanyarray(image.dataobj).reshape(shape)
     except Exception:
         raise InvalidStudy("the NIfTI image's voxel data is truncated or unreadable") from None
+    if array.dtype.kind not in "iuf":
+        raise InvalidStudy(f"the NIfTI image's voxels are of type {array.dtype}; numbers are needed")
+    if array.dtype not in _TORCH_DTYPES:
+        array = array.astype(np.float32)
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
