@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sample.set_defaults(run=_sample_ct)
 
     bench = commands.add_parser("bench", help="the side-by-side pipeline benchmark (benchmarks/pipeline.py)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options: --size tiny|small|full, --models, --out")
+    # Its options (--size tiny|small|full, --models, --out) are benchmarks/pipeline.py's own, passed through.
     bench.set_defaults(run=_bench)
 
     export = commands.add_parser("export-onnx", help="export a model to ONNX and check it against torch")
@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--tolerance", type=float, help="largest max abs difference from torch accepted (default: 1e-3, for fp32)")
     export.set_defaults(run=_export_onnx)
 
-    args = parser.parse_args(argv)
+    args, passed_on = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = passed_on
+    elif passed_on:
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     try:
         return args.run(args)
     except (ConfigError, CommandError) as e:

@@ -7,7 +7,7 @@ import sys
 
 def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.pipeline", "--size", "tiny", "--models", "ct-phantom-organ", "--out", str(tmp_path)],
+        [sys.executable, "-m", "serve_app.cli", "bench", "--size", "tiny", "--models", "ct-phantom-organ", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
