@@ -19,7 +19,7 @@ from serve_app.tenancy.quota import Quotas, Refusal
 @serve.deployment(num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
 class TenantGate:
     def __init__(self, config: AppConfig):
-        self.quotas = Quotas(config.tenants, config.scheduling.processing_slots)
+        self.quotas = Quotas(config.tenants, config.scheduling.processing_slots, config.scheduling.lease_s)
 
     async def admit(self, tenant_id: str, ticket: str) -> Optional[Refusal]:
         return self.quotas.admit(tenant_id, ticket)
@@ -29,6 +29,9 @@ class TenantGate:
 
     async def leave(self, ticket: str) -> None:
         self.quotas.leave(ticket)
+
+    async def renew(self, tickets: list[str]) -> None:
+        self.quotas.renew(tickets)
 
     async def stats(self) -> dict:
         return self.quotas.stats()

@@ -141,6 +141,7 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory) -> AppConfig:
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
             "deployments.ingress.num_replicas": 2,
             "tenants": tenants,
+            "scheduling.lease_s": 5,  # short, so that the tests see requests outlive their first lease
         }
     )
 

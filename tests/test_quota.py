@@ -45,7 +45,7 @@ def test_fair_queue_serves_stat_first_then_tenants_in_turn():
 
 def test_concurrency_is_checked_before_a_token_is_spent():
     clock = Clock()
-    quotas = Quotas({"h": _tenant(per_second=0.001, burst=2, max_concurrent=1)}, processing_slots=1, clock=clock)
+    quotas = Quotas({"h": _tenant(per_second=0.001, burst=2, max_concurrent=1)}, processing_slots=1, lease_s=60, clock=clock)
     assert quotas.admit("h", "r1") is None
     refusal = quotas.admit("h", "r2")
     assert refusal.reason == "concurrency"
@@ -58,7 +58,7 @@ def test_concurrency_is_checked_before_a_token_is_spent():
 
 def test_slots_go_to_stat_first_and_are_given_back_on_leave_and_cancel():
     async def scenario():
-        quotas = Quotas({"a": _tenant(), "b": _tenant()}, processing_slots=1, clock=Clock())
+        quotas = Quotas({"a": _tenant(), "b": _tenant()}, processing_slots=1, lease_s=60, clock=Clock())
         for ticket, tenant in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")]:
             quotas.admit(tenant, ticket)
         order = []
@@ -83,5 +83,28 @@ def test_slots_go_to_stat_first_and_are_given_back_on_leave_and_cancel():
         quotas.leave("a2")
         assert order == ["a1", "b2", "a2"]
         assert quotas.stats() == {"in_flight": {"a": 0, "b": 0}, "holding": 0, "queued": 0}
+
+    asyncio.run(scenario())
+
+
+def test_counts_of_a_dead_ingress_are_given_back_when_their_lease_runs_out():
+    async def scenario():
+        clock = Clock()
+        quotas = Quotas({"h": _tenant(max_concurrent=2)}, processing_slots=1, lease_s=60, clock=clock)
+        assert quotas.admit("h", "alive") is None and quotas.admit("h", "dead") is None
+        await quotas.acquire_slot("dead", stat=False)  # it died holding the slot
+        waiting = asyncio.create_task(quotas.acquire_slot("alive", stat=False))
+        await asyncio.sleep(0)
+        assert quotas.admit("h", "third").reason == "concurrency"
+
+        for _ in range(4):  # the live ingress renews its ticket every quarter lease; the dead one cannot
+            clock.now += 20
+            quotas.renew(["alive"])
+        await asyncio.wait_for(waiting, timeout=1)  # the dead ticket's slot went to the live one
+        assert quotas.stats() == {"in_flight": {"h": 1}, "holding": 1, "queued": 0}
+        assert quotas.admit("h", "third") is None
+        quotas.leave("alive")
+        quotas.leave("third")
+        assert quotas.stats() == {"in_flight": {"h": 0}, "holding": 0, "queued": 0}
 
     asyncio.run(scenario())

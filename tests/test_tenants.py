@@ -136,6 +136,8 @@ def _stall_uploads(tenant_url, key, count) -> list[http.client.HTTPConnection]:
 def test_concurrency_quota_is_exact_and_given_back(tenant_url, tenants, tenant_keys, tenant_config):
     stalled = _stall_uploads(tenant_url, tenant_keys["rural-clinic"], 2)
     wait_for(lambda: gate_stats(tenant_config)["in_flight"]["rural-clinic"] == 2)
+    time.sleep(tenant_config.scheduling.lease_s + 1)  # live requests are renewed, not expired
+    assert gate_stats(tenant_config)["in_flight"]["rural-clinic"] == 2
 
     third = tenants.post(SEGMENT, content=b"", headers={**ZIP, **auth(tenant_keys["rural-clinic"])})
     assert third.status_code == 429 and third.headers["retry-after"] == "1"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import os
 import re
 import time
@@ -28,6 +29,7 @@ from serve_app.model_repository import ModelRepository
 from serve_app.tenancy.audit import AuditLog
 from serve_app.tenancy.keys import hash_api_key
 
+logger = logging.getLogger("ray.serve")
 ANONYMOUS = "anonymous"
 CLIENT_CLOSED = 499  # nginx's code for a client that went away: the audit line still says how it ended
 _RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -66,6 +68,9 @@ class Gatekeeper:
         self.gate = gate
         self.server_upload_limit = config.limits.max_upload_bytes
         self.audit = AuditLog(config.audit, config.storage.root, _replica_name())
+        self.held: set[str] = set()  # tickets this replica holds at the gate, renewed while they run
+        self.renew_every_s = config.scheduling.lease_s / 4
+        self._renewing: Optional[asyncio.Task] = None
 
     @asynccontextmanager
     async def visit(
@@ -89,17 +94,22 @@ class Gatekeeper:
                 if visit.admitted:
                     # A client that hangs up cancels this request, and Serve then cancels the request's
                     # calls still waiting to be routed: a `leave` among them would never reach the gate
-                    # and the tenant's count would leak. Made in an empty context, the call is not this
-                    # request's child; shielded, it outlives the cancellation.
-                    leaving = asyncio.get_running_loop().create_task(
-                        self._leave(visit.request_id), context=contextvars.Context()
-                    )
-                    await asyncio.shield(leaving)
+                    # and the tenant's count would leak until its lease ran out. Detached, the call is
+                    # not this request's child; shielded, it outlives the cancellation.
+                    self.held.discard(visit.request_id)
+                    await asyncio.shield(_detached(self.gate.leave.remote, visit.request_id))
             finally:
                 self.audit.write(self._record(visit, status, error, time.perf_counter() - start))
 
-    async def _leave(self, ticket: str) -> None:
-        await self.gate.leave.remote(ticket)
+    async def _renew_held(self) -> None:
+        """While this replica lives, tell the gate that its requests still run (see Scheduling.lease_s)."""
+        while True:
+            await asyncio.sleep(self.renew_every_s)
+            if self.held:
+                try:
+                    await self.gate.renew.remote(list(self.held))
+                except Exception as e:  # the gate restarting: its counts start afresh anyway
+                    logger.warning("could not renew the gate's leases: %s", type(e).__name__)
 
     async def _enter(self, visit: Visit, request: Request, model: Optional[str], admit: bool) -> None:
         tenant = None
@@ -117,10 +127,14 @@ class Gatekeeper:
         tenant_limit = tenant.max_upload_bytes if tenant else None
         visit.max_upload_bytes = min(self.server_upload_limit, tenant_limit or self.server_upload_limit)
         if admit and self.gate is not None:
+            if self._renewing is None:
+                self._renewing = _detached(self._renew_held)
             visit.admitted = True  # set before the call: if it is cancelled, the gate may still have counted it in
+            self.held.add(visit.request_id)
             refusal = await self.gate.admit.remote(visit.tenant_id, visit.request_id)
             if refusal is not None:
                 visit.admitted = False
+                self.held.discard(visit.request_id)
                 raise TooManyRequests(f"tenant {visit.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s)
 
     def _authenticate(self, request: Request) -> str:
@@ -148,6 +162,16 @@ class Gatekeeper:
             "timings_ms": {**visit.timings_ms, "total": round(total_s * 1000, 1)},
             "replica": self.audit.writer,
         }
+
+
+def _detached(call, *args) -> asyncio.Task:
+    """Run ``call(*args)`` as a task of its own, in an empty context: Serve takes a call made in a
+    request's context for the request's child, and cancels it with the request."""
+
+    async def run():
+        return await call(*args)
+
+    return asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
 
 
 def _bearer_token(authorization: str) -> Optional[str]:

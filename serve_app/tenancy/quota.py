@@ -93,19 +93,22 @@ class Refusal:
 class Quotas:
     """Each tenant's rate and concurrency, and the cluster's processing slots, by request ticket."""
 
-    def __init__(self, tenants: dict[str, Tenant], processing_slots: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, tenants: dict[str, Tenant], processing_slots: int, lease_s: float, clock: Callable[[], float] = time.monotonic):
         self.tenants = tenants
         self.slots = processing_slots
+        self.lease_s = lease_s
         self.clock = clock
         self.buckets = {tid: TokenBucket(t.rate, clock()) for tid, t in tenants.items()}
         self.in_flight = {tid: 0 for tid in tenants}
         self.admitted: dict[str, str] = {}  # ticket -> tenant id
+        self.renewed: dict[str, float] = {}  # ticket -> when its ingress last said it is still running
         self.holding: set[str] = set()  # tickets holding a processing slot
         self.queue = FairQueue()
         self.waiting: dict[str, asyncio.Future] = {}
 
     def admit(self, tenant_id: str, ticket: str) -> Refusal | None:
         """Count a request in, or say why not. Concurrency is checked first so a refusal costs no token."""
+        self.expire()
         if self.in_flight[tenant_id] >= self.tenants[tenant_id].max_concurrent:
             return Refusal("concurrency", CONCURRENCY_RETRY_AFTER_S)
         wait = self.buckets[tenant_id].take(self.clock())
@@ -113,7 +116,22 @@ class Quotas:
             return Refusal("rate", wait)
         self.in_flight[tenant_id] += 1
         self.admitted[ticket] = tenant_id
+        self.renewed[ticket] = self.clock()
         return None
+
+    def renew(self, tickets: list[str]) -> None:
+        """The ingress replica holding these tickets is alive and they are still running."""
+        now = self.clock()
+        for ticket in tickets:
+            if ticket in self.renewed:
+                self.renewed[ticket] = now
+        self.expire()
+
+    def expire(self) -> None:
+        """Give back what requests hold whose ingress stopped renewing them: it died mid-request."""
+        cutoff = self.clock() - self.lease_s
+        for ticket in [t for t, renewed in self.renewed.items() if renewed < cutoff]:
+            self.leave(ticket)
 
     async def acquire_slot(self, ticket: str, stat: bool) -> None:
         """Wait for a processing slot; the queue decides who is next (STAT, then tenants in turn)."""
@@ -138,8 +156,10 @@ class Quotas:
         tenant_id = self.admitted.pop(ticket, None)
         if tenant_id is not None:
             self.in_flight[tenant_id] -= 1
+        self.renewed.pop(ticket, None)
 
     def stats(self) -> dict:
+        self.expire()
         return {"in_flight": dict(self.in_flight), "holding": len(self.holding), "queued": len(self.queue)}
 
     def _grant(self) -> None:

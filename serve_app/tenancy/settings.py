@@ -40,6 +40,9 @@ class Tenant(_Strict):
 class Scheduling(_Strict):
     # Studies in preprocess -> model -> postprocess at once, cluster-wide; the rest wait in the fair queue.
     processing_slots: int = Field(2, ge=1)
+    # An ingress replica renews its requests' counts every quarter of this; counts it stops renewing
+    # (it died mid-request) are given back after this long. Longer than any pause of a live replica.
+    lease_s: float = Field(60.0, ge=1.0)
 
 
 class AuditSettings(_Strict):
