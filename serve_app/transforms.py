@@ -92,10 +92,6 @@ class BoxedMask:
     start: tuple[int, int, int]  # the box's first voxel on the image grid
     grid_shape: tuple[int, int, int]
 
-    def affine(self, grid_affine) -> np.ndarray:
-        """The box's own affine: where it lies in patient space."""
-        return shifted_affine(grid_affine, self.start)
-
     def full(self) -> torch.Tensor:
         out = torch.zeros(self.grid_shape, dtype=torch.uint8, device=self.labels.device)
         out[tuple(slice(a, a + n) for a, n in zip(self.start, self.labels.shape))] = self.labels
