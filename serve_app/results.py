@@ -15,7 +15,7 @@ import numpy as np
 
 from serve_app.config import Storage
 from serve_app.errors import ResultNotFound
-from serve_app.volume import shifted_affine
+from serve_app.volume import box_slices, shifted_affine
 
 _RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 MASK_FILE = "mask.nii.gz"
@@ -73,7 +73,7 @@ class ResultStore:
             grid = json.loads(summary.with_name(_GRID_FILE).read_text())
             box = np.asanyarray(nib.load(summary.with_name(_BOX_FILE)).dataobj)
             mask = np.zeros(grid["shape"], np.uint8)
-            mask[tuple(slice(a, a + n) for a, n in zip(grid["box_start"], box.shape))] = box
+            mask[box_slices(grid["box_start"], box.shape)] = box
             # Renamed into place: a concurrent download sees the whole file or none.
             partial = gz.with_name(f"{uuid.uuid4().hex}.nii.gz")
             nib.save(nib.Nifti1Image(mask, np.asarray(grid["affine"])), str(partial))

@@ -26,7 +26,7 @@ from monai.transforms import (
 )
 
 from serve_app.model_repository import Preprocessing
-from serve_app.volume import Volume, shifted_affine
+from serve_app.volume import Volume, box_slices, shifted_affine
 
 
 def preprocessing(spec: Preprocessing) -> Compose:
@@ -94,7 +94,7 @@ class BoxedMask:
 
     def full(self) -> torch.Tensor:
         out = torch.zeros(self.grid_shape, dtype=torch.uint8, device=self.labels.device)
-        out[tuple(slice(a, a + n) for a, n in zip(self.start, self.labels.shape))] = self.labels
+        out[box_slices(self.start, self.labels.shape)] = self.labels
         return out
 
 

@@ -48,3 +48,8 @@ def shifted_affine(affine, start: Sequence[int]) -> np.ndarray:
     shift = np.eye(4)
     shift[:3, 3] = start
     return np.asarray(affine, dtype=float) @ shift
+
+
+def box_slices(start: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The index of a box of ``shape`` that begins at voxel ``start``."""
+    return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, shape))
