@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvid
 python -m pytest -q -p no:cacheprovider -p no:warnings tests/test_gpu_paths.py tests/test_postprocessing.py 2>&1 | tail -3 | tee "$out/gpu-tests.log"
 python -m benchmarks.postprocess_profile >"$out/postprocess-profile.txt" 2>&1
 # While the benchmark runs: the GPU exporter and Ray's metrics (per-replica GPU memory), scraped every 5 s.
-python -m serve_app.gpu_exporter --port 9835 >/dev/null 2>&1 &
+python -m serve_app.observability.gpu_exporter --port 9835 >/dev/null 2>&1 &
 exporter=$!
 ( while sleep 5; do
     curl -s localhost:9835/metrics | grep -E '^medserve_gpu_(count|utilization|memory_used)'

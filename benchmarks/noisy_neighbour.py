@@ -31,8 +31,8 @@ import httpx
 import numpy as np
 
 from serve_app.config import AppConfig, load_config
-from serve_app.phantoms import ct_phantom
-from serve_app.sample_data import write_ct_series
+from serve_app.studies.phantoms import ct_phantom
+from serve_app.studies.sample_data import write_ct_series
 from serve_app.tenancy.keys import hash_api_key, new_api_key
 
 RESULTS = Path(__file__).with_name("results") / "noisy_neighbour.json"

@@ -34,14 +34,14 @@ import numpy as np
 import torch
 import yaml
 
-from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, Limits, load_config
-from serve_app.model_repository import EngineOptions, ModelRepository, ModelSpec, read_model_spec
-from serve_app.phantoms import ct_phantom
-from serve_app.pipeline import Postprocessor, Predictor, Preprocessor
-from serve_app.messages import Grid
-from serve_app.readers.nifti import read_nifti
+from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig, load_config
+from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
+from serve_app.studies.phantoms import ct_phantom
+from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
+from serve_app.segmentation.messages import Grid
+from serve_app.studies.nifti import read_nifti
 from serve_app.results import ResultStore
-from serve_app.transforms import prepare
+from serve_app.segmentation.transforms import to_model_input
 
 RESULTS = Path(__file__).with_name("results")
 METRICS_PORT = 18700  # Ray's metrics agent, for scraping replica metrics during a run (gpu_session.sh)
@@ -97,7 +97,7 @@ def shift_to_organ_size(network: torch.nn.Module, spec: ModelSpec, study: Path) 
     postprocessing's cost follows the organ's size (it works in the organ's box). Shift the output's
     background logit so that this much of the model's grid on the study is foreground."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    image = prepare(read_nifti(study, Limits()), spec.preprocessing, device)
+    image = to_model_input(read_nifti(study, LimitsConfig()), spec.preprocessing, device)
     network.to(device)
     with torch.inference_mode():
         logits = network(image.as_tensor()[None])[0]
@@ -117,7 +117,7 @@ def write_study(path: Path, size: Size) -> Path:
 
 
 def with_engine(spec: ModelSpec, **options) -> ModelSpec:
-    return spec.model_copy(update={"engine": EngineOptions(**{**spec.engine.model_dump(), **options})})
+    return spec.model_copy(update={"engine": EngineSpec(**{**spec.engine.model_dump(), **options})})
 
 
 class GpuSampler:
@@ -341,7 +341,7 @@ def deployed(config: AppConfig):
     from ray import serve
 
     from serve_app.app import build_app
-    from serve_app.stage_handles import StageHandles
+    from serve_app.segmentation.stage_handles import StageHandles
 
     serve.run(build_app(config), name=config.name, route_prefix=f"/{config.name}", blocking=False)
     (model_name,) = [m.name for m in ModelRepository(config.model_repository)]
@@ -385,8 +385,8 @@ def measure_http(url: str, spec: ModelSpec, study: Path, size: Size) -> dict:
 
 def decode_ms(size: Size, work: Path) -> dict:
     """What reading the same volume costs as a DICOM series and as NIfTI, on the CPU."""
-    from serve_app.readers import read_study
-    from serve_app.sample_data import write_ct_series
+    from serve_app.studies.reader import read_study
+    from serve_app.studies.sample_data import write_ct_series
 
     phantom = ct_phantom(np.random.default_rng(1), shape=size.volume, spacing=size.spacing)
     dicom = work / "dicom"

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from serve_app.results import ResultStore
-from serve_app.transforms import foreground_box, keep_largest_component, label_volumes_ml, resample_to_grid, to_labels, to_probabilities
-from serve_app.volume import shifted_affine, voxel_volume_ml
+from serve_app.segmentation.transforms import foreground_box, keep_largest_component, label_volumes_ml, resample_to_grid, to_labels, to_probabilities
+from serve_app.studies.volume import shifted_affine, voxel_volume_ml
 
 
 def main() -> None:

@@ -8,17 +8,17 @@ import time
 import torch
 from ray import serve
 
-from serve_app.config import AppConfig, Batching
-from serve_app.devices import replica_device
-from serve_app.messages import Grid, Segmentation
-from serve_app.metrics import ReplicaMetrics
+from serve_app.config import AppConfig, BatchingConfig
+from serve_app.engines.devices import replica_device
+from serve_app.segmentation.messages import Grid, Segmentation
+from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.model_repository import ModelRepository
-from serve_app.pipeline import Postprocessor, Predictor, Preprocessor, Stopwatch
+from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor, Stopwatch
 from serve_app.results import ResultStore
 
 
-@serve.deployment
-class FusedPipeline:
+@serve.deployment(name="FusedPipeline")
+class FusedPipelineDeployment:
     def __init__(self, model_name: str, config: AppConfig):
         device = replica_device()
         self.spec = ModelRepository(config.model_repository).get(model_name)
@@ -28,7 +28,7 @@ class FusedPipeline:
         self.metrics = ReplicaMetrics(model=model_name)
 
     def reconfigure(self, user_config: dict) -> None:
-        Batching.model_validate(user_config).apply_to(self.predict)
+        BatchingConfig.model_validate(user_config).apply_to(self.predict)
 
     async def segment(self, upload_folder: str, result_id: str) -> Segmentation:
         watch = Stopwatch()

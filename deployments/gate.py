@@ -16,8 +16,8 @@ from serve_app.tenancy.quota import Quotas, Refusal
 
 
 # Waiting callers hold a request open here, so it takes many more than the ingress replicas can send.
-@serve.deployment(num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
-class TenantGate:
+@serve.deployment(name="TenantGate", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+class TenantGateDeployment:
     def __init__(self, config: AppConfig):
         self.quotas = Quotas(config.tenants, config.scheduling.processing_slots, config.scheduling.lease_s)
 

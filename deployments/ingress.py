@@ -20,14 +20,14 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
-from serve_app import metrics
+from serve_app.observability import metrics
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidStudy, PayloadTooLarge, RequestError
 from serve_app.model_repository import ModelRepository
 from serve_app.results import ResultStore
-from serve_app.stage_handles import StageHandles
+from serve_app.segmentation.stage_handles import StageHandles
 from serve_app.tenancy.gatekeeper import Gatekeeper, Visit
-from serve_app.volume import spacing_of
+from serve_app.studies.volume import spacing_of
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a Ray Serve cluster.")
@@ -60,9 +60,9 @@ def _ms(**seconds: float) -> dict[str, float]:
 
 
 # Serve serialises the class when it is decorated: everything it uses must be defined above it.
-@serve.deployment
+@serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress:
+class IngressDeployment:
     def __init__(
         self,
         config: AppConfig,

@@ -7,23 +7,23 @@ import time
 import numpy as np
 from ray import serve
 
-from serve_app.config import AppConfig, Batching
-from serve_app.devices import replica_device
-from serve_app.messages import Prediction
-from serve_app.metrics import ReplicaMetrics
+from serve_app.config import AppConfig, BatchingConfig
+from serve_app.engines.devices import replica_device
+from serve_app.segmentation.messages import Prediction
+from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.model_repository import ModelRepository
-from serve_app.pipeline import Predictor
+from serve_app.segmentation.stages import Predictor
 
 
-@serve.deployment
-class ModelReplica:
+@serve.deployment(name="ModelReplica")
+class ModelDeployment:
     def __init__(self, model_name: str, config: AppConfig):
         self.predictor = Predictor(ModelRepository(config.model_repository).get(model_name), replica_device())
         self.metrics = ReplicaMetrics(model=model_name)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Batching is the deployment's user_config: a config update retunes live replicas, no redeploy."""
-        Batching.model_validate(user_config).apply_to(self.predict)
+        """BatchingConfig is the deployment's user_config: a config update retunes live replicas, no redeploy."""
+        BatchingConfig.model_validate(user_config).apply_to(self.predict)
 
     @serve.batch
     async def predict(self, images: list[np.ndarray]) -> list[Prediction]:

@@ -8,16 +8,16 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppConfig
-from serve_app.devices import replica_device, to_device
-from serve_app.messages import Grid, Prediction
-from serve_app.metrics import ReplicaMetrics
+from serve_app.engines.devices import replica_device, to_device
+from serve_app.segmentation.messages import Grid, Prediction
+from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.model_repository import ModelRepository
-from serve_app.pipeline import Postprocessor
+from serve_app.segmentation.stages import Postprocessor
 from serve_app.results import ResultStore
 
 
-@serve.deployment
-class Postprocess:
+@serve.deployment(name="Postprocess")
+class PostprocessDeployment:
     def __init__(self, config: AppConfig):
         self.models = ModelRepository(config.model_repository)
         self.postprocessor = Postprocessor(ResultStore.of(config.storage))

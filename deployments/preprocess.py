@@ -8,15 +8,15 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppConfig
-from serve_app.devices import replica_device
-from serve_app.messages import Grid, PreparedStudy
-from serve_app.metrics import ReplicaMetrics
+from serve_app.engines.devices import replica_device
+from serve_app.segmentation.messages import Grid, PreparedStudy
+from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.model_repository import ModelRepository
-from serve_app.pipeline import Preprocessor
+from serve_app.segmentation.stages import Preprocessor
 
 
-@serve.deployment
-class Preprocess:
+@serve.deployment(name="Preprocess")
+class PreprocessDeployment:
     def __init__(self, config: AppConfig):
         self.models = ModelRepository(config.model_repository)
         self.preprocessor = Preprocessor(config.limits, replica_device())

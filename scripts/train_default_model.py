@@ -2,7 +2,7 @@
 
     python scripts/train_default_model.py            # ~20-35 min on 2 CPU cores
 
-The phantoms go through the model's own preprocessing (serve_app.transforms.prepare), so
+The phantoms go through the model's own preprocessing (serve_app.segmentation.transforms.prepare), so
 training sees exactly what serving feeds the network.
 """
 
@@ -17,10 +17,10 @@ from monai.losses import DiceCELoss
 
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines.torch_engine import monai_network
-from serve_app.model_repository import IntensityWindow, read_model_spec
-from serve_app.phantoms import Phantom, ct_phantom
-from serve_app.transforms import prepare
-from serve_app.volume import Volume
+from serve_app.model_repository import IntensityWindowSpec, read_model_spec
+from serve_app.studies.phantoms import Phantom, ct_phantom
+from serve_app.segmentation.transforms import to_model_input
+from serve_app.studies.volume import Volume
 
 MODEL = "ct-phantom-organ"
 
@@ -34,11 +34,11 @@ def random_phantom(rng: np.random.Generator) -> Phantom:
 
 
 def training_pair(phantom: Phantom, spec) -> tuple[torch.Tensor, torch.Tensor]:
-    image = prepare(phantom.volume, spec.preprocessing)
+    image = to_model_input(phantom.volume, spec.preprocessing)
     label = Volume(array=phantom.label.astype(np.float32), affine=phantom.volume.affine)
     # The label goes through the same geometry (the window leaves 0/1 alone) and is re-binarised.
-    label_spec = spec.preprocessing.model_copy(update={"intensity_window": IntensityWindow(a_min=0, a_max=1)})
-    target = (prepare(label, label_spec) > 0.5).float()
+    label_spec = spec.preprocessing.model_copy(update={"intensity_window": IntensityWindowSpec(a_min=0, a_max=1)})
+    target = (to_model_input(label, label_spec) > 0.5).float()
     return image.as_tensor(), target.as_tensor()
 
 

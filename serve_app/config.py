@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve_app.tenancy.settings import AuditSettings, Scheduling, Tenant, TenantId
+from serve_app.tenancy.config import AuditConfig, SchedulingConfig, TenantConfig, TenantId
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 EMBEDDED_MODEL_REPOSITORY = Path(__file__).with_name("models")
@@ -23,23 +23,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Autoscaling(_Strict):
+class AutoscalingConfig(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "Autoscaling":
+    def _bounds(self) -> "AutoscalingConfig":
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
         return self
 
 
-class DeploymentResources(_Strict):
+class DeploymentConfig(_Strict):
     """Resources and scaling of one Serve deployment."""
 
     num_replicas: int = Field(1, ge=1)
-    autoscaling: Optional[Autoscaling] = None
+    autoscaling: Optional[AutoscalingConfig] = None
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0, le=8)
     max_ongoing_requests: int = Field(8, ge=1)
@@ -57,7 +57,7 @@ class DeploymentResources(_Strict):
         return options
 
 
-class Batching(_Strict):
+class BatchingConfig(_Strict):
     max_batch_size: int = Field(4, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
 
@@ -67,25 +67,25 @@ class Batching(_Strict):
         batched_method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
 
-class ModelDeployment(DeploymentResources):
-    batching: Batching = Batching()
+class ModelDeploymentConfig(DeploymentConfig):
+    batching: BatchingConfig = BatchingConfig()
 
 
-class Deployments(_Strict):
-    ingress: DeploymentResources = DeploymentResources(num_cpus=0.25, max_ongoing_requests=64)
-    preprocess: DeploymentResources = DeploymentResources()
-    model: ModelDeployment = ModelDeployment()
-    postprocess: DeploymentResources = DeploymentResources()
+class DeploymentsConfig(_Strict):
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=64)
+    preprocess: DeploymentConfig = DeploymentConfig()
+    model: ModelDeploymentConfig = ModelDeploymentConfig()
+    postprocess: DeploymentConfig = DeploymentConfig()
 
 
-class Limits(_Strict):
+class LimitsConfig(_Strict):
     # A 512x512x2000 CT is about 1 GB of int16; the defaults admit it, not more.
     max_upload_bytes: int = Field(2 * 1024**3, gt=0)
     max_volume_voxels: int = Field(512 * 512 * 2000, gt=0)
     max_files_per_upload: int = Field(10_000, gt=0)
 
 
-class Storage(_Strict):
+class StorageConfig(_Strict):
     """Where uploads are spooled and results kept.
 
     On a multi-node cluster this must be a filesystem every node mounts (NFS, a PVC):
@@ -104,7 +104,7 @@ class Storage(_Strict):
         return self.root / "results"
 
 
-class Http(_Strict):
+class HttpConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
@@ -119,15 +119,15 @@ class AppConfig(_Strict):
     layout: Literal["auto", "split", "fused"] = "auto"
     model_repository: Path = EMBEDDED_MODEL_REPOSITORY
     # Per-model overrides of ``deployments.model``, keyed by model name.
-    models: dict[str, ModelDeployment] = {}
-    deployments: Deployments = Deployments()
-    limits: Limits = Limits()
-    storage: Storage = Storage()
-    http: Http = Http()
+    models: dict[str, ModelDeploymentConfig] = {}
+    deployments: DeploymentsConfig = DeploymentsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig = StorageConfig()
+    http: HttpConfig = HttpConfig()
     # Hospitals, keyed by tenant id. None configured: an open server (see README, "Tenants, quotas and audit").
-    tenants: dict[TenantId, Tenant] = {}
-    scheduling: Scheduling = Scheduling()
-    audit: AuditSettings = AuditSettings()
+    tenants: dict[TenantId, TenantConfig] = {}
+    scheduling: SchedulingConfig = SchedulingConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _keys_are_unique(self) -> "AppConfig":
@@ -136,7 +136,7 @@ class AppConfig(_Strict):
             raise ValueError("tenants: the same API key hash is listed twice")
         return self
 
-    def model_deployment(self, model_name: str) -> ModelDeployment:
+    def model_deployment(self, model_name: str) -> ModelDeploymentConfig:
         return self.models.get(model_name, self.deployments.model)
 
     @property

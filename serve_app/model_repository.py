@@ -25,7 +25,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
-class IntensityWindow(_Strict):
+class IntensityWindowSpec(_Strict):
     """``ScaleIntensityRange``: [a_min, a_max] (HU for CT) onto [b_min, b_max], clipped."""
 
     a_min: float
@@ -34,41 +34,41 @@ class IntensityWindow(_Strict):
     b_max: float = 1.0
 
     @model_validator(mode="after")
-    def _ordered(self) -> "IntensityWindow":
+    def _ordered(self) -> "IntensityWindowSpec":
         if self.a_max <= self.a_min:
             raise ValueError("a_max must be greater than a_min")
         return self
 
 
-class Preprocessing(_Strict):
+class PreprocessingSpec(_Strict):
     orientation: str = Field("RAS", pattern="^[LRAPSI]{3}$")
     target_spacing: Optional[Spacing] = None  # mm; None keeps the input's spacing
-    intensity_window: IntensityWindow
+    intensity_window: IntensityWindowSpec
     # Exactly one of: a fixed size every volume is resized to (batches whole volumes),
     # or a sliding-window ROI (any volume size, patches batched).
     spatial_size: Optional[SpatialSize] = None
     roi_size: Optional[SpatialSize] = None
 
     @model_validator(mode="after")
-    def _one_geometry(self) -> "Preprocessing":
+    def _one_geometry(self) -> "PreprocessingSpec":
         if (self.spatial_size is None) == (self.roi_size is None):
             raise ValueError("give exactly one of spatial_size and roi_size")
         return self
 
 
-class Network(_Strict):
+class NetworkSpec(_Strict):
     """A network class of ``monai.networks.nets`` and its constructor arguments."""
 
     name: str
     args: dict[str, Any] = {}
 
 
-class Weights(_Strict):
+class WeightsSpec(_Strict):
     file: str
     format: WeightsFormat
 
 
-class EngineOptions(_Strict):
+class EngineSpec(_Strict):
     """How the network runs. Options a backend cannot honour are ignored on it (fp16 on a CPU, say)."""
 
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
@@ -81,7 +81,7 @@ class EngineOptions(_Strict):
     onnx_file: str = "model.onnx"  # onnxruntime / tensorrt: exported on first use when absent
 
     @model_validator(mode="after")
-    def _sizes(self) -> "EngineOptions":
+    def _sizes(self) -> "EngineSpec":
         if not self.batch_sizes or list(self.batch_sizes) != sorted(set(self.batch_sizes)) or self.batch_sizes[0] < 1:
             raise ValueError("batch_sizes must be increasing positive integers")
         if self.precision == "int8" and self.backend != "tensorrt":
@@ -96,10 +96,10 @@ class ModelSpec(_Strict):
     modality: Literal["CT", "MR"]
     description: str = ""
     labels: dict[int, str]
-    preprocessing: Preprocessing
-    network: Optional[Network] = None
-    weights: Weights
-    engine: EngineOptions = EngineOptions()
+    preprocessing: PreprocessingSpec
+    network: Optional[NetworkSpec] = None
+    weights: WeightsSpec
+    engine: EngineSpec = EngineSpec()
     # Filled in by the repository: the model's own folder.
     folder: Path = Path(".")
 

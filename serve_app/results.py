@@ -13,9 +13,9 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from serve_app.config import Storage
+from serve_app.config import StorageConfig
 from serve_app.errors import ResultNotFound
-from serve_app.volume import box_slices, shifted_affine
+from serve_app.studies.volume import box_slices, shifted_affine
 
 _RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 MASK_FILE = "mask.nii.gz"
@@ -37,7 +37,7 @@ class ResultStore:
         self._next_sweep = 0.0
 
     @classmethod
-    def of(cls, storage: Storage) -> "ResultStore":
+    def of(cls, storage: StorageConfig) -> "ResultStore":
         return cls(storage.results, storage.result_retention_hours)
 
     def save(self, result_id: str, box: np.ndarray, box_start: Sequence[int], grid_shape: Sequence[int], affine: np.ndarray, summary: dict) -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from serve_app.cli import wait_until_ready
 from serve_app.config import AppConfig, load_config
-from serve_app.phantoms import Phantom, ct_phantom
-from serve_app.sample_data import write_ct_series
+from serve_app.studies.phantoms import Phantom, ct_phantom
+from serve_app.studies.sample_data import write_ct_series
 
 # Small enough that a test can exceed it without a large upload.
 TEST_MAX_VOXELS = 128 * 128 * 100

@@ -8,8 +8,8 @@ import pydicom
 import pytest
 
 from conftest import TEST_MAX_VOXELS, zip_bytes, zip_files
-from serve_app.phantoms import ct_phantom
-from serve_app.sample_data import write_ct_series
+from serve_app.studies.phantoms import ct_phantom
+from serve_app.studies.sample_data import write_ct_series
 
 SEGMENT = "/v1/models/ct-phantom-organ/segment"
 

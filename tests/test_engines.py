@@ -20,7 +20,7 @@ from serve_app.engines import load_engine
 from serve_app.engines.base import PaddedBatches
 from serve_app.engines.torch_engine import build_network
 from serve_app.model_repository import ModelSpec, read_model_spec
-from serve_app.onnx_export import FP32_TOLERANCE, cached_onnx_path, compare_with_torch, input_shape, onnx_for
+from serve_app.engines.onnx_export import FP32_TOLERANCE, cached_onnx_path, compare_with_torch, input_shape, onnx_for
 
 MODEL = "ct-phantom-organ"
 

@@ -8,9 +8,9 @@ import torch
 from conftest import dice
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
-from serve_app.model_repository import EngineOptions, ModelRepository
-from serve_app.phantoms import ct_phantom
-from serve_app.transforms import mask_on_grid, prepare
+from serve_app.model_repository import EngineSpec, ModelRepository
+from serve_app.studies.phantoms import ct_phantom
+from serve_app.segmentation.transforms import mask_on_grid, to_model_input
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine runs these)")
 
@@ -21,8 +21,8 @@ def spec():
 
 
 def segment(spec, phantom, device, **engine):
-    spec = spec.model_copy(update={"engine": EngineOptions(**engine)})
-    image = prepare(phantom.volume, spec.preprocessing, device)
+    spec = spec.model_copy(update={"engine": EngineSpec(**engine)})
+    image = to_model_input(phantom.volume, spec.preprocessing, device)
     logits = load_engine(spec, device)(image.as_tensor()[None])[0]
     return mask_on_grid(logits, image.affine, phantom.volume.affine, phantom.volume.shape, spec.foreground_labels).full().cpu().numpy()
 

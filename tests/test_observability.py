@@ -22,8 +22,8 @@ from fastapi import FastAPI, HTTPException, Request
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, zip_bytes
-from serve_app import gpu_exporter, monitoring
-from serve_app.metrics import STAGES, ResponseCounter
+from serve_app.observability import gpu_exporter, monitoring
+from serve_app.observability.metrics import STAGES, ResponseCounter
 
 DASHBOARD_FILES = sorted((monitoring.DASHBOARDS / "grafana" / "dashboards").glob("*.json"))
 RATE_INTERVAL = "5m"  # what Grafana's $__rate_interval stands for in these queries
@@ -108,7 +108,7 @@ class WsiJobDriver:
     """Runs WSI jobs' metrics as the WSI feature will (it does not exist yet): names and labels end to end."""
 
     def run(self, job_id: str, tiles: int) -> None:
-        from serve_app.metrics import WsiJobMetrics
+        from serve_app.observability.metrics import WsiJobMetrics
 
         metrics = WsiJobMetrics(job_id, model="wsi-demo", tenant="anonymous", total_tiles=tiles)
         for _ in range(tiles):
@@ -293,7 +293,7 @@ def test_prometheus_config_is_valid(tmp_path):
 
 def test_readme_documents_every_metric():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    source = (Path(__file__).parent.parent / "serve_app" / "metrics.py").read_text()
+    source = (Path(__file__).parent.parent / "serve_app" / "observability" / "metrics.py").read_text()
     names = re.findall(r'\(\s*"(medserve_\w+)"', source) + ["medserve_gpu_count", *gpu_exporter.PER_GPU_GAUGES]
     assert len(names) >= 12
     missing = [n for n in names if n not in readme]

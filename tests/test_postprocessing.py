@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from serve_app.transforms import keep_largest_component, mask_on_grid, resample_to_grid, to_labels, to_probabilities
+from serve_app.segmentation.transforms import keep_largest_component, mask_on_grid, resample_to_grid, to_labels, to_probabilities
 
 
 def whole_grid_mask(logits, model_affine, grid_affine, grid_shape, foreground):

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from serve_app.tenancy.quota import FairQueue, Quotas, TokenBucket
-from serve_app.tenancy.settings import RateLimit, Tenant
+from serve_app.tenancy.config import RateLimitConfig, TenantConfig
 
 
 class Clock:
@@ -16,15 +16,15 @@ class Clock:
         return self.now
 
 
-def _tenant(per_second=1.0, burst=2, max_concurrent=10) -> Tenant:
-    return Tenant(
+def _tenant(per_second=1.0, burst=2, max_concurrent=10) -> TenantConfig:
+    return TenantConfig(
         name="t", api_key_hashes=["sha256:" + "0" * 64], models=["*"],
-        rate=RateLimit(per_second=per_second, burst=burst), max_concurrent=max_concurrent,
+        rate=RateLimitConfig(per_second=per_second, burst=burst), max_concurrent=max_concurrent,
     )
 
 
 def test_token_bucket_allows_the_burst_then_the_rate():
-    bucket = TokenBucket(RateLimit(per_second=2, burst=3), now=0.0)
+    bucket = TokenBucket(RateLimitConfig(per_second=2, burst=3), now=0.0)
     assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take(0.0) == pytest.approx(0.5)  # one token every half second
     assert bucket.take(0.5) == 0.0

@@ -9,19 +9,19 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_rescale
 
-from serve_app.config import Limits
+from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy
-from serve_app.phantoms import ct_phantom
-from serve_app.readers import read_study
-from serve_app.readers.dicom_series import read_dicom_series
-from serve_app.sample_data import write_ct_series
-from serve_app.volume import Volume
+from serve_app.studies.phantoms import ct_phantom
+from serve_app.studies.reader import read_study
+from serve_app.studies.dicom_series import read_dicom_series
+from serve_app.studies.sample_data import write_ct_series
+from serve_app.studies.volume import Volume
 
 
 def test_series_is_ordered_by_position_not_by_file_order(phantom, phantom_series):
     shuffled = list(phantom_series)
     random.Random(0).shuffle(shuffled)
-    volume = read_dicom_series(shuffled, Limits())
+    volume = read_dicom_series(shuffled, LimitsConfig())
     assert volume.shape == phantom.volume.shape
     np.testing.assert_allclose(volume.affine, phantom.volume.affine, atol=1e-6)
     # int16 storage rounds to whole HU
@@ -36,7 +36,7 @@ def test_oblique_series_keeps_its_direction_and_spacing(tmp_path):
     affine = phantom.volume.affine.copy()
     affine[:3, :3] = rotation @ affine[:3, :3]
     paths = write_ct_series(Volume(phantom.volume.array, affine, "CT"), tmp_path)
-    volume = read_dicom_series(paths[::-1], Limits())
+    volume = read_dicom_series(paths[::-1], LimitsConfig())
     np.testing.assert_allclose(volume.affine, affine, atol=1e-5)
     assert volume.spacing == pytest.approx((1.5, 1.25, 3.0))
 
@@ -44,7 +44,7 @@ def test_oblique_series_keeps_its_direction_and_spacing(tmp_path):
 def test_pydicom_ct_sample_reads_as_one_slice_in_hu():
     path = get_testdata_file("CT_small.dcm")
     ds = pydicom.dcmread(path)
-    volume = read_dicom_series([path], Limits())
+    volume = read_dicom_series([path], LimitsConfig())
     assert volume.shape == (ds.Columns, ds.Rows, 1)
     np.testing.assert_array_equal(volume.array[:, :, 0], apply_rescale(ds.pixel_array, ds).T)
     row_spacing, col_spacing = map(float, ds.PixelSpacing)
@@ -53,14 +53,14 @@ def test_pydicom_ct_sample_reads_as_one_slice_in_hu():
 
 
 def test_pydicom_mr_sample_keeps_its_modality():
-    assert read_dicom_series([get_testdata_file("MR_small.dcm")], Limits()).modality == "MR"
+    assert read_dicom_series([get_testdata_file("MR_small.dcm")], LimitsConfig()).modality == "MR"
 
 
 def test_nifti_upload_reads_with_its_affine(tmp_path, phantom):
     folder = tmp_path / "upload"
     folder.mkdir()
     nib.save(nib.Nifti1Image(phantom.volume.array, phantom.volume.affine), str(folder / "000000"))
-    volume = read_study(folder, Limits())
+    volume = read_study(folder, LimitsConfig())
     np.testing.assert_allclose(volume.affine, phantom.volume.affine)
     np.testing.assert_allclose(volume.array, phantom.volume.array)
 
@@ -70,12 +70,12 @@ def test_four_d_nifti_is_refused(tmp_path):
     folder.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), str(folder / "000000"))
     with pytest.raises(InvalidStudy, match="3D volume"):
-        read_study(folder, Limits())
+        read_study(folder, LimitsConfig())
 
 
 def test_uneven_slice_spacing_means_a_missing_slice(phantom_series):
     with pytest.raises(InvalidStudy, match="uneven"):
-        read_dicom_series(phantom_series[:10] + phantom_series[11:], Limits())
+        read_dicom_series(phantom_series[:10] + phantom_series[11:], LimitsConfig())
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_nifti_voxels_keep_their_values(tmp_path, stored, slope, read_as):
     if slope is not None:
         image.header.set_slope_inter(slope, -10)
     nib.save(image, str(tmp_path / "000000"))
-    volume = read_study(tmp_path, Limits())
+    volume = read_study(tmp_path, LimitsConfig())
     assert volume.array.dtype == np.dtype(read_as)
     expected = values * slope - 10 if slope is not None else values
     np.testing.assert_allclose(volume.array, expected)
@@ -99,4 +99,4 @@ def test_nifti_of_colours_is_refused(tmp_path):
     rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "000000"))
     with pytest.raises(InvalidStudy, match="numbers are needed"):
-        read_study(tmp_path, Limits())
+        read_study(tmp_path, LimitsConfig())

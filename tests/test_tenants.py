@@ -18,8 +18,8 @@ import pytest
 
 from conftest import zip_files
 from serve_app.config import ConfigError, load_config
-from serve_app.phantoms import ct_phantom
-from serve_app.sample_data import write_ct_series
+from serve_app.studies.phantoms import ct_phantom
+from serve_app.studies.sample_data import write_ct_series
 from serve_app.tenancy.keys import hash_api_key
 
 SEGMENT = "/v1/models/ct-phantom-organ/segment"

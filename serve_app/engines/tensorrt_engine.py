@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from serve_app.model_repository import ModelSpec
-from serve_app.onnx_export import engine_cache_root, input_shape, onnx_for
+from serve_app.engines.onnx_export import engine_cache_root, input_shape, onnx_for
 
 CALIBRATION_VOLUMES = 16
 CALIBRATION_BATCH_SIZE = 4  # divides CALIBRATION_VOLUMES: every calibration batch has the calibration profile's shape
@@ -155,14 +155,14 @@ def calibration_batches(spec: ModelSpec, device: torch.device | str) -> list[tor
     """Preprocessed synthetic CT volumes, as the model sees them in serving, in fixed-size batches."""
     from monai.transforms import ResizeWithPadOrCrop
 
-    from serve_app.phantoms import ct_phantom
-    from serve_app.transforms import prepare
+    from serve_app.studies.phantoms import ct_phantom
+    from serve_app.segmentation.transforms import to_model_input
 
     if spec.modality != "CT":
         raise ValueError(f"int8 calibrates on CT phantoms; model {spec.name} is {spec.modality}: use precision fp16")
     fit = ResizeWithPadOrCrop(input_shape(spec, 1)[2:])  # a sliding-window model sees ROI-sized patches
     # Fixed seeds: every node calibrates on the same volumes, so a cache key needs no calibration data in it.
-    volumes = [fit(prepare(ct_phantom(np.random.default_rng(20_000 + i)).volume, spec.preprocessing)).as_tensor() for i in range(CALIBRATION_VOLUMES)]
+    volumes = [fit(to_model_input(ct_phantom(np.random.default_rng(20_000 + i)).volume, spec.preprocessing)).as_tensor() for i in range(CALIBRATION_VOLUMES)]
     stacked = torch.stack(volumes).to(device, torch.float32)
     return list(stacked.split(CALIBRATION_BATCH_SIZE))
 

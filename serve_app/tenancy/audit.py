@@ -24,7 +24,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Optional
 
-from serve_app.tenancy.settings import AuditSettings
+from serve_app.tenancy.config import AuditConfig
 
 SALT_ENV = "MEDSERVE_AUDIT_SALT"
 
@@ -49,7 +49,7 @@ def audit_salt(directory: Path) -> bytes:
 
 
 class AuditLog:
-    def __init__(self, settings: AuditSettings, storage_root: Path, writer: str):
+    def __init__(self, settings: AuditConfig, storage_root: Path, writer: str):
         directory = settings.directory or storage_root / "audit"
         directory.mkdir(parents=True, exist_ok=True)
         self.salt = audit_salt(directory)

@@ -102,7 +102,7 @@ class Gatekeeper:
                 self.audit.write(self._record(visit, status, error, time.perf_counter() - start))
 
     async def _renew_held(self) -> None:
-        """While this replica lives, tell the gate that its requests still run (see Scheduling.lease_s)."""
+        """While this replica lives, tell the gate that its requests still run (see SchedulingConfig.lease_s)."""
         while True:
             await asyncio.sleep(self.renew_every_s)
             if self.held:

@@ -12,14 +12,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
-from serve_app.tenancy.settings import RateLimit, Tenant
+from serve_app.tenancy.config import RateLimitConfig, TenantConfig
 
 # No request leaves before another ends, so "retry in a second" is a hint, not a promise.
 CONCURRENCY_RETRY_AFTER_S = 1.0
 
 
 class TokenBucket:
-    def __init__(self, limit: RateLimit, now: float):
+    def __init__(self, limit: RateLimitConfig, now: float):
         self.limit = limit
         self.tokens = float(limit.burst)
         self.updated = now
@@ -93,7 +93,7 @@ class Refusal:
 class Quotas:
     """Each tenant's rate and concurrency, and the cluster's processing slots, by request ticket."""
 
-    def __init__(self, tenants: dict[str, Tenant], processing_slots: int, lease_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, tenants: dict[str, TenantConfig], processing_slots: int, lease_s: float, clock: Callable[[], float] = time.monotonic):
         self.tenants = tenants
         self.slots = processing_slots
         self.lease_s = lease_s

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.messages import Segmentation
+from serve_app.segmentation.messages import Segmentation
 
 
 @dataclass

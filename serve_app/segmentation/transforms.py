@@ -25,11 +25,11 @@ from monai.transforms import (
     SpatialResample,
 )
 
-from serve_app.model_repository import Preprocessing
-from serve_app.volume import Volume, box_slices, shifted_affine
+from serve_app.model_repository import PreprocessingSpec
+from serve_app.studies.volume import Volume, box_slices, shifted_affine
 
 
-def preprocessing(spec: Preprocessing) -> Compose:
+def preprocessing_transform(spec: PreprocessingSpec) -> Compose:
     """Channel-first image in modality units -> the model's input grid and intensity range."""
     steps = [Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     if spec.target_spacing is not None:
@@ -48,8 +48,8 @@ def as_image(volume: Volume, device: torch.device | str = "cpu") -> MetaTensor:
     return MetaTensor(array[None], affine=torch.as_tensor(volume.affine, dtype=torch.float64))
 
 
-def prepare(volume: Volume, spec: Preprocessing, device: torch.device | str = "cpu") -> MetaTensor:
-    return preprocessing(spec)(as_image(volume, device))
+def to_model_input(volume: Volume, spec: PreprocessingSpec, device: torch.device | str = "cpu") -> MetaTensor:
+    return preprocessing_transform(spec)(as_image(volume, device))
 
 
 def to_probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import yaml
 
-DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 STATE_DIR = Path(os.environ.get("MEDSERVE_MONITORING_DIR", "/tmp/medserve-monitoring"))
 RAY_SERVICE_DISCOVERY_FILE = Path("/tmp/ray/prom_metrics_service_discovery.json")
 
@@ -67,7 +67,7 @@ def start_prometheus(config: dict, port: int, state_dir: Path) -> subprocess.Pop
 
 
 def start_gpu_exporter(port: int, state_dir: Path) -> subprocess.Popen:
-    return _spawn("gpu-exporter", [sys.executable, "-m", "serve_app.gpu_exporter", "--port", str(port)], state_dir)
+    return _spawn("gpu-exporter", [sys.executable, "-m", "serve_app.observability.gpu_exporter", "--port", str(port)], state_dir)
 
 
 def start_grafana(port: int, prometheus_port: int, state_dir: Path) -> Optional[subprocess.Popen]:

@@ -1,6 +1,6 @@
 """GPU exporter: per-GPU utilisation, memory, power and temperature from NVML, for Prometheus.
 
-    python -m serve_app.gpu_exporter --port 9835      # one per GPU node; serves /metrics
+    python -m serve_app.observability.gpu_exporter --port 9835      # one per GPU node; serves /metrics
 
 A standalone prometheus_client exporter rather than Ray metrics: it reads the whole node's GPUs,
 whichever process uses them, and keeps answering while Ray restarts. Each scrape reads NVML afresh.
@@ -80,7 +80,7 @@ class GpuCollector:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.gpu_exporter", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m serve_app.observability.gpu_exporter", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     args = parser.parse_args(argv)

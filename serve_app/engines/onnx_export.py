@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_app.config import Storage
+from serve_app.config import StorageConfig
 from serve_app.engines.torch_engine import build_network
 from serve_app.model_repository import ModelSpec, WeightsFormat
 
@@ -48,7 +48,7 @@ class OnnxCheck:
 
 
 def engine_cache_root() -> Path:
-    return Path(os.environ.get("MEDSERVE_ENGINE_CACHE") or Storage().root / "engine-cache")
+    return Path(os.environ.get("MEDSERVE_ENGINE_CACHE") or StorageConfig().root / "engine-cache")
 
 
 def cached_onnx_path(spec: ModelSpec) -> Path:
@@ -71,7 +71,7 @@ def onnx_for(spec: ModelSpec) -> Path:
 
 
 def input_shape(spec: ModelSpec, batch_size: int) -> tuple[int, ...]:
-    # Preprocessing always yields one channel (transforms.as_image); the grid is the whole volume or one ROI.
+    # PreprocessingSpec always yields one channel (transforms.as_image); the grid is the whole volume or one ROI.
     grid = spec.preprocessing.spatial_size or spec.preprocessing.roi_size
     return (batch_size, 1, *grid)
 

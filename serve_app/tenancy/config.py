@@ -17,18 +17,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RateLimit(_Strict):
+class RateLimitConfig(_Strict):
     """A token bucket: ``per_second`` tokens flow in, at most ``burst`` are kept; a segment request takes one."""
 
     per_second: float = Field(gt=0)
     burst: int = Field(ge=1)
 
 
-class Tenant(_Strict):
+class TenantConfig(_Strict):
     name: str = Field(min_length=1)  # display name
     api_key_hashes: list[KeyHash] = Field(min_length=1)  # made by `medserve tenant-key ID`
     models: list[str] = Field(min_length=1)  # model names, or "*" for every model
-    rate: RateLimit
+    rate: RateLimitConfig
     max_concurrent: int = Field(ge=1)
     max_upload_bytes: Optional[int] = Field(None, gt=0)  # None: the server's limits.max_upload_bytes
     stat: bool = False  # may send STAT (emergency) requests
@@ -37,7 +37,7 @@ class Tenant(_Strict):
         return ALL_MODELS in self.models or model in self.models
 
 
-class Scheduling(_Strict):
+class SchedulingConfig(_Strict):
     # Studies in preprocess -> model -> postprocess at once, cluster-wide; the rest wait in the fair queue.
     processing_slots: int = Field(2, ge=1)
     # An ingress replica renews its requests' counts every quarter of this; counts it stops renewing
@@ -45,7 +45,7 @@ class Scheduling(_Strict):
     lease_s: float = Field(60.0, ge=1.0)
 
 
-class AuditSettings(_Strict):
+class AuditConfig(_Strict):
     directory: Optional[Path] = None  # None: <storage.root>/audit
     max_bytes: int = Field(50 * 1024**2, ge=1024)  # per file, before it rotates
     backup_count: int = Field(20, ge=1)

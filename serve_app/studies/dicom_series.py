@@ -14,9 +14,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
 
-from serve_app.config import Limits
+from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy, PayloadTooLarge
-from serve_app.volume import Volume
+from serve_app.studies.volume import Volume
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _REQUIRED = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
@@ -25,7 +25,7 @@ _STEP_TOLERANCE = 0.05
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def read_dicom_series(paths: list[Path], limits: Limits) -> Volume:
+def read_dicom_series(paths: list[Path], limits: LimitsConfig) -> Volume:
     headers = [h for h in (_read_header(p) for p in paths) if h is not None]
     if not headers:
         raise InvalidStudy("the upload holds no DICOM images")

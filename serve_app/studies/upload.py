@@ -10,7 +10,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from serve_app.config import Limits
+from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy, PayloadTooLarge, UnsupportedMediaType
 
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -41,7 +41,7 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
-def sort_upload(folder: Path, limits: Limits) -> UploadContents:
+def sort_upload(folder: Path, limits: LimitsConfig) -> UploadContents:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     if not files:
         raise InvalidStudy("the upload is empty")
@@ -73,7 +73,7 @@ def _add_file(path: Path, kind: str, contents: UploadContents) -> None:
         contents.nifti.append(path.rename(path.with_name(f"{path.name}.{kind}")))
 
 
-def _add_zip(archive: Path, into: Path, limits: Limits, contents: UploadContents) -> None:
+def _add_zip(archive: Path, into: Path, limits: LimitsConfig, contents: UploadContents) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             entries = [e for e in zf.infolist() if not e.is_dir()]
@@ -94,7 +94,7 @@ def _add_zip(archive: Path, into: Path, limits: Limits, contents: UploadContents
         raise InvalidStudy("the zip archive holds no DICOM or NIfTI files")
 
 
-def _check_entries(entries: list[zipfile.ZipInfo], limits: Limits) -> None:
+def _check_entries(entries: list[zipfile.ZipInfo], limits: LimitsConfig) -> None:
     if not entries:
         raise InvalidStudy("the zip archive is empty")
     if len(entries) > limits.max_files_per_upload:

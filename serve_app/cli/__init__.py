@@ -108,7 +108,7 @@ def _up(args) -> int:
 
 
 def _start_monitoring() -> None:
-    from serve_app import monitoring
+    from serve_app.observability import monitoring
 
     if not monitoring.RAY_SERVICE_DISCOVERY_FILE.exists():
         print(f"medserve: {monitoring.RAY_SERVICE_DISCOVERY_FILE} is missing: Prometheus finds the Ray cluster through it, "
@@ -148,7 +148,7 @@ def _down(args) -> int:
     import ray
     from ray import serve
 
-    from serve_app import monitoring
+    from serve_app.observability import monitoring
 
     for name in monitoring.stop():
         print(f"stopped {name}")
@@ -265,8 +265,8 @@ def _tenant_key(args) -> int:
 def _sample_ct(args) -> int:
     import numpy as np
 
-    from serve_app.phantoms import ct_phantom
-    from serve_app.sample_data import write_ct_series, write_nifti
+    from serve_app.studies.phantoms import ct_phantom
+    from serve_app.studies.sample_data import write_ct_series, write_nifti
 
     phantom = ct_phantom(np.random.default_rng(args.seed))
     paths = write_ct_series(phantom.volume, args.out / "series")
@@ -278,7 +278,7 @@ def _sample_ct(args) -> int:
 def _export_onnx(args) -> int:
     from serve_app.errors import ModelNotFound
     from serve_app.model_repository import ModelRepository, ModelRepositoryError
-    from serve_app.onnx_export import FP32_TOLERANCE, OnnxCheckFailed, cached_onnx_path, export_checked
+    from serve_app.engines.onnx_export import FP32_TOLERANCE, OnnxCheckFailed, cached_onnx_path, export_checked
 
     try:
         spec = ModelRepository(load_config(args.config).model_repository).get(args.model)

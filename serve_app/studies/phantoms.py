@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.volume import Volume
+from serve_app.studies.volume import Volume
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

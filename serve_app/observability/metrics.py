@@ -3,7 +3,7 @@
 Ray's metrics agent prefixes custom metrics with ``ray_`` and exports a Counter as ``<name>_total``:
 ``medserve_requests`` below is ``ray_medserve_requests_total`` in Prometheus. README.md
 ("Metrics and dashboards") lists every name, type and label; the dashboards in ``dashboards/``
-query them. The GPU exporter (``serve_app/gpu_exporter.py``) is a separate process with its own names.
+query them. The GPU exporter (``serve_app/observability/gpu_exporter.py``) is a separate process with its own names.
 
 Label values never come from what a hospital sends: models are the repository's names (only for
 known models), routes are templates (``/v1/results/{result_id}``), tenants are the ids the tenancy

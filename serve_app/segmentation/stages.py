@@ -14,20 +14,20 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
-from serve_app.config import Limits
-from serve_app.devices import to_device
+from serve_app.config import LimitsConfig
+from serve_app.engines.devices import to_device
 from serve_app.engines import load_engine
 from serve_app.errors import InvalidStudy
-from serve_app.messages import Grid
+from serve_app.segmentation.messages import Grid
 from serve_app.model_repository import ModelSpec
-from serve_app.readers import read_study
+from serve_app.studies.reader import read_study
 from serve_app.results import ResultStore
-from serve_app.transforms import label_volumes_ml, mask_on_grid, prepare
-from serve_app.volume import Volume, voxel_volume_ml
+from serve_app.segmentation.transforms import label_volumes_ml, mask_on_grid, to_model_input
+from serve_app.studies.volume import Volume, voxel_volume_ml
 
 
 class Preprocessor:
-    def __init__(self, limits: Limits, device: torch.device):
+    def __init__(self, limits: LimitsConfig, device: torch.device):
         self.limits, self.device = limits, device
 
     def __call__(self, upload_folder: Path, spec: ModelSpec) -> tuple[MetaTensor, Volume]:
@@ -35,7 +35,7 @@ class Preprocessor:
         volume = read_study(Path(upload_folder), self.limits)
         if volume.modality and volume.modality != spec.modality:
             raise InvalidStudy(f"the series is {volume.modality}; model {spec.name} takes {spec.modality}")
-        return prepare(volume, spec.preprocessing, self.device), volume
+        return to_model_input(volume, spec.preprocessing, self.device), volume
 
 
 class Predictor:

@@ -7,16 +7,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from serve_app.config import Limits
+from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy, PayloadTooLarge
-from serve_app.volume import Volume
+from serve_app.studies.volume import Volume
 
 # Kept as stored when torch has the type (unsigned 16/32-bit it has only in part); float64,
 # which scaling gives, is halved to float32 here.
 _TORCH_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "int16", "int32", "int64", "float16", "float32")}
 
 
-def read_nifti(path: Path, limits: Limits) -> Volume:
+def read_nifti(path: Path, limits: LimitsConfig) -> Volume:
     try:
         image = nib.load(path)
         shape = image.shape
