@@ -10,39 +10,57 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from serve_app.strict_model import StrictModel
 from serve_app.tenancy.config import AuditConfig, SchedulingConfig, TenantConfig, TenantId
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "EMBEDDED_MODEL_REPOSITORY",
+    "AppConfig",
+    "AutoscalingConfig",
+    "BatchingConfig",
+    "ConfigError",
+    "DeploymentConfig",
+    "DeploymentsConfig",
+    "HttpConfig",
+    "LimitsConfig",
+    "ModelDeploymentConfig",
+    "StorageConfig",
+    "load_config",
+]
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 EMBEDDED_MODEL_REPOSITORY = Path(__file__).with_name("models")
 
 
-class _Strict(BaseModel):
-    # A misspelt key is a bad field, not a silently ignored one.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class AutoscalingConfig(StrictModel):
+    """Serve's autoscaling of a deployment between ``min_replicas`` and ``max_replicas``."""
 
-
-class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(1, ge=1, description="Replicas at most.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests in progress per replica that Serve scales towards."
+    )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingConfig":
+    def _bounds(self) -> AutoscalingConfig:
         if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be >= min_replicas")
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         return self
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(StrictModel):
     """Resources and scaling of one Serve deployment."""
 
-    num_replicas: int = Field(1, ge=1)
-    autoscaling: Optional[AutoscalingConfig] = None
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0.0, ge=0, le=8)
-    max_ongoing_requests: int = Field(8, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Replicas, when autoscaling is not set.")
+    autoscaling: Optional[AutoscalingConfig] = Field(None, description="Autoscaling; replaces num_replicas when set.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for each replica (fractions allowed).")
+    num_gpus: float = Field(
+        0.0, ge=0, le=8, description="GPUs Ray reserves for each replica: 0.25 puts four replicas on one GPU."
+    )
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica takes at once before Serve queues.")
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
@@ -57,9 +75,13 @@ class DeploymentConfig(_Strict):
         return options
 
 
-class BatchingConfig(_Strict):
-    max_batch_size: int = Field(4, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+class BatchingConfig(StrictModel):
+    """``@serve.batch`` of a model deployment; changed live through its Serve user_config."""
+
+    max_batch_size: int = Field(4, ge=1, le=256, description="Studies in one model batch at most.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="Seconds a batch waits to fill before it runs with what it has."
+    )
 
     def apply_to(self, batched_method) -> None:
         """Retune a live ``@serve.batch`` method (from a deployment's ``reconfigure``)."""
@@ -68,32 +90,49 @@ class BatchingConfig(_Strict):
 
 
 class ModelDeploymentConfig(DeploymentConfig):
-    batching: BatchingConfig = BatchingConfig()
+    """A model deployment: a deployment's resources, and its batching."""
+
+    batching: BatchingConfig = Field(BatchingConfig(), description="Dynamic batching of the model's replicas.")
 
 
-class DeploymentsConfig(_Strict):
-    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=64)
-    preprocess: DeploymentConfig = DeploymentConfig()
-    model: ModelDeploymentConfig = ModelDeploymentConfig()
-    postprocess: DeploymentConfig = DeploymentConfig()
+class DeploymentsConfig(StrictModel):
+    """Resources of each deployment of the application."""
+
+    ingress: DeploymentConfig = Field(
+        DeploymentConfig(num_cpus=0.25, max_ongoing_requests=64), description="The HTTP ingress."
+    )
+    preprocess: DeploymentConfig = Field(DeploymentConfig(), description="Preprocessing (split layout).")
+    model: ModelDeploymentConfig = Field(
+        ModelDeploymentConfig(), description="Every model's deployment, unless `models` overrides it."
+    )
+    postprocess: DeploymentConfig = Field(DeploymentConfig(), description="Postprocessing (split layout).")
 
 
-class LimitsConfig(_Strict):
-    # A 512x512x2000 CT is about 1 GB of int16; the defaults admit it, not more.
-    max_upload_bytes: int = Field(2 * 1024**3, gt=0)
-    max_volume_voxels: int = Field(512 * 512 * 2000, gt=0)
-    max_files_per_upload: int = Field(10_000, gt=0)
+class LimitsConfig(StrictModel):
+    """What one request may send. A 512x512x2000 CT is about 1 GB of int16; the defaults admit it, not more."""
+
+    max_upload_bytes: int = Field(
+        2 * 1024**3,
+        gt=0,
+        description="Bytes one request may write to storage: its body, and what its archives unpack to, together.",
+    )
+    max_volume_voxels: int = Field(
+        512 * 512 * 2000, gt=0, description="Voxels of one study, checked from headers before pixels are decoded."
+    )
+    max_files_per_upload: int = Field(
+        10_000, gt=0, description="Files one request may hold: multipart parts and archive entries, together."
+    )
 
 
-class StorageConfig(_Strict):
+class StorageConfig(StrictModel):
     """Where uploads are spooled and results kept.
 
     On a multi-node cluster this must be a filesystem every node mounts (NFS, a PVC):
     any ingress replica serves any result.
     """
 
-    root: Path = Path("/tmp/medserve")
-    result_retention_hours: float = Field(24.0, gt=0)
+    root: Path = Field(Path("/tmp/medserve"), description="Folder of uploads/ and results/; shared on a cluster.")
+    result_retention_hours: float = Field(24.0, gt=0, description="Hours a result stays downloadable.")
 
     @property
     def uploads(self) -> Path:
@@ -104,36 +143,50 @@ class StorageConfig(_Strict):
         return self.root / "results"
 
 
-class HttpConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+class HttpConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port Serve's HTTP proxy listens on.")
 
 
-class AppConfig(_Strict):
-    """Everything a medserve application is: models, resources, batching, limits."""
+class AppConfig(StrictModel):
+    """Everything a medserve application is: models, resources, batching, limits, tenants."""
 
-    name: str = "medserve"
-    # split: preprocess, model and postprocess are separate deployments (CPU arrays between them).
-    # fused: one deployment per model runs all three, so tensors stay on its GPU; it takes
-    # deployments.model's resources. auto: fused when model replicas get a GPU, else split.
-    layout: Literal["auto", "split", "fused"] = "auto"
-    model_repository: Path = EMBEDDED_MODEL_REPOSITORY
-    # Per-model overrides of ``deployments.model``, keyed by model name.
-    models: dict[str, ModelDeploymentConfig] = {}
-    deployments: DeploymentsConfig = DeploymentsConfig()
-    limits: LimitsConfig = LimitsConfig()
-    storage: StorageConfig = StorageConfig()
-    http: HttpConfig = HttpConfig()
-    # Hospitals, keyed by tenant id. None configured: an open server (see README, "Tenants, quotas and audit").
-    tenants: dict[TenantId, TenantConfig] = {}
-    scheduling: SchedulingConfig = SchedulingConfig()
-    audit: AuditConfig = AuditConfig()
+    name: str = Field("medserve", description="The Serve application's name.")
+    layout: Literal["auto", "split", "fused"] = Field(
+        "auto",
+        description="split: preprocess, model and postprocess are separate deployments (host arrays between "
+        "them). fused: one deployment per model runs all three, so tensors stay on its GPU; it takes "
+        "deployments.model's resources. auto: fused when model replicas get a GPU, else split.",
+    )
+    model_repository: Path = Field(
+        EMBEDDED_MODEL_REPOSITORY,
+        description="Folder with one sub-folder per model, each with a model.yaml; relative to the config file. "
+        "Default: the embedded repository.",
+    )
+    models: dict[str, ModelDeploymentConfig] = Field(
+        {}, description="Per-model overrides of deployments.model, keyed by model name."
+    )
+    deployments: DeploymentsConfig = Field(DeploymentsConfig(), description="Resources of each deployment.")
+    limits: LimitsConfig = Field(LimitsConfig(), description="What one request may send.")
+    storage: StorageConfig = Field(StorageConfig(), description="Where uploads and results are kept.")
+    http: HttpConfig = Field(HttpConfig(), description="Where the API listens.")
+    tenants: dict[TenantId, TenantConfig] = Field(
+        {},
+        description="Hospitals, keyed by tenant id. None configured: an open server, every request tenant "
+        "anonymous (see README, Tenants, quotas and audit).",
+    )
+    scheduling: SchedulingConfig = Field(SchedulingConfig(), description="Processing slots and leases (tenants).")
+    audit: AuditConfig = Field(AuditConfig(), description="The audit log's files.")
 
     @model_validator(mode="after")
-    def _keys_are_unique(self) -> "AppConfig":
-        hashes = [h for tenant in self.tenants.values() for h in tenant.api_key_hashes]
-        if len(hashes) != len(set(hashes)):
-            raise ValueError("tenants: the same API key hash is listed twice")
+    def _keys_are_unique(self) -> AppConfig:
+        owners: dict[str, list[str]] = {}
+        for tenant_id, tenant in self.tenants.items():
+            for key_hash in tenant.api_key_hashes:
+                owners.setdefault(key_hash, []).append(tenant_id)
+        shared = sorted({", ".join(ids) for ids in owners.values() if len(ids) > 1})
+        if shared:
+            raise ValueError(f"tenants: one API key hash is listed twice (by {'; '.join(shared)}); a key names one tenant")
         return self
 
     def model_deployment(self, model_name: str) -> ModelDeploymentConfig:

@@ -7,9 +7,24 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from serve_app.errors import ModelNotFound
+from serve_app.strict_model import StrictModel
+
+__all__ = [
+    "EngineSpec",
+    "InferenceSpec",
+    "IntensityWindowSpec",
+    "ModelRepository",
+    "ModelRepositoryError",
+    "ModelSpec",
+    "NetworkSpec",
+    "PreprocessingSpec",
+    "WeightsFormat",
+    "WeightsSpec",
+    "read_model_spec",
+]
 
 SpatialSize = tuple[int, int, int]
 Spacing = tuple[float, float, float]
@@ -21,92 +36,109 @@ class WeightsFormat(str, Enum):
     onnx = "onnx"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class IntensityWindowSpec(_Strict):
+class IntensityWindowSpec(StrictModel):
     """``ScaleIntensityRange``: [a_min, a_max] (HU for CT) onto [b_min, b_max], clipped."""
 
-    a_min: float
-    a_max: float
-    b_min: float = 0.0
-    b_max: float = 1.0
+    a_min: float = Field(description="Lowest input value kept (HU for CT); lower values clip to it.")
+    a_max: float = Field(description="Highest input value kept; higher values clip to it.")
+    b_min: float = Field(0.0, description="What a_min maps to.")
+    b_max: float = Field(1.0, description="What a_max maps to.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "IntensityWindowSpec":
+    def _ordered(self) -> IntensityWindowSpec:
         if self.a_max <= self.a_min:
-            raise ValueError("a_max must be greater than a_min")
+            raise ValueError(f"a_max ({self.a_max}) must be greater than a_min ({self.a_min})")
         return self
 
 
-class PreprocessingSpec(_Strict):
-    orientation: str = Field("RAS", pattern="^[LRAPSI]{3}$")
-    target_spacing: Optional[Spacing] = None  # mm; None keeps the input's spacing
-    intensity_window: IntensityWindowSpec
-    # Exactly one of: a fixed size every volume is resized to (batches whole volumes),
-    # or a sliding-window ROI (any volume size, patches batched).
-    spatial_size: Optional[SpatialSize] = None
-    roi_size: Optional[SpatialSize] = None
+class PreprocessingSpec(StrictModel):
+    """The model's MONAI preprocessing: orientation, spacing, intensity window, then its grid."""
+
+    orientation: str = Field("RAS", pattern="^[LRAPSI]{3}$", description="Axis codes the volume is turned to.")
+    target_spacing: Optional[Spacing] = Field(None, description="Voxel spacing in mm to resample to; null keeps the input's.")
+    intensity_window: IntensityWindowSpec = Field(description="Intensities onto the model's range.")
+    spatial_size: Optional[SpatialSize] = Field(
+        None, description="A fixed size every volume is resized to (whole volumes are batched); or give roi_size."
+    )
+    roi_size: Optional[SpatialSize] = Field(
+        None, description="Sliding-window inference with this window over any size (windows are batched)."
+    )
 
     @model_validator(mode="after")
-    def _one_geometry(self) -> "PreprocessingSpec":
+    def _one_geometry(self) -> PreprocessingSpec:
         if (self.spatial_size is None) == (self.roi_size is None):
-            raise ValueError("give exactly one of spatial_size and roi_size")
+            given = "both" if self.spatial_size is not None else "neither"
+            raise ValueError(f"give exactly one of spatial_size and roi_size (got {given})")
         return self
 
 
-class NetworkSpec(_Strict):
+class InferenceSpec(StrictModel):
+    """The sliding-window inferer's settings, used when ``preprocessing.roi_size`` is set."""
+
+    sw_batch_size: int = Field(4, ge=1, description="Windows run through the network at once.")
+    overlap: float = Field(0.25, ge=0, lt=1, description="Fraction by which neighbouring windows overlap.")
+
+
+class NetworkSpec(StrictModel):
     """A network class of ``monai.networks.nets`` and its constructor arguments."""
 
-    name: str
-    args: dict[str, Any] = {}
+    name: str = Field(description="A class of monai.networks.nets, e.g. UNet.")
+    args: dict[str, Any] = Field({}, description="Its constructor's keyword arguments.")
 
 
-class WeightsSpec(_Strict):
-    file: str
-    format: WeightsFormat
+class WeightsSpec(StrictModel):
+    file: str = Field(description="The weights file, relative to the model's folder.")
+    format: WeightsFormat = Field(description="monai_state_dict (with network), torchscript or onnx.")
 
 
-class EngineSpec(_Strict):
+class EngineSpec(StrictModel):
     """How the network runs. Options a backend cannot honour are ignored on it (fp16 on a CPU, say)."""
 
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # int8: TensorRT only, calibrated on sample volumes
-    channels_last: bool = False  # torch on CUDA: channels-last-3d memory format
-    cuda_graphs: bool = False  # torch on CUDA: replay one captured graph per padded batch size
-    compile: bool = False  # torch: torch.compile the network
-    # Batches are padded up to the next of these sizes, so engines, graphs and profiles see few shapes.
-    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
-    onnx_file: str = "model.onnx"  # onnxruntime / tensorrt: exported on first use when absent
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = Field("torch", description="Which engine runs the network.")
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="Arithmetic inside the engine; int8: TensorRT only, calibrated on sample volumes."
+    )
+    channels_last: bool = Field(False, description="torch on CUDA: the channels-last-3d memory format.")
+    cuda_graphs: bool = Field(False, description="torch on CUDA: replay one captured graph per padded batch size.")
+    compile: bool = Field(False, description="torch: torch.compile the network.")
+    batch_sizes: tuple[int, ...] = Field(
+        (1, 2, 4, 8),
+        description="Batches are padded up to the next of these sizes, so engines, graphs and TensorRT "
+        "profiles see few shapes.",
+    )
+    onnx_file: str = Field(
+        "model.onnx", description="onnxruntime / tensorrt: the ONNX file beside the weights; exported on first use."
+    )
 
     @model_validator(mode="after")
-    def _sizes(self) -> "EngineSpec":
+    def _sizes(self) -> EngineSpec:
         if not self.batch_sizes or list(self.batch_sizes) != sorted(set(self.batch_sizes)) or self.batch_sizes[0] < 1:
-            raise ValueError("batch_sizes must be increasing positive integers")
+            raise ValueError(f"batch_sizes {list(self.batch_sizes)} must be increasing positive integers")
         if self.precision == "int8" and self.backend != "tensorrt":
-            raise ValueError("precision int8 needs backend tensorrt")
+            raise ValueError(f"precision int8 needs backend tensorrt (got {self.backend})")
         return self
 
 
-class ModelSpec(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    version: str
-    task: Literal["segmentation"] = "segmentation"
-    modality: Literal["CT", "MR"]
-    description: str = ""
-    labels: dict[int, str]
-    preprocessing: PreprocessingSpec
-    network: Optional[NetworkSpec] = None
-    weights: WeightsSpec
-    engine: EngineSpec = EngineSpec()
-    # Filled in by the repository: the model's own folder.
-    folder: Path = Path(".")
+class ModelSpec(StrictModel):
+    """A model of the repository, as its ``model.yaml`` describes it."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="The model's name; equal to its folder's.")
+    version: str = Field(description="The model's version, reported with every result.")
+    task: Literal["segmentation"] = Field("segmentation", description="What the model does.")
+    modality: Literal["CT", "MR"] = Field(description="The DICOM modality it takes; a study of another gets a 422.")
+    description: str = Field("", description="Free text, shown by GET /v1/models.")
+    labels: dict[int, str] = Field(description="Label value -> name; 0 is background.")
+    preprocessing: PreprocessingSpec = Field(description="The MONAI preprocessing of the model's input.")
+    inference: InferenceSpec = Field(InferenceSpec(), description="Sliding-window settings (with roi_size).")
+    network: Optional[NetworkSpec] = Field(None, description="The MONAI network, for monai_state_dict weights.")
+    weights: WeightsSpec = Field(description="The weights file and its format.")
+    engine: EngineSpec = Field(EngineSpec(), description="How the network runs.")
+    folder: Path = Field(Path("."), description="The model's own folder; filled in by the repository.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ModelSpec":
+    def _consistent(self) -> ModelSpec:
         if self.labels.get(0) is None:
-            raise ValueError("labels must name label 0 (background)")
+            raise ValueError(f"labels must name label 0 (background); got labels {sorted(self.labels)}")
         if self.weights.format is WeightsFormat.monai_state_dict and self.network is None:
             raise ValueError("weights.format monai_state_dict needs a network")
         return self
@@ -118,16 +150,6 @@ class ModelSpec(_Strict):
     @property
     def foreground_labels(self) -> list[int]:
         return sorted(k for k in self.labels if k != 0)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "task": self.task,
-            "modality": self.modality,
-            "description": self.description,
-            "labels": {str(k): v for k, v in sorted(self.labels.items())},
-        }
 
 
 class ModelRepositoryError(ValueError):

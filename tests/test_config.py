@@ -1,5 +1,6 @@
 import pytest
 
+from helpers import properties_without_description
 from serve_app.config import ConfigError, load_config
 
 
@@ -60,3 +61,34 @@ def test_relative_model_repository_is_relative_to_the_config_file(tmp_path):
     path = tmp_path / "repo.yaml"
     path.write_text("model_repository: ./my-models\n")
     assert load_config(path).model_repository == (tmp_path / "my-models").resolve()
+
+
+def test_every_config_field_documents_itself_in_the_schema():
+    from serve_app.config import AppConfig
+
+    assert properties_without_description(AppConfig.model_json_schema()) == []
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        pytest.param(
+            "deployments:\n  model:\n    autoscaling: {min_replicas: 4, max_replicas: 2}\n",
+            "max_replicas (2) must be >= min_replicas (4)",
+            id="autoscaling bounds",
+        ),
+        pytest.param(
+            "tenants:\n"
+            "  a: {name: A, api_key_hashes: [sha256:" + "0" * 64 + "], models: ['*'], rate: {per_second: 1, burst: 1}, max_concurrent: 1}\n"
+            "  b: {name: B, api_key_hashes: [sha256:" + "0" * 64 + "], models: ['*'], rate: {per_second: 1, burst: 1}, max_concurrent: 1}\n",
+            "listed twice (by a, b)",
+            id="one key hash for two tenants",
+        ),
+    ],
+)
+def test_validation_messages_carry_the_bad_values(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value)

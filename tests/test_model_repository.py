@@ -2,6 +2,7 @@ import shutil
 
 import pytest
 
+from helpers import properties_without_description
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.errors import ModelNotFound
 from serve_app.model_repository import ModelRepository, ModelRepositoryError
@@ -42,3 +43,38 @@ def test_folder_and_name_must_agree(repo_copy):
     (repo_copy / "ct-phantom-organ").rename(repo_copy / "other")
     with pytest.raises(ModelRepositoryError, match="differs from its folder"):
         ModelRepository(repo_copy)
+
+
+def test_every_model_yaml_field_documents_itself_in_the_schema():
+    from serve_app.model_repository import ModelSpec
+
+    assert properties_without_description(ModelSpec.model_json_schema()) == []
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        pytest.param("a_max: 164", "a_max: -100", "a_max (-100.0) must be greater than a_min (-57.0)", id="window"),
+        pytest.param("spatial_size: [96, 96, 48]", "roi_size: [96, 96, 48]\n  spatial_size: [96, 96, 48]",
+                     "give exactly one of spatial_size and roi_size (got both)", id="both geometries"),
+        pytest.param("  0: background\n", "", "labels must name label 0 (background); got labels [1]", id="no background"),
+        pytest.param("format: monai_state_dict", "format: monai_state_dict\nengine: {batch_sizes: [4, 2]}",
+                     "batch_sizes [4, 2] must be increasing positive integers", id="batch sizes"),
+        pytest.param("format: monai_state_dict", "format: monai_state_dict\nengine: {backend: onnxruntime, precision: int8}",
+                     "precision int8 needs backend tensorrt (got onnxruntime)", id="int8 without tensorrt"),
+        pytest.param("format: monai_state_dict", "format: monai_state_dict\ninference: {overlap: 1.0}",
+                     "inference.overlap", id="overlap of a whole window"),
+    ],
+)
+def test_model_yaml_messages_carry_the_bad_values(repo_copy, old, new, message):
+    yaml_path = repo_copy / "ct-phantom-organ" / "model.yaml"
+    assert old in yaml_path.read_text()
+    yaml_path.write_text(yaml_path.read_text().replace(old, new))
+    with pytest.raises(ModelRepositoryError) as error:
+        ModelRepository(repo_copy)
+    assert message in str(error.value)
+
+
+def test_sliding_window_settings_default_to_monai_usual_ones():
+    spec = ModelRepository(EMBEDDED_MODEL_REPOSITORY).get("ct-phantom-organ")
+    assert (spec.inference.sw_batch_size, spec.inference.overlap) == (4, 0.25)
