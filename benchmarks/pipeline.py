@@ -38,7 +38,6 @@ from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig,
 from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
 from serve_app.studies.phantoms import ct_phantom
 from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
-from serve_app.segmentation.messages import Grid
 from serve_app.studies.nifti import read_nifti
 from serve_app.results import ResultStore
 from serve_app.segmentation.transforms import to_model_input
@@ -188,18 +187,17 @@ def run_stages_in_process(spec: ModelSpec, device: str, uploads: Uploads, result
     postprocessor = Postprocessor(results)
 
     def pre(_):
-        image, volume = preprocessor(uploads.new(), spec)
-        return image, Grid(volume.shape, volume.affine)
+        return preprocessor(uploads.new(), spec)
 
     def post(args):
-        logits, image, grid = args
-        return postprocessor(logits, image.affine, grid, spec, uuid.uuid4().hex)
+        logits, prepared = args
+        return postprocessor(logits, prepared.model_affine, prepared.grid, spec, uuid.uuid4().hex)
 
     def one_batch(pool) -> float:
         t0 = time.perf_counter()
         prepared = list(pool.map(pre, range(batch)))
-        logits = predictor([image.as_tensor() for image, _ in prepared])
-        list(pool.map(post, [(x, image, grid) for x, (image, grid) in zip(logits, prepared)]))
+        logits = predictor([study.image for study in prepared])
+        list(pool.map(post, zip(logits, prepared)))
         return time.perf_counter() - t0
 
     with ThreadPoolExecutor(batch) as pool:
@@ -319,7 +317,7 @@ def measure_serve(spec: ModelSpec, size: Size, work: Path, repository: Path, stu
                 asyncio.run(closed_loop(call, size.concurrency, size.concurrency))  # warm-up
                 with GpuSampler() as gpu_sampler:
                     latencies, wall, outcomes = asyncio.run(closed_loop(call, size.requests, size.concurrency))
-                out[f"handles_{layout}"] = summarise(latencies, wall, gpu_sampler, breakdown_ms=breakdown([o.timings_s for o in outcomes]))
+                out[f"handles_{layout}"] = summarise(latencies, wall, gpu_sampler, breakdown_ms=breakdown([o.timings.model_dump() for o in outcomes]))
         faster = max(("fused", "split"), key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
         config = serve_config(work / f"storage-{faster}", repository, study, faster, gpu, batch, port)
         with deployed(config) as call:

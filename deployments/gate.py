@@ -11,13 +11,14 @@ from typing import Optional
 
 from ray import serve
 
+from deployments.replica import Replica
 from serve_app.config import AppConfig
 from serve_app.tenancy.quota import Quotas, Refusal
 
 
 # Waiting callers hold a request open here, so it takes many more than the ingress replicas can send.
 @serve.deployment(name="TenantGate", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
-class TenantGateDeployment:
+class TenantGateDeployment(Replica):
     def __init__(self, config: AppConfig):
         self.quotas = Quotas(config.tenants, config.scheduling.processing_slots, config.scheduling.lease_s)
 
@@ -36,5 +37,3 @@ class TenantGateDeployment:
     async def stats(self) -> dict:
         return self.quotas.stats()
 
-    async def ready(self) -> bool:
-        return True

@@ -1,72 +1,96 @@
-"""Ingress: the HTTP API. Spools uploads to disk, drives preprocess -> model -> postprocess, serves results.
+"""IngressDeployment: the HTTP API. Spools uploads to disk, drives preprocess -> model -> postprocess, serves results.
 
 No `from __future__ import annotations` here: FastAPI must see real types on a Serve class ingress.
 """
 
-
 import asyncio
 import logging
 import shutil
-import time
-from pathlib import Path
 from typing import Optional
 
 import nibabel as nib
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
-from serve_app.observability import metrics
+from deployments.replica import Replica
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidStudy, PayloadTooLarge, RequestError
+from serve_app.errors import BadRequest, MethodNotAllowed, RequestError, RouteNotFound, status_of, unwrap
 from serve_app.model_repository import ModelRepository
+from serve_app.observability import metrics
+from serve_app.responses import (
+    ERROR_RESPONSES,
+    ErrorDetail,
+    ErrorResponse,
+    Health,
+    ModelList,
+    ModelRef,
+    ModelSummary,
+    Readiness,
+    ResultSummary,
+    SegmentResponse,
+    SegmentTimings,
+)
 from serve_app.results import ResultStore
 from serve_app.segmentation.stage_handles import StageHandles
-from serve_app.tenancy.gatekeeper import Gatekeeper, Visit
+from serve_app.stopwatch import Stopwatch
+from serve_app.studies.upload import UploadBudget, spool_request
 from serve_app.studies.volume import spacing_of
+from serve_app.tenancy.gatekeeper import Gatekeeper, Visit
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a Ray Serve cluster.")
-_CHUNK = 1 << 20
 metrics.instrument(api)
 
 
+def _error_response(status: int, reason: str, headers: Optional[dict] = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(status=status, reason=reason))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# Every error leaves in one format, {"error": {"status", "reason"}}, whoever raised it: medserve, a stage
+# behind a handle (wrapped by Ray), or FastAPI and Starlette themselves (unknown routes, bad query values).
+# Exception's handler runs outermost, for what nothing else answers (Starlette re-raises it, to be logged).
 @api.exception_handler(RequestError)
-async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-    return _error_response(exc)
-
-
 @api.exception_handler(RayTaskError)
-async def _stage_error(request: Request, exc: RayTaskError) -> JSONResponse:
-    # A stage raised: Ray hands back a wrapper whose ``cause`` is the original exception.
-    if isinstance(exc.cause, RequestError):
-        return _error_response(exc.cause)
-    logger.error("a stage failed: %s", type(exc.cause).__name__)
-    return JSONResponse({"error": {"status": 500, "reason": "internal error in a processing stage"}}, status_code=500)
+@api.exception_handler(Exception)
+async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+    error = unwrap(exc)
+    if isinstance(error, RequestError):
+        return _error_response(error.status_code, error.reason, error.headers)
+    logger.error("request failed: %s", type(error).__name__)  # the class only: a message may quote what was sent
+    return _error_response(status_of(error), "internal error in a processing stage")
 
 
-def _error_response(exc: RequestError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"status": exc.status_code, "reason": exc.reason}}, status_code=exc.status_code, headers=exc.headers
-    )
+@api.exception_handler(HTTPException)
+async def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        return await _any_error(request, RouteNotFound("no such route; see /docs for the API"))
+    if exc.status_code == 405:
+        return await _any_error(request, MethodNotAllowed(f"method {request.method} is not allowed on this route"))
+    return _error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
-def _ms(**seconds: float) -> dict[str, float]:
-    return {k: round(v * 1000, 1) for k, v in seconds.items()}
+@api.exception_handler(RequestValidationError)
+async def _invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # pydantic's messages name the parameter and the expected type, never the value sent.
+    problems = "; ".join(f"{' '.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return await _any_error(request, BadRequest(f"invalid request parameters ({problems})"))
 
 
 # Serve serialises the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class IngressDeployment:
+class IngressDeployment(Replica):
     def __init__(
         self,
         config: AppConfig,
-        models: dict[str, DeploymentHandle],
+        model_handles: dict[str, DeploymentHandle],
         preprocess: Optional[DeploymentHandle] = None,
         postprocess: Optional[DeploymentHandle] = None,
         gate: Optional[DeploymentHandle] = None,
@@ -74,109 +98,84 @@ class IngressDeployment:
         self.config = config
         self.repository = ModelRepository(config.model_repository)
         self.results = ResultStore.of(config.storage)
-        self.stages = StageHandles(models, preprocess, postprocess)
+        self.stages = StageHandles(model_handles, preprocess, postprocess)
         self.gatekeeper = Gatekeeper(config, self.repository, gate)
         config.storage.uploads.mkdir(parents=True, exist_ok=True)
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        return Health(status="ok")
 
-    @api.get("/readyz")
-    async def readyz(self) -> JSONResponse:
+    @api.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+    async def readyz(self):
         try:
             await asyncio.wait_for(self.stages.ready(), timeout=5)
         except Exception:
-            return JSONResponse({"status": "not ready"}, status_code=503)
-        return JSONResponse({"status": "ready", "models": list(self.stages.models)})
+            return JSONResponse(Readiness(status="not ready").model_dump(), status_code=503)
+        return Readiness(status="ready", models=list(self.stages.model_handles))
 
-    @api.get("/v1/models")
-    async def list_models(self, request: Request) -> dict:
+    @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models(self, request: Request) -> ModelList:
         async with self.gatekeeper.visit(request, "models"):
-            return {"models": [spec.summary() for spec in self.repository]}
+            return ModelList(models=[ModelSummary.of(spec) for spec in self.repository])
 
-    @api.get("/v1/models/{name}")
-    async def describe_model(self, name: str, request: Request) -> dict:
+    @api.get("/v1/models/{name}", response_model=ModelSummary, responses=ERROR_RESPONSES)
+    async def describe_model(self, name: str, request: Request) -> ModelSummary:
         async with self.gatekeeper.visit(request, "models", model=name):
-            return self.repository.get(name).summary()
+            return ModelSummary.of(self.repository.get(name))
 
-    @api.post("/v1/models/{name}/segment")
-    async def segment(self, name: str, request: Request, stat: bool = False) -> dict:
+    @api.post("/v1/models/{name}/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES)
+    async def segment(self, name: str, request: Request, stat: bool = False) -> SegmentResponse:
+        """Segment one study: a zip, one DICOM or NIfTI file, or multipart files (see the README)."""
         async with self.gatekeeper.visit(request, "segment", model=name, stat=stat, admit=True) as visit:
             return await self._segment(name, request, visit)
 
-    async def _segment(self, name: str, request: Request, visit: Visit) -> dict:
-        start = time.perf_counter()
+    async def _segment(self, name: str, request: Request, visit: Visit) -> SegmentResponse:
+        watch = Stopwatch()
         spec = self.repository.get(name)
-        request_id = visit.request_id
-        folder = self.config.storage.uploads / request_id
+        folder = self.config.storage.uploads / visit.request_id
         folder.mkdir(parents=True)
         try:
-            uploaded_bytes = await self._spool(request, folder, visit.max_upload_bytes)
-            spooled = time.perf_counter()
+            budget = UploadBudget(max_bytes=visit.max_upload_bytes, max_files=self.config.limits.max_files_per_upload)
+            uploaded_bytes = await spool_request(request, folder, budget)
+            upload_s = watch.lap()
             await visit.wait_for_slot()
-            segmentation = await self.stages.segment(name, folder, request_id)
+            segmentation = await self.stages.segment(name, folder, visit.request_id)
             visit.study_instance_uid = segmentation.study_instance_uid
-            self.results.set_owner(request_id, visit.tenant_id)
+            self.results.set_owner(visit.request_id, visit.tenant_id)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        timings = SegmentTimings.of(upload_s, segmentation.timings, watch.total_s)
+        visit.timings_ms = {**timings.model_dump(), "queue": round(visit.slot_wait_s * 1000, 1)}
+        metrics.observe_segment(request, name, timings)
         affine = segmentation.grid.affine
-        summary = {
-            "result_id": request_id,
-            "model": {"name": spec.name, "version": spec.version},
-            "labels": segmentation.labels,
-            "shape": list(segmentation.grid.shape),
-            "spacing": [round(s, 6) for s in spacing_of(affine)],
-            "orientation": "".join(nib.aff2axcodes(affine)),
-            "affine": np.asarray(affine).round(6).tolist(),
+        return SegmentResponse(
+            result_id=visit.request_id,
+            model=ModelRef(name=spec.name, version=spec.version),
+            labels=segmentation.labels,
+            shape=list(segmentation.grid.shape),
+            spacing=[round(s, 6) for s in spacing_of(affine)],
+            orientation="".join(nib.aff2axcodes(affine)),
+            affine=np.asarray(affine).round(6).tolist(),
             # root_path: the application's route prefix, when it is not served at /.
-            "mask_url": f"{request.scope.get('root_path', '')}/v1/results/{request_id}/mask.nii.gz",
-            "batch_size": segmentation.batch_size,
-            "uploaded_bytes": uploaded_bytes,
-            "timings_ms": _ms(upload=spooled - start, **segmentation.timings_s, total=time.perf_counter() - start),
-        }
-        visit.timings_ms = {**summary["timings_ms"], **_ms(queue=visit.slot_wait_s)}
-        metrics.observe_segment(request, name, summary["timings_ms"])
-        return summary
+            mask_url=f"{request.scope.get('root_path', '')}/v1/results/{visit.request_id}/mask.nii.gz",
+            batch_size=segmentation.batch_size,
+            uploaded_bytes=uploaded_bytes,
+            timings_ms=timings,
+        )
 
-    @api.get("/v1/results/{result_id}")
-    async def result_summary(self, result_id: str, request: Request) -> dict:
+    @api.get("/v1/results/{result_id}", response_model=ResultSummary, responses=ERROR_RESPONSES)
+    async def result_summary(self, result_id: str, request: Request) -> ResultSummary:
         async with self.gatekeeper.visit(request, "result", result_id=result_id) as visit:
-            return {"result_id": result_id, **self.results.summary(result_id, visit.tenant_id)}
+            return ResultSummary(result_id=result_id, **self.results.summary(result_id, visit.tenant_id))
 
-    @api.get("/v1/results/{result_id}/mask.nii.gz")
+    @api.get(
+        "/v1/results/{result_id}/mask.nii.gz",
+        response_class=FileResponse,
+        responses={200: {"content": {"application/gzip": {}}, "description": "The mask, gzipped NIfTI."}, **ERROR_RESPONSES},
+    )
     async def result_mask(self, result_id: str, request: Request) -> FileResponse:
         async with self.gatekeeper.visit(request, "mask", result_id=result_id) as visit:
             # The first download builds and gzips the whole mask: seconds of CPU, off the event loop.
             path = await asyncio.to_thread(self.results.mask_path, result_id, visit.tenant_id)
         return FileResponse(path, media_type="application/gzip", filename="mask.nii.gz")
-
-    async def _spool(self, request: Request, folder: Path, limit: int) -> int:
-        """Stream the body to files in ``folder`` without holding it in memory; return its size."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the upload is {declared} bytes, over this server's limit of {limit}")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            total = 0
-            async with request.form(max_files=self.config.limits.max_files_per_upload) as form:
-                parts = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-                if not parts:
-                    raise InvalidStudy("the multipart upload has no file parts")
-                for n, part in enumerate(parts):
-                    with open(folder / f"{n:06d}", "wb") as out:
-                        while chunk := await part.read(_CHUNK):
-                            total += len(chunk)
-                            if total > limit:
-                                raise PayloadTooLarge(f"the upload is over this server's limit of {limit} bytes")
-                            out.write(chunk)
-            return total
-        total = 0
-        with open(folder / "000000", "wb") as out:
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > limit:
-                    raise PayloadTooLarge(f"the upload is over this server's limit of {limit} bytes")
-                out.write(chunk)
-        if total == 0:
-            raise InvalidStudy("the request body is empty; send a zip, DICOM files or a NIfTI image")
-        return total

@@ -1,34 +1,29 @@
-"""Postprocess (split layout): probabilities onto the original grid, labels, largest component, mL."""
+"""PostprocessDeployment (split layout): probabilities onto the study's grid, labels, largest component, mL."""
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 from ray import serve
 
+from deployments.replica import Replica
 from serve_app.config import AppConfig
 from serve_app.engines.devices import replica_device, to_device
-from serve_app.segmentation.messages import Grid, Prediction
-from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.model_repository import ModelRepository
-from serve_app.segmentation.stages import Postprocessor
+from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.results import ResultStore
+from serve_app.segmentation.messages import Grid, Postprocessed, Prediction
+from serve_app.segmentation.stages import Postprocessor
+from serve_app.studies.volume import Affine
 
 
 @serve.deployment(name="Postprocess")
-class PostprocessDeployment:
+class PostprocessDeployment(Replica):
     def __init__(self, config: AppConfig):
-        self.models = ModelRepository(config.model_repository)
+        self.repository = ModelRepository(config.model_repository)
         self.postprocessor = Postprocessor(ResultStore.of(config.storage))
         self.device = replica_device()
         self.metrics = ReplicaMetrics()
 
-    def __call__(self, prediction: Prediction, image_affine: np.ndarray, grid: Grid, model_name: str, result_id: str) -> tuple[list[dict], float]:
-        start = time.perf_counter()
+    def __call__(self, prediction: Prediction, model_affine: Affine, grid: Grid, model_name: str, result_id: str) -> Postprocessed:
+        """``prediction.logits``: (C_out, *model_spatial) on the host; moved to this replica's device."""
         logits = to_device(prediction.logits, self.device)
-        labels = self.postprocessor(logits, image_affine, grid, self.models.get(model_name), result_id)
-        return labels, time.perf_counter() - start
-
-    def ready(self) -> bool:
-        return True
+        return self.postprocessor(logits, model_affine, grid, self.repository.get(model_name), result_id)

@@ -1,11 +1,36 @@
-"""Errors that reach the client as a 4xx with a reason.
+"""Errors that reach the client as a 4xx with a reason, and the one place where other errors are translated.
 
 They are raised inside any deployment and cross DeploymentHandles intact (Ray re-raises
 them as subclasses of the original class); the ingress turns them into JSON responses.
 Messages must never carry patient data: they name what was wrong, not what was sent.
 """
 
+import asyncio
 import math
+
+from ray.exceptions import RayTaskError
+from starlette.requests import ClientDisconnect
+
+__all__ = [
+    "CLIENT_CLOSED",
+    "BadRequest",
+    "Forbidden",
+    "InvalidStudy",
+    "MethodNotAllowed",
+    "ModelNotFound",
+    "PayloadTooLarge",
+    "RequestError",
+    "ResultNotFound",
+    "RouteNotFound",
+    "TooManyRequests",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "status_of",
+    "unwrap",
+]
+
+# nginx's code for a client that went away before the answer: counted and audited as such, not as a 500.
+CLIENT_CLOSED = 499
 
 
 class RequestError(Exception):
@@ -17,8 +42,22 @@ class RequestError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
 
+class BadRequest(RequestError):
+    """The request itself is malformed: a query parameter of the wrong type, a broken multipart body."""
+
+    status_code = 400
+
+
 class ModelNotFound(RequestError):
     status_code = 404
+
+
+class RouteNotFound(RequestError):
+    status_code = 404
+
+
+class MethodNotAllowed(RequestError):
+    status_code = 405
 
 
 class PayloadTooLarge(RequestError):
@@ -59,3 +98,21 @@ class TooManyRequests(RequestError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.args[1])))}
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The error a stage raised, out of the ``RayTaskError`` Ray wraps it in when it crosses a handle."""
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        return error.cause
+    return error
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status a request that raised ``error`` ends with: a ``RequestError``'s own, 499 for a
+    client that hung up (the request was cancelled), else 500."""
+    error = unwrap(error)
+    if isinstance(error, RequestError):
+        return error.status_code
+    if isinstance(error, (asyncio.CancelledError, ClientDisconnect)):
+        return CLIENT_CLOSED
+    return 500

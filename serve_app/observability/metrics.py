@@ -22,7 +22,12 @@ import functools
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+from serve_app.errors import status_of
+
+if TYPE_CHECKING:
+    from serve_app.responses import SegmentTimings
 
 # Ingress timings (``timings_ms`` keys) -> the ``stage`` label.
 STAGES = {
@@ -64,12 +69,12 @@ def record_response(route: str, method: str, code: int, tenant: str) -> None:
     _request_metrics()[0].inc(tags={"route": route, "method": method, "code": str(code), "tenant": tenant})
 
 
-def observe_segment(request, model: str, timings_ms: dict[str, float]) -> None:
+def observe_segment(request, model: str, timings_ms: SegmentTimings) -> None:
     """Called by the ingress once a segment request succeeded, with the timings it returns."""
     latency = _request_metrics()[1]
     tenant = tenant_of(request.scope)
     for key, stage in STAGES.items():
-        latency.observe(timings_ms[key] / 1000.0, tags={"stage": stage, "model": model, "tenant": tenant})
+        latency.observe(getattr(timings_ms, key) / 1000.0, tags={"stage": stage, "model": model, "tenant": tenant})
 
 
 def tenant_of(scope: dict) -> str:
@@ -81,7 +86,8 @@ class ResponseCounter:
     """ASGI middleware: counts every response, including the 4xx an exception handler answers.
 
     ``record(route, method, code, tenant)`` is called once per HTTP request, after it ended.
-    A request that raised past every handler is counted as the 500 the server answers.
+    A request that raised past every handler is counted with ``errors.status_of``: 499 for a client
+    that hung up (its request is cancelled, and nothing is answered), else the 500 the server answers.
     """
 
     def __init__(self, app, record: Callable[[str, str, int, str], None] = record_response):
@@ -93,7 +99,7 @@ class ResponseCounter:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})
-        status = 500
+        status = None
 
         async def send_and_note_status(message) -> None:
             nonlocal status
@@ -103,7 +109,11 @@ class ResponseCounter:
 
         try:
             await self.app(scope, receive, send_and_note_status)
+        except BaseException as e:
+            status = status or status_of(e)
+            raise
         finally:
+            status = status or 500
             route = getattr(scope.get("route"), "path", "unmatched")  # a template, never the raw path
             self.record(route, scope["method"], status, tenant_of(scope))
 

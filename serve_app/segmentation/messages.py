@@ -1,35 +1,93 @@
-"""What crosses a deployment boundary: CPU numpy arrays and plain fields, never CUDA tensors."""
+"""What flows between the stages of a segmentation request, in either layout.
+
+In the fused layout these carry torch tensors on the replica's device. Whatever crosses a deployment
+boundary (the split layout) is first moved to the host with ``to_host()``: a replica without a GPU that
+receives a CUDA tensor dies.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from serve_app.studies.volume import Affine
+
+__all__ = ["Grid", "LabelVolume", "Postprocessed", "Prediction", "PreparedStudy", "Segmentation", "StageTimings"]
+
+Array = Union[torch.Tensor, np.ndarray]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Grid:
-    """The original image's voxel grid, which the mask is returned on."""
+    """The study's own voxel grid, which the mask is returned on."""
 
-    shape: tuple[int, int, int]
-    affine: np.ndarray
+    shape: tuple[int, int, int]  # (I, J, K)
+    affine: Affine  # image voxel -> RAS mm
+
+
+class LabelVolume(BaseModel):
+    """One foreground label of a segmentation and how much of the study it fills."""
+
+    label: int = Field(description="The label's value in the mask.")
+    name: str = Field(description="The label's name in the model's model.yaml.")
+    volume_ml: float = Field(description="Volume of the label's voxels in millilitres (cm³), on the study's grid.")
 
 
 @dataclass
 class PreparedStudy:
-    image: np.ndarray  # (C, *spatial) float32, the model's input
-    image_affine: np.ndarray  # where the model's grid lies, to resample the mask back
+    """The preprocessor's output: the model's input and where it lies."""
+
+    image: Array  # (C_in, *model_spatial) float32
+    model_affine: Affine  # model voxel -> RAS mm: where the model's grid lies, to resample the mask back
     grid: Grid
-    study_instance_uid: Optional[str]
+    study_instance_uid: Optional[str]  # for the audit trail's salted hash only; never logged as is
     preprocess_s: float
+
+    def to_host(self) -> PreparedStudy:
+        return dataclasses.replace(self, image=_on_host(self.image))
 
 
 @dataclass
 class Prediction:
-    logits: np.ndarray  # (C_out, *spatial) float32
-    batch_size: int
-    compute_s: float
+    """One study's logits out of a model batch."""
+
+    logits: Array  # (C_out, *model_spatial) float32
+    batch_size: int  # studies in the batch that computed it
+    compute_s: float  # the batch's compute time, without the wait for the batch to fill
+
+    def to_host(self) -> Prediction:
+        return dataclasses.replace(self, logits=_on_host(self.logits))
+
+
+@dataclass
+class Postprocessed:
+    """The postprocessor's output; the mask itself went to the result store."""
+
+    labels: list[LabelVolume]  # one per foreground label
+    postprocess_s: float
+
+
+class StageTimings(BaseModel):
+    """Seconds a request spent in each stage after its upload."""
+
+    preprocess: float
+    model_queue: float  # waiting for a model batch (and, in the split layout, the transfer)
+    model: float
+    postprocess: float
+
+    @classmethod
+    def of(cls, prepared: PreparedStudy, prediction: Prediction, model_round_trip_s: float, post: Postprocessed) -> StageTimings:
+        return cls(
+            preprocess=prepared.preprocess_s,
+            model_queue=max(model_round_trip_s - prediction.compute_s, 0.0),
+            model=prediction.compute_s,
+            postprocess=post.postprocess_s,
+        )
 
 
 @dataclass
@@ -37,7 +95,11 @@ class Segmentation:
     """A finished request, whichever layout ran it."""
 
     grid: Grid
-    labels: list[dict]  # {"label", "name", "volume_ml"} per foreground label
+    labels: list[LabelVolume]
     batch_size: int
     study_instance_uid: Optional[str]
-    timings_s: dict[str, float]  # preprocess, model_queue, model, postprocess
+    timings: StageTimings
+
+
+def _on_host(array: Array) -> np.ndarray:
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array

@@ -1,92 +1,170 @@
-"""The three stages as plain objects on one device.
+"""The three stages of a segmentation request as plain objects on one device, and the order they run in.
 
-The split layout wraps each in its own deployment (CPU arrays between them); the fused layout
+The split layout wraps each stage in its own deployment (host arrays between them); the fused layout
 runs all three in one replica, where tensors stay on its GPU. Same code, same results.
 """
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Awaitable, Callable, Sequence
 
+import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from serve_app.config import LimitsConfig
-from serve_app.engines.devices import to_device
 from serve_app.engines import load_engine
+from serve_app.engines.devices import to_device
 from serve_app.errors import InvalidStudy
-from serve_app.segmentation.messages import Grid
 from serve_app.model_repository import ModelSpec
-from serve_app.studies.reader import read_study
 from serve_app.results import ResultStore
+from serve_app.segmentation.messages import (
+    Array,
+    Grid,
+    LabelVolume,
+    Postprocessed,
+    Prediction,
+    PreparedStudy,
+    Segmentation,
+    StageTimings,
+)
 from serve_app.segmentation.transforms import label_volumes_ml, mask_on_grid, to_model_input
-from serve_app.studies.volume import Volume, voxel_volume_ml
+from serve_app.stopwatch import Stopwatch
+from serve_app.studies.reader import read_study
+from serve_app.studies.volume import Affine, voxel_volume_ml
+
+__all__ = ["Postprocessor", "Predictor", "Preprocessor", "run_stages"]
 
 
 class Preprocessor:
+    """Reads an upload folder into the model's input on ``device``.
+
+    Args:
+        limits: the server's limits on what an upload may hold.
+        device: where the model's input is made (the replica's GPU, or the CPU).
+    """
+
     def __init__(self, limits: LimitsConfig, device: torch.device):
         self.limits, self.device = limits, device
 
-    def __call__(self, upload_folder: Path, spec: ModelSpec) -> tuple[MetaTensor, Volume]:
-        """The model's input on this device, and the study it came from (its grid, its UID)."""
+    def __call__(self, upload_folder: Path, spec: ModelSpec) -> PreparedStudy:
+        """The study in ``upload_folder`` as ``spec``'s model input: (C_in, *model_spatial) on this device.
+
+        Raises ``InvalidStudy`` (422) when the study's modality is not the model's.
+        """
+        watch = Stopwatch()
         volume = read_study(Path(upload_folder), self.limits)
         if volume.modality and volume.modality != spec.modality:
             raise InvalidStudy(f"the series is {volume.modality}; model {spec.name} takes {spec.modality}")
-        return to_model_input(volume, spec.preprocessing, self.device), volume
+        image = to_model_input(volume, spec.preprocessing, self.device)
+        return PreparedStudy(
+            image=image.as_tensor(),
+            model_affine=np.asarray(image.affine, dtype=np.float64),
+            grid=Grid(shape=volume.shape, affine=volume.affine),
+            study_instance_uid=volume.study_instance_uid,
+            preprocess_s=watch.total_s,
+        )
 
 
 class Predictor:
+    """Runs a model's engine on batches of model inputs, whole volumes or by sliding window.
+
+    Args:
+        spec: the model; ``spec.preprocessing.roi_size`` chooses sliding-window inference, with
+            ``spec.inference``'s window batch size and overlap.
+        device: where the engine runs.
+    """
+
     def __init__(self, spec: ModelSpec, device: torch.device):
         self.engine = load_engine(spec, device)
         roi = spec.preprocessing.roi_size
-        self.inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=4, overlap=0.25) if roi else SimpleInferer()
+        window = spec.inference
+        self.inferer = (
+            SlidingWindowInferer(roi_size=roi, sw_batch_size=window.sw_batch_size, overlap=window.overlap)
+            if roi
+            else SimpleInferer()
+        )
 
     @property
     def device(self) -> torch.device:
         return self.engine.device
 
-    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits for each (C, *spatial) image, batched; whole-volume models see one shape."""
+    def __call__(self, images: Sequence[Array]) -> list[torch.Tensor]:
+        """Logits (C_out, *model_spatial) on this device for each (C_in, *model_spatial) image.
+
+        Images of one shape are stacked into one batch; whole-volume models see one shape.
+        """
         logits: list[torch.Tensor] = [None] * len(images)
         by_shape = defaultdict(list)
         for i, image in enumerate(images):
             by_shape[tuple(image.shape)].append(i)
         with torch.inference_mode():
             for indices in by_shape.values():
-                batch = torch.stack([_as_tensor(images[i], self.device) for i in indices])
+                batch = torch.stack([_on_device(images[i], self.device) for i in indices])
                 for i, row in zip(indices, self.inferer(batch, self.engine)):
                     logits[i] = row
         return logits
 
-
-def _as_tensor(image, device: torch.device) -> torch.Tensor:
-    return image.to(device) if isinstance(image, torch.Tensor) else to_device(image, device)
+    def predict(self, images: Sequence[Array]) -> list[Prediction]:
+        """``__call__``, timed: each ``Prediction`` carries the batch's size and compute seconds."""
+        watch = Stopwatch()
+        logits = self(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so that compute time is compute, not kernel launches
+        compute_s = watch.total_s
+        return [Prediction(logits=x, batch_size=len(images), compute_s=compute_s) for x in logits]
 
 
 class Postprocessor:
+    """Turns logits on the model's grid into a mask on the study's grid, stores it, and measures it.
+
+    Args:
+        results: where the mask is stored, under the request's result id.
+    """
+
     def __init__(self, results: ResultStore):
         self.results = results
 
-    def __call__(self, logits: torch.Tensor, model_affine, grid: Grid, spec: ModelSpec, result_id: str) -> list[dict]:
-        """Writes the mask on the study's grid; returns each foreground label's volume."""
+    def __call__(self, logits: Array, model_affine: Affine, grid: Grid, spec: ModelSpec, result_id: str) -> Postprocessed:
+        """Args:
+            logits: (C_out, *model_spatial) on the model's grid, on any device.
+            model_affine: model voxel -> RAS mm.
+            grid: the study's grid (image voxel -> RAS mm), which the mask is made on.
+            spec: the model, for its labels.
+            result_id: the result's id in the store.
+        """
+        watch = Stopwatch()
+        if not isinstance(logits, torch.Tensor):
+            logits = to_device(logits, torch.device("cpu"))
         mask = mask_on_grid(logits, model_affine, grid.affine, grid.shape, spec.foreground_labels)
         volumes = label_volumes_ml(mask.labels, spec.foreground_labels, voxel_volume_ml(grid.affine))
-        labels = [{"label": k, "name": spec.labels[k], "volume_ml": ml} for k, ml in volumes.items()]
-        self.results.save(result_id, mask.labels.cpu().numpy(), mask.start, grid.shape, grid.affine, {"labels": labels})
-        return labels
+        labels = [LabelVolume(label=k, name=spec.labels[k], volume_ml=ml) for k, ml in volumes.items()]
+        summary = {"labels": [label.model_dump() for label in labels]}
+        self.results.save(result_id, mask.labels.cpu().numpy(), mask.start, grid.shape, grid.affine, summary)
+        return Postprocessed(labels=labels, postprocess_s=watch.total_s)
 
 
-class Stopwatch:
-    """Seconds since the last lap, by name."""
+async def run_stages(
+    preprocess: Callable[[], Awaitable[PreparedStudy]],
+    predict: Callable[[Array], Awaitable[Prediction]],
+    postprocess: Callable[[Prediction, PreparedStudy], Awaitable[Postprocessed]],
+) -> Segmentation:
+    """One request through the three stages, however a layout reaches them (methods, or handles)."""
+    prepared = await preprocess()
+    watch = Stopwatch()
+    prediction = await predict(prepared.image)
+    model_round_trip_s = watch.lap()
+    post = await postprocess(prediction, prepared)
+    return Segmentation(
+        grid=prepared.grid,
+        labels=post.labels,
+        batch_size=prediction.batch_size,
+        study_instance_uid=prepared.study_instance_uid,
+        timings=StageTimings.of(prepared, prediction, model_round_trip_s, post),
+    )
 
-    def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
 
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
-        self._last = now
+def _on_device(image: Array, device: torch.device) -> torch.Tensor:
+    return image.to(device) if isinstance(image, torch.Tensor) else to_device(image, device)

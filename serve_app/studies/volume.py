@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeAlias
 
 import numpy as np
+
+__all__ = ["Affine", "Volume", "box_slices", "shifted_affine", "spacing_of", "voxel_volume_ml"]
+
+Affine: TypeAlias = np.ndarray
+"""A (4, 4) float64 matrix from voxel indices to RAS millimetres (NIfTI's and MONAI's convention).
+
+Which voxel grid it maps is said where it is used: ``grid_affine`` (the study's own image grid) or
+``model_affine`` (the grid of the model's input, after preprocessing)."""
 
 
 @dataclass
@@ -16,8 +24,8 @@ class Volume:
     ``k`` through the slices in patient order.
     """
 
-    array: np.ndarray
-    affine: np.ndarray
+    array: np.ndarray  # (I, J, K) voxels in modality units (HU for CT), as stored where torch has the type
+    affine: Affine  # image voxel -> RAS mm
     modality: Optional[str] = None
     # Kept for the audit trail's salted hash; never logged or returned as is.
     study_instance_uid: Optional[str] = None
@@ -35,15 +43,15 @@ class Volume:
         return voxel_volume_ml(self.affine)
 
 
-def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+def spacing_of(affine: Affine) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
-def voxel_volume_ml(affine: np.ndarray) -> float:
+def voxel_volume_ml(affine: Affine) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
 
 
-def shifted_affine(affine, start: Sequence[int]) -> np.ndarray:
+def shifted_affine(affine: Affine, start: Sequence[int]) -> Affine:
     """The affine of a box of the grid that begins at voxel ``start``."""
     shift = np.eye(4)
     shift[:3, 3] = start

@@ -18,20 +18,21 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from ray import serve
-from ray.exceptions import RayTaskError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from serve_app.config import AppConfig
-from serve_app.errors import Forbidden, RequestError, TooManyRequests, Unauthorized
+from serve_app.errors import CLIENT_CLOSED, Forbidden, TooManyRequests, Unauthorized, status_of, unwrap
 from serve_app.model_repository import ModelRepository
 from serve_app.tenancy.audit import AuditLog
+from serve_app.tenancy.config import TenantConfig
 from serve_app.tenancy.keys import hash_api_key
+
+__all__ = ["ANONYMOUS", "Gatekeeper", "Visit"]
 
 logger = logging.getLogger("ray.serve")
 ANONYMOUS = "anonymous"
-CLIENT_CLOSED = 499  # nginx's code for a client that went away: the audit line still says how it ended
 _RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -61,6 +62,19 @@ class Visit:
 
 
 class Gatekeeper:
+    """The ingress's door: every API request passes through ``visit``.
+
+    In order, each step a method of its own: ``_authenticate`` (API key -> tenant), ``_authorise``
+    (model and STAT rights), ``_upload_limit`` (the tenant's or the server's), ``_admit`` (the tenant's
+    rate and concurrency quotas, counted by the one ``TenantGateDeployment`` replica). Leaving, it gives
+    back what the request held at the gate and writes the request's audit line, however it ended.
+
+    Args:
+        config: the application's config: ``tenants``, ``limits``, ``scheduling``, ``audit``.
+        repository: the models, to check that a named model exists and learn its version.
+        gate: the ``TenantGateDeployment`` handle; None on an open server (no tenants, nothing counted).
+    """
+
     def __init__(self, config: AppConfig, repository: ModelRepository, gate: Optional[DeploymentHandle]):
         self.tenants = config.tenants
         self.tenant_by_key = {h: tid for tid, tenant in config.tenants.items() for h in tenant.api_key_hashes}
@@ -83,11 +97,14 @@ class Gatekeeper:
         visit = Visit(request_id=result_id or uuid.uuid4().hex, route=route, stat=stat, gate=self.gate)
         status, error = 200, None
         try:
-            await self._enter(visit, request, model, admit)
+            tenant = self._authenticate(visit, request)
+            self._authorise(visit, tenant, model)
+            visit.max_upload_bytes = self._upload_limit(tenant)
+            if admit and self.gate is not None:
+                await self._admit(visit)
             yield visit
         except BaseException as e:
-            cause = e.cause if isinstance(e, RayTaskError) else e  # a stage's error, as Ray hands it back
-            status, error = _status_of(cause), type(cause).__name__
+            status, error = status_of(e), type(unwrap(e)).__name__
             raise
         finally:
             try:
@@ -111,40 +128,46 @@ class Gatekeeper:
                 except Exception as e:  # the gate restarting: its counts start afresh anyway
                     logger.warning("could not renew the gate's leases: %s", type(e).__name__)
 
-    async def _enter(self, visit: Visit, request: Request, model: Optional[str], admit: bool) -> None:
+    def _authenticate(self, visit: Visit, request: Request) -> Optional[TenantConfig]:
+        """The tenant whose API key the request carries (None on an open server); 401 without a valid one."""
         tenant = None
         if self.tenants:
-            visit.tenant_id = self._authenticate(request)
-            tenant = self.tenants[visit.tenant_id]
+            key = request.headers.get("x-api-key") or _bearer_token(request.headers.get("authorization", ""))
+            if not key:
+                raise Unauthorized("an API key is required (Authorization: Bearer <key>, or X-API-Key)")
+            tenant_id = self.tenant_by_key.get(hash_api_key(key))
+            if tenant_id is None:
+                raise Unauthorized("the API key is not valid")
+            visit.tenant_id, tenant = tenant_id, self.tenants[tenant_id]
         request.state.tenant_id = visit.tenant_id  # the metrics label requests by it
+        return tenant
+
+    def _authorise(self, visit: Visit, tenant: Optional[TenantConfig], model: Optional[str]) -> None:
+        """404 for an unknown model; 403 for a model or a STAT request the tenant may not send."""
         if model is not None:
-            visit.model_version = self.repository.get(model).version  # 404 for an unknown model
+            visit.model_version = self.repository.get(model).version
             visit.model = model
             if tenant and not tenant.may_use(model):
                 raise Forbidden(f"tenant {visit.tenant_id} may not use model {model}")
         if visit.stat and tenant and not tenant.stat:
             raise Forbidden(f"tenant {visit.tenant_id} may not send STAT requests")
-        tenant_limit = tenant.max_upload_bytes if tenant else None
-        visit.max_upload_bytes = min(self.server_upload_limit, tenant_limit or self.server_upload_limit)
-        if admit and self.gate is not None:
-            if self._renewing is None:
-                self._renewing = _detached(self._renew_held)
-            visit.admitted = True  # set before the call: if it is cancelled, the gate may still have counted it in
-            self.held.add(visit.request_id)
-            refusal = await self.gate.admit.remote(visit.tenant_id, visit.request_id)
-            if refusal is not None:
-                visit.admitted = False
-                self.held.discard(visit.request_id)
-                raise TooManyRequests(f"tenant {visit.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s)
 
-    def _authenticate(self, request: Request) -> str:
-        key = request.headers.get("x-api-key") or _bearer_token(request.headers.get("authorization", ""))
-        if not key:
-            raise Unauthorized("an API key is required (Authorization: Bearer <key>, or X-API-Key)")
-        tenant_id = self.tenant_by_key.get(hash_api_key(key))
-        if tenant_id is None:
-            raise Unauthorized("the API key is not valid")
-        return tenant_id
+    def _upload_limit(self, tenant: Optional[TenantConfig]) -> int:
+        """The tenant's upload limit, never above the server's."""
+        tenant_limit = tenant.max_upload_bytes if tenant else None
+        return min(self.server_upload_limit, tenant_limit or self.server_upload_limit)
+
+    async def _admit(self, visit: Visit) -> None:
+        """Count the request in at the gate, against its tenant's rate and concurrency; 429 if over."""
+        if self._renewing is None:
+            self._renewing = _detached(self._renew_held)
+        visit.admitted = True  # set before the call: if it is cancelled, the gate may still have counted it in
+        self.held.add(visit.request_id)
+        refusal = await self.gate.admit.remote(visit.tenant_id, visit.request_id)
+        if refusal is not None:
+            visit.admitted = False
+            self.held.discard(visit.request_id)
+            raise TooManyRequests(f"tenant {visit.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s)
 
     def _record(self, visit: Visit, status: int, error: Optional[str], total_s: float) -> dict:
         outcome = "ok" if status < 400 else "cancelled" if status == CLIENT_CLOSED else "rejected" if status < 500 else "failed"
@@ -177,14 +200,6 @@ def _detached(call, *args) -> asyncio.Task:
 def _bearer_token(authorization: str) -> Optional[str]:
     scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
-
-
-def _status_of(error: BaseException) -> int:
-    if isinstance(error, RequestError):
-        return error.status_code
-    if isinstance(error, (asyncio.CancelledError, ClientDisconnect)):
-        return CLIENT_CLOSED
-    return 500
 
 
 def _replica_name() -> str:

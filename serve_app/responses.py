@@ -1,0 +1,127 @@
+"""The JSON answers of the HTTP API, as pydantic models: the ingress's routes declare them as their
+``response_model``, so ``/docs`` and ``/openapi.json`` document every field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from serve_app.model_repository import ModelSpec
+from serve_app.segmentation.messages import LabelVolume, StageTimings
+
+__all__ = [
+    "ERROR_RESPONSES",
+    "ErrorDetail",
+    "ErrorResponse",
+    "Health",
+    "ModelList",
+    "ModelRef",
+    "ModelSummary",
+    "Readiness",
+    "ResultSummary",
+    "SegmentResponse",
+    "SegmentTimings",
+]
+
+
+class ErrorDetail(BaseModel):
+    status: int = Field(description="The HTTP status code, repeated.")
+    reason: str = Field(description="What was wrong, in words; never what was sent (no file names or patient data).")
+
+
+class ErrorResponse(BaseModel):
+    """Every error medserve answers, whatever raised it."""
+
+    error: ErrorDetail
+
+
+# For a route's ``responses=``: the error statuses a client should expect, all in one format.
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Malformed request: a query parameter of the wrong type, a broken multipart body.",
+        401: "No API key, or a key that is not valid (with tenants configured).",
+        403: "The tenant may not use this model, or may not send STAT requests.",
+        404: "Unknown model, route or result (another tenant's result is not found either).",
+        413: "Upload, unpacked upload, file count or volume over the server's or the tenant's limits.",
+        415: "A file that is not a zip, a DICOM Part-10 file or NIfTI; a corrupt zip.",
+        422: "Readable, but not one usable image series (see the README's error table).",
+        429: "Over the tenant's rate or concurrency quota; retry after Retry-After seconds.",
+    }.items()
+}
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = Field(description="Always ok: the ingress answers.")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"] = Field(description="ready when every deployment answers.")
+    models: list[str] = Field(default=[], description="The models served, when ready.")
+
+
+class ModelSummary(BaseModel):
+    name: str = Field(description="The model's name, as used in /v1/models/{name}/segment.")
+    version: str = Field(description="The model's version, from its model.yaml.")
+    task: str = Field(description="What the model does: segmentation.")
+    modality: str = Field(description="The DICOM modality the model takes (CT, MR); another gets a 422.")
+    description: str = Field(description="Free text from the model.yaml.")
+    labels: dict[str, str] = Field(description="Label value (as a string) -> name; 0 is background.")
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelSummary:
+        return cls(
+            name=spec.name,
+            version=spec.version,
+            task=spec.task,
+            modality=spec.modality,
+            description=spec.description,
+            labels={str(k): v for k, v in sorted(spec.labels.items())},
+        )
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary] = Field(description="Every model this server runs.")
+
+
+class ModelRef(BaseModel):
+    name: str = Field(description="The model's name.")
+    version: str = Field(description="The model's version.")
+
+
+class SegmentTimings(BaseModel):
+    """Milliseconds the request spent in each stage, as the ingress saw it."""
+
+    upload: float = Field(description="Spooling the upload to storage.")
+    preprocess: float = Field(description="Reading the study and the model's preprocessing.")
+    model_queue: float = Field(description="Waiting for a model batch to fill, and transfers.")
+    model: float = Field(description="The model batch's compute.")
+    postprocess: float = Field(description="Mask onto the study's grid, components, volumes, storing the result.")
+    total: float = Field(description="The whole request, from its first byte to the answer.")
+
+    @classmethod
+    def of(cls, upload_s: float, stages: StageTimings, total_s: float) -> SegmentTimings:
+        seconds = {"upload": upload_s, **stages.model_dump(), "total": total_s}
+        return cls(**{stage: round(s * 1000, 1) for stage, s in seconds.items()})
+
+
+class SegmentResponse(BaseModel):
+    """A finished segmentation: labels and volumes now, the mask at ``mask_url``."""
+
+    result_id: str = Field(description="The result's id: 32 hex digits; also the audit line's request_id.")
+    model: ModelRef = Field(description="The model that made it.")
+    labels: list[LabelVolume] = Field(description="Each foreground label and its volume.")
+    shape: list[int] = Field(description="The mask's shape: the study's voxel grid (I, J, K).")
+    spacing: list[float] = Field(description="Voxel spacing along I, J, K in mm.")
+    orientation: str = Field(description="Axis codes of I, J, K (nibabel's aff2axcodes), e.g. LPS for axial DICOM.")
+    affine: list[list[float]] = Field(description="4x4: the study's voxel index -> RAS mm, as NIfTI's.")
+    mask_url: str = Field(description="Where to GET the mask (gzipped NIfTI, uint8 labels, on the study's grid).")
+    batch_size: int = Field(description="Studies in the model batch that computed this one.")
+    uploaded_bytes: int = Field(description="Bytes received.")
+    timings_ms: SegmentTimings = Field(description="Milliseconds per stage.")
+
+
+class ResultSummary(BaseModel):
+    result_id: str = Field(description="The result's id.")
+    labels: list[LabelVolume] = Field(description="Each foreground label and its volume.")
