@@ -9,7 +9,10 @@ import numpy as np
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy, PayloadTooLarge
+from serve_app.studies.checks import check_affine, check_finite_voxels
 from serve_app.studies.volume import Volume
+
+__all__ = ["read_nifti"]
 
 # Kept as stored when torch has the type (unsigned 16/32-bit it has only in part); float64,
 # which scaling gives, is halved to float32 here.
@@ -17,15 +20,24 @@ _TORCH_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "int16", "int32", "int64
 
 
 def read_nifti(path: Path, limits: LimitsConfig) -> Volume:
+    """A NIfTI image as a ``Volume``: its (I, J, K) voxels as stored (or scaled), its affine (voxel -> RAS mm).
+
+    Raises ``InvalidStudy`` (422) for a corrupt file, a shape other than 3D, a degenerate affine or
+    non-finite voxels, and ``PayloadTooLarge`` (413) over ``limits.max_volume_voxels``, judged from the header.
+    """
     try:
         image = nib.load(path)
         shape = image.shape
+        affine = np.asarray(image.affine, dtype=np.float64)
     except Exception:  # nibabel raises several types for a bad header or bad gzip
         raise InvalidStudy("the NIfTI image is corrupt or not NIfTI-1/2") from None
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
         raise InvalidStudy(f"the NIfTI image has shape {tuple(shape)}; a 3D volume is needed")
+    if min(shape) < 1:
+        raise InvalidStudy(f"the NIfTI image has shape {tuple(shape)}; every dimension needs at least one voxel")
+    check_affine(affine, "the NIfTI image's affine")
     if int(np.prod(shape)) > limits.max_volume_voxels:
         raise PayloadTooLarge(f"the image has {np.prod(shape)} voxels, over this server's limit of {limits.max_volume_voxels}")
     try:
@@ -37,4 +49,5 @@ def read_nifti(path: Path, limits: LimitsConfig) -> Volume:
         raise InvalidStudy(f"the NIfTI image's voxels are of type {array.dtype}; numbers are needed")
     if array.dtype not in _TORCH_DTYPES:
         array = array.astype(np.float32)
-    return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
+    check_finite_voxels(array, "the NIfTI image")
+    return Volume(array=array, affine=affine)

@@ -1,23 +1,117 @@
-"""Sort an upload folder into DICOM and NIfTI files, unpacking zip archives safely.
+"""An upload, from the request's body to sorted DICOM and NIfTI files on disk.
+
+``spool_request`` (in the ingress) streams the body to files in the request's upload folder;
+``sort_upload`` (in preprocessing) unpacks zip archives safely and sorts the files. One
+``UploadBudget`` bounds the whole upload across both: bytes written and files, over every
+part and every archive of the request.
 
 Files are told apart by their bytes, not their names: hospital exports name files anything.
 """
 
 from __future__ import annotations
 
-import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import AsyncIterator
+
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
 from serve_app.config import LimitsConfig
-from serve_app.errors import InvalidStudy, PayloadTooLarge, UnsupportedMediaType
+from serve_app.errors import BadRequest, InvalidStudy, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = ["UploadBudget", "UploadContents", "sniff", "sort_upload", "spool_request"]
+
+_CHUNK = 1 << 20
 
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI1_MAGIC = b"n+1\x00"  # at byte 344
 _NIFTI2_MAGIC = b"n+2\x00"  # at byte 4
 _DICOM_MAGIC = b"DICM"
+
+
+class UploadBudget:
+    """What one request may write to its upload folder: ``max_bytes`` in ``max_files`` files at most,
+    over all its parts and everything unpacked from its archives.
+
+    ``spend_bytes`` / ``spend_files`` raise ``PayloadTooLarge`` (413) the moment the budget is exceeded,
+    before the bytes that exceed it are written.
+    """
+
+    def __init__(self, *, max_bytes: int, max_files: int):
+        self.max_bytes, self.max_files = max_bytes, max_files
+        self.bytes = self.files = 0
+
+    @classmethod
+    def of(cls, limits: LimitsConfig) -> UploadBudget:
+        return cls(max_bytes=limits.max_upload_bytes, max_files=limits.max_files_per_upload)
+
+    def spend_bytes(self, n: int) -> None:
+        self.bytes += n
+        if self.bytes > self.max_bytes:
+            raise PayloadTooLarge(f"the upload is over this server's limit of {self.max_bytes} bytes, unpacked archives included")
+
+    def spend_files(self, n: int) -> None:
+        self.files += n
+        if self.files > self.max_files:
+            raise PayloadTooLarge(f"the upload holds more than {self.max_files} files, unpacked archives included")
+
+
+async def spool_request(request: Request, folder: Path, budget: UploadBudget) -> int:
+    """Stream the request's body to files in ``folder`` (one per multipart file part, else one) without
+    holding it in memory; return the bytes written.
+
+    Raises ``PayloadTooLarge`` over the budget (a declared ``Content-Length`` over it before reading
+    anything), ``InvalidStudy`` for an empty body or a multipart body with no file part, ``BadRequest``
+    for a malformed multipart body.
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > budget.max_bytes:
+        raise PayloadTooLarge(f"the upload is {declared} bytes, over this server's limit of {budget.max_bytes}")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        budget.spend_files(1)
+        await _write(request.stream(), folder / "000000", budget)
+        if budget.bytes == 0:
+            raise InvalidStudy("the request body is empty; send a zip, DICOM files or a NIfTI image")
+        return budget.bytes
+    form = await _multipart_form(request, budget.max_files)
+    try:
+        parts = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not parts:
+            raise InvalidStudy("the multipart upload has no file parts")
+        budget.spend_files(len(parts))
+        for n, part in enumerate(parts):
+            await _write(_chunks_of(part), folder / f"{n:06d}", budget)
+    finally:
+        await form.close()
+    return budget.bytes
+
+
+async def _multipart_form(request: Request, max_files: int) -> FormData:
+    """``request.form``, with Starlette's multipart errors translated into ours (inside an app Starlette
+    raises them as its own 400 ``HTTPException``, elsewhere as ``MultiPartException``)."""
+    try:
+        return await request.form(max_files=max_files)
+    except (HTTPException, MultiPartException) as e:
+        if "Too many files" in str(getattr(e, "detail", None) or getattr(e, "message", "")):
+            raise PayloadTooLarge(f"the multipart upload has more than {max_files} file parts") from None
+        raise BadRequest("the multipart body is malformed or has too many fields") from None
+
+
+async def _chunks_of(part: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await part.read(_CHUNK):
+        yield chunk
+
+
+async def _write(chunks: AsyncIterator[bytes], path: Path, budget: UploadBudget) -> None:
+    with open(path, "wb") as out:
+        async for chunk in chunks:
+            budget.spend_bytes(len(chunk))
+            out.write(chunk)
 
 
 @dataclass
@@ -45,23 +139,27 @@ def sort_upload(folder: Path, limits: LimitsConfig) -> UploadContents:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     if not files:
         raise InvalidStudy("the upload is empty")
+    # The spooled parts are already on disk: what archives unpack is spent from what they left.
+    budget = UploadBudget.of(limits)
+    budget.spend_files(len(files))
+    budget.spend_bytes(sum(p.stat().st_size for p in files))
     contents = UploadContents()
     for path in files:
         kind = sniff(path)
         if kind == "zip":
-            _add_zip(path, folder / f"{path.name}.unzipped", limits, contents)
+            _add_zip(path, folder / f"{path.name}.unzipped", budget, contents)
         elif kind == "unknown":
             raise UnsupportedMediaType(
                 "an uploaded file is not a zip archive, a DICOM file (Part 10, with the DICM preamble) or a NIfTI image"
             )
         else:
             _add_file(path, kind, contents)
+    if not contents.dicom and not contents.nifti:
+        raise InvalidStudy("the upload's archives hold no DICOM or NIfTI files")
     if contents.dicom and contents.nifti:
         raise InvalidStudy("send either one DICOM series or one NIfTI image, not both")
     if len(contents.nifti) > 1:
         raise InvalidStudy(f"the upload holds {len(contents.nifti)} NIfTI images; send one per request")
-    if len(contents.dicom) > limits.max_files_per_upload:
-        raise PayloadTooLarge(f"the upload holds more than {limits.max_files_per_upload} files")
     return contents
 
 
@@ -73,37 +171,37 @@ def _add_file(path: Path, kind: str, contents: UploadContents) -> None:
         contents.nifti.append(path.rename(path.with_name(f"{path.name}.{kind}")))
 
 
-def _add_zip(archive: Path, into: Path, limits: LimitsConfig, contents: UploadContents) -> None:
+def _add_zip(archive: Path, into: Path, budget: UploadBudget, contents: UploadContents) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             entries = [e for e in zf.infolist() if not e.is_dir()]
-            _check_entries(entries, limits)
+            _check_entries(entries, budget)
             into.mkdir()
             for n, entry in enumerate(entries):
                 # Entries are written under a plain counter: their names are untrusted and may carry
                 # patient names, so they are neither used as paths nor ever repeated in messages.
                 target = into / f"{n:06d}"
                 with zf.open(entry) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                    # The sizes in the directory can lie: the bytes really unpacked are what is counted.
+                    while chunk := src.read(_CHUNK):
+                        budget.spend_bytes(len(chunk))
+                        dst.write(chunk)
                 _add_file(target, sniff(target), contents)
     except zipfile.BadZipFile:
         raise UnsupportedMediaType("the zip archive is corrupt or truncated") from None
     except RuntimeError as e:  # zipfile's error for encrypted entries
         raise InvalidStudy("the zip archive has encrypted entries; send it unencrypted") from e
-    if not contents.dicom and not contents.nifti:
-        raise InvalidStudy("the zip archive holds no DICOM or NIfTI files")
 
 
-def _check_entries(entries: list[zipfile.ZipInfo], limits: LimitsConfig) -> None:
+def _check_entries(entries: list[zipfile.ZipInfo], budget: UploadBudget) -> None:
+    """Refuse before unpacking anything what the archive's directory already shows to be too much."""
     if not entries:
         raise InvalidStudy("the zip archive is empty")
-    if len(entries) > limits.max_files_per_upload:
-        raise PayloadTooLarge(f"the zip archive holds more than {limits.max_files_per_upload} files")
     for entry in entries:
         name = PurePosixPath(entry.filename.replace("\\", "/"))
         if name.is_absolute() or ".." in name.parts or ":" in entry.filename:
             raise InvalidStudy("a zip entry's path leaves the archive (absolute, a drive, or '..'); refused")
-    # The sizes in the directory can lie; copyfileobj stops at the real end, and the total below
-    # bounds what a zip bomb that tells the truth can cost.
-    if sum(e.file_size for e in entries) > limits.max_upload_bytes:
-        raise PayloadTooLarge(f"the zip archive unpacks to more than {limits.max_upload_bytes} bytes")
+    budget.spend_files(len(entries))
+    declared = sum(e.file_size for e in entries)
+    if budget.bytes + declared > budget.max_bytes:
+        raise PayloadTooLarge(f"the upload unpacks to more than this server's limit of {budget.max_bytes} bytes")

@@ -1,0 +1,123 @@
+"""Property-based tests of the upload layer: whatever the shape of an upload (parts x archives x sizes x
+names), spooling and unpacking end in sorted files or a ``RequestError``, and never write more than one
+request's budget of bytes or files.
+
+Examples per test: ``MEDSERVE_FUZZ_PROFILE=ci`` (the default, deterministic) or ``fuzz`` (``make fuzz``).
+"""
+
+import asyncio
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.requests import Request
+
+from serve_app.config import LimitsConfig
+from serve_app.errors import RequestError
+from serve_app.studies.upload import UploadBudget, sort_upload, spool_request
+
+# Generated names repeat: a zip with two entries of one name is a case worth sending, not a warning.
+pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
+
+settings.register_profile(
+    "ci", max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.register_profile(
+    "fuzz", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.load_profile(os.environ.get("MEDSERVE_FUZZ_PROFILE", "ci"))
+
+MAX_BYTES = 64 * 1024
+MAX_FILES = 12
+LIMITS = LimitsConfig(max_upload_bytes=MAX_BYTES, max_files_per_upload=MAX_FILES)
+
+entry_names = st.one_of(
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30),
+    st.sampled_from(["../evil.dcm", "/etc/passwd", "C:\\x.dcm", "a/../../b", "dir/", "DOE^JOHN.dcm", "ok.dcm"]),
+)
+entry_sizes = st.one_of(st.integers(0, 2048), st.integers(MAX_BYTES // 4, MAX_BYTES * 2))
+
+
+@st.composite
+def archives(draw) -> bytes:
+    """A zip archive: generated names, sizes and contents (zeros, which compress to almost nothing)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, size in draw(st.lists(st.tuples(entry_names, entry_sizes), max_size=16)):
+            zf.writestr(zipfile.ZipInfo(name), bytes(size))
+    data = buffer.getvalue()
+    return data[: draw(st.integers(1, len(data)))] if draw(st.booleans()) and len(data) > 22 else data  # maybe cut
+
+
+parts = st.lists(st.one_of(archives(), st.binary(max_size=4096), entry_sizes.map(bytes)), min_size=1, max_size=16)
+
+
+def _disk_usage(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def _sort(folder: Path) -> None:
+    try:
+        sort_upload(folder, LIMITS)
+    except RequestError:
+        pass
+
+
+@given(parts=parts)
+def test_unpacking_never_exceeds_the_request_budget(tmp_path_factory, parts):
+    folder = tmp_path_factory.mktemp("upload")
+    for n, data in enumerate(parts):
+        (folder / f"{n:06d}").write_bytes(data)
+    spooled_bytes, _ = _disk_usage(folder)
+    _sort(folder)
+    written, files = _disk_usage(folder)
+    # What archives unpacked fits in what the spooled parts left of the budget (unless they alone broke it).
+    assert written - spooled_bytes <= max(MAX_BYTES - spooled_bytes, 0)
+    assert files <= max(MAX_FILES, len(parts))
+
+
+def _multipart(parts: list[bytes], boundary: str = "fuzzboundary") -> bytes:
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{n}.bin"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for n, data in enumerate(parts)
+    )
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def _request(body: bytes, content_type: str) -> Request:
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)] or [b""]
+
+    async def receive():
+        chunk = chunks.pop(0) if chunks else b""
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-type", content_type.encode())]}
+    return Request(scope, receive)
+
+
+@given(parts=parts, multipart=st.booleans())
+def test_spooling_then_unpacking_never_exceeds_the_request_budget(tmp_path_factory, parts, multipart):
+    folder = tmp_path_factory.mktemp("spool")
+    request = (
+        _request(_multipart(parts), "multipart/form-data; boundary=fuzzboundary")
+        if multipart
+        else _request(parts[0], "application/zip")
+    )
+    budget = UploadBudget.of(LIMITS)
+    try:
+        asyncio.run(spool_request(request, folder, budget))
+    except RequestError:
+        pass
+    spooled, spooled_files = _disk_usage(folder)
+    assert spooled <= MAX_BYTES and spooled_files <= MAX_FILES
+    _sort(folder)
+    written, files = _disk_usage(folder)
+    assert written <= MAX_BYTES and files <= MAX_FILES
