@@ -1,0 +1,123 @@
+"""``medserve up`` and ``medserve down``: start (or join) a Ray cluster and deploy medserve; take it down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from serve_app.cli.errors import CommandError
+from serve_app.config import load_config
+
+__all__ = ["add_commands", "wait_until_ready"]
+
+# Ray's own CLI, installed beside this interpreter: found even where the venv is not activated.
+_RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def add_commands(commands) -> None:
+    up = commands.add_parser("up", help="start (or join) a Ray cluster and deploy medserve")
+    up.add_argument("--config", type=Path, help="application YAML (default: the packaged one)")
+    up.add_argument("--address", help="Ray cluster to join (default: the local one, started if absent)")
+    up.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start Prometheus, the GPU exporter and Grafana (where installed) on loopback",
+    )
+    up.set_defaults(run=_up)
+
+    down = commands.add_parser("down", help="remove medserve and stop the local Ray cluster")
+    down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
+    down.set_defaults(run=_down)
+
+
+def _up(args) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    config = load_config(args.config)
+    if args.address:
+        ray.init(address=args.address, logging_level="ERROR")
+    else:
+        try:
+            ray.init(address="auto", logging_level="ERROR")
+        except ConnectionError:
+            _start_local_ray(dashboard=args.monitoring)
+            ray.init(address="auto", logging_level="ERROR")
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
+    url = f"http://{config.http.host}:{config.http.port}"
+    wait_until_ready(url, timeout_s=300)
+    print(f"medserve is up at {url}  (models: {url}/v1/models)")
+    if args.monitoring:
+        _start_monitoring()
+    return 0
+
+
+def _start_monitoring() -> None:
+    from serve_app.observability import monitoring
+
+    if not monitoring.RAY_SERVICE_DISCOVERY_FILE.exists():
+        print(
+            f"medserve: {monitoring.RAY_SERVICE_DISCOVERY_FILE} is missing: Prometheus finds the Ray cluster through "
+            "it, and Ray's dashboard writes it (start Ray with its dashboard)",
+            file=sys.stderr,
+        )
+    try:
+        urls = monitoring.start()
+    except FileNotFoundError as e:
+        raise CommandError(str(e)) from None
+    for name, url in urls.items():
+        print(f"{name}: {url}")
+    if "grafana" not in urls:
+        print("grafana is not installed: dashboards/grafana/ holds its provisioning for a Grafana of your own", file=sys.stderr)
+
+
+def _start_local_ray(dashboard: bool = False) -> None:
+    # Deployments ask for fractions of a CPU; advertising at least 4 lets the whole graph fit on 2 cores.
+    cpus = max(4, os.cpu_count() or 1)
+    # Ray's dashboard writes the service-discovery file Prometheus reads: only worth its memory when monitored.
+    command = [
+        _RAY, "start", "--head", f"--num-cpus={cpus}", "--disable-usage-stats",
+        f"--include-dashboard={str(dashboard).lower()}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def wait_until_ready(url: str, timeout_s: float) -> None:
+    """Poll /readyz; CommandError when the application is not ready in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise CommandError(f"medserve did not become ready at {url} within {timeout_s:.0f} s")
+
+
+def _down(args) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.observability import monitoring
+
+    for name in monitoring.stop():
+        print(f"stopped {name}")
+    try:
+        ray.init(address="auto", logging_level="ERROR")
+        serve.shutdown()
+        ray.shutdown()
+    except ConnectionError:
+        print("medserve: no Ray cluster is running", file=sys.stderr)
+    if not args.keep_ray:
+        subprocess.run([_RAY, "stop"], check=False, stdout=subprocess.DEVNULL)
+    print("medserve is down")
+    return 0

@@ -1,0 +1,110 @@
+"""``medserve segment``: send a study (a DICOM folder, a zip, a .dcm or a NIfTI), print the answer, fetch the mask."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import httpx
+
+from serve_app.cli.errors import CommandError, reason_of
+
+__all__ = ["API_KEY_ENV", "DEFAULT_URL", "add_commands"]
+
+DEFAULT_URL = os.environ.get("MEDSERVE_URL", "http://127.0.0.1:8000")
+API_KEY_ENV = "MEDSERVE_API_KEY"
+_CHUNK = 1 << 20
+
+
+def add_commands(commands) -> None:
+    segment = commands.add_parser("segment", help="segment a study: a DICOM folder, a zip, a .dcm or a NIfTI")
+    segment.add_argument("path", type=Path)
+    segment.add_argument("--model", help="model name (default: the server's only model)")
+    segment.add_argument("--out", type=Path, help="where to write the mask (NIfTI)")
+    segment.add_argument("--truth", type=Path, help="a ground-truth mask (NIfTI) to report Dice against")
+    segment.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL}, or $MEDSERVE_URL)")
+    segment.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"the tenant's API key (default ${API_KEY_ENV})"
+    )
+    segment.add_argument("--stat", action="store_true", help="an emergency read: overtakes queued routine work")
+    segment.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server (default 600)")
+    segment.set_defaults(run=_segment)
+
+
+def _segment(args) -> int:
+    if not args.path.exists():
+        raise CommandError(f"{args.path} does not exist")
+    auth = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=args.url, timeout=args.timeout, headers=auth) as client:
+        model = args.model or _only_model(client)
+        with _upload_body(args.path) as (body, content_type):
+            headers = {"content-type": content_type, "content-length": str(os.fstat(body.fileno()).st_size)}
+            params = {"stat": "true"} if args.stat else {}
+            response = client.post(f"/v1/models/{model}/segment", content=_chunks(body), headers=headers, params=params)
+        if response.status_code != 200:
+            raise CommandError(reason_of(response))
+        result = response.json()
+        if args.out or args.truth:
+            mask = client.get(result["mask_url"])
+            if mask.status_code != 200:
+                raise CommandError(reason_of(mask))
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_bytes(mask.content)
+        print(f"mask written to {args.out}", file=sys.stderr)
+    if args.truth:
+        for label, score in _dice_per_label(mask.content, args.truth, result["labels"]).items():
+            print(f"Dice against {args.truth} for {label}: {score:.3f}", file=sys.stderr)
+    return 0
+
+
+def _dice_per_label(mask_gz: bytes, truth_path: Path, labels: list[dict]) -> dict[str, float]:
+    import nibabel as nib
+    import numpy as np
+
+    mask = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(mask_gz)).dataobj)
+    truth = np.asarray(nib.load(truth_path).dataobj)
+    if mask.shape != truth.shape:
+        raise CommandError(f"the mask has shape {mask.shape} but {truth_path} has {truth.shape}")
+    scores = {}
+    for label in labels:
+        a, b = mask == label["label"], truth == label["label"]
+        scores[label["name"]] = 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+    return scores
+
+
+def _only_model(client: httpx.Client) -> str:
+    response = client.get("/v1/models")
+    if response.status_code != 200:
+        raise CommandError(reason_of(response))
+    names = [m["name"] for m in response.json()["models"]]
+    if len(names) != 1:
+        raise CommandError(f"the server has several models ({', '.join(names)}); choose one with --model")
+    return names[0]
+
+
+def _chunks(file: BinaryIO) -> Iterator[bytes]:
+    while chunk := file.read(_CHUNK):
+        yield chunk
+
+
+@contextlib.contextmanager
+def _upload_body(path: Path) -> Iterator[tuple[BinaryIO, str]]:
+    """The upload's body and content type: the file itself, or a folder zipped to a temporary file."""
+    if not path.is_dir():
+        with open(path, "rb") as file:
+            yield file, "application/octet-stream"
+        return
+    with tempfile.NamedTemporaryFile(suffix=".zip") as archive:
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                zf.write(f, f.relative_to(path).as_posix())
+        archive.seek(0)
+        yield archive, "application/zip"

@@ -1,0 +1,93 @@
+"""The other commands: ``tenant-key``, ``sample-ct``, ``export-onnx`` and ``bench``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from serve_app.cli.errors import CommandError
+from serve_app.config import load_config
+
+__all__ = ["add_commands"]
+
+
+def add_commands(commands) -> None:
+    tenant_key = commands.add_parser(
+        "tenant-key", help="make a new API key for a tenant; prints it once, with its hash for the config"
+    )
+    tenant_key.add_argument("tenant_id")
+    tenant_key.set_defaults(run=_tenant_key)
+
+    sample = commands.add_parser("sample-ct", help="write a synthetic CT series (DICOM) and its ground truth")
+    sample.add_argument("out", type=Path)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(run=_sample_ct)
+
+    # Its options (--size tiny|small|full, --models, --out) are benchmarks/pipeline.py's own, passed through.
+    bench = commands.add_parser("bench", help="the side-by-side pipeline benchmark (benchmarks/pipeline.py)")
+    bench.set_defaults(run=_bench, passes_unknown_args=True)
+
+    export = commands.add_parser("export-onnx", help="export a model to ONNX and check it against torch")
+    export.add_argument("model", help="model name in the config's model repository")
+    export.add_argument(
+        "--out",
+        type=Path,
+        help="ONNX file to write (default: the engine cache the onnxruntime and tensorrt backends read)",
+    )
+    export.add_argument(
+        "--config", type=Path, help="application YAML whose model repository to use (default: the packaged one)"
+    )
+    export.add_argument(
+        "--tolerance", type=float, help="largest max abs difference from torch accepted (default: 1e-3, for fp32)"
+    )
+    export.set_defaults(run=_export_onnx)
+
+
+def _bench(args) -> int:
+    from benchmarks.pipeline import main as bench_main
+
+    bench_main(args.unknown_args)
+    return 0
+
+
+def _tenant_key(args) -> int:
+    from serve_app.tenancy.keys import hash_api_key, new_api_key
+
+    key = new_api_key()
+    print(f"New API key for tenant {args.tenant_id}; it is shown only this once, give it to the hospital:", file=sys.stderr)
+    print(key)
+    print(f"Add its hash to the config, under tenants.{args.tenant_id}.api_key_hashes:", file=sys.stderr)
+    print(f"  - {hash_api_key(key)}")
+    return 0
+
+
+def _sample_ct(args) -> int:
+    import numpy as np
+
+    from serve_app.studies.phantoms import ct_phantom
+    from serve_app.studies.sample_data import write_ct_series, write_nifti
+
+    phantom = ct_phantom(np.random.default_rng(args.seed))
+    paths = write_ct_series(phantom.volume, args.out / "series")
+    write_nifti(phantom.label, phantom.volume.affine, args.out / "truth.nii.gz")
+    print(f"wrote {len(paths)} DICOM slices to {args.out / 'series'} and the ground truth to {args.out / 'truth.nii.gz'}")
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from serve_app.engines.onnx_export import FP32_TOLERANCE, OnnxCheckFailed, cached_onnx_path, export_checked
+    from serve_app.errors import ModelNotFound
+    from serve_app.model_repository import ModelRepository, ModelRepositoryError
+
+    try:
+        spec = ModelRepository(load_config(args.config).model_repository).get(args.model)
+    except (ModelNotFound, ModelRepositoryError) as e:
+        raise CommandError(e) from None
+    out = args.out or cached_onnx_path(spec)
+    try:
+        check = export_checked(spec, out, FP32_TOLERANCE if args.tolerance is None else args.tolerance)
+    except OnnxCheckFailed as e:
+        raise CommandError(f"the ONNX export of {args.model} does not match torch, nothing written: {e}") from None
+    print(check)
+    print(f"wrote {out}")
+    return 0
