@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import io
-import socket
-import zipfile
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from serve_app.cli import wait_until_ready
+from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, free_port
+from serve_app.cli.cluster import wait_until_ready
 from serve_app.config import AppConfig, load_config
 from serve_app.studies.phantoms import Phantom, ct_phantom
 from serve_app.studies.sample_data import write_ct_series
 
-# Small enough that a test can exceed it without a large upload.
-TEST_MAX_VOXELS = 128 * 128 * 100
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_collection_modifyitems(items):
+    """Every test that needs the Ray cluster is marked ``cluster``: ``make test-fast`` leaves them out."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +30,8 @@ def app_config(tmp_path_factory) -> AppConfig:
             "storage.root": str(storage),
             "http.port": free_port(),
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
+            "limits.max_upload_bytes": TEST_MAX_UPLOAD_BYTES,
+            "limits.max_files_per_upload": TEST_MAX_FILES,
         }
     )
 
@@ -88,23 +86,6 @@ def phantom() -> Phantom:
 @pytest.fixture(scope="session")
 def phantom_series(phantom, tmp_path_factory) -> list[Path]:
     return write_ct_series(phantom.volume, tmp_path_factory.mktemp("series"))
-
-
-def zip_bytes(entries: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
-
-
-def zip_files(paths: list[Path]) -> bytes:
-    return zip_bytes({p.name: p.read_bytes() for p in paths})
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 TENANT_APP_PREFIX = "/tenants"

@@ -2,16 +2,16 @@
 
 import http.client
 import io
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 
-from conftest import TEST_MAX_VOXELS, zip_bytes, zip_files
+from helpers import SEGMENT, TEST_MAX_VOXELS, zip_bytes, zip_files
 from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.sample_data import write_ct_series
-
-SEGMENT = "/v1/models/ct-phantom-organ/segment"
 
 
 def _dicom_bytes(ds) -> bytes:
@@ -26,51 +26,115 @@ def small_series(tmp_path_factory):
     return write_ct_series(phantom.volume, tmp_path_factory.mktemp("small"))
 
 
-def _cases(series, tmp_path):
-    files = {p.name: p.read_bytes() for p in series}
-    other = write_ct_series(ct_phantom(np.random.default_rng(1), shape=(64, 64, 4)).volume, tmp_path / "other")
+class Uploads:
+    """Builds bad uploads from one good small series (and a second, other series, made on demand)."""
 
-    no_pixels = pydicom.dcmread(series[3])
-    del no_pixels.PixelData
-    resized = pydicom.dcmread(series[5])
-    resized.Rows, resized.Columns = 32, 32
-    resized.PixelData = np.zeros((32, 32), np.int16).tobytes()
-    too_big = ct_phantom(np.random.default_rng(2), shape=(128, 128, TEST_MAX_VOXELS // (128 * 128) + 1))
-    too_big_series = write_ct_series(too_big.volume, tmp_path / "big")
+    def __init__(self, series: list[Path], tmp_path: Path):
+        self.series, self.tmp_path = series, tmp_path
+        self.files = {p.name: p.read_bytes() for p in series}
 
-    return {
-        "not a zip": (SEGMENT, b"this is a text file, not a study", "application/zip", 415, "not a zip"),
-        "empty body": (SEGMENT, b"", "application/zip", 422, "empty"),
-        "empty zip": (SEGMENT, zip_bytes({}), "application/zip", 422, "zip archive is empty"),
-        "corrupt zip": (SEGMENT, zip_files(series)[:5000], "application/zip", 415, "corrupt or truncated"),
-        "zip of non-DICOM files": (SEGMENT, zip_bytes({"README.txt": b"hello", "a.csv": b"1,2"}), "application/zip", 422, "no DICOM"),
-        "two series": (SEGMENT, zip_files(series + other), "application/zip", 422, "2 different series"),
-        "missing pixel data": (SEGMENT, zip_bytes({**files, series[3].name: _dicom_bytes(no_pixels)}), "application/zip", 422, "no pixel data"),
-        "inconsistent slice sizes": (SEGMENT, zip_bytes({**files, series[5].name: _dicom_bytes(resized)}), "application/zip", 422, "different sizes"),
-        "zip entry escaping with ../": (SEGMENT, zip_bytes({"../../etc/evil.dcm": files[series[0].name]}), "application/zip", 422, "leaves the archive"),
-        "DICOM cut inside its header": (SEGMENT, files[series[0].name][:400], "application/dicom", 422, "no pixel data"),
-        "DICOM cut inside its pixel data": (SEGMENT, files[series[0].name][:-1000], "application/dicom", 422, "cannot be decoded"),
-        "volume over the limit": (SEGMENT, zip_files(too_big_series), "application/zip", 413, "over this server's limit"),
-        "unknown model": ("/v1/models/no-such-model/segment", zip_files(series), "application/zip", 404, "unknown model"),
-    }
+    def series_zip(self) -> bytes:
+        return zip_files(self.series)
+
+    def with_slice(self, index: int, change) -> bytes:
+        """The series zipped, slice ``index`` changed in place by ``change(dataset)``."""
+        dataset = pydicom.dcmread(self.series[index])
+        change(dataset)
+        return zip_bytes({**self.files, self.series[index].name: _dicom_bytes(dataset)})
+
+    def with_every_slice(self, change) -> bytes:
+        datasets = [pydicom.dcmread(p) for p in self.series]
+        for dataset in datasets:
+            change(dataset)
+        return zip_bytes({p.name: _dicom_bytes(d) for p, d in zip(self.series, datasets)})
+
+    def other_series(self, shape) -> list[Path]:
+        folder = self.tmp_path / f"other-{'x'.join(map(str, shape))}"
+        return write_ct_series(ct_phantom(np.random.default_rng(1), shape=shape).volume, folder)
+
+    def nifti(self, array: np.ndarray, sform: np.ndarray) -> bytes:
+        image = nib.Nifti1Image(array, None)
+        image.set_sform(sform, code=2)  # set directly: nibabel would refuse to derive a qform from a singular one
+        return image.to_bytes()
 
 
+def _drop_pixels(ds) -> None:
+    del ds.PixelData
+
+
+def _shrink(ds) -> None:
+    ds.Rows, ds.Columns = 32, 32
+    ds.PixelData = np.zeros((32, 32), np.int16).tobytes()
+
+
+def _as_rgb(ds) -> None:
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.zeros((ds.Rows, ds.Columns, 3), np.uint8).tobytes()
+
+
+def _zero_spacing(ds) -> None:
+    ds.PixelSpacing = [0, 0]
+
+
+def _collinear_orientation(ds) -> None:
+    ds.ImageOrientationPatient = [1, 0, 0, 1, 0, 0]
+
+
+def _nan_voxels() -> np.ndarray:
+    array = np.zeros((32, 32, 8), np.float32)
+    array[3, 4, 5] = np.nan
+    return array
+
+
+ZERO_COLUMN = np.diag([1.0, 0.0, 1.0, 1.0])
+
+# (route, body from Uploads, content type, status, a phrase of the reason)
 CASES = [
-    "not a zip", "empty body", "empty zip", "corrupt zip", "zip of non-DICOM files", "two series",
-    "missing pixel data", "inconsistent slice sizes", "zip entry escaping with ../",
-    "DICOM cut inside its header", "DICOM cut inside its pixel data",
-    "volume over the limit", "unknown model",
+    pytest.param(SEGMENT, lambda u: b"this is a text file, not a study", "application/zip", 415, "not a zip", id="not a zip"),
+    pytest.param(SEGMENT, lambda u: b"", "application/zip", 422, "empty", id="empty body"),
+    pytest.param(SEGMENT, lambda u: zip_bytes({}), "application/zip", 422, "zip archive is empty", id="empty zip"),
+    pytest.param(SEGMENT, lambda u: u.series_zip()[:5000], "application/zip", 415, "corrupt or truncated", id="corrupt zip"),
+    pytest.param(SEGMENT, lambda u: zip_bytes({"README.txt": b"hello", "a.csv": b"1,2"}), "application/zip", 422,
+                 "no DICOM", id="zip of non-DICOM files"),
+    pytest.param(SEGMENT, lambda u: zip_files(u.series + u.other_series((64, 64, 4))), "application/zip", 422,
+                 "2 different series", id="two series"),
+    pytest.param(SEGMENT, lambda u: u.with_slice(3, _drop_pixels), "application/zip", 422, "no pixel data",
+                 id="missing pixel data"),
+    pytest.param(SEGMENT, lambda u: u.with_slice(5, _shrink), "application/zip", 422, "different sizes",
+                 id="inconsistent slice sizes"),
+    pytest.param(SEGMENT, lambda u: zip_bytes({"../../etc/evil.dcm": u.files[u.series[0].name]}), "application/zip",
+                 422, "leaves the archive", id="zip entry escaping with ../"),
+    pytest.param(SEGMENT, lambda u: u.files[u.series[0].name][:400], "application/dicom", 422, "no pixel data",
+                 id="DICOM cut inside its header"),
+    pytest.param(SEGMENT, lambda u: u.files[u.series[0].name][:-1000], "application/dicom", 422, "cannot be decoded",
+                 id="DICOM cut inside its pixel data"),
+    pytest.param(SEGMENT, lambda u: zip_files(u.other_series((128, 128, TEST_MAX_VOXELS // (128 * 128) + 1))),
+                 "application/zip", 413, "over this server's limit", id="volume over the limit"),
+    pytest.param("/v1/models/no-such-model/segment", lambda u: u.series_zip(), "application/zip", 404,
+                 "unknown model", id="unknown model"),
+    pytest.param(SEGMENT, lambda u: u.with_every_slice(_as_rgb), "application/zip", 422, "RGB", id="colour (RGB) DICOM"),
+    pytest.param(SEGMENT, lambda u: u.with_every_slice(_zero_spacing), "application/zip", 422, "PixelSpacing",
+                 id="zero pixel spacing"),
+    pytest.param(SEGMENT, lambda u: u.with_every_slice(_collinear_orientation), "application/zip", 422,
+                 "ImageOrientationPatient", id="collinear row and column directions"),
+    pytest.param(SEGMENT, lambda u: u.nifti(np.zeros((32, 32, 8), np.int16), ZERO_COLUMN), "application/octet-stream",
+                 422, "affine", id="NIfTI affine with a zero column"),
+    pytest.param(SEGMENT, lambda u: u.nifti(_nan_voxels(), np.eye(4)), "application/octet-stream", 422,
+                 "not finite", id="NIfTI with NaN voxels"),
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_upload_gets_a_4xx_with_a_reason_then_server_still_serves(client, small_series, tmp_path, case):
-    path, body, content_type, status, reason = _cases(small_series, tmp_path)[case]
-    response = client.post(path, content=body, headers={"content-type": content_type})
+@pytest.mark.parametrize("path, body, content_type, status, reason", CASES)
+def test_bad_upload_gets_a_4xx_with_a_reason_then_server_still_serves(
+    client, small_series, tmp_path, path, body, content_type, status, reason
+):
+    uploads = Uploads(small_series, tmp_path)
+    response = client.post(path, content=body(uploads), headers={"content-type": content_type})
     assert response.status_code == status, response.text
     assert reason in response.json()["error"]["reason"]
 
-    good = client.post(SEGMENT, content=zip_files(small_series), headers={"content-type": "application/zip"})
+    good = client.post(SEGMENT, content=uploads.series_zip(), headers={"content-type": "application/zip"})
     assert good.status_code == 200, good.text
 
 

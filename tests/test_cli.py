@@ -1,17 +1,14 @@
 """The medserve command against the running server, as a user types it."""
 
+import http.server
 import json
-import subprocess
-import sys
+import socket
+import threading
 
 import nibabel as nib
 import numpy as np
 
-from conftest import dice
-
-
-def medserve(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=600, **kwargs)
+from helpers import dice, free_port, medserve
 
 
 def test_sample_then_segment_writes_a_mask_matching_the_truth(server_url, tmp_path):
@@ -42,3 +39,42 @@ def test_bad_config_fails_naming_the_field(tmp_path):
     result = medserve("up", "--config", str(config))
     assert result.returncode == 2
     assert "http.port" in result.stderr
+
+
+def test_segment_with_no_server_says_so_in_one_line_and_exits_2(tmp_path):
+    study = tmp_path / "study.dcm"
+    study.write_bytes(b"not read: the server is not there")
+    url = f"http://127.0.0.1:{free_port()}"
+    result = medserve("segment", str(study), "--url", url, "--model", "any")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"medserve: cannot reach {url}: is the server running? (medserve up)"]
+
+
+def test_segment_against_a_server_that_never_answers_times_out_in_one_line(tmp_path):
+    study = tmp_path / "study.dcm"
+    study.write_bytes(b"x" * 1000)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        result = medserve("segment", str(study), "--url", url, "--model", "any", "--timeout", "1")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"medserve: {url} did not answer within 1 s (--timeout sets how long to wait)"]
+
+
+def test_a_refusal_that_is_not_json_is_still_one_line(tmp_path):
+    class NotMedserve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(502)
+            self.end_headers()
+            self.wfile.write(b"<html>Bad Gateway</html>")
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMedserve) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        result = medserve("segment", str(tmp_path), "--url", f"http://127.0.0.1:{proxy.server_address[1]}")
+        proxy.shutdown()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["medserve: 502: <html>Bad Gateway</html>"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import dice
+from helpers import dice
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
 from serve_app.model_repository import ModelRepository

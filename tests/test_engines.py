@@ -7,7 +7,6 @@ TensorRT code against ``FakeTensorRT``, which records what the code asked the bu
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import types
 
@@ -15,6 +14,7 @@ import onnx
 import pytest
 import torch
 
+from helpers import MODEL, medserve
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
 from serve_app.engines.base import PaddedBatches
@@ -22,7 +22,6 @@ from serve_app.engines.torch_engine import build_network
 from serve_app.model_repository import ModelSpec, read_model_spec
 from serve_app.engines.onnx_export import FP32_TOLERANCE, cached_onnx_path, compare_with_torch, input_shape, onnx_for
 
-MODEL = "ct-phantom-organ"
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +91,6 @@ def test_onnxruntime_engine_matches_torch_engine_on_a_padded_batch(spec, onnxrun
     assert seen == [4]
     assert logits.shape == expected.shape == (3, 2, 96, 96, 48)
     assert (logits - expected).abs().max() < FP32_TOLERANCE
-
-
-def medserve(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_export_onnx_command(tmp_path):

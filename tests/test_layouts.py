@@ -1,13 +1,10 @@
 """The fused layout (all stages in one replica) gives the split layout's answer."""
 
-import gzip
-
-import nibabel as nib
 import numpy as np
 import pytest
 from ray import serve
 
-from conftest import dice, zip_files
+from helpers import SEGMENT, dice, load_mask, zip_files
 from serve_app.app import build_app
 
 FUSED_PREFIX = "/fused"
@@ -23,11 +20,10 @@ def fused_url(server_url, app_config):
 
 def test_fused_layout_matches_split_layout(client, fused_url, phantom, phantom_series):
     body = zip_files(phantom_series)
-    split = client.post("/v1/models/ct-phantom-organ/segment", content=body)
-    fused = client.post(f"{fused_url}/v1/models/ct-phantom-organ/segment", content=body, timeout=300)
+    split = client.post(SEGMENT, content=body)
+    fused = client.post(f"{fused_url}{SEGMENT}", content=body, timeout=300)
     assert split.status_code == fused.status_code == 200, fused.text
-    split_mask = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(split.json()["mask_url"]).content))
-    fused_mask = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(fused.json()["mask_url"]).content))
+    split_mask, fused_mask = load_mask(client, split.json()), load_mask(client, fused.json())
     np.testing.assert_array_equal(np.asarray(split_mask.dataobj), np.asarray(fused_mask.dataobj))
     assert dice(np.asarray(fused_mask.dataobj) == 1, phantom.label) >= 0.9
     assert fused.json()["labels"] == split.json()["labels"]

@@ -21,13 +21,12 @@ import yaml
 from fastapi import FastAPI, HTTPException, Request
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, zip_bytes
+from helpers import MODEL, free_port, skip_unless_installed, zip_bytes
 from serve_app.observability import gpu_exporter, monitoring
 from serve_app.observability.metrics import STAGES, ResponseCounter
 
 DASHBOARD_FILES = sorted((monitoring.DASHBOARDS / "grafana" / "dashboards").glob("*.json"))
 RATE_INTERVAL = "5m"  # what Grafana's $__rate_interval stands for in these queries
-MODEL = "ct-phantom-organ"
 # A zip entry name and a result id as a hospital might send them: they must never reach a label.
 PATIENT_MARKER = "DOE_JOHN_1970"
 
@@ -81,7 +80,7 @@ def has_finite_value(result: list[dict]) -> bool:
 @pytest.fixture(scope="module")
 def prometheus(server_url, tmp_path_factory):
     if monitoring.find_binary("prometheus") is None:
-        pytest.skip("Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
+        skip_unless_installed("prometheus", "Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
     state = tmp_path_factory.mktemp("monitoring")
     gpu_port, port = free_port(), free_port()
     monitoring.start_gpu_exporter(gpu_port, state)
@@ -283,7 +282,7 @@ def unknown_keys(ours, theirs, where: str = "") -> list[str]:
 def test_prometheus_config_is_valid(tmp_path):
     promtool = monitoring.find_binary("promtool")
     if promtool is None:
-        pytest.skip("promtool (Debian's prometheus package) is not installed here")
+        skip_unless_installed("promtool", "promtool (Debian's prometheus package) is not installed here")
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(monitoring.prometheus_config()))
     for path in (monitoring.DASHBOARDS / "prometheus.yml", config):
@@ -303,7 +302,7 @@ def test_readme_documents_every_metric():
 def test_monitoring_start_serves_prometheus_and_the_gpu_exporter_until_stopped(tmp_path):
     """What `medserve up --monitoring` starts and `medserve down` stops, on free ports."""
     if monitoring.find_binary("prometheus") is None:
-        pytest.skip("Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
+        skip_unless_installed("prometheus", "Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
     ports = monitoring.Ports(prometheus=free_port(), gpu_exporter=free_port(), grafana=free_port())
     urls = monitoring.start(ports, tmp_path)
     try:

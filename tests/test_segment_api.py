@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import dice, zip_files
+from helpers import SEGMENT, dice, load_mask, zip_files
 
-SEGMENT = "/v1/models/ct-phantom-organ/segment"
-
-
-def load_mask(client, result) -> nib.Nifti1Image:
-    response = client.get(result["mask_url"])
-    assert response.status_code == 200
-    return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
 
 
 def test_phantom_series_zip_is_segmented_on_its_own_grid(client, phantom, phantom_series):

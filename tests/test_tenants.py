@@ -5,8 +5,6 @@ import hmac
 import http.client
 import json
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,14 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import zip_files
+from helpers import SEGMENT, ZIP, medserve, zip_files
 from serve_app.config import ConfigError, load_config
 from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.sample_data import write_ct_series
 from serve_app.tenancy.keys import hash_api_key
 
-SEGMENT = "/v1/models/ct-phantom-organ/segment"
-ZIP = {"content-type": "application/zip"}
 
 
 def auth(key: str) -> dict:
@@ -268,20 +264,19 @@ def test_no_patient_data_reaches_any_log_or_error(tenants, tenant_keys, tenant_c
 def test_cli_segment_sends_the_api_key_and_stat(tenant_url, tenant_keys, tmp_path_factory):
     series = _series(tmp_path_factory, "cli", 6)
     folder = str(series[0].parent)
-    medserve = [sys.executable, "-m", "serve_app.cli", "segment", folder, "--url", tenant_url]
-    run = dict(capture_output=True, text=True, timeout=600)
-    with_flag = subprocess.run([*medserve, "--api-key", tenant_keys["st-marys"], "--stat"], **run)
+    segment = ("segment", folder, "--url", tenant_url)
+    with_flag = medserve(*segment, "--api-key", tenant_keys["st-marys"], "--stat")
     assert with_flag.returncode == 0, with_flag.stderr
-    from_env = subprocess.run(medserve, env={**os.environ, "MEDSERVE_API_KEY": tenant_keys["st-marys"]}, **run)
+    from_env = medserve(*segment, env={**os.environ, "MEDSERVE_API_KEY": tenant_keys["st-marys"]})
     assert from_env.returncode == 0, from_env.stderr
-    refused = subprocess.run([*medserve, "--api-key", tenant_keys["rural-clinic"], "--stat"], **run)
+    refused = medserve(*segment, "--api-key", tenant_keys["rural-clinic"], "--stat")
     assert refused.returncode == 2 and "403" in refused.stderr
-    missing = subprocess.run(medserve, env={k: v for k, v in os.environ.items() if k != "MEDSERVE_API_KEY"}, **run)
+    missing = medserve(*segment, env={k: v for k, v in os.environ.items() if k != "MEDSERVE_API_KEY"})
     assert missing.returncode == 2 and "401" in missing.stderr
 
 
 def test_tenant_key_prints_a_key_once_with_the_hash_for_the_config():
-    result = subprocess.run([sys.executable, "-m", "serve_app.cli", "tenant-key", "st-marys"], capture_output=True, text=True)
+    result = medserve("tenant-key", "st-marys")
     key, hash_line = result.stdout.splitlines()
     assert key.startswith("msk_") and len(key) > 40
     assert hash_line.strip() == f"- {hash_api_key(key)}"

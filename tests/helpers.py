@@ -1,0 +1,88 @@
+"""What tests share that is not a fixture: the segment route, archive builders, Dice, mask download.
+
+Fixtures live in ``conftest.py``; everything a test imports by name lives here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+
+MODEL = "ct-phantom-organ"
+SEGMENT = f"/v1/models/{MODEL}/segment"
+ZIP = {"content-type": "application/zip"}
+# Small enough that a test can exceed it without a large upload.
+TEST_MAX_VOXELS = 128 * 128 * 100
+# Small enough that a test can send a zip bomb over it in seconds (the largest real test study is ~4 MB).
+TEST_MAX_UPLOAD_BYTES = 48 * 1024**2
+TEST_MAX_FILES = 2_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def zip_files(paths: list[Path]) -> bytes:
+    return zip_bytes({p.name: p.read_bytes() for p in paths})
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def load_mask(client: httpx.Client, result: dict) -> nib.Nifti1Image:
+    """The mask of a segment answer, downloaded from its ``mask_url``."""
+    response = client.get(result["mask_url"])
+    assert response.status_code == 200, response.text
+    return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+
+
+def medserve(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """The ``medserve`` command, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def properties_without_description(schema: dict) -> list[str]:
+    """Dotted names of the properties of a JSON schema, and of its $defs, that have no description."""
+    missing = []
+    for model_name, model in {schema["title"]: schema, **schema.get("$defs", {})}.items():
+        for field, prop in model.get("properties", {}).items():
+            if not prop.get("description"):
+                missing.append(f"{model_name}.{field}")
+    return missing
+
+
+def skip_unless_installed(what: str, reason: str) -> None:
+    """Skip a test for want of a tool here; in CI (``CI=true``), where ``.ci/run`` installs it, fail instead.
+
+    Only the want of a GPU or TensorRT may skip a test in CI: those skip with ``pytest.skip`` directly.
+    """
+    import os
+
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is missing in CI, where .ci/run installs it: {reason}")
+    pytest.skip(reason)
