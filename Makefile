@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= demo-data
 
-.PHONY: demo test test-all bench bench-tenants venv clean
+.PHONY: demo test test-fast fuzz lint format bench bench-tenants venv clean
 
 $(BIN)/medserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,25 @@ demo: venv
 	$(BIN)/medserve segment $(DEMO)/series --out $(DEMO)/mask.nii.gz --truth $(DEMO)/truth.nii.gz; \
 	  status=$$?; $(BIN)/medserve down; exit $$status
 
+# Every test, slow ones and the live servers included: what CI runs.
 test: venv
-	$(BIN)/python -m pytest -m "not slow"
-
-test-all: venv
 	$(BIN)/python -m pytest
+
+# The tests that start no Ray cluster: seconds, for the edit-test loop.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not cluster"
+
+# The property-based tests with many more generated examples than CI runs.
+fuzz: venv
+	MEDSERVE_FUZZ_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_study_readers_fuzz.py tests/test_upload_fuzz.py
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: venv
 	$(BIN)/medserve bench --size small
