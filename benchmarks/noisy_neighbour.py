@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40, help="length of each phase")
     parser.add_argument("--b-rate", type=float, default=1.0, help="tenant B's steady rate, requests/s")
     parser.add_argument("--a-quota", type=float, default=0.25, help="tenant A's quota, requests/s; it sends 10x this")
-    parser.add_argument("--flood-factor", type=float, default=10, help="A sends this many times its quota (1: a control run)")
+    parser.add_argument(
+        "--flood-factor", type=float, default=10, help="A sends this many times its quota (1: a control run)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -62,12 +64,16 @@ def main() -> None:
     report = {
         "noisy_neighbour": figures,
         "parameters": {
-            "rounds": args.rounds, "seconds_per_phase": args.seconds, "b_rate_per_s": args.b_rate, "a_quota_per_s": args.a_quota,
-            "a_sends_per_s": args.a_quota * args.flood_factor, "study": "CT phantom 64x64x12, zipped DICOM, 114 kB",
+            "rounds": args.rounds,
+            "seconds_per_phase": args.seconds,
+            "b_rate_per_s": args.b_rate,
+            "a_quota_per_s": args.a_quota,
+            "a_sends_per_s": args.a_quota * args.flood_factor,
+            "study": "CT phantom 64x64x12, zipped DICOM, 114 kB",
             "processing_slots": config.scheduling.processing_slots,
         },
         "device": _device(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -76,21 +82,28 @@ def main() -> None:
 
 def _config(keys: dict[str, str], args, storage: Path) -> AppConfig:
     def tenant(name, key, per_second, burst, max_concurrent):
-        return {"name": name, "api_key_hashes": [hash_api_key(key)], "models": ["*"],
-                "rate": {"per_second": per_second, "burst": burst}, "max_concurrent": max_concurrent}
+        return {
+            "name": name,
+            "api_key_hashes": [hash_api_key(key)],
+            "models": ["*"],
+            "rate": {"per_second": per_second, "burst": burst},
+            "max_concurrent": max_concurrent,
+        }
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return load_config(overrides={
-        "storage.root": str(storage),
-        "http.port": port,
-        "tenants": {
-            "flood-hospital": tenant("A: floods", keys["a"], args.a_quota, 1, 1),
-            # B's quota leaves it room: at its steady rate it must never see a 429.
-            "steady-hospital": tenant("B: steady", keys["b"], args.b_rate * 4, 10, 8),
-        },
-    })
+    return load_config(
+        overrides={
+            "storage.root": str(storage),
+            "http.port": port,
+            "tenants": {
+                "flood-hospital": tenant("A: floods", keys["a"], args.a_quota, 1, 1),
+                # B's quota leaves it room: at its steady rate it must never see a 429.
+                "steady-hospital": tenant("B: steady", keys["b"], args.b_rate * 4, 10, 8),
+            },
+        }
+    )
 
 
 def _deploy(config: AppConfig) -> str:
@@ -165,7 +178,9 @@ async def _steady(client: httpx.AsyncClient, key: str, rate: float, seconds: flo
 async def _timed_post(client: httpx.AsyncClient, key: str, body: bytes) -> tuple:
     start = time.perf_counter()
     try:
-        response = await client.post(SEGMENT, content=body, headers={"content-type": "application/zip", "x-api-key": key})
+        response = await client.post(
+            SEGMENT, content=body, headers={"content-type": "application/zip", "x-api-key": key}
+        )
         status = response.status_code
     except httpx.HTTPError as e:
         status = type(e).__name__
@@ -186,11 +201,22 @@ def _codes(samples: list[tuple]) -> dict:
 
 
 def _device() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     # The machine may be shared: its load at the end says how quiet the run was.
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version(),
-            "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": None,
+        "python": platform.python_version(),
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ import yaml
 
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig, load_config
 from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
-from serve_app.studies.nifti import read_nifti
 from serve_app.results import ResultStore
+from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
 from serve_app.segmentation.transforms import to_model_input
+from serve_app.studies.nifti import read_nifti
+from serve_app.studies.phantoms import ct_phantom
 
 RESULTS = Path(__file__).with_name("results")
 METRICS_PORT = 18700  # Ray's metrics agent, for scraping replica metrics during a run (gpu_session.sh)
@@ -64,8 +64,13 @@ SIZES = {
 }
 ORGAN_FRACTION = 0.004  # of the volume: a 200 mL spleen in a 512x512x300 CT's 50 L field of view
 SPLEEN_UNET = {  # the MONAI spleen-segmentation tutorial's network
-    "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-    "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch",
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "channels": [16, 32, 64, 128, 256],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 2,
+    "norm": "batch",
 }
 
 
@@ -76,13 +81,23 @@ def write_repository(root: Path, size: Size, study: Path) -> Path:
 
     spleen = root / "msd-spleen-unet"
     spleen.mkdir(parents=True)
-    (spleen / "model.yaml").write_text(yaml.safe_dump({
-        "name": "msd-spleen-unet", "version": "bench", "modality": "CT", "labels": {0: "background", 1: "spleen"},
-        "preprocessing": {"orientation": "RAS", "intensity_window": {"a_min": -57, "a_max": 164},
-                          "spatial_size": list(size.model_input)},
-        "network": {"name": "UNet", "args": SPLEEN_UNET},
-        "weights": {"file": "model.pt", "format": "monai_state_dict"},
-    }))
+    (spleen / "model.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "msd-spleen-unet",
+                "version": "bench",
+                "modality": "CT",
+                "labels": {0: "background", 1: "spleen"},
+                "preprocessing": {
+                    "orientation": "RAS",
+                    "intensity_window": {"a_min": -57, "a_max": 164},
+                    "spatial_size": list(size.model_input),
+                },
+                "network": {"name": "UNet", "args": SPLEEN_UNET},
+                "weights": {"file": "model.pt", "format": "monai_state_dict"},
+            }
+        )
+    )
     torch.manual_seed(0)
     network = UNet(**SPLEEN_UNET).eval()
     shift_to_organ_size(network, read_model_spec(spleen / "model.yaml"), study)
@@ -180,7 +195,9 @@ class Uploads:
         return folder
 
 
-def run_stages_in_process(spec: ModelSpec, device: str, uploads: Uploads, results: ResultStore, requests: int, batch: int, gpu: GpuSampler) -> dict:
+def run_stages_in_process(
+    spec: ModelSpec, device: str, uploads: Uploads, results: ResultStore, requests: int, batch: int, gpu: GpuSampler
+) -> dict:
     """a (CPU) and b (GPU): the stage objects medserve's replicas use, called in one process."""
     preprocessor = Preprocessor(load_config().limits, torch.device(device))
     predictor = Predictor(spec, torch.device(device))
@@ -197,7 +214,7 @@ def run_stages_in_process(spec: ModelSpec, device: str, uploads: Uploads, result
         t0 = time.perf_counter()
         prepared = list(pool.map(pre, range(batch)))
         logits = predictor([study.image for study in prepared])
-        list(pool.map(post, zip(logits, prepared)))
+        list(pool.map(post, zip(logits, prepared, strict=True)))
         return time.perf_counter() - t0
 
     with ThreadPoolExecutor(batch) as pool:
@@ -240,7 +257,9 @@ def best_engine(spec: ModelSpec, device: str, size: Size) -> tuple[ModelSpec, in
     return best[1], best[2], table
 
 
-def serve_config(storage: Path, repository: Path, study: Path, layout: str, gpu: bool, batch: int, port: int) -> AppConfig:
+def serve_config(
+    storage: Path, repository: Path, study: Path, layout: str, gpu: bool, batch: int, port: int
+) -> AppConfig:
     """4 x 0.25 GPU fused replicas, or the GPU shared by split stages; the study is linked into storage."""
     storage.mkdir(parents=True, exist_ok=True)
     if not (storage / "study").exists():
@@ -256,11 +275,16 @@ def serve_config(storage: Path, repository: Path, study: Path, layout: str, gpu:
     else:
         deployments = {"model": {"num_cpus": 0.5}}
     deployments.setdefault("model", {})["batching"] = {"max_batch_size": batch, "batch_wait_timeout_s": 0.02}
-    return AppConfig.model_validate({
-        "name": layout, "layout": layout, "model_repository": repository,
-        "deployments": {**deployments, "ingress": {"num_replicas": 2 if gpu else 1, "num_cpus": 0.5}},
-        "storage": {"root": storage}, "http": {"port": port},
-    })
+    return AppConfig.model_validate(
+        {
+            "name": layout,
+            "layout": layout,
+            "model_repository": repository,
+            "deployments": {**deployments, "ingress": {"num_replicas": 2 if gpu else 1, "num_cpus": 0.5}},
+            "storage": {"root": storage},
+            "http": {"port": port},
+        }
+    )
 
 
 async def closed_loop(call, requests: int, concurrency: int) -> tuple[list[float], float, list]:
@@ -301,23 +325,34 @@ def breakdown(timings: list[dict]) -> dict:
     return {k: round(statistics.fmean(t[k] for t in timings) * 1000, 1) for k in timings[0]}
 
 
-def measure_serve(spec: ModelSpec, size: Size, work: Path, repository: Path, study: Path, batch: int, gpu: bool) -> dict:
+def measure_serve(
+    spec: ModelSpec, size: Size, work: Path, repository: Path, study: Path, batch: int, gpu: bool
+) -> dict:
     """c for both layouts through DeploymentHandles; then, on the faster one, d and the open-loop run."""
     import ray
     from ray import serve
 
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", num_cpus=max(os.cpu_count() or 2, 4),
-             _metrics_export_port=METRICS_PORT)
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        logging_level="ERROR",
+        num_cpus=max(os.cpu_count() or 2, 4),
+        _metrics_export_port=METRICS_PORT,
+    )
     port = 18600
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     out = {}
     try:
         for layout in ("fused", "split"):
-            with deployed(serve_config(work / f"storage-{layout}", repository, study, layout, gpu, batch, port)) as call:
+            with deployed(
+                serve_config(work / f"storage-{layout}", repository, study, layout, gpu, batch, port)
+            ) as call:
                 asyncio.run(closed_loop(call, size.concurrency, size.concurrency))  # warm-up
                 with GpuSampler() as gpu_sampler:
                     latencies, wall, outcomes = asyncio.run(closed_loop(call, size.requests, size.concurrency))
-                out[f"handles_{layout}"] = summarise(latencies, wall, gpu_sampler, breakdown_ms=breakdown([o.timings.model_dump() for o in outcomes]))
+                out[f"handles_{layout}"] = summarise(
+                    latencies, wall, gpu_sampler, breakdown_ms=breakdown([o.timings.model_dump() for o in outcomes])
+                )
         faster = max(("fused", "split"), key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
         config = serve_config(work / f"storage-{faster}", repository, study, faster, gpu, batch, port)
         with deployed(config) as call:
@@ -347,7 +382,9 @@ def deployed(config: AppConfig):
     if config.fused:
         stages = StageHandles({model_name: handle(f"FusedPipeline:{model_name}")})
     else:
-        stages = StageHandles({model_name: handle(f"ModelReplica:{model_name}")}, handle("Preprocess"), handle("Postprocess"))
+        stages = StageHandles(
+            {model_name: handle(f"ModelReplica:{model_name}")}, handle("Preprocess"), handle("Postprocess")
+        )
     uploads = Uploads(config.storage.uploads, config.storage.root / "study")
 
     async def call():
@@ -366,17 +403,26 @@ def measure_http(url: str, spec: ModelSpec, study: Path, size: Size) -> dict:
 
     async def run():
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
             async def call():
-                response = await client.post(f"/v1/models/{spec.name}/segment", content=body,
-                                             headers={"content-type": "application/octet-stream"})
+                response = await client.post(
+                    f"/v1/models/{spec.name}/segment",
+                    content=body,
+                    headers={"content-type": "application/octet-stream"},
+                )
                 response.raise_for_status()
                 return response.json()["timings_ms"]
 
             await closed_loop(call, size.concurrency, size.concurrency)
             with GpuSampler() as gpu:
                 latencies, wall, timings = await closed_loop(call, size.requests, size.concurrency)
-            return summarise(latencies, wall, gpu, breakdown_ms={k: round(statistics.fmean(t[k] for t in timings), 1) for k in timings[0]},
-                             upload_mb=round(len(body) / 1e6, 1))
+            return summarise(
+                latencies,
+                wall,
+                gpu,
+                breakdown_ms={k: round(statistics.fmean(t[k] for t in timings), 1) for k in timings[0]},
+                upload_mb=round(len(body) / 1e6, 1),
+            )
 
     return asyncio.run(run())
 
@@ -409,8 +455,14 @@ def run(size_name: str, models: list[str], out: Path) -> dict:
     try:
         study = write_study(work / "study.nii", size)
         repository = write_repository(work / "models", size, study)
-        report = {"device": device_name, "date": datetime.date.today().isoformat(), "size": size_name,
-                  "volume": list(size.volume), "decode_ms": decode_ms(size, work), "models": {}}
+        report = {
+            "device": device_name,
+            "date": datetime.date.today().isoformat(),
+            "size": size_name,
+            "volume": list(size.volume),
+            "decode_ms": decode_ms(size, work),
+            "models": {},
+        }
         for name in models:
             spec = ModelRepository(repository).get(name)
             results = ResultStore(work / "bench-results", 1)
@@ -418,16 +470,30 @@ def run(size_name: str, models: list[str], out: Path) -> dict:
             reference = run_stages_in_process(spec, "cpu", uploads, results, size.reference_requests, 1, GpuSampler())
             tuned, batch, engines = best_engine(spec, device, size)
             bare = run_stages_in_process(tuned, device, uploads, results, size.requests, batch, GpuSampler())
-            served = measure_serve(tuned, size, work, write_tuned_repository(repository, tuned, work), study, batch, gpu)
+            served = measure_serve(
+                tuned, size, work, write_tuned_repository(repository, tuned, work), study, batch, gpu
+            )
             handles, http = served[f"handles_{served['faster_layout']}"], served["http"]
             report["models"][name] = {
                 "model_input": list(tuned.preprocessing.spatial_size),
                 "engine": tuned.engine.model_dump(include={"backend", "precision", "channels_last", "cuda_graphs"}),
                 "batch_size": batch,
                 "engine_volumes_per_s": engines,
-                "reference": reference, "bare": bare, **served,
-                "p50_ms": {"a_reference": reference["p50_ms"], "b_bare": bare["p50_ms"], "c_handles": handles["p50_ms"], "d_http": http["p50_ms"]},
-                "p99_ms": {"a_reference": reference["p99_ms"], "b_bare": bare["p99_ms"], "c_handles": handles["p99_ms"], "d_http": http["p99_ms"]},
+                "reference": reference,
+                "bare": bare,
+                **served,
+                "p50_ms": {
+                    "a_reference": reference["p50_ms"],
+                    "b_bare": bare["p50_ms"],
+                    "c_handles": handles["p50_ms"],
+                    "d_http": http["p50_ms"],
+                },
+                "p99_ms": {
+                    "a_reference": reference["p99_ms"],
+                    "b_bare": bare["p99_ms"],
+                    "c_handles": handles["p99_ms"],
+                    "d_http": http["p99_ms"],
+                },
                 "ratios": {
                     "handles_over_bare": round(handles["volumes_per_s"] / bare["volumes_per_s"], 3),
                     "http_over_bare": round(http["volumes_per_s"] / bare["volumes_per_s"], 3),
@@ -459,19 +525,40 @@ def write_report(report: dict, out: Path) -> None:
     device = report["device"].replace(" ", "_").replace("(", "").replace(")", "")
     stem = f"pipeline-{report['size']}-{'+'.join(report['models'])}-{device}-{report['date']}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Pipeline benchmark, {report['size']} size, {report['device']}, {report['date']}", "",
-             f"Volume {report['volume']} int16; decode: {report['decode_ms']} ms.", ""]
+    lines = [
+        f"# Pipeline benchmark, {report['size']} size, {report['device']}, {report['date']}",
+        "",
+        f"Volume {report['volume']} int16; decode: {report['decode_ms']} ms.",
+        "",
+    ]
     for name, m in report["models"].items():
-        lines += [f"## {name} (input {m['model_input']}, engine {m['engine']}, batch {m['batch_size']}, faster layout: {m['faster_layout']})", "",
-                  "| path | volumes/s | p50 ms | p99 ms | GPU util % |", "| --- | --- | --- | --- | --- |"]
-        for key, label in (("reference", "a. MONAI CPU reference"), ("bare", "b. bare loop, one process"),
-                           ("handles_fused", "c. handles, fused"), ("handles_split", "c. handles, split"), ("http", "d. HTTP")):
+        lines += [
+            f"## {name} (input {m['model_input']}, engine {m['engine']}, batch {m['batch_size']}, "
+            f"faster layout: {m['faster_layout']})",
+            "",
+            "| path | volumes/s | p50 ms | p99 ms | GPU util % |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for key, label in (
+            ("reference", "a. MONAI CPU reference"),
+            ("bare", "b. bare loop, one process"),
+            ("handles_fused", "c. handles, fused"),
+            ("handles_split", "c. handles, split"),
+            ("http", "d. HTTP"),
+        ):
             row = m[key]
-            lines.append(f"| {label} | {row['volumes_per_s']} | {row['p50_ms']} | {row['p99_ms']} | {row['gpu_util_percent']} |")
+            lines.append(
+                f"| {label} | {row['volumes_per_s']} | {row['p50_ms']} | {row['p99_ms']} | {row['gpu_util_percent']} |"
+            )
         r = m["ratios"]
-        lines += ["", f"c/b = {r['handles_over_bare']}, d/b = {r['http_over_bare']}, b/a = {r['bare_over_reference']}; "
-                  f"open loop at 80 % of peak: {m['open_loop_80pct']}", "",
-                  f"Where HTTP time goes (mean ms): {m['http']['breakdown_ms']}", ""]
+        lines += [
+            "",
+            f"c/b = {r['handles_over_bare']}, d/b = {r['http_over_bare']}, b/a = {r['bare_over_reference']}; "
+            f"open loop at 80 % of peak: {m['open_loop_80pct']}",
+            "",
+            f"Where HTTP time goes (mean ms): {m['http']['breakdown_ms']}",
+            "",
+        ]
     (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

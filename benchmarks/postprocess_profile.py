@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from serve_app.results import ResultStore
-from serve_app.segmentation.transforms import foreground_box, keep_largest_component, label_volumes_ml, resample_to_grid, to_labels, to_probabilities
+from serve_app.segmentation.transforms import (
+    foreground_box,
+    keep_largest_component,
+    label_volumes_ml,
+    resample_to_grid,
+    to_labels,
+    to_probabilities,
+)
 from serve_app.studies.volume import shifted_affine, voxel_volume_ml
 
 
@@ -45,18 +52,24 @@ def main() -> None:
         probabilities = timed(path, "softmax", lambda: to_probabilities(logits))
         start, target_shape = (0, 0, 0), shape
         if path == "box":
-            organ = timed(path, "largest comp. (model)", lambda: keep_largest_component(to_labels(probabilities), [1])[0] > 0)
+            organ = timed(
+                path, "largest comp. (model)", lambda: keep_largest_component(to_labels(probabilities), [1])[0] > 0
+            )
             box = timed(path, "foreground box", lambda: foreground_box(organ, model_affine, grid_affine, shape))
             start, target_shape = tuple(b.start for b in box), [b.stop - b.start for b in box]
         target_affine = shifted_affine(grid_affine, start)
-        resampled = timed(path, "resample to grid", lambda: resample_to_grid(probabilities, model_affine, target_affine, target_shape))
+        resampled = timed(
+            path, "resample to grid", lambda: resample_to_grid(probabilities, model_affine, target_affine, target_shape)
+        )
         labels = timed(path, "argmax", lambda: to_labels(resampled))
         largest = timed(path, "largest component", lambda: keep_largest_component(labels, [1]))
         mask = timed(path, "to uint8", lambda: largest[0].to(torch.uint8))
         timed(path, "volumes (bincount)", lambda: label_volumes_ml(mask, [1], voxel_volume_ml(grid_affine)))
         host = timed(path, "copy to host", lambda: mask.cpu().numpy())
         timed(path, "save result", lambda: store.save(uuid.uuid4().hex, host, start, shape, grid_affine, {}))
-        print(f"{path:6s} {'total':24s} {totals[path]:8.1f} ms   ({'x'.join(map(str, host.shape))} voxels)\n", flush=True)
+        print(
+            f"{path:6s} {'total':24s} {totals[path]:8.1f} ms   ({'x'.join(map(str, host.shape))} voxels)\n", flush=True
+        )
     print(f"box / whole: {totals['box'] / totals['whole']:.3f}")
 
 

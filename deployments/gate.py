@@ -7,8 +7,6 @@ pool), never interleaving inside a check-and-update. If it restarts, the counts 
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ray import serve
 
 from deployments.replica import Replica
@@ -22,7 +20,7 @@ class TenantGateDeployment(Replica):
     def __init__(self, config: AppConfig):
         self.quotas = Quotas(config.tenants, config.scheduling.processing_slots, config.scheduling.lease_s)
 
-    async def admit(self, tenant_id: str, ticket: str) -> Optional[Refusal]:
+    async def admit(self, tenant_id: str, ticket: str) -> Refusal | None:
         return self.quotas.admit(tenant_id, ticket)
 
     async def acquire_slot(self, ticket: str, stat: bool) -> None:
@@ -36,4 +34,3 @@ class TenantGateDeployment(Replica):
 
     async def stats(self) -> dict:
         return self.quotas.stats()
-

@@ -6,7 +6,6 @@ No `from __future__ import annotations` here: FastAPI must see real types on a S
 import asyncio
 import logging
 import shutil
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -48,7 +47,7 @@ api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a 
 metrics.instrument(api)
 
 
-def _error_response(status: int, reason: str, headers: Optional[dict] = None) -> JSONResponse:
+def _error_response(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(status=status, reason=reason))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -91,9 +90,9 @@ class IngressDeployment(Replica):
         self,
         config: AppConfig,
         model_handles: dict[str, DeploymentHandle],
-        preprocess: Optional[DeploymentHandle] = None,
-        postprocess: Optional[DeploymentHandle] = None,
-        gate: Optional[DeploymentHandle] = None,
+        preprocess: DeploymentHandle | None = None,
+        postprocess: DeploymentHandle | None = None,
+        gate: DeploymentHandle | None = None,
     ):
         self.config = config
         self.repository = ModelRepository(config.model_repository)
@@ -172,7 +171,10 @@ class IngressDeployment(Replica):
     @api.get(
         "/v1/results/{result_id}/mask.nii.gz",
         response_class=FileResponse,
-        responses={200: {"content": {"application/gzip": {}}, "description": "The mask, gzipped NIfTI."}, **ERROR_RESPONSES},
+        responses={
+            200: {"content": {"application/gzip": {}}, "description": "The mask, gzipped NIfTI."},
+            **ERROR_RESPONSES,
+        },
     )
     async def result_mask(self, result_id: str, request: Request) -> FileResponse:
         async with self.gatekeeper.visit(request, "mask", result_id=result_id) as visit:

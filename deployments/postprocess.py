@@ -23,7 +23,9 @@ class PostprocessDeployment(Replica):
         self.device = replica_device()
         self.metrics = ReplicaMetrics()
 
-    def __call__(self, prediction: Prediction, model_affine: Affine, grid: Grid, model_name: str, result_id: str) -> Postprocessed:
+    def __call__(
+        self, prediction: Prediction, model_affine: Affine, grid: Grid, model_name: str, result_id: str
+    ) -> Postprocessed:
         """``prediction.logits``: (C_out, *model_spatial) on the host; moved to this replica's device."""
         logits = to_device(prediction.logits, self.device)
         return self.postprocessor(logits, model_affine, grid, self.repository.get(model_name), result_id)

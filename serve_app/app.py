@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ray.serve import Application
 
 from deployments.fused_pipeline import FusedPipelineDeployment
@@ -42,6 +40,6 @@ def build_app(config: AppConfig) -> Application:
     return ingress.bind(config, model_handles, preprocess, postprocess, gate)
 
 
-def app_builder(args: Optional[dict] = None) -> Application:
+def app_builder(args: dict | None = None) -> Application:
     """Entry point for ``serve run`` / ``serve deploy`` config files: ``args: {config: PATH}``."""
     return build_app(load_config((args or {}).get("config")))

@@ -7,7 +7,7 @@ YAML in, validated once at start; a bad field fails with a message that names it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -55,7 +55,7 @@ class DeploymentConfig(StrictModel):
     """Resources and scaling of one Serve deployment."""
 
     num_replicas: int = Field(1, ge=1, description="Replicas, when autoscaling is not set.")
-    autoscaling: Optional[AutoscalingConfig] = Field(None, description="Autoscaling; replaces num_replicas when set.")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling; replaces num_replicas when set.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for each replica (fractions allowed).")
     num_gpus: float = Field(
         0.0, ge=0, le=8, description="GPUs Ray reserves for each replica: 0.25 puts four replicas on one GPU."
@@ -186,7 +186,9 @@ class AppConfig(StrictModel):
                 owners.setdefault(key_hash, []).append(tenant_id)
         shared = sorted({", ".join(ids) for ids in owners.values() if len(ids) > 1})
         if shared:
-            raise ValueError(f"tenants: one API key hash is listed twice (by {'; '.join(shared)}); a key names one tenant")
+            raise ValueError(
+                f"tenants: one API key hash is listed twice (by {'; '.join(shared)}); a key names one tenant"
+            )
         return self
 
     def model_deployment(self, model_name: str) -> ModelDeploymentConfig:
@@ -203,7 +205,7 @@ class ConfigError(ValueError):
     """The configuration file is missing, not YAML, or has a bad field."""
 
 
-def load_config(path: Optional[Path | str] = None, overrides: Optional[dict] = None) -> AppConfig:
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> AppConfig:
     """Read and validate a YAML config; ``None`` means the default shipped with the package."""
     path = Path(path) if path else DEFAULT_CONFIG_PATH
     try:
@@ -234,6 +236,4 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def _describe(error: ValidationError) -> str:
-    return "\n".join(
-        f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-    )
+    return "\n".join(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())

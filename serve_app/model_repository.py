@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -30,7 +30,7 @@ SpatialSize = tuple[int, int, int]
 Spacing = tuple[float, float, float]
 
 
-class WeightsFormat(str, Enum):
+class WeightsFormat(StrEnum):
     monai_state_dict = "monai_state_dict"  # a MONAI network spec + a torch state dict
     torchscript = "torchscript"
     onnx = "onnx"
@@ -55,12 +55,14 @@ class PreprocessingSpec(StrictModel):
     """The model's MONAI preprocessing: orientation, spacing, intensity window, then its grid."""
 
     orientation: str = Field("RAS", pattern="^[LRAPSI]{3}$", description="Axis codes the volume is turned to.")
-    target_spacing: Optional[Spacing] = Field(None, description="Voxel spacing in mm to resample to; null keeps the input's.")
+    target_spacing: Spacing | None = Field(
+        None, description="Voxel spacing in mm to resample to; null keeps the input's."
+    )
     intensity_window: IntensityWindowSpec = Field(description="Intensities onto the model's range.")
-    spatial_size: Optional[SpatialSize] = Field(
+    spatial_size: SpatialSize | None = Field(
         None, description="A fixed size every volume is resized to (whole volumes are batched); or give roi_size."
     )
-    roi_size: Optional[SpatialSize] = Field(
+    roi_size: SpatialSize | None = Field(
         None, description="Sliding-window inference with this window over any size (windows are batched)."
     )
 
@@ -130,7 +132,7 @@ class ModelSpec(StrictModel):
     labels: dict[int, str] = Field(description="Label value -> name; 0 is background.")
     preprocessing: PreprocessingSpec = Field(description="The MONAI preprocessing of the model's input.")
     inference: InferenceSpec = Field(InferenceSpec(), description="Sliding-window settings (with roi_size).")
-    network: Optional[NetworkSpec] = Field(None, description="The MONAI network, for monai_state_dict weights.")
+    network: NetworkSpec | None = Field(None, description="The MONAI network, for monai_state_dict weights.")
     weights: WeightsSpec = Field(description="The weights file and its format.")
     engine: EngineSpec = Field(EngineSpec(), description="How the network runs.")
     folder: Path = Field(Path("."), description="The model's own folder; filled in by the repository.")

@@ -7,8 +7,8 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -37,10 +37,18 @@ class ResultStore:
         self._next_sweep = 0.0
 
     @classmethod
-    def of(cls, storage: StorageConfig) -> "ResultStore":
+    def of(cls, storage: StorageConfig) -> ResultStore:
         return cls(storage.results, storage.result_retention_hours)
 
-    def save(self, result_id: str, box: np.ndarray, box_start: Sequence[int], grid_shape: Sequence[int], affine: np.ndarray, summary: dict) -> None:
+    def save(
+        self,
+        result_id: str,
+        box: np.ndarray,
+        box_start: Sequence[int],
+        grid_shape: Sequence[int],
+        affine: np.ndarray,
+        summary: dict,
+    ) -> None:
         """Store a result: ``box`` holds the mask's labels from voxel ``box_start`` of a grid of
         ``grid_shape`` with ``affine``; outside it the mask is 0."""
         # Expired results are already unreadable (_existing checks their age); deleting them needs a
@@ -54,7 +62,11 @@ class ResultStore:
         partial.mkdir(parents=True)
         affine = np.asarray(affine, dtype=float)
         nib.save(nib.Nifti1Image(box.astype(np.uint8), shifted_affine(affine, box_start)), str(partial / _BOX_FILE))
-        grid = {"shape": [int(n) for n in grid_shape], "affine": affine.tolist(), "box_start": [int(a) for a in box_start]}
+        grid = {
+            "shape": [int(n) for n in grid_shape],
+            "affine": affine.tolist(),
+            "box_start": [int(a) for a in box_start],
+        }
         (partial / _GRID_FILE).write_text(json.dumps(grid))
         (partial / SUMMARY_FILE).write_text(json.dumps(summary))
         partial.rename(folder)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 __all__ = ["Stopwatch"]
 
@@ -24,7 +23,7 @@ class Stopwatch:
         self.laps: dict[str, float] = {}
         self._start = self._last = time.perf_counter()
 
-    def lap(self, name: Optional[str] = None) -> float:
+    def lap(self, name: str | None = None) -> float:
         """Seconds since the last lap; added to ``laps[name]`` when named (a name may recur)."""
         now = time.perf_counter()
         seconds, self._last = now - self._last, now

@@ -104,7 +104,12 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory) -> AppConfig:
     from serve_app.tenancy.keys import hash_api_key
 
     def tenant(models, per_second, burst, max_concurrent, **more) -> dict:
-        return {"models": models, "rate": {"per_second": per_second, "burst": burst}, "max_concurrent": max_concurrent, **more}
+        return {
+            "models": models,
+            "rate": {"per_second": per_second, "burst": burst},
+            "max_concurrent": max_concurrent,
+            **more,
+        }
 
     tenants = {
         "st-marys": tenant(["*"], 100, 100, 16, stat=True),
@@ -139,5 +144,3 @@ def tenant_url(server_url, tenant_config) -> str:
     wait_until_ready(url, timeout_s=300)
     yield url
     serve.delete(tenant_config.name)
-
-

@@ -37,8 +37,17 @@ def test_openapi_names_every_field_of_the_segment_answer(openapi):
     schemas = openapi["components"]["schemas"]
     fields = schemas["SegmentResponse"]["properties"]
     assert set(fields) == {
-        "result_id", "model", "labels", "shape", "spacing", "orientation", "affine", "mask_url", "batch_size",
-        "uploaded_bytes", "timings_ms",
+        "result_id",
+        "model",
+        "labels",
+        "shape",
+        "spacing",
+        "orientation",
+        "affine",
+        "mask_url",
+        "batch_size",
+        "uploaded_bytes",
+        "timings_ms",
     }
     assert all(field.get("description") for field in fields.values()), fields
     assert set(schemas["LabelVolume"]["properties"]) == {"label", "name", "volume_ml"}
@@ -83,7 +92,9 @@ def test_errors_the_framework_raises_come_in_medserves_format(client, method, pa
 
 
 def test_too_many_multipart_parts_is_a_413_in_medserves_format(client, app_config):
-    parts = [("files", (f"{n}.dcm", b"x", "application/dicom")) for n in range(app_config.limits.max_files_per_upload + 1)]
+    parts = [
+        ("files", (f"{n}.dcm", b"x", "application/dicom")) for n in range(app_config.limits.max_files_per_upload + 1)
+    ]
     response = client.post(SEGMENT, files=parts)
     assert response.status_code == 413, response.text
     assert "file parts" in response.json()["error"]["reason"]

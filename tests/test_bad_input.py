@@ -46,7 +46,7 @@ class Uploads:
         datasets = [pydicom.dcmread(p) for p in self.series]
         for dataset in datasets:
             change(dataset)
-        return zip_bytes({p.name: _dicom_bytes(d) for p, d in zip(self.series, datasets)})
+        return zip_bytes({p.name: _dicom_bytes(d) for p, d in zip(self.series, datasets, strict=True)})
 
     def other_series(self, shape) -> list[Path]:
         folder = self.tmp_path / f"other-{'x'.join(map(str, shape))}"
@@ -91,37 +91,121 @@ ZERO_COLUMN = np.diag([1.0, 0.0, 1.0, 1.0])
 
 # (route, body from Uploads, content type, status, a phrase of the reason)
 CASES = [
-    pytest.param(SEGMENT, lambda u: b"this is a text file, not a study", "application/zip", 415, "not a zip", id="not a zip"),
+    pytest.param(
+        SEGMENT, lambda u: b"this is a text file, not a study", "application/zip", 415, "not a zip", id="not a zip"
+    ),
     pytest.param(SEGMENT, lambda u: b"", "application/zip", 422, "empty", id="empty body"),
     pytest.param(SEGMENT, lambda u: zip_bytes({}), "application/zip", 422, "zip archive is empty", id="empty zip"),
-    pytest.param(SEGMENT, lambda u: u.series_zip()[:5000], "application/zip", 415, "corrupt or truncated", id="corrupt zip"),
-    pytest.param(SEGMENT, lambda u: zip_bytes({"README.txt": b"hello", "a.csv": b"1,2"}), "application/zip", 422,
-                 "no DICOM", id="zip of non-DICOM files"),
-    pytest.param(SEGMENT, lambda u: zip_files(u.series + u.other_series((64, 64, 4))), "application/zip", 422,
-                 "2 different series", id="two series"),
-    pytest.param(SEGMENT, lambda u: u.with_slice(3, _drop_pixels), "application/zip", 422, "no pixel data",
-                 id="missing pixel data"),
-    pytest.param(SEGMENT, lambda u: u.with_slice(5, _shrink), "application/zip", 422, "different sizes",
-                 id="inconsistent slice sizes"),
-    pytest.param(SEGMENT, lambda u: zip_bytes({"../../etc/evil.dcm": u.files[u.series[0].name]}), "application/zip",
-                 422, "leaves the archive", id="zip entry escaping with ../"),
-    pytest.param(SEGMENT, lambda u: u.files[u.series[0].name][:400], "application/dicom", 422, "no pixel data",
-                 id="DICOM cut inside its header"),
-    pytest.param(SEGMENT, lambda u: u.files[u.series[0].name][:-1000], "application/dicom", 422, "cannot be decoded",
-                 id="DICOM cut inside its pixel data"),
-    pytest.param(SEGMENT, lambda u: zip_files(u.other_series((128, 128, TEST_MAX_VOXELS // (128 * 128) + 1))),
-                 "application/zip", 413, "over this server's limit", id="volume over the limit"),
-    pytest.param("/v1/models/no-such-model/segment", lambda u: u.series_zip(), "application/zip", 404,
-                 "unknown model", id="unknown model"),
-    pytest.param(SEGMENT, lambda u: u.with_every_slice(_as_rgb), "application/zip", 422, "RGB", id="colour (RGB) DICOM"),
-    pytest.param(SEGMENT, lambda u: u.with_every_slice(_zero_spacing), "application/zip", 422, "PixelSpacing",
-                 id="zero pixel spacing"),
-    pytest.param(SEGMENT, lambda u: u.with_every_slice(_collinear_orientation), "application/zip", 422,
-                 "ImageOrientationPatient", id="collinear row and column directions"),
-    pytest.param(SEGMENT, lambda u: u.nifti(np.zeros((32, 32, 8), np.int16), ZERO_COLUMN), "application/octet-stream",
-                 422, "affine", id="NIfTI affine with a zero column"),
-    pytest.param(SEGMENT, lambda u: u.nifti(_nan_voxels(), np.eye(4)), "application/octet-stream", 422,
-                 "not finite", id="NIfTI with NaN voxels"),
+    pytest.param(
+        SEGMENT, lambda u: u.series_zip()[:5000], "application/zip", 415, "corrupt or truncated", id="corrupt zip"
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: zip_bytes({"README.txt": b"hello", "a.csv": b"1,2"}),
+        "application/zip",
+        422,
+        "no DICOM",
+        id="zip of non-DICOM files",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: zip_files(u.series + u.other_series((64, 64, 4))),
+        "application/zip",
+        422,
+        "2 different series",
+        id="two series",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.with_slice(3, _drop_pixels),
+        "application/zip",
+        422,
+        "no pixel data",
+        id="missing pixel data",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.with_slice(5, _shrink),
+        "application/zip",
+        422,
+        "different sizes",
+        id="inconsistent slice sizes",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: zip_bytes({"../../etc/evil.dcm": u.files[u.series[0].name]}),
+        "application/zip",
+        422,
+        "leaves the archive",
+        id="zip entry escaping with ../",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.files[u.series[0].name][:400],
+        "application/dicom",
+        422,
+        "no pixel data",
+        id="DICOM cut inside its header",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.files[u.series[0].name][:-1000],
+        "application/dicom",
+        422,
+        "cannot be decoded",
+        id="DICOM cut inside its pixel data",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: zip_files(u.other_series((128, 128, TEST_MAX_VOXELS // (128 * 128) + 1))),
+        "application/zip",
+        413,
+        "over this server's limit",
+        id="volume over the limit",
+    ),
+    pytest.param(
+        "/v1/models/no-such-model/segment",
+        lambda u: u.series_zip(),
+        "application/zip",
+        404,
+        "unknown model",
+        id="unknown model",
+    ),
+    pytest.param(
+        SEGMENT, lambda u: u.with_every_slice(_as_rgb), "application/zip", 422, "RGB", id="colour (RGB) DICOM"
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.with_every_slice(_zero_spacing),
+        "application/zip",
+        422,
+        "PixelSpacing",
+        id="zero pixel spacing",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.with_every_slice(_collinear_orientation),
+        "application/zip",
+        422,
+        "ImageOrientationPatient",
+        id="collinear row and column directions",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.nifti(np.zeros((32, 32, 8), np.int16), ZERO_COLUMN),
+        "application/octet-stream",
+        422,
+        "affine",
+        id="NIfTI affine with a zero column",
+    ),
+    pytest.param(
+        SEGMENT,
+        lambda u: u.nifti(_nan_voxels(), np.eye(4)),
+        "application/octet-stream",
+        422,
+        "not finite",
+        id="NIfTI with NaN voxels",
+    ),
 ]
 
 

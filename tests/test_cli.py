@@ -59,7 +59,9 @@ def test_segment_against_a_server_that_never_answers_times_out_in_one_line(tmp_p
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         result = medserve("segment", str(study), "--url", url, "--model", "any", "--timeout", "1")
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"medserve: {url} did not answer within 1 s (--timeout sets how long to wait)"]
+    assert result.stderr.splitlines() == [
+        f"medserve: {url} did not answer within 1 s (--timeout sets how long to wait)"
+    ]
 
 
 def test_a_refusal_that_is_not_json_is_still_one_line(tmp_path):

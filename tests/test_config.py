@@ -45,7 +45,8 @@ def test_fractional_gpus_and_per_model_overrides_reach_serve_options(tmp_path):
     path = tmp_path / "gpu.yaml"
     path.write_text(
         "deployments:\n  model: {num_gpus: 0.25, num_replicas: 4}\n"
-        "models:\n  ct-phantom-organ: {num_gpus: 0.5, autoscaling: {min_replicas: 1, max_replicas: 3}, batching: {max_batch_size: 8}}\n"
+        "models:\n  ct-phantom-organ:\n"
+        "    {num_gpus: 0.5, autoscaling: {min_replicas: 1, max_replicas: 3}, batching: {max_batch_size: 8}}\n"
     )
     config = load_config(path)
     assert config.deployments.model.serve_options()["ray_actor_options"]["num_gpus"] == 0.25
@@ -79,8 +80,13 @@ def test_every_config_field_documents_itself_in_the_schema():
         ),
         pytest.param(
             "tenants:\n"
-            "  a: {name: A, api_key_hashes: [sha256:" + "0" * 64 + "], models: ['*'], rate: {per_second: 1, burst: 1}, max_concurrent: 1}\n"
-            "  b: {name: B, api_key_hashes: [sha256:" + "0" * 64 + "], models: ['*'], rate: {per_second: 1, burst: 1}, max_concurrent: 1}\n",
+            "  a: {name: A, api_key_hashes: [sha256:"
+            + "0"
+            * 64
+            + "], models: ['*'], rate: {per_second: 1, burst: 1}, max_concurrent: 1}\n"
+            "  b: {name: B, api_key_hashes: [sha256:"
+            + "0" * 64
+            + "], models: ['*'], rate: {per_second: 1, burst: 1}, max_concurrent: 1}\n",
             "listed twice (by a, b)",
             id="one key hash for two tenants",
         ),

@@ -8,8 +8,8 @@ from helpers import dice
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
 from serve_app.model_repository import ModelRepository
-from serve_app.studies.phantoms import ct_phantom
 from serve_app.segmentation.transforms import mask_on_grid, to_model_input
+from serve_app.studies.phantoms import ct_phantom
 
 # Seeds from 10_000 on are never drawn by the training script; shapes and spacings vary like its data.
 FRESH = [
@@ -34,6 +34,10 @@ def test_dice_on_unseen_phantoms(model, seed, shape, spacing):
     image = to_model_input(phantom.volume, spec.preprocessing)
     with torch.inference_mode():
         logits = engine(image.as_tensor()[None])[0]
-    mask = mask_on_grid(logits, image.affine, phantom.volume.affine, phantom.volume.shape, spec.foreground_labels).full().numpy()
+    mask = (
+        mask_on_grid(logits, image.affine, phantom.volume.affine, phantom.volume.shape, spec.foreground_labels)
+        .full()
+        .numpy()
+    )
     assert mask.shape == phantom.volume.shape
     assert dice(mask == 1, phantom.label) >= 0.9

@@ -18,10 +18,9 @@ from helpers import MODEL, medserve
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
 from serve_app.engines.base import PaddedBatches
+from serve_app.engines.onnx_export import FP32_TOLERANCE, cached_onnx_path, compare_with_torch, input_shape, onnx_for
 from serve_app.engines.torch_engine import build_network
 from serve_app.model_repository import ModelSpec, read_model_spec
-from serve_app.engines.onnx_export import FP32_TOLERANCE, cached_onnx_path, compare_with_torch, input_shape, onnx_for
-
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +123,24 @@ def test_export_onnx_command_unknown_model(tmp_path, capsys):
 def test_tensorrt_engine_cache_key_changes_with_each_input():
     from serve_app.engines.tensorrt_engine import engine_cache_key
 
-    base = dict(gpu_name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), tensorrt_version="10.9.0.34",
-                precision="fp16", batch_sizes=(1, 2, 4, 8), onnx_bytes=b"onnx")
+    base = dict(
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability=(9, 0),
+        tensorrt_version="10.9.0.34",
+        precision="fp16",
+        batch_sizes=(1, 2, 4, 8),
+        onnx_bytes=b"onnx",
+    )
     key = engine_cache_key(**base)
     assert engine_cache_key(**base) == key
-    variants = dict(gpu_name="NVIDIA H200", compute_capability=(8, 9), tensorrt_version="10.10.0.31",
-                    precision="int8", batch_sizes=(1, 2, 4), onnx_bytes=b"onnx2")
+    variants = dict(
+        gpu_name="NVIDIA H200",
+        compute_capability=(8, 9),
+        tensorrt_version="10.10.0.31",
+        precision="int8",
+        batch_sizes=(1, 2, 4),
+        onnx_bytes=b"onnx2",
+    )
     for field, value in variants.items():
         assert engine_cache_key(**{**base, field: value}) != key, field
 
@@ -177,7 +188,9 @@ class FakeTensorRT(types.ModuleType):
 
             def create_network(self, flags):
                 self.network_flags = flags
-                return types.SimpleNamespace(get_input=lambda i: types.SimpleNamespace(name="image", shape=(-1, 1, 96, 96, 48)))
+                return types.SimpleNamespace(
+                    get_input=lambda i: types.SimpleNamespace(name="image", shape=(-1, 1, 96, 96, 48))
+                )
 
             def create_builder_config(self):
                 self.config = Config()
@@ -205,7 +218,12 @@ class FakeTensorRT(types.ModuleType):
             def __init__(self):
                 pass
 
-        self.Logger, self.Builder, self.OnnxParser, self.IInt8EntropyCalibrator2 = Logger, Builder, OnnxParser, IInt8EntropyCalibrator2
+        self.Logger, self.Builder, self.OnnxParser, self.IInt8EntropyCalibrator2 = (
+            Logger,
+            Builder,
+            OnnxParser,
+            IInt8EntropyCalibrator2,
+        )
         self.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")
 
 

@@ -9,8 +9,8 @@ from helpers import dice
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
 from serve_app.model_repository import EngineSpec, ModelRepository
-from serve_app.studies.phantoms import ct_phantom
 from serve_app.segmentation.transforms import mask_on_grid, to_model_input
+from serve_app.studies.phantoms import ct_phantom
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine runs these)")
 
@@ -24,11 +24,18 @@ def segment(spec, phantom, device, **engine):
     spec = spec.model_copy(update={"engine": EngineSpec(**engine)})
     image = to_model_input(phantom.volume, spec.preprocessing, device)
     logits = load_engine(spec, device)(image.as_tensor()[None])[0]
-    return mask_on_grid(logits, image.affine, phantom.volume.affine, phantom.volume.shape, spec.foreground_labels).full().cpu().numpy()
+    return (
+        mask_on_grid(logits, image.affine, phantom.volume.affine, phantom.volume.shape, spec.foreground_labels)
+        .full()
+        .cpu()
+        .numpy()
+    )
 
 
 @needs_gpu
-@pytest.mark.parametrize("engine", [{}, {"precision": "fp16", "channels_last": True}, {"precision": "fp16", "cuda_graphs": True}])
+@pytest.mark.parametrize(
+    "engine", [{}, {"precision": "fp16", "channels_last": True}, {"precision": "fp16", "cuda_graphs": True}]
+)
 def test_gpu_path_matches_cpu_path(spec, engine):
     phantom = ct_phantom(np.random.default_rng(20_010))
     on_cpu = segment(spec, phantom, "cpu")

@@ -55,15 +55,33 @@ def test_every_model_yaml_field_documents_itself_in_the_schema():
     "old, new, message",
     [
         pytest.param("a_max: 164", "a_max: -100", "a_max (-100.0) must be greater than a_min (-57.0)", id="window"),
-        pytest.param("spatial_size: [96, 96, 48]", "roi_size: [96, 96, 48]\n  spatial_size: [96, 96, 48]",
-                     "give exactly one of spatial_size and roi_size (got both)", id="both geometries"),
-        pytest.param("  0: background\n", "", "labels must name label 0 (background); got labels [1]", id="no background"),
-        pytest.param("format: monai_state_dict", "format: monai_state_dict\nengine: {batch_sizes: [4, 2]}",
-                     "batch_sizes [4, 2] must be increasing positive integers", id="batch sizes"),
-        pytest.param("format: monai_state_dict", "format: monai_state_dict\nengine: {backend: onnxruntime, precision: int8}",
-                     "precision int8 needs backend tensorrt (got onnxruntime)", id="int8 without tensorrt"),
-        pytest.param("format: monai_state_dict", "format: monai_state_dict\ninference: {overlap: 1.0}",
-                     "inference.overlap", id="overlap of a whole window"),
+        pytest.param(
+            "spatial_size: [96, 96, 48]",
+            "roi_size: [96, 96, 48]\n  spatial_size: [96, 96, 48]",
+            "give exactly one of spatial_size and roi_size (got both)",
+            id="both geometries",
+        ),
+        pytest.param(
+            "  0: background\n", "", "labels must name label 0 (background); got labels [1]", id="no background"
+        ),
+        pytest.param(
+            "format: monai_state_dict",
+            "format: monai_state_dict\nengine: {batch_sizes: [4, 2]}",
+            "batch_sizes [4, 2] must be increasing positive integers",
+            id="batch sizes",
+        ),
+        pytest.param(
+            "format: monai_state_dict",
+            "format: monai_state_dict\nengine: {backend: onnxruntime, precision: int8}",
+            "precision int8 needs backend tensorrt (got onnxruntime)",
+            id="int8 without tensorrt",
+        ),
+        pytest.param(
+            "format: monai_state_dict",
+            "format: monai_state_dict\ninference: {overlap: 1.0}",
+            "inference.overlap",
+            id="overlap of a whole window",
+        ),
     ],
 )
 def test_model_yaml_messages_carry_the_bad_values(repo_copy, old, new, message):

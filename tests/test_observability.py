@@ -80,7 +80,9 @@ def has_finite_value(result: list[dict]) -> bool:
 @pytest.fixture(scope="module")
 def prometheus(server_url, tmp_path_factory):
     if monitoring.find_binary("prometheus") is None:
-        skip_unless_installed("prometheus", "Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
+        skip_unless_installed(
+            "prometheus", "Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)"
+        )
     state = tmp_path_factory.mktemp("monitoring")
     gpu_port, port = free_port(), free_port()
     monitoring.start_gpu_exporter(gpu_port, state)
@@ -93,7 +95,11 @@ def prometheus(server_url, tmp_path_factory):
         node_port = str(ray.nodes()[0]["MetricsExportPort"])
 
         def node_and_gpu_targets_up():
-            up = {(t["labels"]["job"], t["labels"]["instance"].rsplit(":", 1)[1]) for t in api.targets() if t["health"] == "up"}
+            up = {
+                (t["labels"]["job"], t["labels"]["instance"].rsplit(":", 1)[1])
+                for t in api.targets()
+                if t["health"] == "up"
+            }
             return ("ray", node_port) in up and ("medserve-gpu", str(gpu_port)) in up
 
         api.wait_for("the Ray node's metrics agent and the GPU exporter scraped", node_and_gpu_targets_up)
@@ -117,8 +123,11 @@ class WsiJobDriver:
 
 def send_traffic(server_url: str, study_zip: bytes, segments: int, wsi, job_id: str) -> None:
     with httpx.Client(base_url=server_url, timeout=300) as client:
+
         def segment(_):
-            response = client.post(f"/v1/models/{MODEL}/segment", content=study_zip, headers={"content-type": "application/zip"})
+            response = client.post(
+                f"/v1/models/{MODEL}/segment", content=study_zip, headers={"content-type": "application/zip"}
+            )
             assert response.status_code == 200, response.text
 
         with ThreadPoolExecutor(segments) as pool:  # concurrent, so the model can batch them
@@ -166,16 +175,34 @@ def test_every_dashboard_query_returns_data(scraped):
 
 
 def test_stage_latencies_codes_batches_and_replicas_reach_prometheus(scraped):
-    stages = {s["metric"]["stage"] for s in scraped.query(f'ray_medserve_request_duration_seconds_count{{model="{MODEL}",tenant="anonymous"}}')}
+    stages = {
+        s["metric"]["stage"]
+        for s in scraped.query(f'ray_medserve_request_duration_seconds_count{{model="{MODEL}",tenant="anonymous"}}')
+    }
     assert stages == set(STAGES.values())
-    codes = {s["metric"]["code"] for s in scraped.query('ray_medserve_requests_total{route="/v1/models/{name}/segment"}')}
+    codes = {
+        s["metric"]["code"] for s in scraped.query('ray_medserve_requests_total{route="/v1/models/{name}/segment"}')
+    }
     assert {"200", "415"} <= codes
     # Round one's request and round two's cannot share a batch; earlier tests on this cluster add more.
-    scraped.wait_for("two batches", lambda: scraped.query(f'sum(ray_medserve_batch_size_count{{model="{MODEL}"}}) >= 2'))
-    replicas = {(s["metric"]["deployment"], s["metric"]["kind"]) for s in scraped.query("ray_medserve_replica_gpu_memory_bytes")}
-    assert {("Preprocess", "allocated"), (f"ModelReplica:{MODEL}", "allocated"), ("Postprocess", "reserved")} <= replicas
+    scraped.wait_for(
+        "two batches", lambda: scraped.query(f'sum(ray_medserve_batch_size_count{{model="{MODEL}"}}) >= 2')
+    )
+    replicas = {
+        (s["metric"]["deployment"], s["metric"]["kind"]) for s in scraped.query("ray_medserve_replica_gpu_memory_bytes")
+    }
+    assert {
+        ("Preprocess", "allocated"),
+        (f"ModelReplica:{MODEL}", "allocated"),
+        ("Postprocess", "reserved"),
+    } <= replicas
     healthy = scraped.query('sum by (deployment) (ray_serve_deployment_replica_healthy{application="medserve"})')
-    assert {s["metric"]["deployment"] for s in healthy} == {"Ingress", "Preprocess", f"ModelReplica:{MODEL}", "Postprocess"}
+    assert {s["metric"]["deployment"] for s in healthy} == {
+        "Ingress",
+        "Preprocess",
+        f"ModelReplica:{MODEL}",
+        "Postprocess",
+    }
 
 
 def test_no_label_value_carries_what_a_hospital_sent(scraped):
@@ -258,7 +285,9 @@ def test_dashboards_fit_grafanas_schema():
     from grafana_foundation_sdk.models.dashboard import Dashboard
 
     plugins.register_default_plugins()
-    datasource_uid = re.search(r"uid: (\S+)", (monitoring.DASHBOARDS / "grafana/provisioning/datasources/prometheus.yaml").read_text())[1]
+    datasource_uid = re.search(
+        r"uid: (\S+)", (monitoring.DASHBOARDS / "grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )[1]
     assert {p.stem for p in DASHBOARD_FILES} == {"overview", "gpu", "tenants", "wsi"}
     for path in DASHBOARD_FILES:
         ours = json.loads(path.read_text())
@@ -273,9 +302,14 @@ def test_dashboards_fit_grafanas_schema():
 def unknown_keys(ours, theirs, where: str = "") -> list[str]:
     """Paths in ``ours`` that are missing or different in ``theirs``."""
     if isinstance(ours, dict) and isinstance(theirs, dict):
-        return [p for k, v in ours.items() for p in (unknown_keys(v, theirs[k], f"{where}.{k}") if k in theirs else [f"{where}.{k}"])]
+        return [
+            p
+            for k, v in ours.items()
+            for p in (unknown_keys(v, theirs[k], f"{where}.{k}") if k in theirs else [f"{where}.{k}"])
+        ]
     if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
-        return [p for i, (a, b) in enumerate(zip(ours, theirs)) for p in unknown_keys(a, b, f"{where}[{i}]")]
+        pairs = enumerate(zip(ours, theirs, strict=True))
+        return [p for i, (a, b) in pairs for p in unknown_keys(a, b, f"{where}[{i}]")]
     return [] if ours == theirs else [f"{where}: {ours!r} became {theirs!r}"]
 
 
@@ -302,7 +336,9 @@ def test_readme_documents_every_metric():
 def test_monitoring_start_serves_prometheus_and_the_gpu_exporter_until_stopped(tmp_path):
     """What `medserve up --monitoring` starts and `medserve down` stops, on free ports."""
     if monitoring.find_binary("prometheus") is None:
-        skip_unless_installed("prometheus", "Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)")
+        skip_unless_installed(
+            "prometheus", "Prometheus is not installed here (apt-get install prometheus; .ci/run installs it)"
+        )
     ports = monitoring.Ports(prometheus=free_port(), gpu_exporter=free_port(), grafana=free_port())
     urls = monitoring.start(ports, tmp_path)
     try:

@@ -5,7 +5,13 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from serve_app.segmentation.transforms import keep_largest_component, mask_on_grid, resample_to_grid, to_labels, to_probabilities
+from serve_app.segmentation.transforms import (
+    keep_largest_component,
+    mask_on_grid,
+    resample_to_grid,
+    to_labels,
+    to_probabilities,
+)
 
 
 def whole_grid_mask(logits, model_affine, grid_affine, grid_shape, foreground):
@@ -22,7 +28,12 @@ def blobs(rng, shape, labels, at_edge=False) -> torch.Tensor:
         organ = np.asarray(shape) - 3.0 if at_edge else rng.uniform(6, np.asarray(shape) - 6)
         # Islands beside the organ and one anywhere: the largest-component step must remove them.
         stray = rng.uniform(0, np.asarray(shape) - 1)  # anywhere: a false positive far from the organ
-        for centre, radius in [(organ, 4.0), (organ + rng.uniform(-7, 7, 3), 1.2), (organ + rng.uniform(-7, 7, 3), 1.2), (stray, 1.5)]:
+        for centre, radius in [
+            (organ, 4.0),
+            (organ + rng.uniform(-7, 7, 3), 1.2),
+            (organ + rng.uniform(-7, 7, 3), 1.2),
+            (stray, 1.5),
+        ]:
             logits[label][torch.as_tensor(np.linalg.norm(grid - centre, axis=-1) < radius)] += 8.0
     return logits
 

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from serve_app.tenancy.quota import FairQueue, Quotas, TokenBucket
 from serve_app.tenancy.config import RateLimitConfig, TenantConfig
+from serve_app.tenancy.quota import FairQueue, Quotas, TokenBucket
 
 
 class Clock:
@@ -18,8 +18,11 @@ class Clock:
 
 def _tenant(per_second=1.0, burst=2, max_concurrent=10) -> TenantConfig:
     return TenantConfig(
-        name="t", api_key_hashes=["sha256:" + "0" * 64], models=["*"],
-        rate=RateLimitConfig(per_second=per_second, burst=burst), max_concurrent=max_concurrent,
+        name="t",
+        api_key_hashes=["sha256:" + "0" * 64],
+        models=["*"],
+        rate=RateLimitConfig(per_second=per_second, burst=burst),
+        max_concurrent=max_concurrent,
     )
 
 
@@ -45,7 +48,9 @@ def test_fair_queue_serves_stat_first_then_tenants_in_turn():
 
 def test_concurrency_is_checked_before_a_token_is_spent():
     clock = Clock()
-    quotas = Quotas({"h": _tenant(per_second=0.001, burst=2, max_concurrent=1)}, processing_slots=1, lease_s=60, clock=clock)
+    quotas = Quotas(
+        {"h": _tenant(per_second=0.001, burst=2, max_concurrent=1)}, processing_slots=1, lease_s=60, clock=clock
+    )
     assert quotas.admit("h", "r1") is None
     refusal = quotas.admit("h", "r2")
     assert refusal.reason == "concurrency"

@@ -12,7 +12,6 @@ from pydicom.data import get_testdata_file
 from helpers import SEGMENT, dice, load_mask, zip_files
 
 
-
 def test_phantom_series_zip_is_segmented_on_its_own_grid(client, phantom, phantom_series):
     response = client.post(SEGMENT, content=zip_files(phantom_series), headers={"content-type": "application/zip"})
     assert response.status_code == 200, response.text

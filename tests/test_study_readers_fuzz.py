@@ -59,7 +59,9 @@ cosines = st.one_of(
     st.lists(odd_floats, min_size=6, max_size=6),
 )
 TEXT_VALUED = ("RescaleSlope", "RescaleIntercept")
-numbers_as_text = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.sampled_from(["", "abc", "1\\2"]))
+numbers_as_text = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr), st.sampled_from(["", "abc", "1\\2"])
+)
 
 
 def _end(build) -> None:
@@ -93,7 +95,9 @@ def slice_changes(draw) -> dict:
         "BitsStored": st.integers(0, 33),
         "PixelRepresentation": st.integers(0, 2),
         "SamplesPerPixel": st.integers(0, 4),
-        "PhotometricInterpretation": st.sampled_from(["MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL"]),
+        "PhotometricInterpretation": st.sampled_from(
+            ["MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL"]
+        ),
         "RescaleSlope": numbers_as_text,
         "RescaleIntercept": numbers_as_text,
         "NumberOfFrames": st.integers(0, 3),
@@ -102,8 +106,16 @@ def slice_changes(draw) -> dict:
             changes[keyword] = value
     changes["positions"] = draw(st.sampled_from(["as written", "duplicate", "uneven", "reversed", "nan", "missing"]))
     changes["transfer_syntax"] = draw(
-        st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, JPEGBaseline8Bit,
-                         JPEG2000Lossless, RLELossless])
+        st.sampled_from(
+            [
+                ExplicitVRLittleEndian,
+                ImplicitVRLittleEndian,
+                ExplicitVRBigEndian,
+                JPEGBaseline8Bit,
+                JPEG2000Lossless,
+                RLELossless,
+            ]
+        )
     )
     changes["pixel_bytes"] = draw(st.sampled_from(["as written", "short", "long", "empty"]))
     return changes
@@ -151,7 +163,9 @@ def _write_slice(original, k: int, changes: dict, folder) -> None:
     if "ImagePositionPatient" in ds:
         ds.ImagePositionPatient = position
     data = bytes(original.PixelData)
-    ds.PixelData = {"short": data[: len(data) // 2], "long": data + data, "empty": b""}.get(changes["pixel_bytes"], data)
+    ds.PixelData = {"short": data[: len(data) // 2], "long": data + data, "empty": b""}.get(
+        changes["pixel_bytes"], data
+    )
     # The file says this syntax; its data stays as written: a mislabelled file is a case worth sending too.
     ds.file_meta.TransferSyntaxUID = changes["transfer_syntax"]
     try:

@@ -21,7 +21,6 @@ from serve_app.studies.sample_data import write_ct_series
 from serve_app.tenancy.keys import hash_api_key
 
 
-
 def auth(key: str) -> dict:
     return {"authorization": f"Bearer {key}"}
 
@@ -78,7 +77,9 @@ def test_each_rejection_has_its_code_and_a_reason(tenants, tenant_keys, small_zi
 
     other_model = tenants.post(SEGMENT, content=tiny_zip, headers={**ZIP, **auth(tenant_keys["research-lab"])})
     assert other_model.status_code == 403 and "may not use model" in other_model.json()["error"]["reason"]
-    no_stat = tenants.post(SEGMENT, params={"stat": "true"}, content=tiny_zip, headers={**ZIP, **auth(tenant_keys["rural-clinic"])})
+    no_stat = tenants.post(
+        SEGMENT, params={"stat": "true"}, content=tiny_zip, headers={**ZIP, **auth(tenant_keys["rural-clinic"])}
+    )
     assert no_stat.status_code == 403 and "STAT" in no_stat.json()["error"]["reason"]
     too_big = tenants.post(SEGMENT, content=small_zip, headers={**ZIP, **auth(tenant_keys["rural-clinic"])})
     assert too_big.status_code == 413 and "limit of 80000" in too_big.json()["error"]["reason"]
@@ -178,7 +179,9 @@ def test_a_stat_request_overtakes_queued_routine_work(tenants, tenant_keys, tena
     assert len(after_stat) >= queued - 1, (queued, sorted(finished, key=finished.get))
 
 
-def test_mixed_load_every_request_completes_or_gets_a_clear_4xx(tenants, tenant_keys, tenant_config, small_zip, tiny_zip):
+def test_mixed_load_every_request_completes_or_gets_a_clear_4xx(
+    tenants, tenant_keys, tenant_config, small_zip, tiny_zip
+):
     kinds = {
         "routine": ({**auth(tenant_keys["st-marys"])}, {}, small_zip, {200}),
         "stat": ({**auth(tenant_keys["st-marys"])}, {"stat": "true"}, small_zip, {200}),
@@ -188,7 +191,15 @@ def test_mixed_load_every_request_completes_or_gets_a_clear_4xx(tenants, tenant_
         "other model": ({**auth(tenant_keys["research-lab"])}, {}, tiny_zip, {403}),
         "over rate": ({**auth(tenant_keys["city-general"])}, {}, tiny_zip, {200, 429}),
     }
-    plan = ["routine"] * 6 + ["stat"] * 2 + ["clinic"] * 6 + ["clinic too big"] * 2 + ["no key"] * 2 + ["other model"] * 2 + ["over rate"] * 4
+    plan = (
+        ["routine"] * 6
+        + ["stat"] * 2
+        + ["clinic"] * 6
+        + ["clinic too big"] * 2
+        + ["no key"] * 2
+        + ["other model"] * 2
+        + ["over rate"] * 4
+    )
 
     def send(kind):
         headers, params, body, _ = kinds[kind]
@@ -206,7 +217,12 @@ def test_mixed_load_every_request_completes_or_gets_a_clear_4xx(tenants, tenant_
     assert not unexpected
     assert all("retry-after" in r.headers for _, r in outcomes if r.status_code == 429)
     assert any(r.status_code == 429 for kind, r in outcomes if kind == "clinic")  # two at a time, six sent
-    wait_for(lambda: gate_stats(tenant_config) == {"in_flight": dict.fromkeys(tenant_config.tenants, 0), "holding": 0, "queued": 0})
+    wait_for(
+        lambda: (
+            gate_stats(tenant_config)
+            == {"in_flight": dict.fromkeys(tenant_config.tenants, 0), "holding": 0, "queued": 0}
+        )
+    )
 
 
 def test_no_patient_data_reaches_any_log_or_error(tenants, tenant_keys, tenant_config, tmp_path_factory):
@@ -223,7 +239,7 @@ def test_no_patient_data_reaches_any_log_or_error(tenants, tenant_keys, tenant_c
     series = _series(tmp_path_factory, "phi", 6, patient=patient, study_instance_uid=uid)
     # File names inside a zip are a classic leak: name them after the patient.
     named = {p.with_name(f"{patient['PatientName']}-{patient['PatientID']}-{p.name}") for p in series}
-    for src, dst in zip(series, sorted(named)):
+    for src, dst in zip(series, sorted(named), strict=True):
         src.rename(dst)
     study = zip_files(sorted(named))
     key = auth(tenant_keys["st-marys"])

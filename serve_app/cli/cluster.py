@@ -76,7 +76,10 @@ def _start_monitoring() -> None:
     for name, url in urls.items():
         print(f"{name}: {url}")
     if "grafana" not in urls:
-        print("grafana is not installed: dashboards/grafana/ holds its provisioning for a Grafana of your own", file=sys.stderr)
+        print(
+            "grafana is not installed: dashboards/grafana/ holds its provisioning for a Grafana of your own",
+            file=sys.stderr,
+        )
 
 
 def _start_local_ray(dashboard: bool = False) -> None:

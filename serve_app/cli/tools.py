@@ -54,7 +54,10 @@ def _tenant_key(args) -> int:
     from serve_app.tenancy.keys import hash_api_key, new_api_key
 
     key = new_api_key()
-    print(f"New API key for tenant {args.tenant_id}; it is shown only this once, give it to the hospital:", file=sys.stderr)
+    print(
+        f"New API key for tenant {args.tenant_id}; it is shown only this once, give it to the hospital:",
+        file=sys.stderr,
+    )
     print(key)
     print(f"Add its hash to the config, under tenants.{args.tenant_id}.api_key_hashes:", file=sys.stderr)
     print(f"  - {hash_api_key(key)}")
@@ -70,7 +73,9 @@ def _sample_ct(args) -> int:
     phantom = ct_phantom(np.random.default_rng(args.seed))
     paths = write_ct_series(phantom.volume, args.out / "series")
     write_nifti(phantom.label, phantom.volume.affine, args.out / "truth.nii.gz")
-    print(f"wrote {len(paths)} DICOM slices to {args.out / 'series'} and the ground truth to {args.out / 'truth.nii.gz'}")
+    print(
+        f"wrote {len(paths)} DICOM slices to {args.out / 'series'} and the ground truth to {args.out / 'truth.nii.gz'}"
+    )
     return 0
 
 

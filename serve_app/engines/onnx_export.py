@@ -113,7 +113,9 @@ def export(network: torch.nn.Module, example_shape: tuple[int, ...], out: Path) 
     )
 
 
-def compare_with_torch(network: torch.nn.Module, onnx_path: Path, sample_shape: tuple[int, ...], tolerance: float) -> OnnxCheck:
+def compare_with_torch(
+    network: torch.nn.Module, onnx_path: Path, sample_shape: tuple[int, ...], tolerance: float
+) -> OnnxCheck:
     """The ONNX file (structurally valid per onnx.checker) run by onnxruntime on CPU against ``network``."""
     import onnx
     import onnxruntime

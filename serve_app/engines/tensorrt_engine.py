@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from serve_app.model_repository import ModelSpec
 from serve_app.engines.onnx_export import engine_cache_root, input_shape, onnx_for
+from serve_app.model_repository import ModelSpec
 
 CALIBRATION_VOLUMES = 16
 CALIBRATION_BATCH_SIZE = 4  # divides CALIBRATION_VOLUMES: every calibration batch has the calibration profile's shape
@@ -43,7 +43,14 @@ def engine_cache_key(
     onnx_bytes: bytes,
 ) -> str:
     """A serialized engine runs only where all of these match the build (the ONNX fixes the other dims)."""
-    fields = [gpu_name, list(compute_capability), tensorrt_version, precision, list(batch_sizes), hashlib.sha256(onnx_bytes).hexdigest()]
+    fields = [
+        gpu_name,
+        list(compute_capability),
+        tensorrt_version,
+        precision,
+        list(batch_sizes),
+        hashlib.sha256(onnx_bytes).hexdigest(),
+    ]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
 
 
@@ -56,11 +63,15 @@ class TensorRTEngine:
         options = spec.engine
         onnx_bytes = onnx_for(spec).read_bytes()
         gpu = torch.cuda.get_device_properties(device)
-        key = engine_cache_key(gpu.name, (gpu.major, gpu.minor), trt.__version__, options.precision, options.batch_sizes, onnx_bytes)
+        key = engine_cache_key(
+            gpu.name, (gpu.major, gpu.minor), trt.__version__, options.precision, options.batch_sizes, onnx_bytes
+        )
         plan_path = engine_cache_root() / "tensorrt" / f"{spec.name}-{key}.plan"
         if not plan_path.is_file():
             calibration = calibration_batches(spec, device) if options.precision == "int8" else None
-            plan = build_plan(onnx_bytes, options.precision, options.batch_sizes, calibration, plan_path.with_suffix(".calibration"))
+            plan = build_plan(
+                onnx_bytes, options.precision, options.batch_sizes, calibration, plan_path.with_suffix(".calibration")
+            )
             _write_atomically(plan_path, plan)
         logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(logger)  # kept: the engine must not outlive its runtime
@@ -76,7 +87,9 @@ class TensorRTEngine:
         # fp16/int8 change the kernels inside; the network's I/O tensors stay float32 as exported.
         batch = batch.to(self.device, torch.float32).contiguous()
         self._context.set_input_shape(self._input, tuple(batch.shape))
-        logits = torch.empty(tuple(self._context.get_tensor_shape(self._output)), dtype=torch.float32, device=self.device)
+        logits = torch.empty(
+            tuple(self._context.get_tensor_shape(self._output)), dtype=torch.float32, device=self.device
+        )
         self._context.set_tensor_address(self._input, batch.data_ptr())
         self._context.set_tensor_address(self._output, logits.data_ptr())
         # On the replica's current stream, so torch orders its own work on these tensors around it.
@@ -89,8 +102,8 @@ def build_plan(
     onnx_bytes: bytes,
     precision: str,
     batch_sizes: Sequence[int],
-    calibration: Optional[list[torch.Tensor]] = None,
-    calibration_cache: Optional[Path] = None,
+    calibration: list[torch.Tensor] | None = None,
+    calibration_cache: Path | None = None,
 ) -> bytes:
     """A serialized engine for batches of ``batch_sizes[0]`` to ``batch_sizes[-1]`` volumes."""
     trt = tensorrt_module()
@@ -138,11 +151,11 @@ def entropy_calibrator(batches: list[torch.Tensor], cache_path: Path):
         def get_batch_size(self) -> int:
             return batches[0].shape[0]
 
-        def get_batch(self, names: list[str]) -> Optional[list[int]]:
+        def get_batch(self, names: list[str]) -> list[int] | None:
             batch = next(self._pending, None)
             return None if batch is None else [batch.data_ptr()]
 
-        def read_calibration_cache(self) -> Optional[bytes]:
+        def read_calibration_cache(self) -> bytes | None:
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache) -> None:
@@ -155,14 +168,17 @@ def calibration_batches(spec: ModelSpec, device: torch.device | str) -> list[tor
     """Preprocessed synthetic CT volumes, as the model sees them in serving, in fixed-size batches."""
     from monai.transforms import ResizeWithPadOrCrop
 
-    from serve_app.studies.phantoms import ct_phantom
     from serve_app.segmentation.transforms import to_model_input
+    from serve_app.studies.phantoms import ct_phantom
 
     if spec.modality != "CT":
         raise ValueError(f"int8 calibrates on CT phantoms; model {spec.name} is {spec.modality}: use precision fp16")
     fit = ResizeWithPadOrCrop(input_shape(spec, 1)[2:])  # a sliding-window model sees ROI-sized patches
     # Fixed seeds: every node calibrates on the same volumes, so a cache key needs no calibration data in it.
-    volumes = [fit(to_model_input(ct_phantom(np.random.default_rng(20_000 + i)).volume, spec.preprocessing)).as_tensor() for i in range(CALIBRATION_VOLUMES)]
+    volumes = [
+        fit(to_model_input(ct_phantom(np.random.default_rng(20_000 + i)).volume, spec.preprocessing)).as_tensor()
+        for i in range(CALIBRATION_VOLUMES)
+    ]
     stacked = torch.stack(volumes).to(device, torch.float32)
     return list(stacked.split(CALIBRATION_BATCH_SIZE))
 

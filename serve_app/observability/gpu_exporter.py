@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-from typing import Optional
 
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -79,8 +78,10 @@ class GpuCollector:
             yield family
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.observability.gpu_exporter", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve_app.observability.gpu_exporter", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     args = parser.parse_args(argv)

@@ -22,7 +22,8 @@ import functools
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from serve_app.errors import status_of
 
@@ -127,7 +128,7 @@ class ReplicaMetrics:
     """Made in each replica's ``__init__``: reports the replica's GPU memory every few seconds and,
     for a model replica, the size of each batch."""
 
-    def __init__(self, model: Optional[str] = None):
+    def __init__(self, model: str | None = None):
         from ray.serve import metrics
 
         self.model = model
@@ -203,6 +204,8 @@ def _wsi_metrics():
         "medserve_wsi_tiles", description="WSI tiles processed; rate() gives tiles/s.", tag_keys=("model", "tenant")
     )
     jobs = metrics.Counter(
-        "medserve_wsi_jobs", description="WSI jobs finished, by status (done, failed).", tag_keys=("model", "tenant", "status")
+        "medserve_wsi_jobs",
+        description="WSI jobs finished, by status (done, failed).",
+        tag_keys=("model", "tenant", "status"),
     )
     return progress, tiles, jobs

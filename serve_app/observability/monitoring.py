@@ -14,7 +14,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -30,15 +29,17 @@ class Ports:
     grafana: int = 3000
 
 
-def find_binary(name: str) -> Optional[str]:
+def find_binary(name: str) -> str | None:
     """``name`` on PATH, else where Debian's packages put it."""
-    return shutil.which(name) or next((str(p) for p in (Path("/usr/bin") / name, Path("/usr/sbin") / name) if p.exists()), None)
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/bin") / name, Path("/usr/sbin") / name) if p.exists()), None
+    )
 
 
 def prometheus_config(
     service_discovery_file: Path = RAY_SERVICE_DISCOVERY_FILE,
     gpu_exporter_port: int = Ports.gpu_exporter,
-    scrape_interval: Optional[str] = None,
+    scrape_interval: str | None = None,
 ) -> dict:
     """``dashboards/prometheus.yml`` with the service-discovery file and GPU exporter port given."""
     config = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
@@ -67,10 +68,12 @@ def start_prometheus(config: dict, port: int, state_dir: Path) -> subprocess.Pop
 
 
 def start_gpu_exporter(port: int, state_dir: Path) -> subprocess.Popen:
-    return _spawn("gpu-exporter", [sys.executable, "-m", "serve_app.observability.gpu_exporter", "--port", str(port)], state_dir)
+    return _spawn(
+        "gpu-exporter", [sys.executable, "-m", "serve_app.observability.gpu_exporter", "--port", str(port)], state_dir
+    )
 
 
-def start_grafana(port: int, prometheus_port: int, state_dir: Path) -> Optional[subprocess.Popen]:
+def start_grafana(port: int, prometheus_port: int, state_dir: Path) -> subprocess.Popen | None:
     """Grafana with the datasource and dashboards provisioned, or None where it is not installed."""
     binary = find_binary("grafana") or find_binary("grafana-server")
     if binary is None:
@@ -117,13 +120,17 @@ def stop(state_dir: Path = STATE_DIR) -> list[str]:
     return stopped
 
 
-def _spawn(name: str, command: list[str], state_dir: Path, env: Optional[dict] = None) -> subprocess.Popen:
+def _spawn(name: str, command: list[str], state_dir: Path, env: dict | None = None) -> subprocess.Popen:
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / f"{name}.log", "ab") as log:
         # A session of its own: the process outlives `medserve up`, and `stop` ends it with its children.
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **(env or {})},
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
     (state_dir / f"{name}.pid").write_text(str(process.pid))
     return process

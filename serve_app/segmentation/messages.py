@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from serve_app.studies.volume import Affine
 
 __all__ = ["Grid", "LabelVolume", "Postprocessed", "Prediction", "PreparedStudy", "Segmentation", "StageTimings"]
 
-Array = Union[torch.Tensor, np.ndarray]
+Array = torch.Tensor | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class PreparedStudy:
     image: Array  # (C_in, *model_spatial) float32
     model_affine: Affine  # model voxel -> RAS mm: where the model's grid lies, to resample the mask back
     grid: Grid
-    study_instance_uid: Optional[str]  # for the audit trail's salted hash only; never logged as is
+    study_instance_uid: str | None  # for the audit trail's salted hash only; never logged as is
     preprocess_s: float
 
     def to_host(self) -> PreparedStudy:
@@ -81,7 +80,9 @@ class StageTimings(BaseModel):
     postprocess: float
 
     @classmethod
-    def of(cls, prepared: PreparedStudy, prediction: Prediction, model_round_trip_s: float, post: Postprocessed) -> StageTimings:
+    def of(
+        cls, prepared: PreparedStudy, prediction: Prediction, model_round_trip_s: float, post: Postprocessed
+    ) -> StageTimings:
         return cls(
             preprocess=prepared.preprocess_s,
             model_queue=max(model_round_trip_s - prediction.compute_s, 0.0),
@@ -97,7 +98,7 @@ class Segmentation:
     grid: Grid
     labels: list[LabelVolume]
     batch_size: int
-    study_instance_uid: Optional[str]
+    study_instance_uid: str | None
     timings: StageTimings
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ray.serve.handle import DeploymentHandle
 
@@ -24,8 +23,8 @@ class StageHandles:
     """
 
     model_handles: dict[str, DeploymentHandle]
-    preprocess: Optional[DeploymentHandle] = None
-    postprocess: Optional[DeploymentHandle] = None
+    preprocess: DeploymentHandle | None = None
+    postprocess: DeploymentHandle | None = None
 
     async def segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
         model = self.model_handles[model_name]
@@ -33,7 +32,9 @@ class StageHandles:
             return await model.segment.remote(str(upload_folder), result_id)
 
         async def postprocess(prediction: Prediction, prepared: PreparedStudy):
-            return await self.postprocess.remote(prediction, prepared.model_affine, prepared.grid, model_name, result_id)
+            return await self.postprocess.remote(
+                prediction, prepared.model_affine, prepared.grid, model_name, result_id
+            )
 
         return await run_stages(
             preprocess=lambda: self.preprocess.remote(str(upload_folder), model_name),

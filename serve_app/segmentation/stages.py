@@ -7,8 +7,8 @@ runs all three in one replica, where tensors stay on its GPU. Same code, same re
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ class Predictor:
         with torch.inference_mode():
             for indices in by_shape.values():
                 batch = torch.stack([_on_device(images[i], self.device) for i in indices])
-                for i, row in zip(indices, self.inferer(batch, self.engine)):
+                for i, row in zip(indices, self.inferer(batch, self.engine), strict=True):
                     logits[i] = row
         return logits
 
@@ -127,13 +127,15 @@ class Postprocessor:
     def __init__(self, results: ResultStore):
         self.results = results
 
-    def __call__(self, logits: Array, model_affine: Affine, grid: Grid, spec: ModelSpec, result_id: str) -> Postprocessed:
+    def __call__(
+        self, logits: Array, model_affine: Affine, grid: Grid, spec: ModelSpec, result_id: str
+    ) -> Postprocessed:
         """Args:
-            logits: (C_out, *model_spatial) on the model's grid, on any device.
-            model_affine: model voxel -> RAS mm.
-            grid: the study's grid (image voxel -> RAS mm), which the mask is made on.
-            spec: the model, for its labels.
-            result_id: the result's id in the store.
+        logits: (C_out, *model_spatial) on the model's grid, on any device.
+        model_affine: model voxel -> RAS mm.
+        grid: the study's grid (image voxel -> RAS mm), which the mask is made on.
+        spec: the model, for its labels.
+        result_id: the result's id in the store.
         """
         watch = Stopwatch()
         if not isinstance(logits, torch.Tensor):

@@ -7,8 +7,8 @@ they take and return torch tensors on whatever device the input is on.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -145,7 +145,9 @@ def foreground_box(
     """
     shape = np.asarray(grid_shape)
     # Per axis, which planes hold any foreground: three small reductions, not a list of every voxel.
-    planes = [torch.nonzero(foreground.any(dim=[d for d in range(3) if d != axis])).flatten().cpu() for axis in range(3)]
+    planes = [
+        torch.nonzero(foreground.any(dim=[d for d in range(3) if d != axis])).flatten().cpu() for axis in range(3)
+    ]
     if len(planes[0]) == 0:
         return (slice(0, 1),) * 3  # one voxel, which resamples to background: no special case downstream
     edge = np.asarray(foreground.shape) - 1
@@ -153,16 +155,20 @@ def foreground_box(
     hi = np.array([float(p[-1]) for p in planes]) + 1
     far = float(shape.max()) * 1e3  # beyond any edge of the image grid, in model voxels
     lo[lo < 0], hi[hi > edge] = -far, far
-    corners = np.array(list(itertools.product(*zip(lo, hi))))
+    corners = np.array(list(itertools.product(*zip(lo, hi, strict=True))))
     to_grid = np.linalg.inv(np.asarray(grid_affine, dtype=float)) @ np.asarray(model_affine, dtype=float)
     mapped = corners @ to_grid[:3, :3].T + to_grid[:3, 3]
     start = np.clip(np.floor(mapped.min(0)) - 1, 0, shape - 1).astype(int)
     stop = np.clip(np.ceil(mapped.max(0)) + 2, start + 1, shape).astype(int)
-    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
 
 
 def mask_on_grid(
-    logits: torch.Tensor, model_affine: Affine, grid_affine: Affine, grid_shape: Sequence[int], foreground: Sequence[int]
+    logits: torch.Tensor,
+    model_affine: Affine,
+    grid_affine: Affine,
+    grid_shape: Sequence[int],
+    foreground: Sequence[int],
 ) -> BoxedMask:
     """The whole postprocessing of a segmentation: logits on the model's grid -> labels on the image's grid.
 
@@ -186,7 +192,9 @@ def mask_on_grid(
     organ = keep_largest_component(to_labels(probabilities), foreground)[0] > 0
     box = foreground_box(organ, model_affine, grid_affine, grid_shape)
     start = tuple(b.start for b in box)
-    resampled = resample_to_grid(probabilities, model_affine, shifted_affine(grid_affine, start), [b.stop - b.start for b in box])
+    resampled = resample_to_grid(
+        probabilities, model_affine, shifted_affine(grid_affine, start), [b.stop - b.start for b in box]
+    )
     labels = keep_largest_component(to_labels(resampled), foreground)[0].to(torch.uint8)
     return BoxedMask(labels, start, tuple(int(n) for n in grid_shape))
 

@@ -8,7 +8,7 @@ affine that cannot be inverted.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

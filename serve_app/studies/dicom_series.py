@@ -107,7 +107,9 @@ def _check_one_series(headers) -> None:
         _check_grey_scale(h)
     sizes = sorted({(_integer(h, "Rows"), _integer(h, "Columns")) for h in headers})
     if min(min(size) for size in sizes) < 1:
-        raise InvalidStudy(f"a slice has {sizes[0][0]} rows and {sizes[0][1]} columns; an image needs at least one of each")
+        raise InvalidStudy(
+            f"a slice has {sizes[0][0]} rows and {sizes[0][1]} columns; an image needs at least one of each"
+        )
     if len(sizes) > 1:
         shown = " and ".join(f"{r}x{c}" for r, c in sizes[:2])
         raise InvalidStudy(f"the slices have different sizes ({shown}); a series has one size")
@@ -155,7 +157,8 @@ def _slice_step(positions: list[np.ndarray], normal: np.ndarray, first) -> np.nd
         raise InvalidStudy("two slices of the series share one position")
     if steps.max() - steps.min() > _STEP_TOLERANCE * steps.mean():
         raise InvalidStudy(
-            f"the slice spacing is uneven ({steps.min():.2f} to {steps.max():.2f} mm): a slice is missing or the series is mixed"
+            f"the slice spacing is uneven ({steps.min():.2f} to {steps.max():.2f} mm): "
+            "a slice is missing or the series is mixed"
         )
     return (positions[-1] - positions[0]) / (len(positions) - 1)
 
@@ -167,7 +170,9 @@ def _read_pixels(path: str, shape: tuple[int, int]) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises many types for pixel data it cannot decode
         syntax = ds.file_meta.get("TransferSyntaxUID")
-        raise InvalidStudy(f"the pixel data cannot be decoded (transfer syntax {getattr(syntax, 'name', 'unknown')})") from e
+        raise InvalidStudy(
+            f"the pixel data cannot be decoded (transfer syntax {getattr(syntax, 'name', 'unknown')})"
+        ) from e
     if pixels.shape != shape:
         raise InvalidStudy(f"a slice's pixel data decodes to shape {pixels.shape}, not its Rows x Columns {shape}")
     if "ModalityLUTSequence" in ds:

@@ -44,7 +44,14 @@ def ct_phantom(
     hu[inner] = rng.uniform(30, 50)  # soft tissue
 
     # A liver-like large region of lower enhancement than the organ, so intensity alone is not the answer.
-    liver = _ellipsoid(X, Y, Z, (-0.35 * body_a, -0.1 * body_b, 0), (0.45 * body_a, 0.6 * body_b, 0.8 * z[-1] + 40), rng.uniform(-0.3, 0.3))
+    liver = _ellipsoid(
+        X,
+        Y,
+        Z,
+        (-0.35 * body_a, -0.1 * body_b, 0),
+        (0.45 * body_a, 0.6 * body_b, 0.8 * z[-1] + 40),
+        rng.uniform(-0.3, 0.3),
+    )
     hu[liver & inner] = rng.uniform(55, 70)
     spine = (X**2 + (Y - 0.6 * body_b) ** 2) <= rng.uniform(11, 16) ** 2
     hu[spine & inner] = rng.uniform(500, 800)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from serve_app.studies.volume import Volume, spacing_of
 
@@ -29,9 +28,9 @@ DEFAULT_PATIENT = {
 def write_ct_series(
     volume: Volume,
     folder: Path,
-    patient: Optional[dict] = None,
-    study_instance_uid: Optional[str] = None,
-    series_instance_uid: Optional[str] = None,
+    patient: dict | None = None,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
 ) -> list[Path]:
     """One CT Image Storage file per slice, int16 stored values with a rescale to HU."""
     folder = Path(folder)

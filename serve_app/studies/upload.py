@@ -11,9 +11,9 @@ Files are told apart by their bytes, not their names: hospital exports name file
 from __future__ import annotations
 
 import zipfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import AsyncIterator
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
@@ -53,7 +53,9 @@ class UploadBudget:
     def spend_bytes(self, n: int) -> None:
         self.bytes += n
         if self.bytes > self.max_bytes:
-            raise PayloadTooLarge(f"the upload is over this server's limit of {self.max_bytes} bytes, unpacked archives included")
+            raise PayloadTooLarge(
+                f"the upload is over this server's limit of {self.max_bytes} bytes, unpacked archives included"
+            )
 
     def spend_files(self, n: int) -> None:
         self.files += n

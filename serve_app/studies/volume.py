@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, TypeAlias
+from typing import TypeAlias
 
 import numpy as np
 
@@ -26,9 +27,9 @@ class Volume:
 
     array: np.ndarray  # (I, J, K) voxels in modality units (HU for CT), as stored where torch has the type
     affine: Affine  # image voxel -> RAS mm
-    modality: Optional[str] = None
+    modality: str | None = None
     # Kept for the audit trail's salted hash; never logged or returned as is.
-    study_instance_uid: Optional[str] = None
+    study_instance_uid: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -60,4 +61,4 @@ def shifted_affine(affine: Affine, start: Sequence[int]) -> Affine:
 
 def box_slices(start: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
     """The index of a box of ``shape`` that begins at voxel ``start``."""
-    return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, shape))
+    return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, shape, strict=True))

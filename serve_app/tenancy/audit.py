@@ -22,7 +22,6 @@ import secrets
 import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Optional
 
 from serve_app.tenancy.config import AuditConfig
 
@@ -66,12 +65,12 @@ class AuditLog:
             handler.setFormatter(logging.Formatter("%(message)s"))
             self.logger.addHandler(handler)
 
-    def study_hash(self, study_instance_uid: Optional[str]) -> Optional[str]:
+    def study_hash(self, study_instance_uid: str | None) -> str | None:
         if not study_instance_uid:
             return None
         return hmac.new(self.salt, study_instance_uid.encode(), hashlib.sha256).hexdigest()
 
     def write(self, record: dict) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         line = {"time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"), **record}
         self.logger.info(json.dumps(line, separators=(",", ":")))

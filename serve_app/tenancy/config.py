@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
@@ -33,7 +33,7 @@ class TenantConfig(StrictModel):
     models: list[str] = Field(min_length=1, description='Model names the tenant may use, or "*" for every model.')
     rate: RateLimitConfig = Field(description="The tenant's rate of segment requests.")
     max_concurrent: int = Field(ge=1, description="Segment requests of the tenant in progress at once.")
-    max_upload_bytes: Optional[int] = Field(
+    max_upload_bytes: int | None = Field(
         None, gt=0, description="Largest upload of the tenant; null: the server's limits.max_upload_bytes."
     )
     stat: bool = Field(False, description="Whether the tenant may send STAT (emergency) requests.")
@@ -58,6 +58,6 @@ class SchedulingConfig(StrictModel):
 
 
 class AuditConfig(StrictModel):
-    directory: Optional[Path] = Field(None, description="Where audit files go; null: <storage.root>/audit.")
+    directory: Path | None = Field(None, description="Where audit files go; null: <storage.root>/audit.")
     max_bytes: int = Field(50 * 1024**2, ge=1024, description="Size of an audit file before it rotates.")
     backup_count: int = Field(20, ge=1, description="Rotated audit files kept per ingress replica.")

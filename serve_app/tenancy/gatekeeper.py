@@ -13,9 +13,9 @@ import os
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -44,14 +44,14 @@ class Visit:
     route: str
     stat: bool
     tenant_id: str = ANONYMOUS
-    model: Optional[str] = None  # set only once the model is known to exist: never echo a client's string
-    model_version: Optional[str] = None
+    model: str | None = None  # set only once the model is known to exist: never echo a client's string
+    model_version: str | None = None
     max_upload_bytes: int = 0
     admitted: bool = False  # the gate counts it in: it must be let out (gate.leave)
     slot_wait_s: float = 0.0
-    study_instance_uid: Optional[str] = None  # hashed before it is written anywhere
+    study_instance_uid: str | None = None  # hashed before it is written anywhere
     timings_ms: dict = field(default_factory=dict)
-    gate: Optional[DeploymentHandle] = None
+    gate: DeploymentHandle | None = None
 
     async def wait_for_slot(self) -> None:
         """Queue for a processing slot (STAT first, then tenants in turn); at once on an open server."""
@@ -75,7 +75,7 @@ class Gatekeeper:
         gate: the ``TenantGateDeployment`` handle; None on an open server (no tenants, nothing counted).
     """
 
-    def __init__(self, config: AppConfig, repository: ModelRepository, gate: Optional[DeploymentHandle]):
+    def __init__(self, config: AppConfig, repository: ModelRepository, gate: DeploymentHandle | None):
         self.tenants = config.tenants
         self.tenant_by_key = {h: tid for tid, tenant in config.tenants.items() for h in tenant.api_key_hashes}
         self.repository = repository
@@ -84,12 +84,17 @@ class Gatekeeper:
         self.audit = AuditLog(config.audit, config.storage.root, _replica_name())
         self.held: set[str] = set()  # tickets this replica holds at the gate, renewed while they run
         self.renew_every_s = config.scheduling.lease_s / 4
-        self._renewing: Optional[asyncio.Task] = None
+        self._renewing: asyncio.Task | None = None
 
     @asynccontextmanager
     async def visit(
-        self, request: Request, route: str, model: Optional[str] = None, stat: bool = False,
-        admit: bool = False, result_id: Optional[str] = None,
+        self,
+        request: Request,
+        route: str,
+        model: str | None = None,
+        stat: bool = False,
+        admit: bool = False,
+        result_id: str | None = None,
     ) -> AsyncIterator[Visit]:
         """Authenticate and authorise the request (and with ``admit``, count it against its quotas);
         whatever happens, release what it held and write its audit line."""
@@ -128,7 +133,7 @@ class Gatekeeper:
                 except Exception as e:  # the gate restarting: its counts start afresh anyway
                     logger.warning("could not renew the gate's leases: %s", type(e).__name__)
 
-    def _authenticate(self, visit: Visit, request: Request) -> Optional[TenantConfig]:
+    def _authenticate(self, visit: Visit, request: Request) -> TenantConfig | None:
         """The tenant whose API key the request carries (None on an open server); 401 without a valid one."""
         tenant = None
         if self.tenants:
@@ -142,7 +147,7 @@ class Gatekeeper:
         request.state.tenant_id = visit.tenant_id  # the metrics label requests by it
         return tenant
 
-    def _authorise(self, visit: Visit, tenant: Optional[TenantConfig], model: Optional[str]) -> None:
+    def _authorise(self, visit: Visit, tenant: TenantConfig | None, model: str | None) -> None:
         """404 for an unknown model; 403 for a model or a STAT request the tenant may not send."""
         if model is not None:
             visit.model_version = self.repository.get(model).version
@@ -152,7 +157,7 @@ class Gatekeeper:
         if visit.stat and tenant and not tenant.stat:
             raise Forbidden(f"tenant {visit.tenant_id} may not send STAT requests")
 
-    def _upload_limit(self, tenant: Optional[TenantConfig]) -> int:
+    def _upload_limit(self, tenant: TenantConfig | None) -> int:
         """The tenant's upload limit, never above the server's."""
         tenant_limit = tenant.max_upload_bytes if tenant else None
         return min(self.server_upload_limit, tenant_limit or self.server_upload_limit)
@@ -169,8 +174,16 @@ class Gatekeeper:
             self.held.discard(visit.request_id)
             raise TooManyRequests(f"tenant {visit.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s)
 
-    def _record(self, visit: Visit, status: int, error: Optional[str], total_s: float) -> dict:
-        outcome = "ok" if status < 400 else "cancelled" if status == CLIENT_CLOSED else "rejected" if status < 500 else "failed"
+    def _record(self, visit: Visit, status: int, error: str | None, total_s: float) -> dict:
+        outcome = (
+            "ok"
+            if status < 400
+            else "cancelled"
+            if status == CLIENT_CLOSED
+            else "rejected"
+            if status < 500
+            else "failed"
+        )
         return {
             "request_id": visit.request_id if _RESULT_ID.match(visit.request_id) else None,
             "tenant": visit.tenant_id,
@@ -197,7 +210,7 @@ def _detached(call, *args) -> asyncio.Task:
     return asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
 
 
-def _bearer_token(authorization: str) -> Optional[str]:
+def _bearer_token(authorization: str) -> str | None:
     scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 

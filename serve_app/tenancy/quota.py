@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 from serve_app.tenancy.config import RateLimitConfig, TenantConfig
 
@@ -93,7 +93,13 @@ class Refusal:
 class Quotas:
     """Each tenant's rate and concurrency, and the cluster's processing slots, by request ticket."""
 
-    def __init__(self, tenants: dict[str, TenantConfig], processing_slots: int, lease_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        tenants: dict[str, TenantConfig],
+        processing_slots: int,
+        lease_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.tenants = tenants
         self.slots = processing_slots
         self.lease_s = lease_s
