@@ -10,6 +10,7 @@ import io
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -86,3 +87,26 @@ def skip_unless_installed(what: str, reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{what} is missing in CI, where .ci/run installs it: {reason}")
     pytest.skip(reason)
+
+
+def requests_counted(code: int) -> float:
+    """``ray_medserve_requests_total`` with this code, summed, as the node's metrics agent exports it now."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "ray_medserve_requests_total" and sample.labels.get("code") == str(code)
+    )
+
+
+def wait_until_counted(code: int, count: float, timeout_s: float = 60) -> float:
+    """Wait until ``requests_counted(code)`` reaches ``count`` (Ray exports metrics every few seconds); return it."""
+    deadline = time.monotonic() + timeout_s
+    while (counted := requests_counted(code)) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return counted

@@ -9,10 +9,8 @@ import zipfile
 
 import httpx
 import pytest
-import ray
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import SEGMENT, zip_files
+from helpers import SEGMENT, requests_counted, wait_until_counted, zip_files
 
 JSON_ROUTES = {
     ("/healthz", "get"): "Health",
@@ -122,20 +120,8 @@ def test_the_unpacked_size_limit_bounds_the_whole_upload_not_each_archive(client
     assert good.status_code == 422, good.text  # within the budget: unpacked, and found to hold no study
 
 
-def _requests_counted(code: int) -> float:
-    """``ray_medserve_requests_total`` with this code, summed, as the node's metrics agent exports it now."""
-    port = ray.nodes()[0]["MetricsExportPort"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "ray_medserve_requests_total" and sample.labels.get("code") == str(code)
-    )
-
-
 def test_a_client_that_hangs_up_is_counted_as_499_not_500(server_url):
-    before_499, before_500 = _requests_counted(499), _requests_counted(500)
+    before_499, before_500 = requests_counted(499), requests_counted(500)
     host, port = server_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.putrequest("POST", SEGMENT)
@@ -145,8 +131,5 @@ def test_a_client_that_hangs_up_is_counted_as_499_not_500(server_url):
     connection.send(b"PK\x03\x04" + bytes(1000))  # part of the body, then the client goes away
     time.sleep(2)
     connection.close()
-    deadline = time.monotonic() + 60
-    while _requests_counted(499) == before_499 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _requests_counted(499) == before_499 + 1
-    assert _requests_counted(500) == before_500
+    assert wait_until_counted(499, before_499 + 1) == before_499 + 1
+    assert requests_counted(500) == before_500

@@ -11,7 +11,6 @@ import contextvars
 import logging
 import os
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from starlette.requests import Request
 from serve_app.config import AppConfig
 from serve_app.errors import CLIENT_CLOSED, Forbidden, TooManyRequests, Unauthorized, status_of, unwrap
 from serve_app.model_repository import ModelRepository
+from serve_app.stopwatch import Stopwatch
 from serve_app.tenancy.audit import AuditLog
 from serve_app.tenancy.config import TenantConfig
 from serve_app.tenancy.keys import hash_api_key
@@ -56,9 +56,9 @@ class Visit:
     async def wait_for_slot(self) -> None:
         """Queue for a processing slot (STAT first, then tenants in turn); at once on an open server."""
         if self.admitted:
-            start = time.perf_counter()
+            watch = Stopwatch()
             await self.gate.acquire_slot.remote(self.request_id, self.stat)
-            self.slot_wait_s = time.perf_counter() - start
+            self.slot_wait_s = watch.total_s
 
 
 class Gatekeeper:
@@ -98,7 +98,7 @@ class Gatekeeper:
     ) -> AsyncIterator[Visit]:
         """Authenticate and authorise the request (and with ``admit``, count it against its quotas);
         whatever happens, release what it held and write its audit line."""
-        start = time.perf_counter()
+        watch = Stopwatch()
         visit = Visit(request_id=result_id or uuid.uuid4().hex, route=route, stat=stat, gate=self.gate)
         status, error = 200, None
         try:
@@ -121,7 +121,7 @@ class Gatekeeper:
                     self.held.discard(visit.request_id)
                     await asyncio.shield(_detached(self.gate.leave.remote, visit.request_id))
             finally:
-                self.audit.write(self._record(visit, status, error, time.perf_counter() - start))
+                self.audit.write(self._record(visit, status, error, watch.total_s))
 
     async def _renew_held(self) -> None:
         """While this replica lives, tell the gate that its requests still run (see SchedulingConfig.lease_s)."""
