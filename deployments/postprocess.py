@@ -10,7 +10,7 @@ from serve_app.engines.devices import replica_device, to_device
 from serve_app.model_repository import ModelRepository
 from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.results import ResultStore
-from serve_app.segmentation.messages import Grid, Postprocessed, Prediction
+from serve_app.segmentation.messages import Grid, LabelVolume, Prediction
 from serve_app.segmentation.stages import Postprocessor
 from serve_app.studies.volume import Affine
 
@@ -25,7 +25,7 @@ class PostprocessDeployment(Replica):
 
     def __call__(
         self, prediction: Prediction, model_affine: Affine, grid: Grid, model_name: str, result_id: str
-    ) -> Postprocessed:
+    ) -> list[LabelVolume]:
         """``prediction.logits``: (C_out, *model_spatial) on the host; moved to this replica's device."""
         logits = to_device(prediction.logits, self.device)
         return self.postprocessor(logits, model_affine, grid, self.repository.get(model_name), result_id)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from serve_app.studies.volume import Affine
 
-__all__ = ["Grid", "LabelVolume", "Postprocessed", "Prediction", "PreparedStudy", "Segmentation", "StageTimings"]
+__all__ = ["Grid", "LabelVolume", "Prediction", "PreparedStudy", "Segmentation", "StageTimings"]
 
 Array = torch.Tensor | np.ndarray
 
@@ -45,7 +45,6 @@ class PreparedStudy:
     model_affine: Affine  # model voxel -> RAS mm: where the model's grid lies, to resample the mask back
     grid: Grid
     study_instance_uid: str | None  # for the audit trail's salted hash only; never logged as is
-    preprocess_s: float
 
     def to_host(self) -> PreparedStudy:
         return dataclasses.replace(self, image=_on_host(self.image))
@@ -63,32 +62,14 @@ class Prediction:
         return dataclasses.replace(self, logits=_on_host(self.logits))
 
 
-@dataclass
-class Postprocessed:
-    """The postprocessor's output; the mask itself went to the result store."""
-
-    labels: list[LabelVolume]  # one per foreground label
-    postprocess_s: float
-
-
 class StageTimings(BaseModel):
-    """Seconds a request spent in each stage after its upload."""
+    """Seconds a request spent in each stage after its upload, as the caller that drives the stages waits on
+    them: the same in both layouts (a handle's hop, or a thread's, counts to its stage)."""
 
     preprocess: float
-    model_queue: float  # waiting for a model batch (and, in the split layout, the transfer)
-    model: float
+    model_queue: float  # the model stage's wait for its batch to fill and run, and its hops
+    model: float  # the batch's compute
     postprocess: float
-
-    @classmethod
-    def of(
-        cls, prepared: PreparedStudy, prediction: Prediction, model_round_trip_s: float, post: Postprocessed
-    ) -> StageTimings:
-        return cls(
-            preprocess=prepared.preprocess_s,
-            model_queue=max(model_round_trip_s - prediction.compute_s, 0.0),
-            model=prediction.compute_s,
-            postprocess=post.postprocess_s,
-        )
 
 
 @dataclass

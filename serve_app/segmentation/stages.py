@@ -24,7 +24,6 @@ from serve_app.segmentation.messages import (
     Array,
     Grid,
     LabelVolume,
-    Postprocessed,
     Prediction,
     PreparedStudy,
     Segmentation,
@@ -54,7 +53,6 @@ class Preprocessor:
 
         Raises ``InvalidStudy`` (422) when the study's modality is not the model's.
         """
-        watch = Stopwatch()
         volume = read_study(Path(upload_folder), self.limits)
         if volume.modality and volume.modality != spec.modality:
             raise InvalidStudy(f"the series is {volume.modality}; model {spec.name} takes {spec.modality}")
@@ -64,7 +62,6 @@ class Preprocessor:
             model_affine=np.asarray(image.affine, dtype=np.float64),
             grid=Grid(shape=volume.shape, affine=volume.affine),
             study_instance_uid=volume.study_instance_uid,
-            preprocess_s=watch.total_s,
         )
 
 
@@ -118,7 +115,7 @@ class Predictor:
 
 
 class Postprocessor:
-    """Turns logits on the model's grid into a mask on the study's grid, stores it, and measures it.
+    """Turns logits on the model's grid into a mask on the study's grid, stores it, and measures its labels.
 
     Args:
         results: where the mask is stored, under the request's result id.
@@ -129,15 +126,16 @@ class Postprocessor:
 
     def __call__(
         self, logits: Array, model_affine: Affine, grid: Grid, spec: ModelSpec, result_id: str
-    ) -> Postprocessed:
-        """Args:
-        logits: (C_out, *model_spatial) on the model's grid, on any device.
-        model_affine: model voxel -> RAS mm.
-        grid: the study's grid (image voxel -> RAS mm), which the mask is made on.
-        spec: the model, for its labels.
-        result_id: the result's id in the store.
+    ) -> list[LabelVolume]:
+        """Stores the mask under ``result_id``; returns each foreground label's volume.
+
+        Args:
+            logits: (C_out, *model_spatial) on the model's grid, on any device.
+            model_affine: model voxel -> RAS mm.
+            grid: the study's grid (image voxel -> RAS mm), which the mask is made on.
+            spec: the model, for its labels.
+            result_id: the result's id in the store.
         """
-        watch = Stopwatch()
         if not isinstance(logits, torch.Tensor):
             logits = to_device(logits, torch.device("cpu"))
         mask = mask_on_grid(logits, model_affine, grid.affine, grid.shape, spec.foreground_labels)
@@ -145,26 +143,33 @@ class Postprocessor:
         labels = [LabelVolume(label=k, name=spec.labels[k], volume_ml=ml) for k, ml in volumes.items()]
         summary = {"labels": [label.model_dump() for label in labels]}
         self.results.save(result_id, mask.labels.cpu().numpy(), mask.start, grid.shape, grid.affine, summary)
-        return Postprocessed(labels=labels, postprocess_s=watch.total_s)
+        return labels
 
 
 async def run_stages(
     preprocess: Callable[[], Awaitable[PreparedStudy]],
     predict: Callable[[Array], Awaitable[Prediction]],
-    postprocess: Callable[[Prediction, PreparedStudy], Awaitable[Postprocessed]],
+    postprocess: Callable[[Prediction, PreparedStudy], Awaitable[list[LabelVolume]]],
 ) -> Segmentation:
-    """One request through the three stages, however a layout reaches them (methods, or handles)."""
-    prepared = await preprocess()
+    """One request through the three stages, however a layout reaches them (methods, or handles), timed
+    here as the request waits on each."""
     watch = Stopwatch()
+    prepared = await preprocess()
+    preprocess_s = watch.lap()
     prediction = await predict(prepared.image)
     model_round_trip_s = watch.lap()
-    post = await postprocess(prediction, prepared)
+    labels = await postprocess(prediction, prepared)
     return Segmentation(
         grid=prepared.grid,
-        labels=post.labels,
+        labels=labels,
         batch_size=prediction.batch_size,
         study_instance_uid=prepared.study_instance_uid,
-        timings=StageTimings.of(prepared, prediction, model_round_trip_s, post),
+        timings=StageTimings(
+            preprocess=preprocess_s,
+            model_queue=max(model_round_trip_s - prediction.compute_s, 0.0),
+            model=prediction.compute_s,
+            postprocess=watch.lap(),
+        ),
     )
 
 
