@@ -144,6 +144,8 @@ class StorageConfig(StrictModel):
 
 
 class HttpConfig(StrictModel):
+    """Where Serve's HTTP proxy, and so the API, listens."""
+
     host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port Serve's HTTP proxy listens on.")
 

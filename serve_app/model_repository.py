@@ -89,6 +89,8 @@ class NetworkSpec(StrictModel):
 
 
 class WeightsSpec(StrictModel):
+    """The network's trained weights, a file in the model's folder."""
+
     file: str = Field(description="The weights file, relative to the model's folder.")
     format: WeightsFormat = Field(description="monai_state_dict (with network), torchscript or onnx.")
 
@@ -115,7 +117,8 @@ class EngineSpec(StrictModel):
     @model_validator(mode="after")
     def _sizes(self) -> EngineSpec:
         if not self.batch_sizes or list(self.batch_sizes) != sorted(set(self.batch_sizes)) or self.batch_sizes[0] < 1:
-            raise ValueError(f"batch_sizes {list(self.batch_sizes)} must be increasing positive integers")
+            sizes = ", ".join(map(str, self.batch_sizes))
+            raise ValueError(f"batch_sizes ({sizes}) must be increasing positive integers")
         if self.precision == "int8" and self.backend != "tensorrt":
             raise ValueError(f"precision int8 needs backend tensorrt (got {self.backend})")
         return self

@@ -1,7 +1,9 @@
 import pytest
+from pydantic import Field
 
 from helpers import properties_without_description
 from serve_app.config import ConfigError, load_config
+from serve_app.strict_model import StrictModel
 
 
 def test_default_config_is_valid_and_serves_the_embedded_model():
@@ -47,6 +49,17 @@ def test_every_config_field_documents_itself_in_the_schema():
     from serve_app.config import AppConfig
 
     assert properties_without_description(AppConfig.model_json_schema()) == []
+
+
+def test_the_schema_check_finds_an_undocumented_field_of_a_nested_section():
+    class Section(StrictModel):
+        documented: int = Field(1, description="Has one.")
+        undocumented: int = 1
+
+    class Root(StrictModel):
+        section: Section = Field(Section(), description="A nested section, which lands in $defs.")
+
+    assert properties_without_description(Root.model_json_schema()) == ["Section.undocumented"]
 
 
 _TENANT = "{name: T, api_key_hashes: [sha256:%s], models: ['*'], rate: {per_second: 1, burst: 1}, max_concurrent: 1}"

@@ -1,11 +1,12 @@
 import shutil
 
 import pytest
+from pydantic import ValidationError
 
 from helpers import properties_without_description
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.errors import ModelNotFound
-from serve_app.model_repository import ModelRepository, ModelRepositoryError
+from serve_app.model_repository import InferenceSpec, ModelRepository, ModelRepositoryError
 
 
 def test_embedded_repository_lists_the_default_model():
@@ -41,7 +42,7 @@ def test_missing_weights_are_reported_at_start(repo_copy):
 
 def test_folder_and_name_must_agree(repo_copy):
     (repo_copy / "ct-phantom-organ").rename(repo_copy / "other")
-    with pytest.raises(ModelRepositoryError, match="differs from its folder"):
+    with pytest.raises(ModelRepositoryError, match="name 'ct-phantom-organ' differs from its folder 'other'"):
         ModelRepository(repo_copy)
 
 
@@ -62,12 +63,18 @@ def test_every_model_yaml_field_documents_itself_in_the_schema():
             id="both geometries",
         ),
         pytest.param(
+            "  spatial_size: [96, 96, 48]\n",
+            "",
+            "give exactly one of spatial_size and roi_size (got neither)",
+            id="no geometry",
+        ),
+        pytest.param(
             "  0: background\n", "", "labels must name label 0 (background); got labels [1]", id="no background"
         ),
         pytest.param(
             "format: monai_state_dict",
             "format: monai_state_dict\nengine: {batch_sizes: [4, 2]}",
-            "batch_sizes [4, 2] must be increasing positive integers",
+            "batch_sizes (4, 2) must be increasing positive integers",
             id="batch sizes",
         ),
         pytest.param(
@@ -79,7 +86,7 @@ def test_every_model_yaml_field_documents_itself_in_the_schema():
         pytest.param(
             "format: monai_state_dict",
             "format: monai_state_dict\ninference: {overlap: 1.0}",
-            "inference.overlap",
+            "inference.overlap: Input should be less than 1",
             id="overlap of a whole window",
         ),
     ],
@@ -96,3 +103,29 @@ def test_model_yaml_messages_carry_the_bad_values(repo_copy, old, new, message):
 def test_sliding_window_settings_default_to_monai_usual_ones():
     spec = ModelRepository(EMBEDDED_MODEL_REPOSITORY).get("ct-phantom-organ")
     assert (spec.inference.sw_batch_size, spec.inference.overlap) == (4, 0.25)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({"sw_batch_size": 1}, id="one window at a time"),
+        pytest.param({"overlap": 0.0}, id="windows that only touch"),
+        pytest.param({"overlap": 0.9}, id="large overlap"),
+    ],
+)
+def test_sliding_window_settings_within_bounds_are_taken(settings):
+    assert InferenceSpec(**settings).model_dump().items() >= settings.items()
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [
+        pytest.param({"sw_batch_size": 0}, "sw_batch_size", id="no windows at a time"),
+        pytest.param({"overlap": -0.1}, "overlap", id="negative overlap"),
+        pytest.param({"overlap": 1.0}, "overlap", id="overlap of a whole window"),
+    ],
+)
+def test_sliding_window_settings_out_of_bounds_are_refused(settings, field):
+    with pytest.raises(ValidationError) as error:
+        InferenceSpec(**settings)
+    assert [e["loc"] for e in error.value.errors()] == [(field,)]

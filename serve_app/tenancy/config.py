@@ -43,6 +43,8 @@ class TenantConfig(StrictModel):
 
 
 class SchedulingConfig(StrictModel):
+    """Cluster-wide admission of studies to processing, and the leases that keep its counts honest."""
+
     processing_slots: int = Field(
         2,
         ge=1,
@@ -58,6 +60,8 @@ class SchedulingConfig(StrictModel):
 
 
 class AuditConfig(StrictModel):
+    """The audit log: one rotating file of JSON lines per ingress replica."""
+
     directory: Path | None = Field(None, description="Where audit files go; null: <storage.root>/audit.")
     max_bytes: int = Field(50 * 1024**2, ge=1024, description="Size of an audit file before it rotates.")
     backup_count: int = Field(20, ge=1, description="Rotated audit files kept per ingress replica.")
