@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers import SEGMENT, TEST_MAX_VOXELS, zip_bytes, zip_files
+from helpers import SEGMENT, TEST_MAX_VOXELS, ZIP, zip_bytes, zip_files
 from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.sample_data import write_ct_series
 
@@ -218,7 +218,7 @@ def test_bad_upload_gets_a_4xx_with_a_reason_then_server_still_serves(
     assert response.status_code == status, response.text
     assert reason in response.json()["error"]["reason"]
 
-    good = client.post(SEGMENT, content=uploads.series_zip(), headers={"content-type": "application/zip"})
+    good = client.post(SEGMENT, content=uploads.series_zip(), headers=ZIP)
     assert good.status_code == 200, good.text
 
 

@@ -7,6 +7,7 @@ import threading
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from helpers import dice, free_port, medserve
 
@@ -64,19 +65,52 @@ def test_segment_against_a_server_that_never_answers_times_out_in_one_line(tmp_p
     ]
 
 
-def test_a_refusal_that_is_not_json_is_still_one_line(tmp_path):
-    class NotMedserve(http.server.BaseHTTPRequestHandler):
+@pytest.fixture
+def other_server(request) -> str:
+    """host:port of a web server on loopback that is not medserve: every GET gets the (status, page) parametrized."""
+    status, page = getattr(request, "param", (404, b"<html>Not Found</html>"))
+
+    class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(502)
+            self.send_response(status)
             self.end_headers()
-            self.wfile.write(b"<html>Bad Gateway</html>")
+            self.wfile.write(page)
 
         def log_message(self, *args):
             pass
 
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMedserve) as proxy:
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        result = medserve("segment", str(tmp_path), "--url", f"http://127.0.0.1:{proxy.server_address[1]}")
-        proxy.shutdown()
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+
+
+@pytest.mark.parametrize("other_server", [(502, b"<html>\n  <body>Bad Gateway</body>\n</html>\n")], indirect=True)
+def test_a_refusal_that_is_not_json_is_still_one_line(other_server, tmp_path):
+    result = medserve("segment", str(tmp_path), "--url", f"http://{other_server}")
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["medserve: 502: <html>Bad Gateway</html>"]
+    assert result.stderr.splitlines() == ["medserve: 502: <html> <body>Bad Gateway</body> </html>"]
+
+
+@pytest.mark.parametrize("other_server", [(200, b"<html>\n  <body>Welcome</body>\n</html>\n")], indirect=True)
+def test_a_server_that_is_not_medserve_is_named_in_one_line(other_server, tmp_path):
+    result = medserve("segment", str(tmp_path), "--url", f"http://{other_server}")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"medserve: http://{other_server}/v1/models answered 200 but not with JSON: is --url a medserve server?"
+    ]
+
+
+def test_tls_to_a_plain_http_server_fails_in_one_line(other_server, tmp_path):
+    result = medserve("segment", str(tmp_path), "--url", f"https://{other_server}")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"medserve: TLS with https://{other_server} failed: ")
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "http://127.0.0.1:port"])
+def test_a_bad_server_url_is_one_line(url, tmp_path):
+    result = medserve("segment", str(tmp_path), "--url", url)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("medserve: bad server URL (--url or $MEDSERVE_URL): ")

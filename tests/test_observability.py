@@ -21,7 +21,7 @@ import yaml
 from fastapi import FastAPI, HTTPException, Request
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import MODEL, free_port, skip_unless_installed, zip_bytes
+from helpers import MODEL, SEGMENT, ZIP, free_port, skip_unless_installed, zip_bytes
 from serve_app.observability import gpu_exporter, monitoring
 from serve_app.observability.metrics import STAGES, ResponseCounter
 
@@ -125,16 +125,14 @@ def send_traffic(server_url: str, study_zip: bytes, segments: int, wsi, job_id: 
     with httpx.Client(base_url=server_url, timeout=300) as client:
 
         def segment(_):
-            response = client.post(
-                f"/v1/models/{MODEL}/segment", content=study_zip, headers={"content-type": "application/zip"}
-            )
+            response = client.post(SEGMENT, content=study_zip, headers=ZIP)
             assert response.status_code == 200, response.text
 
         with ThreadPoolExecutor(segments) as pool:  # concurrent, so the model can batch them
             list(pool.map(segment, range(segments)))
         assert client.get("/v1/models/no-such-model").status_code == 404
         assert client.get(f"/v1/results/{PATIENT_MARKER}").status_code == 404
-        assert client.post(f"/v1/models/{MODEL}/segment", content=b"not a study").status_code == 415
+        assert client.post(SEGMENT, content=b"not a study").status_code == 415
     ray.get(wsi.run.remote(job_id, tiles=20))
 
 

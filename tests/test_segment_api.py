@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from helpers import SEGMENT, dice, load_mask, zip_files
+from helpers import SEGMENT, ZIP, dice, load_mask, zip_files
 
 
 def test_phantom_series_zip_is_segmented_on_its_own_grid(client, phantom, phantom_series):
-    response = client.post(SEGMENT, content=zip_files(phantom_series), headers={"content-type": "application/zip"})
+    response = client.post(SEGMENT, content=zip_files(phantom_series), headers=ZIP)
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["model"] == {"name": "ct-phantom-organ", "version": "1.0.0"}

@@ -2,7 +2,12 @@
 
 One module per group of sub-commands, each adding its own parsers: ``cluster`` (up, down), ``segment``,
 ``tools`` (tenant-key, sample-ct, export-onnx, bench). Every error a user can fix is one line on stderr
-and exit status 2.
+and exit status 2: ``main`` prints it, httpx's errors too (worded by ``errors.describe_http_error``)::
+
+    $ medserve segment study/ --url http://127.0.0.1:8000
+    medserve: cannot reach http://127.0.0.1:8000: is the server running? (medserve up)
+
+``python -m serve_app.cli`` runs it too.
 """
 
 from __future__ import annotations
@@ -34,10 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (ConfigError, CommandError) as e:
         print(f"medserve: {e}", file=sys.stderr)
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         print(f"medserve: {describe_http_error(e)}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

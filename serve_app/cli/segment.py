@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import httpx
 
-from serve_app.cli.errors import CommandError, reason_of
+from serve_app.cli.errors import CommandError, json_answer, reason_of
 
 __all__ = ["API_KEY_ENV", "DEFAULT_URL", "add_commands"]
 
@@ -49,9 +49,7 @@ def _segment(args) -> int:
             headers = {"content-type": content_type, "content-length": str(os.fstat(body.fileno()).st_size)}
             params = {"stat": "true"} if args.stat else {}
             response = client.post(f"/v1/models/{model}/segment", content=_chunks(body), headers=headers, params=params)
-        if response.status_code != 200:
-            raise CommandError(reason_of(response))
-        result = response.json()
+        result = json_answer(response)
         if args.out or args.truth:
             mask = client.get(result["mask_url"])
             if mask.status_code != 200:
@@ -82,10 +80,7 @@ def _dice_per_label(mask_gz: bytes, truth_path: Path, labels: list[dict]) -> dic
 
 
 def _only_model(client: httpx.Client) -> str:
-    response = client.get("/v1/models")
-    if response.status_code != 200:
-        raise CommandError(reason_of(response))
-    names = [m["name"] for m in response.json()["models"]]
+    names = [m["name"] for m in json_answer(client.get("/v1/models"))["models"]]
     if len(names) != 1:
         raise CommandError(f"the server has several models ({', '.join(names)}); choose one with --model")
     return names[0]
