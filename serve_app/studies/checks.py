@@ -19,6 +19,8 @@ __all__ = ["check_affine", "check_direction_cosines", "check_finite_voxels", "ch
 
 # DICOM writes cosines as decimal strings: six digits are common, and scanners round more coarsely.
 _COSINE_TOLERANCE = 1e-2
+# No scanner's voxel is below a micron or above a metre; outside that, volumes in mL overflow or vanish in float64.
+_MIN_SPACING_MM, _MAX_SPACING_MM = 1e-3, 1e3
 # An affine this ill-conditioned maps voxels onto (nearly) a plane: no resampling can undo it.
 _MAX_CONDITION = 1e6
 
@@ -75,6 +77,13 @@ def check_affine(affine: Affine, source: str) -> None:
     if (spacing == 0).any():
         axis = int(np.flatnonzero(spacing == 0)[0])
         raise InvalidStudy(f"{source} has a zero column {axis}: voxel spacing along axis {axis} is 0")
+    outside = (spacing < _MIN_SPACING_MM) | (spacing > _MAX_SPACING_MM)
+    if outside.any():
+        axis = int(np.flatnonzero(outside)[0])
+        raise InvalidStudy(
+            f"{source} gives a voxel spacing of {spacing[axis]:.3g} mm along axis {axis}; "
+            f"it must be between {_MIN_SPACING_MM:g} and {_MAX_SPACING_MM:g} mm"
+        )
     condition = np.linalg.cond(affine[:3, :3] / spacing)  # of the directions alone, whatever the spacing
     if not condition < _MAX_CONDITION:
         raise InvalidStudy(f"{source} cannot be inverted: its axes are (nearly) parallel")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_rescale
 
 from serve_app.config import LimitsConfig
@@ -29,6 +29,19 @@ __all__ = ["read_dicom_series"]
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _REQUIRED = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
+# What is read of each slice's header, and of its pixel module besides what pydicom's decoder reads itself.
+_HEADER_ELEMENTS = (
+    *_REQUIRED,
+    "SeriesInstanceUID",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "SpacingBetweenSlices",
+    "SliceThickness",
+    "Modality",
+    "StudyInstanceUID",
+)
+_RESCALE_ELEMENTS = ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept")
 # Relative spread of slice steps tolerated before the series is called uneven (rounding in headers).
 _STEP_TOLERANCE = 0.05
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -53,10 +66,10 @@ def read_dicom_series(paths: list[Path], limits: LimitsConfig) -> Volume:
         )
     row_dir, col_dir = _direction_cosines(headers[0])
     normal = np.cross(row_dir, col_dir)
-    positions = {id(h): finite_numbers(h.ImagePositionPatient, 3, "ImagePositionPatient") for h in headers}
+    positions = {id(h): _numbers(h, "ImagePositionPatient", 3) for h in headers}
     headers.sort(key=lambda h: float(np.dot(positions[id(h)], normal)))
     step = _slice_step([positions[id(h)] for h in headers], normal, headers[0])
-    row_spacing, col_spacing = finite_numbers(headers[0].PixelSpacing, 2, "PixelSpacing")
+    row_spacing, col_spacing = _numbers(headers[0], "PixelSpacing", 2)
     check_pixel_spacing((row_spacing, col_spacing))
 
     array = np.empty((cols, rows, n), dtype=np.float32)
@@ -81,15 +94,30 @@ def read_dicom_series(paths: list[Path], limits: LimitsConfig) -> Volume:
 
 
 def _read_header(path: Path):
-    try:
-        # defer_size keeps pixel data on disk while telling us whether it is there.
-        ds = pydicom.dcmread(path, defer_size=1024)
-    except (InvalidDicomError, EOFError, ValueError, OSError):
-        raise InvalidStudy("a DICOM file is truncated or unreadable") from None
+    ds = _read_file(path, defer_size=1024)  # pixel data left on disk, but whether it is there is known
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
         return None
+    _decode(ds, _HEADER_ELEMENTS)
     return ds
+
+
+def _read_file(path: Path | str, defer_size: int | None = None) -> pydicom.FileDataset:
+    """``path`` as pydicom parses it; 422 for a file it cannot parse."""
+    try:
+        return pydicom.dcmread(path, defer_size=defer_size)
+    except Exception:  # pydicom raises many types for a cut or corrupt file (struct.error, EOFError, ValueError, ...)
+        raise InvalidStudy("a DICOM file is truncated or unreadable") from None
+
+
+def _decode(ds, keywords: tuple[str, ...]) -> None:
+    """Decode the values of ``keywords`` now, so that bytes pydicom cannot decode are a 422 naming the element:
+    pydicom decodes a value when it is first read, and raises one of several types (for a US of 3 bytes, say)."""
+    for keyword in keywords:
+        try:
+            ds.get(keyword)
+        except Exception:
+            raise InvalidStudy(f"a DICOM file's {keyword} cannot be decoded") from None
 
 
 def _check_one_series(headers) -> None:
@@ -106,14 +134,14 @@ def _check_one_series(headers) -> None:
             raise InvalidStudy("multi-frame DICOM images are not supported; send one file per slice")
         _check_grey_scale(h)
     sizes = sorted({(_integer(h, "Rows"), _integer(h, "Columns")) for h in headers})
-    if min(min(size) for size in sizes) < 1:
-        raise InvalidStudy(
-            f"a slice has {sizes[0][0]} rows and {sizes[0][1]} columns; an image needs at least one of each"
-        )
+    empty = [(rows, cols) for rows, cols in sizes if min(rows, cols) < 1]
+    if empty:
+        rows, cols = empty[0]
+        raise InvalidStudy(f"a slice has {rows} rows and {cols} columns; an image needs at least one of each")
     if len(sizes) > 1:
         shown = " and ".join(f"{r}x{c}" for r, c in sizes[:2])
         raise InvalidStudy(f"the slices have different sizes ({shown}); a series has one size")
-    orientations = np.array([finite_numbers(h.ImageOrientationPatient, 6, "ImageOrientationPatient") for h in headers])
+    orientations = np.array([_numbers(h, "ImageOrientationPatient", 6) for h in headers])
     if not np.allclose(orientations, orientations[0], atol=1e-3):
         raise InvalidStudy("the slices have different orientations (ImageOrientationPatient)")
 
@@ -127,6 +155,16 @@ def _integer(header, keyword: str, default: int | None = None) -> int:
         raise InvalidStudy(f"{keyword} is not an integer") from None
 
 
+def _numbers(header, keyword: str, count: int, default: float | None = None) -> np.ndarray:
+    """A numeric element's ``count`` values as finite float64s; 422 naming it otherwise.
+
+    pydicom gives several values as a list, one bare, and an empty element as None.
+    """
+    value = header.get(keyword, default)
+    values = list(value) if isinstance(value, MultiValue) else [] if value is None or value == "" else [value]
+    return finite_numbers(values, count, keyword)
+
+
 def _check_grey_scale(header) -> None:
     samples = _integer(header, "SamplesPerPixel", 1)
     photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))[:16]
@@ -138,7 +176,7 @@ def _check_grey_scale(header) -> None:
 
 
 def _direction_cosines(header) -> tuple[np.ndarray, np.ndarray]:
-    iop = finite_numbers(header.ImageOrientationPatient, 6, "ImageOrientationPatient")
+    iop = _numbers(header, "ImageOrientationPatient", 6)
     return check_direction_cosines(iop[:3], iop[3:])
 
 
@@ -165,7 +203,7 @@ def _slice_step(positions: list[np.ndarray], normal: np.ndarray, first) -> np.nd
 
 def _read_pixels(path: str, shape: tuple[int, int]) -> np.ndarray:
     """One slice's (rows, columns) pixels in modality units."""
-    ds = pydicom.dcmread(path)
+    ds = _read_file(path)
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises many types for pixel data it cannot decode
@@ -175,14 +213,15 @@ def _read_pixels(path: str, shape: tuple[int, int]) -> np.ndarray:
         ) from e
     if pixels.shape != shape:
         raise InvalidStudy(f"a slice's pixel data decodes to shape {pixels.shape}, not its Rows x Columns {shape}")
+    _decode(ds, _RESCALE_ELEMENTS)
     if "ModalityLUTSequence" in ds:
         try:
             return apply_rescale(pixels, ds)
         except Exception:  # a table that does not fit the pixels, or lies about its own length
             raise InvalidStudy("the slice's Modality LUT cannot be applied to its pixels") from None
     # Parsed here, not by pydicom: a header may hold text that is no number (and pydicom would multiply by it).
-    slope = finite_numbers([ds.get("RescaleSlope", 1)], 1, "RescaleSlope")[0]
-    intercept = finite_numbers([ds.get("RescaleIntercept", 0)], 1, "RescaleIntercept")[0]
+    slope = _numbers(ds, "RescaleSlope", 1, default=1)[0]
+    intercept = _numbers(ds, "RescaleIntercept", 1, default=0)[0]
     if slope == 0:
         raise InvalidStudy("RescaleSlope is 0: every voxel would have one value")
     return pixels * slope + intercept if (slope, intercept) != (1, 0) else pixels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -38,10 +39,9 @@ def read_nifti(path: Path, limits: LimitsConfig) -> Volume:
     if min(shape) < 1:
         raise InvalidStudy(f"the NIfTI image has shape {tuple(shape)}; every dimension needs at least one voxel")
     check_affine(affine, "the NIfTI image's affine")
-    if int(np.prod(shape)) > limits.max_volume_voxels:
-        raise PayloadTooLarge(
-            f"the image has {np.prod(shape)} voxels, over this server's limit of {limits.max_volume_voxels}"
-        )
+    voxels = math.prod(shape)  # Python's integers: NIfTI-2's 64-bit dimensions would overflow numpy's product to 0
+    if voxels > limits.max_volume_voxels:
+        raise PayloadTooLarge(f"the image has {voxels} voxels, over this server's limit of {limits.max_volume_voxels}")
     try:
         # Scaled if the header says so, else as stored (int16 for CT): widened to float on the device.
         array = np.asanyarray(image.dataobj).reshape(shape)
