@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= demo-data
 
-.PHONY: demo test test-fast fuzz lint format bench bench-tenants venv clean
+.PHONY: demo demo-wsi test test-fast fuzz lint format bench bench-wsi bench-tenants venv clean
 
 $(BIN)/medserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,14 +12,26 @@ $(BIN)/medserve: pyproject.toml
 	# torch first, pinned: the range in pyproject admits the local CPU wheel, not a multi-GB CUDA build.
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# cuCIM's CuImage reads slides on a CPU too; without --no-deps pip would add GBs of CUDA libraries.
+	$(BIN)/pip install --quiet --no-deps "cucim-cu13==26.10.0"
 	touch $@
 
 venv: $(BIN)/medserve
 
+# Both jobs on the embedded models: a CT study segmented, then a whole-slide image turned into a heatmap.
 demo: venv
 	$(BIN)/medserve sample-ct $(DEMO) --seed 7
+	$(BIN)/medserve sample-slide $(DEMO)/slide.tiff --seed 7
 	$(BIN)/medserve up
-	$(BIN)/medserve segment $(DEMO)/series --out $(DEMO)/mask.nii.gz --truth $(DEMO)/truth.nii.gz; \
+	$(BIN)/medserve segment $(DEMO)/series --out $(DEMO)/mask.nii.gz --truth $(DEMO)/truth.nii.gz \
+	  && $(BIN)/medserve wsi submit $(DEMO)/slide.tiff --model he-tile-tumour --upload --out demo; \
+	  status=$$?; $(BIN)/medserve down; exit $$status
+
+# The WSI part alone.
+demo-wsi: venv
+	$(BIN)/medserve sample-slide $(DEMO)/slide.tiff --seed 7
+	$(BIN)/medserve up
+	$(BIN)/medserve wsi submit $(DEMO)/slide.tiff --model he-tile-tumour --upload --out demo; \
 	  status=$$?; $(BIN)/medserve down; exit $$status
 
 # Every test, slow ones and the live servers included: what CI runs.
@@ -44,6 +56,9 @@ format: venv
 
 bench: venv
 	$(BIN)/medserve bench --size small
+
+bench-wsi: venv
+	$(BIN)/medserve bench-wsi --size small
 
 bench-tenants: venv
 	$(BIN)/python -m benchmarks.noisy_neighbour

@@ -6,6 +6,7 @@ No `from __future__ import annotations` here: FastAPI must see real types on a S
 import asyncio
 import logging
 import shutil
+import uuid
 
 import nibabel as nib
 import numpy as np
@@ -19,7 +20,15 @@ from starlette.exceptions import HTTPException
 
 from deployments.replica import Replica
 from serve_app.config import AppConfig
-from serve_app.errors import BadRequest, MethodNotAllowed, RequestError, RouteNotFound, status_of, unwrap
+from serve_app.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    ModelTaskMismatch,
+    RequestError,
+    RouteNotFound,
+    status_of,
+    unwrap,
+)
 from serve_app.model_repository import ModelRepository
 from serve_app.observability import metrics
 from serve_app.responses import (
@@ -41,6 +50,8 @@ from serve_app.stopwatch import Stopwatch
 from serve_app.studies.upload import UploadBudget, spool_request
 from serve_app.studies.volume import spacing_of
 from serve_app.tenancy.gatekeeper import Gatekeeper, Visit
+from serve_app.wsi.job_status import SlideUpload, WsiJobList, WsiJobRequest, WsiJobStatus
+from serve_app.wsi.jobs import SLIDE_OUTPUTS, WsiJobs
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a Ray Serve cluster.")
@@ -90,6 +101,7 @@ class IngressDeployment(Replica):
         self,
         config: AppConfig,
         model_handles: dict[str, DeploymentHandle],
+        tile_model_handles: dict[str, DeploymentHandle],
         preprocess: DeploymentHandle | None = None,
         postprocess: DeploymentHandle | None = None,
         gate: DeploymentHandle | None = None,
@@ -99,6 +111,7 @@ class IngressDeployment(Replica):
         self.results = ResultStore.of(config.storage)
         self.stages = StageHandles(model_handles, preprocess, postprocess)
         self.gatekeeper = Gatekeeper(config, self.repository, gate)
+        self.wsi_jobs = WsiJobs(config, self.repository, tile_model_handles)
         config.storage.uploads.mkdir(parents=True, exist_ok=True)
 
     @api.get("/healthz", response_model=Health)
@@ -132,6 +145,8 @@ class IngressDeployment(Replica):
     async def _segment(self, name: str, request: Request, visit: Visit) -> SegmentResponse:
         watch = Stopwatch()
         spec = self.repository.get(name)
+        if spec.task != "segmentation":
+            raise ModelTaskMismatch(f"model {name} is a {spec.task} model: send its slides as a WSI job")
         folder = self.config.storage.uploads / visit.request_id
         folder.mkdir(parents=True)
         try:
@@ -181,3 +196,46 @@ class IngressDeployment(Replica):
             # The first download builds and gzips the whole mask: seconds of CPU, off the event loop.
             path = await asyncio.to_thread(self.results.mask_path, result_id, visit.tenant_id)
         return FileResponse(path, media_type="application/gzip", filename="mask.nii.gz")
+
+    @api.post("/v1/wsi/jobs", response_model=WsiJobStatus, status_code=202, responses=ERROR_RESPONSES)
+    async def submit_wsi_job(self, job: WsiJobRequest, request: Request) -> WsiJobStatus:
+        """Start a job: slides on shared storage through a tile classifier (see the README, WSI jobs)."""
+        job_id = uuid.uuid4().hex
+        async with self.gatekeeper.visit(request, "wsi-submit", model=job.model, result_id=job_id) as visit:
+            return await asyncio.to_thread(self.wsi_jobs.submit, job, job_id, visit.tenant_id)
+
+    @api.get("/v1/wsi/jobs", response_model=WsiJobList, responses=ERROR_RESPONSES)
+    async def list_wsi_jobs(self, request: Request) -> WsiJobList:
+        async with self.gatekeeper.visit(request, "wsi-list") as visit:
+            return WsiJobList(jobs=await asyncio.to_thread(self.wsi_jobs.of_tenant, visit.tenant_id))
+
+    @api.get("/v1/wsi/jobs/{job_id}", response_model=WsiJobStatus, responses=ERROR_RESPONSES)
+    async def wsi_job(self, job_id: str, request: Request) -> WsiJobStatus:
+        async with self.gatekeeper.visit(request, "wsi-status", result_id=job_id) as visit:
+            return await asyncio.to_thread(self.wsi_jobs.status, job_id, visit.tenant_id)
+
+    @api.delete("/v1/wsi/jobs/{job_id}", response_model=WsiJobStatus, responses=ERROR_RESPONSES)
+    async def cancel_wsi_job(self, job_id: str, request: Request) -> WsiJobStatus:
+        """Stop a job: units in flight finish and are kept; submitting again with the same out resumes it."""
+        async with self.gatekeeper.visit(request, "wsi-cancel", result_id=job_id) as visit:
+            return await self.wsi_jobs.cancel(job_id, visit.tenant_id)
+
+    @api.get(
+        "/v1/wsi/jobs/{job_id}/slides/{slide_index}/{output}",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {media: {} for media in set(SLIDE_OUTPUTS.values())}, "description": "The file."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def wsi_output(self, job_id: str, slide_index: int, output: str, request: Request) -> FileResponse:
+        """One slide's overlay.png, tissue.png, tiles.geojson (QuPath) or summary.json."""
+        async with self.gatekeeper.visit(request, "wsi-output", result_id=job_id) as visit:
+            path = await asyncio.to_thread(self.wsi_jobs.output, job_id, visit.tenant_id, slide_index, output)
+        return FileResponse(path, media_type=SLIDE_OUTPUTS[output], filename=output)
+
+    @api.post("/v1/wsi/slides", response_model=SlideUpload, status_code=201, responses=ERROR_RESPONSES)
+    async def upload_slide(self, name: str, request: Request) -> SlideUpload:
+        """Store a slide (the request's body, streamed) for the tenant's jobs; ``name`` gives its suffix."""
+        async with self.gatekeeper.visit(request, "wsi-upload") as visit:
+            return await self.wsi_jobs.upload(request, visit.tenant_id, name)

@@ -1,5 +1,6 @@
 """Compose the medserve application from its config: ingress -> preprocess -> model -> postprocess
-(split layout), or ingress -> fused pipeline (fused layout).
+(split layout), or ingress -> fused pipeline (fused layout), for segmentation models; one autoscaled
+tile-model deployment per tile classifier, which WSI jobs' drivers feed.
 
     serve run serve_app.app:app_builder config=path/to/config.yaml
 """
@@ -14,6 +15,7 @@ from deployments.ingress import IngressDeployment
 from deployments.model import ModelDeployment
 from deployments.postprocess import PostprocessDeployment
 from deployments.preprocess import PreprocessDeployment
+from deployments.tile_model import TileModelDeployment
 from serve_app.config import AppConfig, load_config
 from serve_app.model_repository import ModelRepository
 
@@ -23,8 +25,13 @@ __all__ = ["app_builder", "build_app"]
 def build_app(config: AppConfig) -> Application:
     repository = ModelRepository(config.model_repository)  # fail here, at start, on a bad model.yaml
     model_deployment = FusedPipelineDeployment if config.fused else ModelDeployment
-    model_handles = {}
+    model_handles, tile_model_handles = {}, {}
     for spec in repository:
+        if spec.task == "tile_classification":
+            tile_model_handles[spec.name] = TileModelDeployment.options(
+                name=f"{TileModelDeployment.name}:{spec.name}", **config.deployments.tile_model.serve_options()
+            ).bind(spec.name, config)
+            continue
         resources = config.model_deployment(spec.name)
         model_handles[spec.name] = model_deployment.options(
             name=f"{model_deployment.name}:{spec.name}",
@@ -34,10 +41,10 @@ def build_app(config: AppConfig) -> Application:
     ingress = IngressDeployment.options(**config.deployments.ingress.serve_options())
     gate = TenantGateDeployment.bind(config) if config.tenants else None  # an open server has no quotas to count
     if config.fused:
-        return ingress.bind(config, model_handles, gate=gate)
+        return ingress.bind(config, model_handles, tile_model_handles, gate=gate)
     preprocess = PreprocessDeployment.options(**config.deployments.preprocess.serve_options()).bind(config)
     postprocess = PostprocessDeployment.options(**config.deployments.postprocess.serve_options()).bind(config)
-    return ingress.bind(config, model_handles, preprocess, postprocess, gate)
+    return ingress.bind(config, model_handles, tile_model_handles, preprocess, postprocess, gate)
 
 
 def app_builder(args: dict | None = None) -> Application:

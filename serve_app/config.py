@@ -28,6 +28,7 @@ __all__ = [
     "LimitsConfig",
     "ModelDeploymentConfig",
     "StorageConfig",
+    "WsiConfig",
     "load_config",
 ]
 
@@ -42,6 +43,10 @@ class AutoscalingConfig(StrictModel):
     max_replicas: int = Field(1, ge=1, description="Replicas at most.")
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Requests in progress per replica that Serve scales towards."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, description="Seconds a backlog must last before replicas are added.")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Seconds a deployment must be over-provisioned before replicas are removed."
     )
 
     @model_validator(mode="after")
@@ -106,6 +111,17 @@ class DeploymentsConfig(StrictModel):
         ModelDeploymentConfig(), description="Every model's deployment, unless `models` overrides it."
     )
     postprocess: DeploymentConfig = Field(DeploymentConfig(), description="Postprocessing (split layout).")
+    tile_model: DeploymentConfig = Field(
+        DeploymentConfig(
+            num_cpus=0.5,
+            max_ongoing_requests=4,
+            autoscaling=AutoscalingConfig(
+                min_replicas=0, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=5, downscale_delay_s=120
+            ),
+        ),
+        description="Every tile classifier's deployment (WSI jobs): from 0 replicas when no job runs, scaled "
+        "with the jobs' backlog of tile chunks.",
+    )
 
 
 class LimitsConfig(StrictModel):
@@ -143,6 +159,56 @@ class StorageConfig(StrictModel):
         return self.root / "results"
 
 
+class WsiConfig(StrictModel):
+    """Whole-slide-image jobs: which slides may be read, where results go, how a job paces itself.
+
+    Slides and outputs must be on storage every node mounts. A slide a request names is read only if it
+    resolves (symlinks followed) inside one of ``slide_roots``, or the tenant uploaded it.
+    """
+
+    slide_roots: list[Path] = Field(
+        [], description="Folders slides may be read from; none: only slides uploaded through the API."
+    )
+    output_root: Path = Field(
+        Path("/tmp/medserve/wsi"),
+        description="Job records (jobs/), uploaded slides and each tenant's outputs (<tenant>/<out>/<slide>/).",
+    )
+    max_upload_bytes: int = Field(20 * 1024**3, gt=0, description="Largest slide one upload may send.")
+    chunk_tiles: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="A work unit is chunk_tiles x chunk_tiles model tiles: one read, one heatmap chunk.",
+    )
+    chunks_in_flight: int = Field(
+        16, ge=1, le=4096, description="Work units one job keeps sent to the tile model's replicas: its backlog."
+    )
+    slides_in_flight: int = Field(4, ge=1, le=256, description="Slides one job reads at once.")
+    chunk_attempts: int = Field(
+        3, ge=1, le=20, description="Tries of a work unit whose replica died, before its slide fails."
+    )
+    min_tissue_fraction: float = Field(
+        0.25, ge=0, le=1, description="A tile is classified when at least this fraction of it is tissue."
+    )
+    read_threads: int = Field(4, ge=1, le=256, description="Threads of a tile-model replica that read and decode.")
+    gpu_decode: bool = Field(
+        True, description="A tile-model replica with a GPU decodes the slides' JPEG tiles there (nvJPEG), not on CPUs."
+    )
+    max_running_jobs_per_tenant: int = Field(
+        4, ge=1, description="Jobs of one tenant queued or running at once; more get a 429."
+    )
+
+    @property
+    def jobs(self) -> Path:
+        return self.output_root / "jobs"
+
+    def tenant_folder(self, tenant_id: str) -> Path:
+        return self.output_root / tenant_id
+
+    def uploads(self, tenant_id: str) -> Path:
+        return self.output_root / tenant_id / "uploads"
+
+
 class HttpConfig(StrictModel):
     """Where Serve's HTTP proxy, and so the API, listens."""
 
@@ -178,6 +244,7 @@ class AppConfig(StrictModel):
         "anonymous (see README, Tenants, quotas and audit).",
     )
     scheduling: SchedulingConfig = Field(SchedulingConfig(), description="Processing slots and leases (tenants).")
+    wsi: WsiConfig = Field(WsiConfig(), description="Whole-slide-image jobs: slide roots, outputs, pacing.")
     audit: AuditConfig = Field(AuditConfig(), description="The audit log's files.")
 
     @model_validator(mode="after")

@@ -14,8 +14,11 @@ from starlette.requests import ClientDisconnect
 __all__ = [
     "CLIENT_CLOSED",
     "BadRequest",
+    "Conflict",
     "Forbidden",
+    "InvalidSlide",
     "InvalidStudy",
+    "ModelTaskMismatch",
     "MethodNotAllowed",
     "ModelNotFound",
     "PayloadTooLarge",
@@ -48,6 +51,12 @@ class BadRequest(RequestError):
     status_code = 400
 
 
+class Conflict(RequestError):
+    """The request clashes with work in progress, e.g. a WSI job into an output folder another job is writing."""
+
+    status_code = 409
+
+
 class ModelNotFound(RequestError):
     status_code = 404
 
@@ -70,6 +79,21 @@ class UnsupportedMediaType(RequestError):
 
 class InvalidStudy(RequestError):
     """The upload is readable but is not one usable image series."""
+
+    status_code = 422
+
+
+class InvalidSlide(RequestError):
+    """A whole-slide image that cannot be used: unreadable, truncated, not a tiled pyramid, no resolution.
+
+    In a WSI job it fails that one slide (its reason is the slide's error in the job's status), not the job.
+    """
+
+    status_code = 422
+
+
+class ModelTaskMismatch(RequestError):
+    """A segmentation model asked for a WSI job, or a tile classifier asked to segment a study."""
 
     status_code = 422
 

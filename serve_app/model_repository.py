@@ -21,6 +21,7 @@ __all__ = [
     "ModelSpec",
     "NetworkSpec",
     "PreprocessingSpec",
+    "TilePreprocessingSpec",
     "WeightsFormat",
     "WeightsSpec",
     "read_model_spec",
@@ -74,6 +75,26 @@ class PreprocessingSpec(StrictModel):
         return self
 
 
+class TilePreprocessingSpec(StrictModel):
+    """A tile classifier's input: square RGB tiles at a resolution, scaled and normalised per channel.
+
+    A tile of ``tile_size`` x ``tile_size`` pixels at ``mpp`` microns per pixel, (H, W, 3) uint8 RGB as read
+    from the slide, becomes the network's (3, H, W) float32 ``(rgb / scale - mean) / std``.
+    """
+
+    mpp: float = Field(gt=0, le=100, description="Microns per pixel the model was trained at (0.5 is 20x).")
+    tile_size: int = Field(ge=16, le=4096, description="Side of one tile in pixels, at mpp.")
+    scale: float = Field(255.0, gt=0, description="RGB values are divided by this first.")
+    mean: tuple[float, float, float] = Field((0.0, 0.0, 0.0), description="Per-channel (R, G, B) mean subtracted.")
+    std: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="Per-channel (R, G, B) divisor.")
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> TilePreprocessingSpec:
+        if min(self.std) <= 0:
+            raise ValueError(f"std {self.std} must be positive in every channel")
+        return self
+
+
 class InferenceSpec(StrictModel):
     """The sliding-window inferer's settings, used when ``preprocessing.roi_size`` is set."""
 
@@ -102,7 +123,7 @@ class EngineSpec(StrictModel):
     precision: Literal["fp32", "fp16", "int8"] = Field(
         "fp32", description="Arithmetic inside the engine; int8: TensorRT only, calibrated on sample volumes."
     )
-    channels_last: bool = Field(False, description="torch on CUDA: the channels-last-3d memory format.")
+    channels_last: bool = Field(False, description="torch on CUDA: the channels-last (2D) or -3d memory format.")
     cuda_graphs: bool = Field(False, description="torch on CUDA: replay one captured graph per padded batch size.")
     compile: bool = Field(False, description="torch: torch.compile the network.")
     batch_sizes: tuple[int, ...] = Field(
@@ -129,11 +150,22 @@ class ModelSpec(StrictModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="The model's name; equal to its folder's.")
     version: str = Field(description="The model's version, reported with every result.")
-    task: Literal["segmentation"] = Field("segmentation", description="What the model does.")
-    modality: Literal["CT", "MR"] = Field(description="The DICOM modality it takes; a study of another gets a 422.")
+    task: Literal["segmentation", "tile_classification"] = Field(
+        "segmentation",
+        description="segmentation: 3D studies in, label masks out (POST /v1/models/{name}/segment). "
+        "tile_classification: whole-slide images in, a heatmap of label 1's probability out (WSI jobs).",
+    )
+    modality: Literal["CT", "MR", "SM"] = Field(
+        description="The DICOM modality it takes (SM: slide microscopy, for tile classifiers); another gets a 422."
+    )
     description: str = Field("", description="Free text, shown by GET /v1/models.")
-    labels: dict[int, str] = Field(description="Label value -> name; 0 is background.")
-    preprocessing: PreprocessingSpec = Field(description="The MONAI preprocessing of the model's input.")
+    labels: dict[int, str] = Field(
+        description="Label value -> name; 0 is background (segmentation) or the negative class (tile classifiers)."
+    )
+    preprocessing: PreprocessingSpec | TilePreprocessingSpec = Field(
+        description="The model's input: a 3D study's MONAI preprocessing (segmentation), or tiles "
+        "(tile_classification)."
+    )
     inference: InferenceSpec = Field(InferenceSpec(), description="Sliding-window settings (with roi_size).")
     network: NetworkSpec | None = Field(None, description="The MONAI network, for monai_state_dict weights.")
     weights: WeightsSpec = Field(description="The weights file and its format.")
@@ -146,7 +178,24 @@ class ModelSpec(StrictModel):
             raise ValueError(f"labels must name label 0 (background); got labels {sorted(self.labels)}")
         if self.weights.format is WeightsFormat.monai_state_dict and self.network is None:
             raise ValueError("weights.format monai_state_dict needs a network")
+        tiles = self.task == "tile_classification"
+        if tiles != isinstance(self.preprocessing, TilePreprocessingSpec):
+            wanted = "mpp and tile_size" if tiles else "orientation, intensity_window and a grid"
+            raise ValueError(f"task {self.task} needs preprocessing with {wanted}")
+        if tiles != (self.modality == "SM"):
+            raise ValueError(f"task {self.task} cannot take modality {self.modality}")
+        if tiles and sorted(self.labels) != [0, 1]:
+            raise ValueError(
+                f"a tile classifier has labels 0 and 1 (its heatmap is label 1's); got {sorted(self.labels)}"
+            )
         return self
+
+    @property
+    def input_item_shape(self) -> tuple[int, ...]:
+        """One item of the network's input, ``(C, *spatial)``: (1, *grid) for a study, (3, H, W) for a tile."""
+        if isinstance(self.preprocessing, TilePreprocessingSpec):
+            return (3, self.preprocessing.tile_size, self.preprocessing.tile_size)
+        return (1, *(self.preprocessing.spatial_size or self.preprocessing.roi_size))
 
     @property
     def weights_path(self) -> Path:

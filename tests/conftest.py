@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, free_port
+from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, TEST_WSI, free_port
 from serve_app.cli.cluster import wait_until_ready
 from serve_app.config import AppConfig, load_config
 from serve_app.studies.phantoms import Phantom, ct_phantom
@@ -23,7 +23,13 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def app_config(tmp_path_factory) -> AppConfig:
+def slide_root(tmp_path_factory) -> Path:
+    """The test servers' one ``wsi.slide_roots`` folder: the WSI tests write their slides here."""
+    return tmp_path_factory.mktemp("slides")
+
+
+@pytest.fixture(scope="session")
+def app_config(tmp_path_factory, slide_root) -> AppConfig:
     storage = tmp_path_factory.mktemp("storage")
     return load_config(
         overrides={
@@ -32,6 +38,9 @@ def app_config(tmp_path_factory) -> AppConfig:
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
             "limits.max_upload_bytes": TEST_MAX_UPLOAD_BYTES,
             "limits.max_files_per_upload": TEST_MAX_FILES,
+            **TEST_WSI,
+            "wsi.slide_roots": [str(slide_root)],
+            "wsi.output_root": str(storage / "wsi"),
         }
     )
 
@@ -99,7 +108,7 @@ def tenant_keys() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tenant_config(app_config, tenant_keys, tmp_path_factory) -> AppConfig:
+def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root) -> AppConfig:
     """A second application with four hospitals and two ingress replicas, on the same cluster and port."""
     from serve_app.tenancy.keys import hash_api_key
 
@@ -119,15 +128,20 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory) -> AppConfig:
     }
     for tenant_id, fields in tenants.items():
         fields.update(name=tenant_id.replace("-", " ").title(), api_key_hashes=[hash_api_key(tenant_keys[tenant_id])])
+    storage = tmp_path_factory.mktemp("tenant-storage")
     return load_config(
         overrides={
             "name": "medserve-tenants",
-            "storage.root": str(tmp_path_factory.mktemp("tenant-storage")),
+            "storage.root": str(storage),
             "http.port": app_config.http.port,
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
             "deployments.ingress.num_replicas": 2,
             "tenants": tenants,
             "scheduling.lease_s": 5,  # short, so that the tests see requests outlive their first lease
+            **TEST_WSI,
+            "wsi.slide_roots": [str(slide_root)],
+            "wsi.output_root": str(storage / "wsi"),
+            "wsi.max_running_jobs_per_tenant": 1,
         }
     )
 

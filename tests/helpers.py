@@ -110,3 +110,22 @@ def wait_until_counted(code: int, count: float, timeout_s: float = 60) -> float:
     while (counted := requests_counted(code)) < count and time.monotonic() < deadline:
         time.sleep(0.5)
     return counted
+
+
+# WSI jobs on the test cluster: small work units (tiny slides still have several), the tile model scaled
+# from 0 to 2 replicas within seconds (Serve's defaults wait 30 s and 10 min) on a sliver of a CPU each.
+TEST_WSI = {
+    "wsi.chunk_tiles": 4,
+    "wsi.chunks_in_flight": 8,
+    "deployments.tile_model": {
+        "num_cpus": 0.1,
+        "max_ongoing_requests": 2,
+        "autoscaling": {
+            "min_replicas": 0,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 5,
+        },
+    },
+}

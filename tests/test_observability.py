@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers import MODEL, SEGMENT, ZIP, free_port, skip_unless_installed, zip_bytes
 from serve_app.observability import gpu_exporter, monitoring
 from serve_app.observability.metrics import STAGES, ResponseCounter
+from serve_app.wsi.synthetic_slides import write_slide
 
 DASHBOARD_FILES = sorted((monitoring.DASHBOARDS / "grafana" / "dashboards").glob("*.json"))
 RATE_INTERVAL = "5m"  # what Grafana's $__rate_interval stands for in these queries
@@ -61,7 +62,7 @@ class Prometheus:
             response.raise_for_status()
         return response.json()
 
-    def wait_for(self, what: str, ready, timeout_s: float = 90):
+    def wait_for(self, what: str, ready, timeout_s: float = 90, describe=lambda: ""):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -70,7 +71,9 @@ class Prometheus:
             except httpx.HTTPError:
                 pass  # not listening yet, or 503 while it loads
             time.sleep(1)
-        pytest.fail(f"Prometheus: {what} within {timeout_s:.0f} s; its log ends:\n{self.log.read_text()[-3000:]}")
+        pytest.fail(
+            f"Prometheus: {what} within {timeout_s:.0f} s {describe()}; its log ends:\n{self.log.read_text()[-1500:]}"
+        )
 
 
 def has_finite_value(result: list[dict]) -> bool:
@@ -108,20 +111,18 @@ def prometheus(server_url, tmp_path_factory):
         monitoring.stop(state)
 
 
-@ray.remote(num_cpus=0)
-class WsiJobDriver:
-    """Runs WSI jobs' metrics as the WSI feature will (it does not exist yet): names and labels end to end."""
-
-    def run(self, job_id: str, tiles: int) -> None:
-        from serve_app.observability.metrics import WsiJobMetrics
-
-        metrics = WsiJobMetrics(job_id, model="wsi-demo", tenant="anonymous", total_tiles=tiles)
-        for _ in range(tiles):
-            metrics.tiles_done(1)
-        metrics.finished("done")
+def run_wsi_job(client: httpx.Client, slide: Path) -> None:
+    """A real WSI job, to its end: the driver records the WSI metrics."""
+    job = client.post("/v1/wsi/jobs", json={"model": "he-tile-tumour", "slides": [str(slide)]})
+    assert job.status_code == 202, job.text
+    deadline = time.monotonic() + 300
+    while (status := client.get(f"/v1/wsi/jobs/{job.json()['job_id']}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status["state"] == "done" and status["tiles_done"] > 0, status
 
 
-def send_traffic(server_url: str, study_zip: bytes, segments: int, wsi, job_id: str) -> None:
+def send_traffic(server_url: str, study_zip: bytes, segments: int, slide: Path) -> None:
     with httpx.Client(base_url=server_url, timeout=300) as client:
 
         def segment(_):
@@ -133,15 +134,15 @@ def send_traffic(server_url: str, study_zip: bytes, segments: int, wsi, job_id: 
         assert client.get("/v1/models/no-such-model").status_code == 404
         assert client.get(f"/v1/results/{PATIENT_MARKER}").status_code == 404
         assert client.post(SEGMENT, content=b"not a study").status_code == 415
-    ray.get(wsi.run.remote(job_id, tiles=20))
+        run_wsi_job(client, slide)
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus, server_url, phantom_series):
+def scraped(prometheus, server_url, phantom_series, slide_root):
     """Prometheus after two rounds of traffic: the first makes the series, the second moves their rates."""
     study_zip = zip_bytes({f"{PATIENT_MARKER}_{p.name}": p.read_bytes() for p in phantom_series})
-    wsi = WsiJobDriver.remote()
-    send_traffic(server_url, study_zip, 1, wsi, "job-1")
+    slide = write_slide(slide_root / "observability.tiff", 1500, 1100, seed=8).path
+    send_traffic(server_url, study_zip, 1, slide)
     first_round = [
         "ray_medserve_request_duration_seconds_count",
         'ray_medserve_requests_total{code="415"}',
@@ -149,10 +150,16 @@ def scraped(prometheus, server_url, phantom_series):
         "ray_medserve_wsi_tiles_total",
         "ray_medserve_wsi_jobs_total",
     ]
-    prometheus.wait_for("the first round's series", lambda: all(prometheus.query(q) for q in first_round))
-    send_traffic(server_url, study_zip, 3, wsi, "job-2")
+    missing = first_round
+
+    def first_round_scraped() -> bool:
+        nonlocal missing
+        missing = [q for q in first_round if not prometheus.query(q)]
+        return not missing
+
+    prometheus.wait_for("the first round's series", first_round_scraped, describe=lambda: f"(missing {missing})")
+    send_traffic(server_url, study_zip, 3, slide)
     yield prometheus
-    ray.kill(wsi)
 
 
 def test_every_dashboard_query_returns_data(scraped):
@@ -195,7 +202,8 @@ def test_stage_latencies_codes_batches_and_replicas_reach_prometheus(scraped):
         ("Postprocess", "reserved"),
     } <= replicas
     healthy = scraped.query('sum by (deployment) (ray_serve_deployment_replica_healthy{application="medserve"})')
-    assert {s["metric"]["deployment"] for s in healthy} == {
+    # The tile model is there while a WSI job runs (it scales to 0 between jobs).
+    assert {s["metric"]["deployment"] for s in healthy} - {"TileModel:he-tile-tumour"} == {
         "Ingress",
         "Preprocess",
         f"ModelReplica:{MODEL}",

@@ -27,7 +27,7 @@ _CHUNK = 1 << 20
 def add_commands(commands) -> None:
     segment = commands.add_parser("segment", help="segment a study: a DICOM folder, a zip, a .dcm or a NIfTI")
     segment.add_argument("path", type=Path)
-    segment.add_argument("--model", help="model name (default: the server's only model)")
+    segment.add_argument("--model", help="model name (default: the server's only segmentation model)")
     segment.add_argument("--out", type=Path, help="where to write the mask (NIfTI)")
     segment.add_argument("--truth", type=Path, help="a ground-truth mask (NIfTI) to report Dice against")
     segment.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL}, or $MEDSERVE_URL)")
@@ -80,9 +80,11 @@ def _dice_per_label(mask_gz: bytes, truth_path: Path, labels: list[dict]) -> dic
 
 
 def _only_model(client: httpx.Client) -> str:
-    names = [m["name"] for m in json_answer(client.get("/v1/models"))["models"]]
+    models = json_answer(client.get("/v1/models"))["models"]
+    names = [m["name"] for m in models if m["task"] == "segmentation"]
     if len(names) != 1:
-        raise CommandError(f"the server has several models ({', '.join(names)}); choose one with --model")
+        listed = ", ".join(names) or "none"
+        raise CommandError(f"the server has {len(names)} segmentation models ({listed}); choose one with --model")
     return names[0]
 
 

@@ -1,4 +1,4 @@
-"""The other commands: ``tenant-key``, ``sample-ct``, ``export-onnx`` and ``bench``."""
+"""The other commands: ``tenant-key``, ``sample-ct``, ``sample-slide``, ``export-onnx``, ``bench`` and ``bench-wsi``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ def add_commands(commands) -> None:
     sample.add_argument("out", type=Path)
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(run=_sample_ct)
+
+    slide = commands.add_parser(
+        "sample-slide", help="write a synthetic H&E whole-slide image (pyramidal JPEG TIFF) and its ground truth"
+    )
+    slide.add_argument("out", type=Path, help="the slide file to write, e.g. demo-data/slide.tiff")
+    slide.add_argument("--width", type=int, default=6000, help="pixels at level 0 (default 6000)")
+    slide.add_argument("--height", type=int, default=4000, help="pixels at level 0 (default 4000)")
+    slide.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of level 0 (default 0.5)")
+    slide.add_argument("--seed", type=int, default=0)
+    slide.set_defaults(run=_sample_slide)
+
+    bench_wsi = commands.add_parser("bench-wsi", help="the side-by-side WSI benchmark (benchmarks/wsi.py)")
+    bench_wsi.set_defaults(run=_bench_wsi, passes_unknown_args=True)
 
     # Its options (--size tiny|small|full, --models, --out) are benchmarks/pipeline.py's own, passed through.
     bench = commands.add_parser("bench", help="the side-by-side pipeline benchmark (benchmarks/pipeline.py)")
@@ -47,6 +60,25 @@ def _bench(args) -> int:
     from benchmarks.pipeline import main as bench_main
 
     bench_main(args.unknown_args)
+    return 0
+
+
+def _bench_wsi(args) -> int:
+    from benchmarks.wsi import main as bench_main
+
+    bench_main(args.unknown_args)
+    return 0
+
+
+def _sample_slide(args) -> int:
+    from serve_app.wsi.synthetic_slides import write_slide
+
+    if args.width < 256 or args.height < 256:
+        raise CommandError(f"a slide needs at least 256 x 256 pixels (got {args.width} x {args.height})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    slide = write_slide(args.out, args.width, args.height, mpp=args.mpp, seed=args.seed)
+    levels = " ".join(f"{w}x{h}" for h, w in slide.level_shapes)
+    print(f"wrote {args.out} (levels {levels} px at {args.mpp:g} mpp, JPEG tiles) and its truth {slide.truth_path}")
     return 0
 
 

@@ -71,9 +71,7 @@ def onnx_for(spec: ModelSpec) -> Path:
 
 
 def input_shape(spec: ModelSpec, batch_size: int) -> tuple[int, ...]:
-    # PreprocessingSpec always yields one channel (transforms.as_image); the grid is the whole volume or one ROI.
-    grid = spec.preprocessing.spatial_size or spec.preprocessing.roi_size
-    return (batch_size, 1, *grid)
+    return (batch_size, *spec.input_item_shape)
 
 
 def export_checked(spec: ModelSpec, out: Path, tolerance: float = FP32_TOLERANCE) -> OnnxCheck:

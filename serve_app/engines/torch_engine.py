@@ -21,14 +21,15 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
 
 
 class TorchEngine:
-    """PyTorch on CPU or CUDA; on CUDA optionally fp16, channels-last-3d, compiled, CUDA graphs."""
+    """PyTorch on CPU or CUDA; on CUDA optionally fp16, channels-last (2D or 3D), compiled, CUDA graphs."""
 
     def __init__(self, spec: ModelSpec, device: torch.device):
         options = spec.engine
         cuda = device.type == "cuda"
         self.device = device
         self.dtype = torch.float16 if cuda and options.precision == "fp16" else torch.float32
-        self.memory_format = torch.channels_last_3d if cuda and options.channels_last else torch.contiguous_format
+        channels_last = torch.channels_last if len(spec.input_item_shape) == 3 else torch.channels_last_3d
+        self.memory_format = channels_last if cuda and options.channels_last else torch.contiguous_format
         network = build_network(spec).eval().to(device=device, dtype=self.dtype, memory_format=self.memory_format)
         if cuda:
             torch.backends.cudnn.benchmark = True  # shapes are few and fixed (padded batches)

@@ -166,14 +166,14 @@ def replica_gpu_memory() -> dict[str, int]:
 
 
 class WsiJobMetrics:
-    """The metrics of one whole-slide-image job, for the WSI feature to call (it does not exist yet).
+    """The metrics of one whole-slide-image job, recorded by its driver (``serve_app.wsi.job_driver``).
 
-    Make one when a job starts, call ``tiles_done`` as tiles finish and ``finished`` once.
-    ``job_id`` is the server's job id, never a slide's file name or a patient field (the label is not
-    ``job``: Prometheus keeps that for its scrape job).
+    Make one when a job starts, set ``total_tiles`` as its slides are planned, call ``tiles_done`` as tiles
+    finish and ``finished`` once. ``job_id`` is the server's job id, never a slide's file name or a patient
+    field (the label is not ``job``: Prometheus keeps that for its scrape job).
     """
 
-    def __init__(self, job_id: str, model: str, tenant: str, total_tiles: int):
+    def __init__(self, job_id: str, model: str, tenant: str, total_tiles: int = 0):
         self.tags = {"model": model, "tenant": tenant}
         self.job_tags = {"job_id": job_id, **self.tags}
         self.total_tiles = total_tiles
@@ -187,7 +187,8 @@ class WsiJobMetrics:
         self.progress_gauge.set(self.done / max(self.total_tiles, 1), tags=self.job_tags)
 
     def finished(self, status: str) -> None:
-        """``status``: ``done`` or ``failed``."""
+        """``status``: ``done``, ``failed`` or ``cancelled``."""
+        self.progress_gauge.set(1.0 if status == "done" else self.done / max(self.total_tiles, 1), tags=self.job_tags)
         self.jobs.inc(tags={**self.tags, "status": status})
 
 
@@ -205,7 +206,7 @@ def _wsi_metrics():
     )
     jobs = metrics.Counter(
         "medserve_wsi_jobs",
-        description="WSI jobs finished, by status (done, failed).",
+        description="WSI jobs finished, by status (done, failed, cancelled).",
         tag_keys=("model", "tenant", "status"),
     )
     return progress, tiles, jobs

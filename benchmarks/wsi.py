@@ -1,0 +1,336 @@
+"""WSI throughput, three ways on one generated slide and one ResNet-18-class tile model (224 px, fp16 on a GPU):
+
+1. model only: random tiles already in memory, the best of several batch sizes;
+2. medserve end to end: a real WSI job on a local Ray cluster and Serve (open, tissue, read, decode,
+   inference, write), tiles/s over the job's wall time;
+3. naive: one process reads one tile, runs the model on it, and goes on to the next.
+
+    python -m benchmarks.wsi --size small             # this CPU machine: a smoke run of a minute
+    python -m benchmarks.wsi --size large --out DIR   # the GPU machine (benchmarks/wsi_gpu_session.sh)
+
+Writes ``wsi-<device>-<date>.json`` (``wsi.tiles_per_s``, ``wsi.model_only_tiles_per_s``,
+``wsi.naive_tiles_per_s``) and a Markdown table beside it. Absolute figures mean something only from the
+GPU machine; on a CPU compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from serve_app.engines.devices import replica_device
+from serve_app.model_repository import read_model_spec
+from serve_app.wsi.synthetic_slides import write_slide_from_region
+from serve_app.wsi.synthetic_tissue import make_slide_canvas
+from serve_app.wsi.tile_classifier import TileClassifier
+
+MODEL = "bench-resnet18"
+
+
+@dataclass(frozen=True)
+class Size:
+    side: int  # slide pixels each way, level 0 at 0.5 mpp
+    naive_tiles: int
+    replicas: int
+    gpu_share: float  # of one GPU, per replica
+    cpus_per_replica: float
+    read_threads: int
+    chunk_tiles: int
+    chunks_in_flight: int
+
+
+SIZES = {
+    "small": Size(4096, 40, 1, 0.0, 0.5, 2, 8, 4),
+    "large": Size(60_000, 2000, 8, 0.125, 1.5, 4, 16, 64),
+}
+
+
+def write_bench_model(folder: Path) -> Path:
+    """A MONAI ResNet-18 (2D) tile classifier with random weights, as a model repository of one model."""
+    from monai.networks.nets import ResNet
+
+    args = {
+        "block": "basic",
+        "layers": [2, 2, 2, 2],
+        "block_inplanes": [64, 128, 256, 512],
+        "spatial_dims": 2,
+        "n_input_channels": 3,
+        "num_classes": 2,
+        "conv1_t_size": 7,
+        "conv1_t_stride": 2,
+    }
+    model_folder = folder / MODEL
+    model_folder.mkdir(parents=True)
+    torch.save(ResNet(**args).state_dict(), model_folder / "model.pt")
+    spec = {
+        "name": MODEL,
+        "version": "bench",
+        "task": "tile_classification",
+        "modality": "SM",
+        "labels": {0: "normal", 1: "tumour"},
+        "preprocessing": {"mpp": 0.5, "tile_size": 224, "mean": [0.65, 0.5, 0.62], "std": [0.27, 0.27, 0.23]},
+        "network": {"name": "ResNet", "args": args},
+        "weights": {"file": "model.pt", "format": "monai_state_dict"},
+        "engine": {"precision": "fp16", "channels_last": True, "batch_sizes": [64, 128, 256]},
+    }
+    (model_folder / "model.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def write_bench_slide(path: Path, side: int) -> float:
+    """A side x side slide of synthetic H&E mirrored (tissue everywhere: every tile is classified)."""
+    watch = time.perf_counter()
+    canvas = make_slide_canvas(2048, 2048, mpp=0.5, seed=1, tissue_fraction=1.0, tumour_fraction=0.5)
+    write_slide_from_region(path, side, side, region=canvas.render(0, 0, 2048, 2048, 0.5), quality=80)
+    return time.perf_counter() - watch
+
+
+def model_only(classifier: TileClassifier) -> dict:
+    """Tiles/s of the engine alone on device-resident random tensors, per batch size."""
+    device = classifier.device
+    rates = {}
+    for batch in (64, 128, 256):
+        x = torch.rand((batch, 3, 224, 224), device=device)
+        for _ in range(3):
+            classifier.engine(x)
+        _sync(device)
+        runs = 20 if device.type == "cuda" else 2
+        watch = time.perf_counter()
+        for _ in range(runs):
+            classifier.engine(x)
+        _sync(device)
+        rates[batch] = round(runs * batch / (time.perf_counter() - watch), 1)
+    return rates
+
+
+def naive(classifier: TileClassifier, slide_path: Path, tiles: int) -> float:
+    """Tiles/s of read one tile, classify it, next: no batching, no overlap."""
+    from serve_app.wsi.slides import open_slide
+
+    with open_slide(slide_path) as slide:
+        classifier(slide.read_region(0, 0, 0, 224, 224)[None])  # warm-up
+        across = slide.levels[0].width // 224
+        watch = time.perf_counter()
+        for i in range(tiles):
+            x, y = (i % across) * 224, (i // across) * 224
+            classifier(slide.read_region(0, x, y, 224, 224)[None])
+        return tiles / (time.perf_counter() - watch)
+
+
+class GpuSampler:
+    """NVML utilisation of GPU 0, sampled every 0.2 s while it runs."""
+
+    def __init__(self):
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> GpuSampler:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            return self  # no NVML: no samples
+        self._thread = threading.Thread(target=self._run, args=(pynvml, handle), daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, pynvml, handle) -> None:
+        while not self._stop.wait(0.2):
+            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return round(float(np.mean(self.samples)), 1) if self.samples else None
+
+
+def end_to_end(repository: Path, slide_path: Path, size: Size, work: Path, *, gpu_decode: bool) -> dict:
+    """A real WSI job on a local Ray cluster: submitted over HTTP, timed from submission to its end."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.cli.cluster import wait_until_ready
+    from serve_app.config import load_config
+
+    port = _free_port()
+    tile_model = {
+        "num_replicas": size.replicas,
+        "num_cpus": size.cpus_per_replica,
+        "num_gpus": size.gpu_share,
+        "max_ongoing_requests": 6,
+    }
+    config = load_config(
+        overrides={
+            "name": "bench-wsi",
+            "model_repository": str(repository),
+            "http.port": port,
+            "storage.root": str(work / "storage"),
+            "wsi.slide_roots": [str(slide_path.parent)],
+            "wsi.output_root": str(work / f"wsi-{gpu_decode}"),
+            "wsi.chunk_tiles": size.chunk_tiles,
+            "wsi.chunks_in_flight": size.chunks_in_flight,
+            "wsi.read_threads": size.read_threads,
+            "wsi.gpu_decode": gpu_decode,
+            "deployments.tile_model": tile_model,
+        }
+    )
+    ray.init(logging_level="ERROR", configure_logging=False, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, timeout_s=300)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            # A first job warms the replicas (engines built, cuDNN tuned); the second is timed.
+            for out in ("warm-up", "timed"):
+                with GpuSampler() as gpu:
+                    watch = time.perf_counter()
+                    job = client.post("/v1/wsi/jobs", json={"model": MODEL, "slides": [str(slide_path)], "out": out})
+                    job.raise_for_status()
+                    while (status := client.get(f"/v1/wsi/jobs/{job.json()['job_id']}").json())["state"] in (
+                        "queued",
+                        "running",
+                    ):
+                        time.sleep(0.25)
+                    wall_s = time.perf_counter() - watch
+        summary = status["slides"][0]["summary"]
+        if status["state"] != "done" or summary is None:
+            raise RuntimeError(f"the benchmark job ended {status['state']}: {status['slides'][0]['error']}")
+        return {
+            "tiles": summary["tiles_tissue"],
+            "wall_s": round(wall_s, 2),
+            "tiles_per_s": round(summary["tiles_tissue"] / wall_s, 1),
+            # The slide's units only: from the first sent to the last written, without the job's start,
+            # planning (open, tissue) and the renderings at its end.
+            "classify_wall_s": summary["classify_wall_s"],
+            "steady_tiles_per_s": round(summary["tiles_tissue"] / summary["classify_wall_s"], 1),
+            "gpu_utilisation_pct": gpu.mean,
+            "phase_seconds": summary["seconds"],
+            "reader": summary["reader"],
+            "replicas": size.replicas,
+            "gpu_per_replica": size.gpu_share,
+            "jpeg_decode": "GPU (nvJPEG)" if gpu_decode else "CPU threads",
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="medserve bench-wsi", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    work = Path(tempfile.mkdtemp(prefix="bench-wsi-"))
+    repository = write_bench_model(work / "models")
+    slide_path = work / "slides" / "bench.tiff"
+    slide_path.parent.mkdir()
+    write_s = write_bench_slide(slide_path, size.side)
+    print(f"slide {size.side} x {size.side} written in {write_s:.1f} s", flush=True)
+
+    device = replica_device()
+    spec = read_model_spec(repository / MODEL / "model.yaml")
+    classifier = TileClassifier(spec, device)
+    model_rates = model_only(classifier)
+    print(f"model only, tiles/s by batch: {model_rates}", flush=True)
+    # The naive loop's engine takes batches of one: padded to 64 it would do 64 times the work.
+    one_by_one = spec.model_copy(update={"engine": spec.engine.model_copy(update={"batch_sizes": (1,)})})
+    naive_rate = naive(TileClassifier(one_by_one, device), slide_path, size.naive_tiles)
+    print(f"naive loop: {naive_rate:.1f} tiles/s", flush=True)
+    del classifier
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    runs = [end_to_end(repository, slide_path, size, work, gpu_decode=False)]
+    if device.type == "cuda":
+        runs.append(end_to_end(repository, slide_path, size, work, gpu_decode=True))
+    for run in runs:
+        print(f"medserve end to end, {run['jpeg_decode']} decode: {run['tiles_per_s']:.0f} tiles/s", flush=True)
+    job = max(runs, key=lambda run: run["tiles_per_s"])
+
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU {platform.processor() or 'x86_64'}"
+    date = datetime.now(UTC).date().isoformat()
+    result = {
+        "device": device_name,
+        "date": date,
+        "size": args.size,
+        "slide": {"side_px": size.side, "mpp": 0.5, "tile_px": 256, "compression": "jpeg q80", "write_s": write_s},
+        "model": "MONAI ResNet-18 (2D), 224 px, " + ("fp16 channels-last" if device.type == "cuda" else "fp32 CPU"),
+        "wsi": {
+            "tiles_per_s": job["tiles_per_s"],
+            "model_only_tiles_per_s": max(model_rates.values()),
+            "model_only_by_batch": model_rates,
+            "naive_tiles_per_s": round(naive_rate, 1),
+            "end_to_end": job,
+            "end_to_end_runs": runs,
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"wsi-{device_name.replace(' ', '_')}-{date}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(_table(result))
+    print(_table(result))
+
+
+def _table(result: dict) -> str:
+    wsi = result["wsi"]
+    job = wsi["end_to_end"]
+    rows = [
+        ("model only (random tiles, best batch)", wsi["model_only_tiles_per_s"]),
+        *(
+            (f"medserve end to end, JPEG decode on {run['jpeg_decode']} (job wall time)", run["tiles_per_s"])
+            for run in wsi["end_to_end_runs"]
+        ),
+        ("naive loop (read one, classify one)", wsi["naive_tiles_per_s"]),
+    ]
+    lines = [
+        f"WSI benchmark on {result['device']}, {result['date']}: {result['model']}, "
+        f"{result['slide']['side_px']}² px slide, {job['tiles']} tissue tiles",
+        "",
+        "| path | tiles/s | vs model only |",
+        "| --- | ---: | ---: |",
+        *(f"| {name} | {rate:,.0f} | {rate / wsi['model_only_tiles_per_s']:.2f} |" for name, rate in rows),
+        "",
+        *(
+            f"End to end, {run['jpeg_decode']}: {run['wall_s']:.1f} s for the slide, of which "
+            f"{run['classify_wall_s']:.1f} s classifying its units ({run['steady_tiles_per_s']:,.0f} tiles/s); "
+            "GPU utilisation "
+            f"{run['gpu_utilisation_pct']} %; phase seconds (summed over work units, which overlap): "
+            f"{run['phase_seconds']}"
+            for run in wsi["end_to_end_runs"]
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

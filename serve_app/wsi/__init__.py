@@ -1,0 +1,21 @@
+"""Whole-slide images (pathology): WSI jobs that turn slides into tumour heatmaps, and their test slides.
+
+The job's path, by file (README: Whole-slide-image jobs):
+
+jobs.py              the API's side: check slides and quotas, record the job, start its driver
+job_status.py        the job's request, status record and per-slide summary (pydantic), kept as JSON
+job_driver.py        WsiJobDriver, a Ray actor per job: plan each slide, send its work units, write results
+slide_paths.py       which slide files a tenant may name (wsi.slide_roots, its uploads)
+slides.py            open a slide (tifffile parses and checks; tifffile or cuCIM decode), its levels and mpp
+tiling.py            the model's tile grid on the right level; blocks of tiles read in one aligned region
+tissue.py            tissue detection on a low-resolution level
+work_units.py        what the driver sends to the tile model's replicas and what comes back
+tile_classifier.py   a tile model on one device (deployments/tile_model.py runs it)
+cuda_regions.py      regions decoded on the GPU (nvJPEG), for replicas with one
+heatmaps.py          the Zarr heatmap, chunk by chunk, with its ledger of finished chunks
+renderings.py        overlay PNG, tissue PNG, QuPath GeoJSON
+
+synthetic_tissue.py  H&E-like tissue laid out in microns: slide canvases with ground truth, training tiles
+synthetic_slides.py  pyramidal, tiled, JPEG-compressed TIFF slides (Aperio SVS layout), written tile by tile
+tile_model.py        the embedded tumour / normal tile classifier (its model.yaml), for training and tests
+"""

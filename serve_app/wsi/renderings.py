@@ -1,0 +1,210 @@
+"""What a pathologist opens the next morning: the heatmap over the slide, the tissue mask, the tiles in QuPath.
+
+Three files per slide, each written under a temporary name and renamed into place, so a job killed while
+writing never leaves a truncated file that looks finished:
+
+- ``tissue.png``: the tissue mask, 8-bit grey (255 tissue, 0 background). Its pHYs chunk gives the mask's
+  resolution (pixels per metre, ``1e6 / mpp``), so image viewers and scripts know its scale.
+- ``overlay.png``: the slide's thumbnail with each classified tile painted in a blue (0) → red (1) colour
+  map, blended with the thumbnail; tiles without tissue leave the thumbnail as it is.
+- ``tiles.geojson``: a GeoJSON FeatureCollection as QuPath (0.4+) exports and imports it: one square tile
+  object per classified tile in level-0 pixel coordinates, classified "Tumor" or "Normal", with the
+  probability as a measurement. QuPath: *File → Import objects from file* (or drag the file onto the
+  viewer); then *Measure → Show measurement maps* colours tiles by probability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+__all__ = [
+    "NORMAL_CLASS",
+    "TUMOUR_CLASS",
+    "colour_map",
+    "write_overlay_png",
+    "write_tiles_geojson",
+    "write_tissue_png",
+]
+
+# QuPath's built-in "Tumor" class and its colour, so imported tiles match QuPath's own. It has no
+# built-in class for normal tissue ("Stroma" is a tissue type, "Negative" a stain result): "Normal" is
+# created on import with the colour given here.
+TUMOUR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}
+NORMAL_CLASS = {"name": "Normal", "color": [90, 90, 180]}
+
+# Colour map anchors (probability, RGB): blue → cyan → yellow → red, "jet"-like, readable on pink H&E.
+_COLOUR_ANCHORS = np.array(
+    [
+        (0.00, 0, 0, 255),
+        (0.35, 0, 255, 255),
+        (0.65, 255, 255, 0),
+        (1.00, 255, 0, 0),
+    ],
+    dtype=np.float64,
+)
+
+
+def colour_map() -> np.ndarray:
+    """(256, 3) uint8: the overlay's colour for probability ``i / 255`` at row ``i``."""
+    levels = np.linspace(0.0, 1.0, 256)
+    channels = [np.interp(levels, _COLOUR_ANCHORS[:, 0], _COLOUR_ANCHORS[:, k]) for k in (1, 2, 3)]
+    return np.round(np.stack(channels, axis=1)).astype(np.uint8)
+
+
+_LUT = colour_map()
+
+
+def write_tissue_png(path: Path, mask: np.ndarray, *, mpp: float) -> None:
+    """Write a tissue mask as an 8-bit grey PNG: 255 where ``mask`` (``(H, W)`` bool) is set, 0 elsewhere.
+
+    ``mpp`` is the mask's microns per pixel; it is written as the PNG's pHYs (pixels per metre).
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a tissue mask is (H, W), not {mask.shape}")
+    image = Image.fromarray(np.where(mask.astype(bool), 255, 0).astype(np.uint8), mode="L")
+    _save_png(path, image, mpp=mpp)
+
+
+def write_overlay_png(
+    path: Path,
+    thumbnail: np.ndarray,
+    heatmap: np.ndarray,
+    *,
+    extent: tuple[float, float],
+    alpha: float = 0.5,
+    mpp: float | None = None,
+) -> None:
+    """Paint a heatmap over a slide's thumbnail and write it as an RGB PNG of the thumbnail's size.
+
+    ``thumbnail`` is ``(H, W, 3)`` uint8 RGB of the whole slide. ``heatmap`` is ``(rows, cols)`` float32,
+    one probability per tile, NaN for tiles without tissue; its tiles cover the slide's top-left
+    ``rows * tile`` × ``cols * tile`` region, which is ``extent = (height, width)`` thumbnail pixels
+    (``rows * tile_extent_level0 * H / slide_height_level0``, and likewise across; it may run past the
+    thumbnail's edge, which clips it). Each thumbnail pixel takes the tile under its centre (nearest
+    neighbour, so tiles show as squares) blended as ``(1 - alpha) * thumbnail + alpha * colour``; pixels
+    of NaN tiles and pixels outside the extent keep the thumbnail's colour. Tiles smaller than a
+    thumbnail pixel are sampled, not averaged: pass a larger thumbnail to see every tile.
+    ``mpp``, if given, is the thumbnail's microns per pixel, written as the PNG's pHYs.
+    """
+    thumbnail = np.asarray(thumbnail)
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumbnail.dtype != np.uint8:
+        raise ValueError(f"a thumbnail is (H, W, 3) uint8, not {thumbnail.shape} {thumbnail.dtype}")
+    if heatmap.ndim != 2:
+        raise ValueError(f"a heatmap is (rows, cols), not {heatmap.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha is between 0 and 1, not {alpha}")
+    height, width = thumbnail.shape[:2]
+    extent_height, extent_width = extent
+    rows, cols = heatmap.shape
+    overlay = thumbnail.copy()
+    if rows and cols and extent_height > 0 and extent_width > 0:
+        # The tile under each pixel's centre, for the pixels the heatmap covers.
+        tile_rows = _tiles_under_pixels(height, extent_height, rows)
+        tile_cols = _tiles_under_pixels(width, extent_width, cols)
+        probabilities = heatmap[np.ix_(tile_rows, tile_cols)]
+        painted = np.isfinite(probabilities)
+        indices = np.round(np.clip(np.nan_to_num(probabilities), 0.0, 1.0) * 255).astype(np.intp)
+        region = overlay[: len(tile_rows), : len(tile_cols)]
+        blended = (1.0 - alpha) * region + alpha * _LUT[indices]
+        region[painted] = np.round(blended[painted]).astype(np.uint8)
+    _save_png(path, Image.fromarray(overlay, mode="RGB"), mpp=mpp)
+
+
+def write_tiles_geojson(
+    path: Path,
+    heatmap: np.ndarray,
+    *,
+    tile_extent_level0: float,
+    threshold: float = 0.5,
+    measurement: str = "Tumour probability",
+) -> int:
+    """Write every classified tile of a heatmap as a QuPath tile object; return how many were written.
+
+    ``heatmap`` is ``(rows, cols)`` float32, NaN for tiles without tissue (they are left out). Tile
+    ``(r, c)`` is the square ``x in [c*e, (c+1)*e]``, ``y in [r*e, (r+1)*e]`` in level-0 pixels, with
+    ``e = tile_extent_level0``, written as a closed 5-point Polygon ring of ``[x, y]`` points. Its
+    properties: ``objectType`` "tile", ``classification`` :data:`TUMOUR_CLASS` if its probability is at
+    least ``threshold``, else :data:`NORMAL_CLASS`, and ``measurements`` ``{measurement: p}`` with p
+    rounded to 4 places. Features are written one at a time, so memory does not grow with the slide.
+    """
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if heatmap.ndim != 2:
+        raise ValueError(f"a heatmap is (rows, cols), not {heatmap.shape}")
+    if not tile_extent_level0 > 0:
+        raise ValueError(f"tile_extent_level0 is positive, not {tile_extent_level0}")
+    count = 0
+    with _written_in_place(path) as staging, open(staging, "w", encoding="utf-8") as out:
+        out.write('{"type": "FeatureCollection", "features": [\n')
+        for r, c in np.argwhere(np.isfinite(heatmap)):
+            probability = float(heatmap[r, c])
+            x0, x1 = _coordinate(c * tile_extent_level0), _coordinate((c + 1) * tile_extent_level0)
+            y0, y1 = _coordinate(r * tile_extent_level0), _coordinate((r + 1) * tile_extent_level0)
+            feature = {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+                },
+                "properties": {
+                    "objectType": "tile",
+                    "classification": TUMOUR_CLASS if probability >= threshold else NORMAL_CLASS,
+                    "measurements": {measurement: round(probability, 4)},
+                },
+            }
+            if count:
+                out.write(",\n")
+            out.write(json.dumps(feature))
+            count += 1
+        out.write("\n]}\n")
+    return count
+
+
+def _tiles_under_pixels(pixels: int, extent: float, tiles: int) -> np.ndarray:
+    """For pixels 0, 1, ... along one axis, the tile under each pixel's centre, up to the extent's end
+    or the thumbnail's edge, whichever comes first."""
+    covered = min(pixels, math.ceil(extent))
+    tile_of_pixel = np.floor((np.arange(covered) + 0.5) * tiles / extent).astype(np.intp)
+    return tile_of_pixel[tile_of_pixel < tiles]
+
+
+def _coordinate(value: float) -> int | float:
+    # Whole pixels as integers, others to a thousandth of a pixel: no 895.9999999999 in the file.
+    value = round(float(value), 3)
+    return int(value) if value.is_integer() else value
+
+
+def _save_png(path: Path, image: Image.Image, *, mpp: float | None) -> None:
+    info = PngImagePlugin.PngInfo()
+    options = {}
+    if mpp is not None:
+        if not mpp > 0:
+            raise ValueError(f"mpp is positive, not {mpp}")
+        # PNG's pHYs is pixels per metre (1e6 / mpp); PIL writes it from dots per inch, rounding
+        # dpi / 0.0254 to the nearest whole pixel per metre.
+        dpi = 0.0254 * 1e6 / mpp
+        options["dpi"] = (dpi, dpi)
+        info.add_text("mpp", f"{mpp:g}")  # the exact value: pHYs holds a whole number of pixels per metre
+    with _written_in_place(path) as staging:
+        image.save(staging, format="PNG", pnginfo=info, **options)
+
+
+@contextlib.contextmanager
+def _written_in_place(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once written, it replaces ``path`` in one step."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

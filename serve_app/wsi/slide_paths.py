@@ -1,0 +1,50 @@
+"""Which files a WSI job may read: slides inside the configured roots, or the tenant's own uploads.
+
+A path comes from a request, so nothing about it is trusted: ``..`` is refused outright, symlinks are
+followed before the check (a link inside a root pointing out of it is refused), and the answer never says
+whether a refused path exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from serve_app.errors import BadRequest, Forbidden
+
+__all__ = ["SlidePolicy"]
+
+
+class SlidePolicy:
+    """The folders one tenant's slides may come from.
+
+    Args:
+        roots: the configured ``wsi.slide_roots``.
+        uploads: the tenant's upload folder (``WsiConfig.uploads(tenant)``), readable by that tenant only.
+
+    Usage::
+
+        policy = SlidePolicy(config.wsi.slide_roots, config.wsi.uploads(tenant_id))
+        path = policy.resolve("/mnt/slides/2026/case-1.svs")   # Forbidden (403) outside the roots
+    """
+
+    def __init__(self, roots: list[Path], uploads: Path):
+        self.roots = [Path(root).resolve() for root in (*roots, uploads)]
+
+    def resolve(self, slide: str) -> Path:
+        """The real path of ``slide`` (absolute, or relative to a root), inside a root.
+
+        Raises ``BadRequest`` (400) for ``..`` or an empty path, ``Forbidden`` (403) for a path whose real
+        location is outside every root. A path inside a root that does not exist is returned as is: the job
+        reports it as that slide's error.
+        """
+        if not slide or "\x00" in slide:
+            raise BadRequest("a slide path is empty or holds a NUL byte")
+        raw = PurePosixPath(slide)
+        if ".." in raw.parts:
+            raise BadRequest(f"slide paths may not contain '..' (got {slide!r})")
+        candidates = [Path(raw)] if raw.is_absolute() else [root / raw for root in self.roots]
+        real_paths = (candidate.resolve() for candidate in candidates)  # follows every symlink on the way
+        inside = [real for real in real_paths if any(real.is_relative_to(root) for root in self.roots)]
+        if not inside:
+            raise Forbidden("a slide is outside the server's slide roots (wsi.slide_roots) and the tenant's uploads")
+        return next((real for real in inside if real.exists()), inside[0])

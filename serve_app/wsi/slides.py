@@ -1,0 +1,500 @@
+"""Open whole-slide images and read regions of their pyramid levels, fast, or refuse them with a reason.
+
+A slide is a tiled, pyramidal TIFF (Aperio SVS layout and generic tiled pyramids). Every slide is
+parsed and checked once with tifffile at open, whatever reader then decodes its pixels: that one
+parse gives the levels (the pyramid only, never thumbnail, label or macro pages), their microns per
+pixel, and the integrity check that makes a truncated file fail at open rather than decode to garbage
+(cuCIM opens a file cut in half as a one-level slide and fails only at the first missing tile).
+
+Two readers decode pixels, with identical results on JPEG slides (both use libjpeg-turbo):
+
+- ``CucimSlide``: cuCIM's ``CuImage.read_region``, its own worker threads and tile cache;
+- ``TiffSlide``: reads only the file tiles a region touches, with ``os.pread`` on one open file
+  descriptor (thread-safe, no seek), and decodes them in a thread pool; JPEG decoding releases the GIL.
+
+Every error a library raises at open or read is translated to ``InvalidSlide`` in one place,
+``_slide_errors``; messages name what is wrong and what to do, never the file's name or contents,
+which can carry patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import struct
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from serve_app.errors import InvalidSlide
+
+__all__ = [
+    "JpegTile",
+    "AUTO_READERS",
+    "MAX_SINGLE_LEVEL_SIDE",
+    "CucimSlide",
+    "Reader",
+    "Slide",
+    "SlideLevel",
+    "TiffSlide",
+    "open_slide",
+]
+
+logger = logging.getLogger(__name__)
+
+Reader = Literal["auto", "cucim", "tifffile"]
+
+# A slide of one level larger than this has no low-resolution level for tissue detection and
+# thumbnails: reading it whole would take gigabytes.
+MAX_SINGLE_LEVEL_SIDE = 4096
+_CONVERT_HINT = "convert it with `vips tiffsave in.svs out.tif --tile --pyramid --compression jpeg`"
+_MPP_HINT = "give the slide's mpp (medserve wsi submit --mpp 0.25)"
+_WHITE = 255  # outside a level, and tiles the file leaves out, are glass
+_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
+_MICRONS_PER_UNIT = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25_400.0}
+# tifffile first: as fast as cuCIM's CPU decoder (measured, 2 cores) and it raises on a corrupt tile,
+# where cuCIM prints to stderr and returns the tile white, which a job would take for glass.
+AUTO_READERS: tuple[Literal["tifffile", "cucim"], ...] = ("tifffile", "cucim")
+_DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class SlideLevel:
+    """One level of a slide's pyramid."""
+
+    index: int  # 0 = full resolution
+    width: int  # pixels of this level
+    height: int
+    downsample: float  # level-0 pixels per pixel of this level
+    mpp: float  # microns per pixel of this level
+    tile_width: int  # the file's own tile grid at this level, pixels
+    tile_height: int
+
+
+@contextmanager
+def _slide_errors(doing: str) -> Iterator[None]:
+    """The one place library errors become ``InvalidSlide``: ``doing`` says what failed ("opening the slide").
+
+    The library's message is logged, not returned: it may name the file.
+    """
+    try:
+        yield
+    except InvalidSlide:
+        raise
+    except MemoryError:
+        raise
+    except Exception as error:
+        logger.info("slide unusable while %s: %r", doing, error)
+        raise InvalidSlide(
+            f"the slide could not be read while {doing} ({type(error).__name__}): the file is corrupt, truncated "
+            f"or in a layout this server does not read; re-export it as a tiled pyramidal TIFF, e.g. {_CONVERT_HINT}"
+        ) from error
+
+
+class Slide:
+    """An open slide: its pyramid levels, and regions of them as RGB pixels. Use as a context manager."""
+
+    path: Path
+    reader: str  # "cucim" or "tifffile"
+    levels: tuple[SlideLevel, ...]  # level 0 first, the pyramid only
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 RGB of ``level``, (x, y) its top-left in that level's pixels.
+
+        Pixels outside the level are white (glass).
+        """
+        if not 0 <= level < len(self.levels):
+            raise ValueError(f"level must be in [0, {len(self.levels)}), got {level}")
+        if width <= 0 or height <= 0:
+            raise ValueError(f"region size must be positive, got {width} x {height}")
+        with _slide_errors(f"reading a region of level {level}"):
+            return self._read_region(self.levels[level], int(x), int(y), int(width), int(height))
+
+    def _read_region(self, level: SlideLevel, x: int, y: int, width: int, height: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of the whole slide, its longer side ``max_side`` (or the coarsest level's, if smaller).
+
+        Made from the coarsest level that is at least ``max_side`` on its longer side, not from the
+        file's thumbnail page, whose extent scanners do not always match to the pyramid's.
+        """
+        level = self.levels[-1]
+        for candidate in self.levels:
+            if max(candidate.width, candidate.height) >= max_side:
+                level = candidate  # levels run fine to coarse: the last one still large enough
+        image = self.read_region(level.index, 0, 0, level.width, level.height)
+        scale = max_side / max(level.width, level.height)
+        if scale >= 1:
+            return image
+        size = (max(1, round(level.width * scale)), max(1, round(level.height * scale)))
+        return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        level0 = self.levels[0]
+        return (
+            f"{type(self).__name__}({level0.width}x{level0.height} px, {len(self.levels)} levels, "
+            f"{level0.mpp:g} mpp, reader={self.reader!r})"
+        )
+
+
+@dataclass(frozen=True)
+class _ParsedLevel:
+    """A pyramid level as the TIFF file stores it: where its tiles are, how to decode them."""
+
+    level: SlideLevel
+    page: tifffile.TiffPage  # keyframe: its decode function and JPEGTables
+    offsets: np.ndarray  # (tiles_down * tiles_across,) int64 file offsets, row-major
+    bytecounts: np.ndarray  # (tiles_down * tiles_across,) int64
+    tiles_across: int
+    tiles_down: int
+
+
+def open_slide(path: Path, *, mpp: float | None = None, reader: Reader = "auto") -> Slide:
+    """Open a whole-slide image; ``InvalidSlide`` if it cannot be used.
+
+    ``mpp``, microns per pixel of level 0, overrides the file's own (level mpp = mpp * downsample).
+    ``reader="auto"`` takes the readers in ``AUTO_READERS`` order, the next when one cannot open the file
+    (cuCIM: not importable, or it sees a different pyramid than tifffile).
+    """
+    if reader not in ("auto", "cucim", "tifffile"):
+        raise ValueError(f"reader must be 'auto', 'cucim' or 'tifffile', got {reader!r}")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise InvalidSlide(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidSlide("the slide file does not exist or is not a regular file")
+    tif, parsed = _parse(path, mpp)
+    if reader == "tifffile" or (reader == "auto" and AUTO_READERS[0] == "tifffile"):
+        return TiffSlide(path, tif, parsed)
+    try:
+        return CucimSlide(path, tif, parsed)
+    except Exception as error:
+        if reader == "cucim":
+            tif.close()
+            if isinstance(error, InvalidSlide):
+                raise
+            raise InvalidSlide(
+                f"cuCIM cannot read this slide ({type(error).__name__}); read it with the tifffile reader"
+            ) from error
+        logger.debug("cuCIM not used for a slide, tifffile reads it: %r", error)
+        return TiffSlide(path, tif, parsed)
+
+
+def _parse(path: Path, mpp_override: float | None) -> tuple[tifffile.TiffFile, tuple[_ParsedLevel, ...]]:
+    """The open TiffFile and its checked pyramid levels; ``InvalidSlide`` for anything unusable."""
+    with _slide_errors("opening the slide"):
+        try:
+            tif = tifffile.TiffFile(path)
+        except tifffile.TiffFileError as error:
+            raise InvalidSlide(
+                "the slide is not a TIFF file (no TIFF header); whole-slide images must be tiled pyramidal "
+                f"TIFF (Aperio SVS or generic): {_CONVERT_HINT}"
+            ) from error
+        try:
+            return tif, _parse_levels(tif, path.stat().st_size, mpp_override)
+        except BaseException:
+            tif.close()
+            raise
+
+
+def _parse_levels(tif: tifffile.TiffFile, file_size: int, mpp_override: float | None) -> tuple[_ParsedLevel, ...]:
+    _check_ifd_chain_complete(tif, file_size)
+    if not tif.series:
+        raise InvalidSlide("the TIFF file holds no image")
+    pages = [series_level.keyframe for series_level in tif.series[0].levels]
+    base = pages[0]
+    _check_rgb(base)
+    if not base.is_tiled:
+        raise InvalidSlide(f"the slide is not a tiled pyramid (its image is stored in strips); {_CONVERT_HINT}")
+    mpp0 = mpp_override if mpp_override is not None else _mpp_of(tif, base)
+    if mpp0 is None:
+        raise InvalidSlide(f"the slide has no resolution metadata (microns per pixel); {_MPP_HINT}")
+
+    # The pyramid: tiled RGB pages of level 0's aspect, each coarser than the one before. Anything else in
+    # the series (a thumbnail or label taken for a level) is not a level.
+    parsed: list[_ParsedLevel] = []
+    for page in pages:
+        height, width = int(page.imagelength), int(page.imagewidth)
+        downsample = (base.imagewidth / width + base.imagelength / height) / 2
+        if parsed and (
+            not page.is_tiled
+            or downsample <= parsed[-1].level.downsample * 1.01
+            or abs(base.imagewidth / width - base.imagelength / height) > 0.02 * downsample + 2 / min(width, height)
+        ):
+            logger.debug("page of %dx%d px is not a pyramid level, skipped", width, height)
+            continue
+        _check_rgb(page)
+        level = SlideLevel(
+            index=len(parsed),
+            width=width,
+            height=height,
+            downsample=downsample,
+            mpp=mpp0 * downsample,
+            tile_width=int(page.tilewidth),
+            tile_height=int(page.tilelength),
+        )
+        parsed.append(_tile_index(level, page, file_size))
+    level0 = parsed[0].level
+    if len(parsed) == 1 and max(level0.width, level0.height) > MAX_SINGLE_LEVEL_SIDE:
+        raise InvalidSlide(
+            f"the slide has a single resolution level of {level0.width}x{level0.height} px and no "
+            f"low-resolution levels (tissue detection needs one); {_CONVERT_HINT}"
+        )
+    return tuple(parsed)
+
+
+def _check_rgb(page: tifffile.TiffPage) -> None:
+    if page.dtype != np.uint8:
+        raise InvalidSlide(
+            f"the slide has {page.bitspersample}-bit samples ({page.dtype}); expected 8-bit RGB brightfield "
+            "(fluorescence and other multi-channel images are not supported)"
+        )
+    rgb = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+    if not rgb or page.samplesperpixel not in (3, 4):
+        raise InvalidSlide(
+            f"the slide is not RGB (photometric {page.photometric.name}, {page.samplesperpixel} samples per "
+            "pixel); expected 8-bit RGB brightfield, not greyscale or multi-channel"
+        )
+
+
+def _check_ifd_chain_complete(tif: tifffile.TiffFile, file_size: int) -> None:
+    """A file cut short loses its later pages silently (tifffile logs and stops): check the last page's
+    pointer to the next one, which is 0 in a whole file."""
+    last = tif.pages[len(tif.pages) - 1]  # len() indexes every page, stopping at the first broken pointer
+    header = tif.tiff
+    fh = tif.filehandle
+    fh.seek(last.offset)
+    (tag_count,) = struct.unpack(header.tagnoformat, fh.read(header.tagnosize))
+    fh.seek(last.offset + header.tagnosize + tag_count * header.tagsize)
+    raw = fh.read(header.offsetsize)
+    next_offset = struct.unpack(header.offsetformat, raw)[0] if len(raw) == header.offsetsize else file_size
+    if next_offset != 0 and next_offset >= file_size:
+        raise InvalidSlide("the slide file is truncated (it ends before its last page); copy or upload it again")
+
+
+def _tile_index(level: SlideLevel, page: tifffile.TiffPage, file_size: int) -> _ParsedLevel:
+    """The level's tile offsets, checked to lie within the file: a truncated file fails here, at open."""
+    tiles_across = math.ceil(level.width / level.tile_width)
+    tiles_down = math.ceil(level.height / level.tile_height)
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
+    if page.planarconfig != tifffile.PLANARCONFIG.CONTIG or page.imagedepth != 1:
+        raise InvalidSlide("the slide stores colour planes separately or in depth; expected interleaved RGB tiles")
+    if offsets.size != tiles_across * tiles_down or bytecounts.size != offsets.size:
+        raise InvalidSlide(
+            f"level {level.index} of the slide has {offsets.size} tiles, expected {tiles_across * tiles_down}: "
+            "the file is corrupt"
+        )
+    if offsets.size and (np.any(offsets < 0) or np.any(offsets + bytecounts > file_size)):
+        raise InvalidSlide(
+            f"the slide file is truncated or corrupt: tiles of level {level.index} lie beyond its end; "
+            "copy or upload it again"
+        )
+    return _ParsedLevel(level, page, offsets, bytecounts, tiles_across, tiles_down)
+
+
+def _mpp_of(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
+    """Microns per pixel of level 0: Aperio's ``MPP =``, else the resolution tags; None if neither says.
+
+    A resolution of 1 pixel per unit, or unit NONE, is a writer's default, not a measurement.
+    """
+    match = _APERIO_MPP.search(page.description or "") if page.is_svs else None
+    if match:
+        try:
+            value = float(match.group(1))
+        except ValueError:
+            value = 0.0
+        if math.isfinite(value) and value > 0:
+            return value
+    unit = page.tags.valueof("ResolutionUnit", tifffile.RESUNIT.INCH)  # TIFF's default unit is the inch
+    resolution = page.tags.valueof("XResolution")
+    if resolution is None or unit not in _MICRONS_PER_UNIT:
+        return None
+    numerator, denominator = resolution
+    if denominator == 0 or numerator == 0:
+        return None
+    pixels_per_unit = numerator / denominator
+    if pixels_per_unit <= 1:
+        return None
+    return _MICRONS_PER_UNIT[unit] / pixels_per_unit
+
+
+def _tiles_touching(level: SlideLevel, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, int]]:
+    """(row, col) of the file tiles that the box [x0, x1) x [y0, y1) of ``level`` (inside it) touches."""
+    tw, th = level.tile_width, level.tile_height
+    return [(row, col) for row in range(y0 // th, (y1 - 1) // th + 1) for col in range(x0 // tw, (x1 - 1) // tw + 1)]
+
+
+@dataclass(frozen=True)
+class JpegTile:
+    """One file tile as a whole JPEG stream, and its top-left in its level's pixels."""
+
+    left: int
+    top: int
+    stream: bytes
+
+
+class TiffSlide(Slide):
+    """Decodes the file tiles a region touches, in parallel threads, with tifffile's decoders."""
+
+    reader = "tifffile"
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile, parsed: tuple[_ParsedLevel, ...]):
+        self.path = path
+        self.levels = tuple(p.level for p in parsed)
+        self._tif = tif  # kept open: its pages' decode functions and JPEGTables
+        self._parsed = parsed
+        self._fd = os.open(path, os.O_RDONLY)  # pread on one descriptor: thread-safe, no shared file position
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def _decoder_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="slide-decode")
+            return self._pool
+
+    def _read_region(self, level: SlideLevel, x: int, y: int, width: int, height: int) -> np.ndarray:
+        parsed = self._parsed[level.index]
+        out = np.full((height, width, 3), _WHITE, dtype=np.uint8)
+        # The part of the region inside the level, and the file tiles it touches.
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, level.width), min(y + height, level.height)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        tw, th = level.tile_width, level.tile_height
+        tiles = _tiles_touching(level, x0, y0, x1, y1)
+
+        def paste(row_col: tuple[int, int]) -> None:
+            row, col = row_col
+            tile = self._decode_tile(parsed, row * parsed.tiles_across + col)
+            if tile is None:
+                return  # a tile the file leaves out: glass
+            # Intersection of the tile with the region, clipped to the level (edge tiles are padded).
+            left, top = col * tw, row * th
+            a0, a1 = max(left, x0), min(left + tw, x1)
+            b0, b1 = max(top, y0), min(top + th, y1)
+            out[b0 - y : b1 - y, a0 - x : a1 - x] = tile[b0 - top : b1 - top, a0 - left : a1 - left, :3]
+
+        if len(tiles) == 1:
+            paste(tiles[0])
+        else:
+            # list() re-raises the first decode error here, in the caller's _slide_errors.
+            list(self._decoder_pool().map(paste, tiles))
+        return out
+
+    def jpeg_tiles(self, level: int, x: int, y: int, width: int, height: int) -> list[JpegTile] | None:
+        """The file tiles a region of ``level`` touches, as self-contained JPEG streams (the file's shared
+        JPEGTables spliced in), for decoders that take whole JPEG files (nvJPEG); None when the level is
+        not JPEG-compressed. Tiles the file leaves out are left out here too (they are glass)."""
+        parsed = self._parsed[level]
+        page = parsed.page
+        if page.compression != tifffile.COMPRESSION.JPEG:
+            return None
+        lv = parsed.level
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, lv.width), min(y + height, lv.height)
+        if x0 >= x1 or y0 >= y1:
+            return []
+        tables = page.jpegtables
+        found = []
+        for row, col in _tiles_touching(lv, x0, y0, x1, y1):
+            index = row * parsed.tiles_across + col
+            count = int(parsed.bytecounts[index])
+            if count == 0:
+                continue
+            data = os.pread(self._fd, count, int(parsed.offsets[index]))
+            if len(data) != count:
+                raise InvalidSlide("the slide file is truncated: a tile lies beyond its end; copy or upload it again")
+            # An abbreviated stream: the tables' SOI..(no EOI) then the tile after its own SOI.
+            found.append(
+                JpegTile(col * lv.tile_width, row * lv.tile_height, tables[:-2] + data[2:] if tables else data)
+            )
+        return found
+
+    def _decode_tile(self, parsed: _ParsedLevel, index: int) -> np.ndarray | None:
+        """(tile_height, tile_width, samples) uint8 of one file tile, or None if the file leaves it out."""
+        count = int(parsed.bytecounts[index])
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, int(parsed.offsets[index]))
+        if len(data) != count:
+            raise InvalidSlide("the slide file is truncated: a tile lies beyond its end; copy or upload it again")
+        page = parsed.page
+        segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables, _fullsize=True)
+        if segment is None:
+            return None
+        return segment[0]  # (1, h, w, samples): one depth plane
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tif.close()
+
+
+class CucimSlide(Slide):
+    """cuCIM's reader: ``CuImage.read_region`` with its worker threads, on the levels tifffile checked."""
+
+    reader = "cucim"
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile, parsed: tuple[_ParsedLevel, ...]):
+        from cucim import CuImage  # optional: open_slide falls back to tifffile when missing
+
+        self.path = path
+        self.levels = tuple(p.level for p in parsed)
+        image = CuImage(str(path))
+        try:
+            resolutions = image.resolutions
+            dimensions = [tuple(int(v) for v in d) for d in resolutions["level_dimensions"]]
+            expected = [(level.width, level.height) for level in self.levels]
+            if dimensions != expected:
+                raise InvalidSlide(
+                    f"cuCIM sees levels {dimensions}, tifffile {expected}: the readers disagree on the pyramid"
+                )
+            if image.typestr != "|u1" or list(image.channel_names)[:3] != ["R", "G", "B"]:
+                raise InvalidSlide("cuCIM does not read the slide as 8-bit RGB")
+        except BaseException:
+            image.close()
+            raise
+        self._image = image
+        self._downsamples = tuple(float(d) for d in resolutions["level_downsamples"])
+        tif.close()  # cuCIM reads the pixels; the parse was only for the checks and levels
+
+    def _read_region(self, level: SlideLevel, x: int, y: int, width: int, height: int) -> np.ndarray:
+        # cuCIM's location is in level-0 pixels (as OpenSlide's); size in the level's. It fills outside with white.
+        downsample = self._downsamples[level.index]
+        location = (round(x * downsample), round(y * downsample))
+        region = self._image.read_region(
+            location, (width, height), level=level.index, num_workers=_DECODE_THREADS if width * height > 2**18 else 0
+        )
+        pixels = np.asarray(region)
+        if pixels.shape[-1] != 3:
+            pixels = pixels[..., :3]
+        return np.ascontiguousarray(pixels)
+
+    def close(self) -> None:
+        self._image.close()
