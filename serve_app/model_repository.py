@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from serve_app.errors import ModelNotFound
 from serve_app.strict_model import StrictModel
@@ -95,6 +95,18 @@ class TilePreprocessingSpec(StrictModel):
         return self
 
 
+_VOLUME, _TILES = "volume", "tiles"  # the two kinds of preprocessing; dropped from error locations
+
+
+def _preprocessing_kind(value: Any) -> str:
+    """Which preprocessing a model.yaml's section is: a tile classifier's names its mpp or tile_size."""
+    if isinstance(value, TilePreprocessingSpec):
+        return _TILES
+    if isinstance(value, dict) and ({"mpp", "tile_size"} & value.keys()):
+        return _TILES
+    return _VOLUME
+
+
 class InferenceSpec(StrictModel):
     """The sliding-window inferer's settings, used when ``preprocessing.roi_size`` is set."""
 
@@ -162,7 +174,10 @@ class ModelSpec(StrictModel):
     labels: dict[int, str] = Field(
         description="Label value -> name; 0 is background (segmentation) or the negative class (tile classifiers)."
     )
-    preprocessing: PreprocessingSpec | TilePreprocessingSpec = Field(
+    preprocessing: Annotated[
+        Annotated[PreprocessingSpec, Tag(_VOLUME)] | Annotated[TilePreprocessingSpec, Tag(_TILES)],
+        Discriminator(_preprocessing_kind),
+    ] = Field(
         description="The model's input: a 3D study's MONAI preprocessing (segmentation), or tiles "
         "(tile_classification)."
     )
@@ -219,7 +234,10 @@ def read_model_spec(path: Path) -> ModelSpec:
     except (yaml.YAMLError, TypeError) as e:
         raise ModelRepositoryError(f"{path}: not a YAML mapping ({e})") from None
     except ValidationError as e:
-        fields = "\n".join(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        fields = "\n".join(
+            f"  {'.'.join(str(part) for part in err['loc'] if part not in (_VOLUME, _TILES))}: {err['msg']}"
+            for err in e.errors()
+        )
         raise ModelRepositoryError(f"{path} is invalid:\n{fields}") from None
 
 

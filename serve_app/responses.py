@@ -43,10 +43,11 @@ ERROR_RESPONSES = {
         400: "Malformed request: a query parameter of the wrong type, a broken multipart body.",
         401: "No API key, or a key that is not valid (with tenants configured).",
         403: "The tenant may not use this model, or may not send STAT requests.",
-        404: "Unknown model, route or result (another tenant's result is not found either).",
+        404: "Unknown model, route, result or WSI job (another tenant's are not found either).",
+        409: "A WSI job into an output folder that a running job of the tenant writes.",
         413: "Upload, unpacked upload, file count or volume over the server's or the tenant's limits.",
         415: "A file that is not a zip, a DICOM Part-10 file or NIfTI; a corrupt zip.",
-        422: "Readable, but not one usable image series (see the README's error table).",
+        422: "Readable, but not one usable image series; a model of the wrong task (see the README's error table).",
         429: "Over the tenant's rate or concurrency quota; retry after Retry-After seconds.",
     }.items()
 }

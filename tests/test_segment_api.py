@@ -78,7 +78,10 @@ def test_concurrent_requests_all_complete(client, phantom_series):
 
 def test_models_health_and_results_endpoints(client):
     models = client.get("/v1/models").json()["models"]
-    assert [m["name"] for m in models] == ["ct-phantom-organ"]
+    assert [(m["name"], m["task"]) for m in models] == [
+        ("ct-phantom-organ", "segmentation"),
+        ("he-tile-tumour", "tile_classification"),
+    ]
     assert client.get("/v1/models/ct-phantom-organ").json()["labels"] == {"0": "background", "1": "organ"}
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").json()["status"] == "ready"

@@ -717,35 +717,16 @@ def make_slide_canvas(
     return SlideCanvas(layout, seed=seed, style=random_stain_style(rng, stain_jitter))
 
 
-def make_training_tiles(
-    count: int,
-    *,
-    seed: int,
-    size: int = TRAINING_TILE_SIZE,
-    mpp: float = TRAINING_MPP,
-    tumour_share: float = 0.5,
-    edge_share: float = 0.2,
-    stain_jitter: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
+def make_training_tiles(count: int, *, seed: int, **options) -> tuple[np.ndarray, np.ndarray]:
     """Labelled tiles: (count, size, size, 3) uint8 RGB and (count,) int64 labels, 0 normal and 1 tumour.
 
-    Each tile is wholly one class, with its own staining; ``edge_share`` of them show the edge of the
+    ``iter_training_tiles``'s tiles (its options: size, mpp, tumour_share, edge_share, stain_jitter) in two
+    arrays. Each tile is wholly one class, with its own staining; ``edge_share`` of them show the edge of the
     tissue with glass beyond. Everything, the nuclei stamps included, comes from ``seed``.
     """
-    tiles = np.empty((count, size, size, 3), np.uint8)
-    labels = np.empty(count, np.int64)
-    generated = iter_training_tiles(
-        count,
-        seed=seed,
-        size=size,
-        mpp=mpp,
-        tumour_share=tumour_share,
-        edge_share=edge_share,
-        stain_jitter=stain_jitter,
-    )
-    for i, (tile, label) in enumerate(generated):
-        tiles[i], labels[i] = tile, label
-    return tiles, labels
+    pairs = list(iter_training_tiles(count, seed=seed, **options))
+    tiles = np.stack([tile for tile, _ in pairs]) if pairs else np.empty((0, 0, 0, 3), np.uint8)
+    return tiles, np.array([label for _, label in pairs], np.int64)
 
 
 def iter_training_tiles(
@@ -758,7 +739,7 @@ def iter_training_tiles(
     edge_share: float = 0.2,
     stain_jitter: float = 1.0,
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """``make_training_tiles`` one (size, size, 3) uint8 RGB tile and its label at a time."""
+    """Training tiles one at a time: (size, size, 3) uint8 RGB at ``mpp``, and its label (1 tumour)."""
     rng = np.random.default_rng([seed, 4])
     textures = TissueTextures(seed)
     side_um = size * mpp
