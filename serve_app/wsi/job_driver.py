@@ -111,7 +111,8 @@ class WsiJobDriver:
         self.cancelled = False
         self.metrics = WsiJobMetrics(status.job_id, status.model, status.tenant)
         self._saved_at = 0.0
-        self._speed: deque[tuple[float, int]] = deque()
+        self._speed: deque[tuple[float, int]] = deque()  # (time, tiles this run classified by then)
+        self._classified = 0
 
     async def run(self) -> None:
         self.status.state = JobState.running
@@ -312,13 +313,15 @@ class WsiJobDriver:
 
     def _count_planned(self) -> None:
         self.status.tiles_total = sum(s.tiles_total or 0 for s in self.status.slides)
+        self.status.tiles_done = sum(s.tiles_done for s in self.status.slides)  # a resumed job's head start
         self.metrics.total_tiles = self.status.tiles_total
         self._save(force=True)
 
     def _tiles_finished(self, tiles: int) -> None:
         now = time.monotonic()
-        self.status.tiles_done += tiles
-        self._speed.append((now, self.status.tiles_done))
+        self.status.tiles_done = sum(s.tiles_done for s in self.status.slides)
+        self._classified += tiles  # this run's own: what its speed is measured on
+        self._speed.append((now, self._classified))
         while len(self._speed) > 2 and now - self._speed[0][0] > _SPEED_WINDOW_S:
             self._speed.popleft()
         (t0, done0), (t1, done1) = self._speed[0], self._speed[-1]

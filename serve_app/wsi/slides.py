@@ -25,6 +25,7 @@ import os
 import re
 import struct
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -101,7 +102,7 @@ def _slide_errors(doing: str) -> Iterator[None]:
         ) from error
 
 
-class Slide:
+class Slide(ABC):
     """An open slide: its pyramid levels, and regions of them as RGB pixels. Use as a context manager."""
 
     path: Path
@@ -120,8 +121,9 @@ class Slide:
         with _slide_errors(f"reading a region of level {level}"):
             return self._read_region(self.levels[level], int(x), int(y), int(width), int(height))
 
+    @abstractmethod
     def _read_region(self, level: SlideLevel, x: int, y: int, width: int, height: int) -> np.ndarray:
-        raise NotImplementedError
+        """``read_region`` of the reader, its arguments checked."""
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """(H, W, 3) uint8 RGB of the whole slide, its longer side ``max_side`` (or the coarsest level's, if smaller).
@@ -140,8 +142,9 @@ class Slide:
         size = (max(1, round(level.width * scale)), max(1, round(level.height * scale)))
         return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release the file and the reader's threads."""
 
     def __enter__(self) -> Slide:
         return self
