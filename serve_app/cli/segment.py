@@ -17,7 +17,7 @@ import httpx
 
 from serve_app.cli.errors import CommandError, json_answer, reason_of
 
-__all__ = ["API_KEY_ENV", "DEFAULT_URL", "add_commands"]
+__all__ = ["API_KEY_ENV", "DEFAULT_URL", "add_commands", "file_chunks"]
 
 DEFAULT_URL = os.environ.get("MEDSERVE_URL", "http://127.0.0.1:8000")
 API_KEY_ENV = "MEDSERVE_API_KEY"
@@ -48,7 +48,9 @@ def _segment(args) -> int:
         with _upload_body(args.path) as (body, content_type):
             headers = {"content-type": content_type, "content-length": str(os.fstat(body.fileno()).st_size)}
             params = {"stat": "true"} if args.stat else {}
-            response = client.post(f"/v1/models/{model}/segment", content=_chunks(body), headers=headers, params=params)
+            response = client.post(
+                f"/v1/models/{model}/segment", content=file_chunks(body), headers=headers, params=params
+            )
         result = json_answer(response)
         if args.out or args.truth:
             mask = client.get(result["mask_url"])
@@ -88,7 +90,8 @@ def _only_model(client: httpx.Client) -> str:
     return names[0]
 
 
-def _chunks(file: BinaryIO) -> Iterator[bytes]:
+def file_chunks(file: BinaryIO) -> Iterator[bytes]:
+    """A file's bytes a MiB at a time: an upload body httpx streams without holding the file in memory."""
     while chunk := file.read(_CHUNK):
         yield chunk
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
 
 from serve_app.cli.errors import CommandError, json_answer, reason_of
-from serve_app.cli.segment import API_KEY_ENV, DEFAULT_URL
+from serve_app.cli.segment import API_KEY_ENV, DEFAULT_URL, file_chunks
 
 __all__ = ["add_commands"]
 
@@ -100,15 +99,12 @@ def _upload(client: httpx.Client, slide: Path) -> str:
         raise CommandError(f"{slide} is not a file")
     with open(slide, "rb") as file:
         headers = {"content-length": str(os.fstat(file.fileno()).st_size)}
-        response = client.post("/v1/wsi/slides", params={"name": slide.name}, content=_chunks(file), headers=headers)
+        response = client.post(
+            "/v1/wsi/slides", params={"name": slide.name}, content=file_chunks(file), headers=headers
+        )
     if response.status_code != 201:
         raise CommandError(f"uploading {slide.name}: {reason_of(response)}")
     return response.json()["slide"]
-
-
-def _chunks(file) -> Iterator[bytes]:
-    while chunk := file.read(1 << 20):
-        yield chunk
 
 
 def _wait(args) -> int:

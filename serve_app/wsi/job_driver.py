@@ -112,7 +112,6 @@ class WsiJobDriver:
         self.metrics = WsiJobMetrics(status.job_id, status.model, status.tenant)
         self._saved_at = 0.0
         self._speed: deque[tuple[float, int]] = deque()  # (time, tiles this run classified by then)
-        self._classified = 0
 
     async def run(self) -> None:
         self.status.state = JobState.running
@@ -158,7 +157,7 @@ class WsiJobDriver:
                 if self.cancelled:
                     status.state = SlideState.cancelled
                 else:
-                    status.summary = await asyncio.to_thread(self._write_outputs, status, plan)
+                    status.summary = await asyncio.to_thread(self._write_outputs, plan)
                     status.state = SlideState.done
             except (SlideFailed, RequestError, OSError, ValueError) as e:
                 status.state, status.error = SlideState.failed, _reason(e)
@@ -252,7 +251,6 @@ class WsiJobDriver:
         plan.seconds.inference += result.inference_s
         tiles = int(chunk.tissue.sum())
         status.tiles_done += tiles
-        self.metrics.tiles_done(tiles)
         self._tiles_finished(tiles)
 
     async def _send(self, chunk: TileChunk) -> ChunkProbabilities:
@@ -273,7 +271,7 @@ class WsiJobDriver:
                 )
         raise AssertionError("unreachable")
 
-    def _write_outputs(self, status: SlideStatus, plan: _SlidePlan) -> SlideSummary:
+    def _write_outputs(self, plan: _SlidePlan) -> SlideSummary:
         """The heatmap's renderings and the slide's summary, beside the heatmap: in a thread."""
         watch = Stopwatch()
         folder = plan.store.path.parent
@@ -288,6 +286,7 @@ class WsiJobDriver:
         write_tiles_geojson(folder / "tiles.geojson", heatmap, tile_extent_level0=grid.tile_extent_level0)
         plan.seconds.write += watch.lap()
         classified = ~np.isnan(heatmap)
+        tissue = int(classified.sum())
         positive = int((heatmap[classified] >= 0.5).sum())
         tile_mm2 = (grid.tile_size * grid.mpp / 1000.0) ** 2
         summary = SlideSummary(
@@ -299,10 +298,10 @@ class WsiJobDriver:
             mpp=grid.mpp,
             grid=(grid.rows, grid.cols),
             tiles_total=grid.rows * grid.cols,
-            tiles_tissue=int(classified.sum()),
+            tiles_tissue=tissue,
             tiles_positive=positive,
             tumour_area_mm2=round(positive * tile_mm2, 4),
-            tissue_area_mm2=round(int(classified.sum()) * tile_mm2, 4),
+            tissue_area_mm2=round(tissue * tile_mm2, 4),
             chunks_total=plan.units_total,
             chunks_resumed=plan.units_resumed,
             seconds=PhaseSeconds(**{k: round(v, 3) for k, v in plan.seconds.model_dump().items()}),
@@ -320,8 +319,8 @@ class WsiJobDriver:
     def _tiles_finished(self, tiles: int) -> None:
         now = time.monotonic()
         self.status.tiles_done = sum(s.tiles_done for s in self.status.slides)
-        self._classified += tiles  # this run's own: what its speed is measured on
-        self._speed.append((now, self._classified))
+        self.metrics.tiles_done(tiles)  # counts this run's own tiles: what its speed is measured on
+        self._speed.append((now, self.metrics.done))
         while len(self._speed) > 2 and now - self._speed[0][0] > _SPEED_WINDOW_S:
             self._speed.popleft()
         (t0, done0), (t1, done1) = self._speed[0], self._speed[-1]

@@ -158,9 +158,10 @@ class WsiJobs:
         if suffix not in _SLIDE_SUFFIXES:
             raise BadRequest(f"a slide's name must end in one of {', '.join(sorted(_SLIDE_SUFFIXES))}")
         limit = self.wsi.max_upload_bytes
+        too_large = PayloadTooLarge(f"the slide is over this server's limit of {limit} bytes (wsi.max_upload_bytes)")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the slide is over this server's limit of {limit} bytes (wsi.max_upload_bytes)")
+            raise too_large
         folder = self.wsi.uploads(tenant_id)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{uuid.uuid4().hex}{suffix}"
@@ -171,9 +172,7 @@ class WsiJobs:
                 async for chunk in request.stream():
                     received += len(chunk)
                     if received > limit:
-                        raise PayloadTooLarge(
-                            f"the slide is over this server's limit of {limit} bytes (wsi.max_upload_bytes)"
-                        )
+                        raise too_large
                     file.write(chunk)
             if received == 0:
                 raise BadRequest("the upload is empty")
