@@ -7,12 +7,16 @@ import asyncio
 import logging
 import shutil
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
@@ -20,10 +24,17 @@ from starlette.exceptions import HTTPException
 
 from deployments.replica import Replica
 from serve_app.config import AppConfig
+from serve_app.dicomweb.messages import PacsSegmentRequest, PacsStoreOutcome, StoreRequest
+from serve_app.dicomweb.pacs_client import PacsClient
+from serve_app.dicomweb.stow import DICOM_JSON, spool_stow_request, stow_answer, stowed_instances
 from serve_app.errors import (
     BadRequest,
+    Forbidden,
+    InvalidRequestBody,
     MethodNotAllowed,
     ModelTaskMismatch,
+    PacsFailed,
+    PayloadTooLarge,
     RequestError,
     RouteNotFound,
     status_of,
@@ -33,6 +44,7 @@ from serve_app.model_repository import ModelRepository
 from serve_app.observability import metrics
 from serve_app.responses import (
     ERROR_RESPONSES,
+    NIFTI_ONLY_NOTE,
     ErrorDetail,
     ErrorResponse,
     Health,
@@ -54,6 +66,10 @@ from serve_app.wsi.job_status import SlideUpload, WsiJobList, WsiJobRequest, Wsi
 from serve_app.wsi.jobs import SLIDE_OUTPUTS, WsiJobs
 
 logger = logging.getLogger("ray.serve")
+# A JSON body names a series or a PACS: a few hundred bytes. Anything near this is not one.
+_MAX_JSON_BODY = 64 * 1024
+# How a segmentation's study reaches the upload folder: (folder, budget) -> bytes received.
+Receive = Callable[[Path, UploadBudget], Awaitable[int]]
 api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a Ray Serve cluster.")
 metrics.instrument(api)
 
@@ -93,6 +109,24 @@ async def _invalid_parameter(request: Request, exc: RequestValidationError) -> J
     return await _any_error(request, BadRequest(f"invalid request parameters ({problems})"))
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The request's JSON body as ``model``; 422 naming each field that does not fit (never its value)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_JSON_BODY:
+            raise PayloadTooLarge(f"a JSON body is at most {_MAX_JSON_BODY} bytes")
+    try:
+        return model.model_validate_json(bytes(body))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+        raise InvalidRequestBody(f"the JSON body is invalid ({problems})") from None
+
+
 # Serve serialises the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -112,6 +146,7 @@ class IngressDeployment(Replica):
         self.stages = StageHandles(model_handles, preprocess, postprocess)
         self.gatekeeper = Gatekeeper(config, self.repository, gate)
         self.wsi_jobs = WsiJobs(config, self.repository, tile_model_handles)
+        self.pacs = {name: PacsClient(name, pacs) for name, pacs in config.pacs.items()}
         config.storage.uploads.mkdir(parents=True, exist_ok=True)
 
     @api.get("/healthz", response_model=Health)
@@ -136,13 +171,45 @@ class IngressDeployment(Replica):
         async with self.gatekeeper.visit(request, "models", model=name):
             return ModelSummary.of(self.repository.get(name))
 
-    @api.post("/v1/models/{name}/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES)
+    @api.post(
+        "/v1/models/{name}/segment",
+        response_model=SegmentResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": PacsSegmentRequest.model_json_schema()},
+                    "application/zip": {},
+                    "application/octet-stream": {},
+                    "multipart/form-data": {},
+                }
+            }
+        },
+    )
     async def segment(self, name: str, request: Request, stat: bool = False) -> SegmentResponse:
-        """Segment one study: a zip, one DICOM or NIfTI file, or multipart files (see the README)."""
+        """Segment one study: a zip, one DICOM or NIfTI file, or multipart files; or, with a JSON body
+        (``PacsSegmentRequest``), a series a configured PACS holds (see the README)."""
         async with self.gatekeeper.visit(request, "segment", model=name, stat=stat, admit=True) as visit:
-            return await self._segment(name, request, visit)
+            if _media_type(request) == "application/json":
+                return await self._segment_from_pacs(name, request, visit)
+            return await self._segment(name, request, visit, partial(spool_request, request))
 
-    async def _segment(self, name: str, request: Request, visit: Visit) -> SegmentResponse:
+    async def _segment_from_pacs(self, name: str, request: Request, visit: Visit) -> SegmentResponse:
+        order = await _json_body(request, PacsSegmentRequest)
+        pacs = self._pacs_of(order.pacs, visit)
+
+        async def retrieve(folder: Path, budget: UploadBudget) -> int:
+            study, series = order.study_instance_uid, order.series_instance_uid
+            await asyncio.to_thread(pacs.retrieve_series, study, series, folder, budget)
+            return budget.bytes
+
+        answer = await self._segment(name, request, visit, retrieve)
+        if order.store_results or (order.store_results is None and pacs.config.store_results):
+            answer.pacs_store = await self._store_back(pacs, answer, visit)
+        return answer
+
+    async def _segment(self, name: str, request: Request, visit: Visit, receive: Receive) -> SegmentResponse:
+        """The study ``receive`` writes to the request's upload folder, segmented by model ``name``."""
         watch = Stopwatch()
         spec = self.repository.get(name)
         if spec.task != "segmentation":
@@ -151,7 +218,7 @@ class IngressDeployment(Replica):
         folder.mkdir(parents=True)
         try:
             budget = UploadBudget(max_bytes=visit.max_upload_bytes, max_files=self.config.limits.max_files_per_upload)
-            uploaded_bytes = await spool_request(request, folder, budget)
+            uploaded_bytes = await receive(folder, budget)
             upload_s = watch.lap()
             await visit.wait_for_slot()
             segmentation = await self.stages.segment(name, folder, visit.request_id)
@@ -163,6 +230,9 @@ class IngressDeployment(Replica):
         visit.timings_ms = {**timings.model_dump(), "queue": round(visit.slot_wait_s * 1000, 1)}
         metrics.observe_segment(request, name, timings)
         affine = segmentation.grid.affine
+        # root_path: the application's route prefix, when it is not served at /.
+        result_path = f"{request.scope.get('root_path', '')}/v1/results/{visit.request_id}"
+        dicom = segmentation.dicom_source
         return SegmentResponse(
             result_id=visit.request_id,
             model=ModelRef(name=spec.name, version=spec.version),
@@ -171,12 +241,85 @@ class IngressDeployment(Replica):
             spacing=[round(s, 6) for s in spacing_of(affine)],
             orientation="".join(nib.aff2axcodes(affine)),
             affine=np.asarray(affine).round(6).tolist(),
-            # root_path: the application's route prefix, when it is not served at /.
-            mask_url=f"{request.scope.get('root_path', '')}/v1/results/{visit.request_id}/mask.nii.gz",
+            mask_url=f"{result_path}/mask.nii.gz",
+            seg_url=f"{result_path}/seg.dcm" if dicom else None,
+            sr_url=f"{result_path}/sr.dcm" if dicom else None,
+            notes=[] if dicom else [NIFTI_ONLY_NOTE],
             batch_size=segmentation.batch_size,
             uploaded_bytes=uploaded_bytes,
             timings_ms=timings,
         )
+
+    @api.post(
+        "/dicomweb/{model}/studies",
+        response_class=JSONResponse,
+        responses={
+            200: {"content": {DICOM_JSON: {}}, "description": "The STOW-RS answer; RetrieveURL: the result."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def stow(self, model: str, request: Request) -> JSONResponse:
+        """STOW-RS: a PACS pushes one series (``multipart/related; type="application/dicom"``) to be segmented
+        by ``model``; the answer lists the instances, and its RetrieveURL (and Location) is the result."""
+        return await self._stow(model, request, store_to=None)
+
+    @api.post(
+        "/dicomweb/{model}/store-to/{pacs}/studies",
+        response_class=JSONResponse,
+        responses={
+            200: {"content": {DICOM_JSON: {}}, "description": "The STOW-RS answer; RetrieveURL: the result."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def stow_and_store_back(self, model: str, pacs: str, request: Request) -> JSONResponse:
+        """STOW-RS as ``stow``, then the result's SEG and SR stored to the configured PACS ``pacs``: a PACS that
+        pushes a series here gets the results back without anyone asking (a failed store is logged, and the
+        result stays downloadable)."""
+        return await self._stow(model, request, store_to=pacs)
+
+    async def _stow(self, model: str, request: Request, store_to: str | None) -> JSONResponse:
+        async with self.gatekeeper.visit(request, "stow", model=model, admit=True) as visit:
+            pacs = None if store_to is None else self._pacs_of(store_to, visit)
+            instances = []
+
+            async def receive(folder: Path, budget: UploadBudget) -> int:
+                received = await spool_stow_request(request, folder, budget)
+                instances.extend(await asyncio.to_thread(stowed_instances, folder))
+                return received
+
+            answer = await self._segment(model, request, visit, receive)
+            if pacs is not None:
+                outcome = await self._store_back(pacs, answer, visit)
+                if not outcome.stored:
+                    logger.warning("result %s: store-back failed: %s", answer.result_id, outcome.reason)
+        result_url = f"{str(request.base_url).rstrip('/')}/v1/results/{answer.result_id}"
+        return JSONResponse(stow_answer(instances, result_url), media_type=DICOM_JSON, headers={"Location": result_url})
+
+    async def _store_back(self, pacs: PacsClient, answer: SegmentResponse, visit: Visit) -> PacsStoreOutcome:
+        """The result's SEG and SR stored to ``pacs`` after a segmentation; a failure is the outcome's, not the
+        request's: the result is made and stays downloadable."""
+        if not answer.seg_url:
+            return PacsStoreOutcome(pacs=pacs.name, stored=False, attempts=0, reason=NIFTI_ONLY_NOTE)
+        try:
+            return await self._store_results(pacs, answer.result_id, visit)
+        except PacsFailed as failure:
+            return PacsStoreOutcome(pacs=pacs.name, stored=False, attempts=0, reason=failure.reason)
+
+    async def _store_results(self, pacs: PacsClient, result_id: str, visit: Visit) -> PacsStoreOutcome:
+        instances = await asyncio.to_thread(self.results.dicom_results, result_id, visit.tenant_id)
+        attempts = await asyncio.to_thread(pacs.store, instances)
+        uids = [str(instance.SOPInstanceUID) for instance in instances]
+        return PacsStoreOutcome(pacs=pacs.name, stored=True, attempts=attempts, sop_instance_uids=uids)
+
+    def _pacs_of(self, name: str, visit: Visit) -> PacsClient:
+        """The configured PACS a request names: 422 for one this server does not have, 403 for another tenant's."""
+        pacs = self.pacs.get(name)
+        if pacs is None:
+            configured = ", ".join(sorted(self.pacs)) or "none"
+            raise InvalidRequestBody(f"the request names a PACS this server does not have (configured: {configured})")
+        if pacs.config.tenants is not None and visit.tenant_id not in pacs.config.tenants:
+            raise Forbidden(f"tenant {visit.tenant_id} may not use PACS {name}")
+        return pacs
 
     @api.get("/v1/results/{result_id}", response_model=ResultSummary, responses=ERROR_RESPONSES)
     async def result_summary(self, result_id: str, request: Request) -> ResultSummary:
@@ -192,10 +335,47 @@ class IngressDeployment(Replica):
         },
     )
     async def result_mask(self, result_id: str, request: Request) -> FileResponse:
-        async with self.gatekeeper.visit(request, "mask", result_id=result_id) as visit:
-            # The first download builds and gzips the whole mask: seconds of CPU, off the event loop.
-            path = await asyncio.to_thread(self.results.mask_path, result_id, visit.tenant_id)
-        return FileResponse(path, media_type="application/gzip", filename="mask.nii.gz")
+        return await self._result_file(request, result_id, "mask", self.results.mask_path, "application/gzip")
+
+    @api.get(
+        "/v1/results/{result_id}/seg.dcm",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/dicom": {}}, "description": "The mask as a DICOM Segmentation."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def result_seg(self, result_id: str, request: Request) -> FileResponse:
+        """The result as a DICOM Segmentation on its source series' frames (DICOM studies only)."""
+        return await self._result_file(request, result_id, "seg", self.results.seg_path, "application/dicom")
+
+    @api.get(
+        "/v1/results/{result_id}/sr.dcm",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/dicom": {}}, "description": "Each label's volume, a TID 1500 report."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def result_sr(self, result_id: str, request: Request) -> FileResponse:
+        """Each label's volume as a DICOM Structured Report (TID 1500) referencing the SEG (DICOM studies only)."""
+        return await self._result_file(request, result_id, "sr", self.results.sr_path, "application/dicom")
+
+    async def _result_file(
+        self, request: Request, result_id: str, route: str, path_of: Callable[[str, str], Path], media_type: str
+    ) -> FileResponse:
+        async with self.gatekeeper.visit(request, route, result_id=result_id) as visit:
+            # A first download builds the file (the whole mask gzipped; the SEG and SR): seconds of CPU, off the
+            # event loop.
+            path = await asyncio.to_thread(path_of, result_id, visit.tenant_id)
+        return FileResponse(path, media_type=media_type, filename=path.name)
+
+    @api.post("/v1/results/{result_id}/store", response_model=PacsStoreOutcome, responses=ERROR_RESPONSES)
+    async def store_result(self, result_id: str, request: Request) -> PacsStoreOutcome:
+        """Store a result's DICOM SEG and SR to a configured PACS (``StoreRequest``), e.g. after a failed store-back."""
+        async with self.gatekeeper.visit(request, "store", result_id=result_id) as visit:
+            order = await _json_body(request, StoreRequest)
+            return await self._store_results(self._pacs_of(order.pacs, visit), result_id, visit)
 
     @api.post("/v1/wsi/jobs", response_model=WsiJobStatus, status_code=202, responses=ERROR_RESPONSES)
     async def submit_wsi_job(self, job: WsiJobRequest, request: Request) -> WsiJobStatus:

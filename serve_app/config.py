@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from serve_app.dicomweb.config import PacsConfig, PacsName
 from serve_app.strict_model import StrictModel
 from serve_app.tenancy.config import AuditConfig, SchedulingConfig, TenantConfig, TenantId
 
@@ -245,6 +246,11 @@ class AppConfig(StrictModel):
     )
     scheduling: SchedulingConfig = Field(SchedulingConfig(), description="Processing slots and leases (tenants).")
     wsi: WsiConfig = Field(WsiConfig(), description="Whole-slide-image jobs: slide roots, outputs, pacing.")
+    pacs: dict[PacsName, PacsConfig] = Field(
+        {},
+        description="DICOMweb servers (PACS) studies may be retrieved from and results stored to, keyed by the "
+        "name requests use (see README, PACS).",
+    )
     audit: AuditConfig = Field(AuditConfig(), description="The audit log's files.")
 
     @model_validator(mode="after")
@@ -258,6 +264,14 @@ class AppConfig(StrictModel):
             raise ValueError(
                 f"tenants: one API key hash is listed twice (by {'; '.join(shared)}); a key names one tenant"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _pacs_tenants_exist(self) -> AppConfig:
+        for name, pacs in self.pacs.items():
+            unknown = sorted(set(pacs.tenants or ()) - set(self.tenants))
+            if unknown:
+                raise ValueError(f"pacs.{name}.tenants names tenants that are not configured: {', '.join(unknown)}")
         return self
 
     def model_deployment(self, model_name: str) -> ModelDeploymentConfig:

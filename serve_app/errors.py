@@ -16,11 +16,15 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "Forbidden",
+    "InvalidRequestBody",
     "InvalidSlide",
     "InvalidStudy",
     "ModelTaskMismatch",
     "MethodNotAllowed",
     "ModelNotFound",
+    "NoDicomResult",
+    "NotFoundAtPacs",
+    "PacsFailed",
     "PayloadTooLarge",
     "RequestError",
     "ResultNotFound",
@@ -83,6 +87,12 @@ class InvalidStudy(RequestError):
     status_code = 422
 
 
+class InvalidRequestBody(RequestError):
+    """A JSON body that does not fit its route's schema, or names a PACS this server does not have."""
+
+    status_code = 422
+
+
 class InvalidSlide(RequestError):
     """A whole-slide image that cannot be used: unreadable, truncated, not a tiled pyramid, no resolution.
 
@@ -99,6 +109,16 @@ class ModelTaskMismatch(RequestError):
 
 
 class ResultNotFound(RequestError):
+    status_code = 404
+
+
+class NoDicomResult(RequestError):
+    """A DICOM SEG or SR asked of a result whose study was NIfTI: it has no source instances to reference.
+
+    404, not 409: the document does not exist and never will (its URL is null in the result's answer), and no
+    change of state lets a retry succeed, which a 409 would suggest. The reason tells it from an unknown result.
+    """
+
     status_code = 404
 
 
@@ -122,6 +142,35 @@ class TooManyRequests(RequestError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.args[1])))}
+
+
+class NotFoundAtPacs(RequestError):
+    """A configured PACS has no such study or series."""
+
+    status_code = 404
+
+
+class PacsFailed(RequestError):
+    """A configured PACS that cannot be reached, drops the connection or answers with an error: 503 when it
+    cannot be reached (or not in time), 502 when it answers badly. The client may retry after ``retry_after_s``.
+
+    ``transient``: whether trying again soon may work (the PACS busy or restarting, not refusing the request).
+    """
+
+    def __init__(self, reason: str, status_code: int, retry_after_s: float, transient: bool = False):
+        super().__init__(reason, status_code, retry_after_s, transient)  # all in args, so the error pickles
+
+    @property
+    def status_code(self) -> int:
+        return self.args[1]
+
+    @property
+    def transient(self) -> bool:
+        return self.args[3]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.args[2])))}
 
 
 def unwrap(error: BaseException) -> BaseException:

@@ -13,9 +13,12 @@ from serve_app.errors import ModelNotFound
 from serve_app.strict_model import StrictModel
 
 __all__ = [
+    "ANATOMICAL_STRUCTURE",
+    "CodeSpec",
     "EngineSpec",
     "InferenceSpec",
     "IntensityWindowSpec",
+    "LabelSpec",
     "ModelRepository",
     "ModelRepositoryError",
     "ModelSpec",
@@ -35,6 +38,52 @@ class WeightsFormat(StrEnum):
     monai_state_dict = "monai_state_dict"  # a MONAI network spec + a torch state dict
     torchscript = "torchscript"
     onnx = "onnx"
+
+
+class CodeSpec(StrictModel):
+    """A coded concept as DICOM carries it: Code Value, Coding Scheme Designator and Code Meaning."""
+
+    value: str = Field(min_length=1, max_length=64, description="The code itself, e.g. 78961009.")
+    scheme: str = Field(
+        min_length=1, max_length=16, description="Its coding scheme's designator: SCT (SNOMED CT), DCM, LN, ..."
+    )
+    meaning: str = Field(min_length=1, max_length=64, description="What it means in words, e.g. Spleen.")
+
+
+# DICOM's Segmentation Property Category for an organ (CID 7150, as PS3.16 lists it today; older files and some
+# tools write SCT 123037004, which SNOMED CT now calls "Body structure").
+ANATOMICAL_STRUCTURE = CodeSpec(value="91723000", scheme="SCT", meaning="Anatomical Structure")
+
+
+class LabelSpec(StrictModel):
+    """One label of a model: its name, and what it is in codes that a DICOM SEG and SR carry.
+
+    In a model.yaml a bare name (``1: organ``) is a label with that name and no code.
+    """
+
+    name: str = Field(
+        min_length=1, max_length=64, description="The label's name; a DICOM SEG's segment label, shown by viewers."
+    )
+    code: CodeSpec | None = Field(
+        None,
+        description="What the label is (DICOM's Segmented Property Type, CID 7151 for anatomy), e.g. SCT 78961009 "
+        "Spleen. Without it the category's code stands in, and viewers show the name.",
+    )
+    category: CodeSpec = Field(
+        ANATOMICAL_STRUCTURE,
+        description="What kind of thing it is (DICOM's Segmented Property Category, CID 7150); SCT 91723000 "
+        "Anatomical Structure unless given.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def property_type(self) -> CodeSpec:
+        """The segment's property type: the label's own code, or else its category (the most that is known)."""
+        return self.code or self.category
 
 
 class IntensityWindowSpec(StrictModel):
@@ -171,8 +220,9 @@ class ModelSpec(StrictModel):
         description="The DICOM modality it takes (SM: slide microscopy, for tile classifiers); another gets a 422."
     )
     description: str = Field("", description="Free text, shown by GET /v1/models.")
-    labels: dict[int, str] = Field(
-        description="Label value -> name; 0 is background (segmentation) or the negative class (tile classifiers)."
+    labels: dict[int, LabelSpec] = Field(
+        description="Label value -> the label: a name, or a name with SNOMED CT codes for DICOM results; 0 is "
+        "background (segmentation) or the negative class (tile classifiers)."
     )
     preprocessing: Annotated[
         Annotated[PreprocessingSpec, Tag(_VOLUME)] | Annotated[TilePreprocessingSpec, Tag(_TILES)],

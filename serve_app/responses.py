@@ -7,11 +7,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from serve_app.dicomweb.messages import PacsStoreOutcome
 from serve_app.model_repository import ModelSpec
 from serve_app.segmentation.messages import LabelVolume, StageTimings
 
 __all__ = [
     "ERROR_RESPONSES",
+    "NIFTI_ONLY_NOTE",
     "ErrorDetail",
     "ErrorResponse",
     "Health",
@@ -43,12 +45,17 @@ ERROR_RESPONSES = {
         400: "Malformed request: a query parameter of the wrong type, a broken multipart body.",
         401: "No API key, or a key that is not valid (with tenants configured).",
         403: "The tenant may not use this model, or may not send STAT requests.",
-        404: "Unknown model, route, result or WSI job (another tenant's are not found either).",
+        404: "Unknown model, route, result or WSI job (another tenant's are not found either); a series the PACS "
+        "does not have.",
         409: "A WSI job into an output folder that a running job of the tenant writes.",
         413: "Upload, unpacked upload, file count or volume over the server's or the tenant's limits.",
-        415: "A file that is not a zip, a DICOM Part-10 file or NIfTI; a corrupt zip.",
-        422: "Readable, but not one usable image series; a model of the wrong task (see the README's error table).",
+        415: "A file that is not a zip, a DICOM Part-10 file or NIfTI; a corrupt zip; a transfer syntax no decoder "
+        "reads; a STOW-RS body that is not multipart/related of application/dicom.",
+        422: "Readable, but not one usable image series; a model of the wrong task; a JSON body that does not fit "
+        "its schema or names a PACS this server does not have (see the README's error table).",
         429: "Over the tenant's rate or concurrency quota; retry after Retry-After seconds.",
+        502: "A configured PACS answered with an error or with something that is not DICOMweb; see Retry-After.",
+        503: "A configured PACS cannot be reached or did not answer in time; see Retry-After.",
     }.items()
 }
 
@@ -78,7 +85,7 @@ class ModelSummary(BaseModel):
             task=spec.task,
             modality=spec.modality,
             description=spec.description,
-            labels={str(k): v for k, v in sorted(spec.labels.items())},
+            labels={str(k): label.name for k, label in sorted(spec.labels.items())},
         )
 
 
@@ -91,10 +98,16 @@ class ModelRef(BaseModel):
     version: str = Field(description="The model's version.")
 
 
+NIFTI_ONLY_NOTE = (
+    "the study was NIfTI: its result is NIfTI only (a DICOM SEG and SR reference their source instances, and "
+    "a NIfTI image has none)"
+)
+
+
 class SegmentTimings(BaseModel):
     """Milliseconds the request spent in each stage, as the ingress saw it."""
 
-    upload: float = Field(description="Spooling the upload to storage.")
+    upload: float = Field(description="Receiving the study: the upload spooled to storage, or the PACS retrieval.")
     preprocess: float = Field(description="Reading the study and the model's preprocessing.")
     model_queue: float = Field(description="Waiting for a model batch to fill, and transfers.")
     model: float = Field(description="The model batch's compute.")
@@ -118,6 +131,16 @@ class SegmentResponse(BaseModel):
     orientation: str = Field(description="Axis codes of I, J, K (nibabel's aff2axcodes), e.g. LPS for axial DICOM.")
     affine: list[list[float]] = Field(description="4x4: the study's voxel index -> RAS mm, as NIfTI's.")
     mask_url: str = Field(description="Where to GET the mask (gzipped NIfTI, uint8 labels, on the study's grid).")
+    seg_url: str | None = Field(
+        description="Where to GET the mask as a DICOM Segmentation on the source series' frames; null for NIfTI."
+    )
+    sr_url: str | None = Field(
+        description="Where to GET the volumes as a DICOM Structured Report (TID 1500); null for NIfTI."
+    )
+    notes: list[str] = Field(description="What a client should know about this result, in words.")
+    pacs_store: PacsStoreOutcome | None = Field(
+        None, description="Whether the SEG and SR were stored back to the PACS, when the request asked for it."
+    )
     batch_size: int = Field(description="Studies in the model batch that computed this one.")
     uploaded_bytes: int = Field(description="Bytes received.")
     timings_ms: SegmentTimings = Field(description="Milliseconds per stage.")

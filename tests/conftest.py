@@ -8,7 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, TEST_WSI, free_port
+from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, TEST_WSI, free_port, skip_unless_installed
+from orthanc_server import CuttingRelay, Orthanc, orthanc_executable
 from serve_app.cli.cluster import wait_until_ready
 from serve_app.config import AppConfig, load_config
 from serve_app.studies.phantoms import Phantom, ct_phantom
@@ -29,12 +30,25 @@ def slide_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def app_config(tmp_path_factory, slide_root) -> AppConfig:
+def pacs_ports() -> dict[str, int]:
+    """Ports of the test PACS: Orthanc's HTTP port, and a relay to it that cuts answers half-way."""
+    return {"orthanc": free_port(), "cutting_relay": free_port()}
+
+
+@pytest.fixture(scope="session")
+def app_config(tmp_path_factory, slide_root, pacs_ports) -> AppConfig:
     storage = tmp_path_factory.mktemp("storage")
     return load_config(
         overrides={
             "storage.root": str(storage),
             "http.port": free_port(),
+            # Retry-After short and four store attempts (1 + 2 + 4 s apart): the store-back test restarts Orthanc.
+            "pacs.main": {
+                "url": f"http://127.0.0.1:{pacs_ports['orthanc']}/dicom-web",
+                "store_attempts": 4,
+                "retry_after_s": 5,
+            },
+            "pacs.cut": {"url": f"http://127.0.0.1:{pacs_ports['cutting_relay']}/dicom-web"},
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
             "limits.max_upload_bytes": TEST_MAX_UPLOAD_BYTES,
             "limits.max_files_per_upload": TEST_MAX_FILES,
@@ -78,6 +92,29 @@ def server_url(ray_cluster, app_config) -> str:
     wait_until_ready(url, timeout_s=300)
     yield url
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory, pacs_ports, app_config) -> Orthanc:
+    """A real Orthanc with the DICOMweb plugin, as the test server's PACS `main`; it may push series to
+    medserve's STOW-RS endpoint for the embedded model (its DicomWeb server `medserve`), or to the one that
+    stores the results back to it (`medserve-and-back`)."""
+    if orthanc_executable() is None:
+        skip_unless_installed("Orthanc", "Orthanc and its DICOMweb plugin are not installed (Debian orthanc-dicomweb)")
+    stow = f"http://{app_config.http.host}:{app_config.http.port}/dicomweb/ct-phantom-organ"
+    destinations = {"medserve": {"Url": f"{stow}/"}, "medserve-and-back": {"Url": f"{stow}/store-to/main/"}}
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), pacs_ports["orthanc"], destinations)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cutting_relay(orthanc, pacs_ports) -> CuttingRelay:
+    """The test server's PACS `cut`: Orthanc behind a relay that drops each answer after 64 KiB."""
+    relay = CuttingRelay(pacs_ports["cutting_relay"], orthanc.http_port, cut_after=64 * 1024)
+    yield relay
+    relay.close()
 
 
 @pytest.fixture

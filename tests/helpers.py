@@ -89,6 +89,23 @@ def skip_unless_installed(what: str, reason: str) -> None:
     pytest.skip(reason)
 
 
+def assert_no_markers_in_logs(markers: list[str], more_logs: list[Path] = ()) -> None:
+    """None of ``markers`` (patient names, IDs, UIDs) is in any log of the test cluster's session, nor in
+    ``more_logs``."""
+    import ray
+
+    time.sleep(2)  # let the log monitor and file handlers flush
+    session_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    scanned = 0
+    for path in [*session_logs.rglob("*"), *more_logs]:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            scanned += 1
+            leaked = [m for m in markers if m in text]
+            assert not leaked, f"{leaked} in {path}"
+    assert scanned > 10
+
+
 def requests_counted(code: int) -> float:
     """``ray_medserve_requests_total`` with this code, summed, as the node's metrics agent exports it now."""
     import ray
@@ -102,6 +119,20 @@ def requests_counted(code: int) -> float:
         for sample in family.samples
         if sample.name == "ray_medserve_requests_total" and sample.labels.get("code") == str(code)
     )
+
+
+def settled_counts(*codes: int, timeout_s: float = 60) -> list[float]:
+    """``requests_counted`` of each code once earlier requests' counts have all been exported: unchanged over
+    more than one of Ray's export intervals. A count read while an earlier test's request is still on its way
+    would make the next request's count look one too many."""
+    deadline = time.monotonic() + timeout_s
+    counted = [requests_counted(code) for code in codes]
+    while time.monotonic() < deadline:
+        time.sleep(2.5)  # the test cluster exports metrics every 2 s
+        counted, previous = [requests_counted(code) for code in codes], counted
+        if counted == previous:
+            break
+    return counted
 
 
 def wait_until_counted(code: int, count: float, timeout_s: float = 60) -> float:

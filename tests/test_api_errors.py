@@ -10,7 +10,7 @@ import zipfile
 import httpx
 import pytest
 
-from helpers import SEGMENT, requests_counted, wait_until_counted, zip_files
+from helpers import SEGMENT, requests_counted, settled_counts, wait_until_counted, zip_files
 
 JSON_ROUTES = {
     ("/healthz", "get"): "Health",
@@ -19,6 +19,7 @@ JSON_ROUTES = {
     ("/v1/models/{name}", "get"): "ModelSummary",
     ("/v1/models/{name}/segment", "post"): "SegmentResponse",
     ("/v1/results/{result_id}", "get"): "ResultSummary",
+    ("/v1/results/{result_id}/store", "post"): "PacsStoreOutcome",
 }
 
 
@@ -43,6 +44,10 @@ def test_openapi_names_every_field_of_the_segment_answer(openapi):
         "orientation",
         "affine",
         "mask_url",
+        "seg_url",
+        "sr_url",
+        "notes",
+        "pacs_store",
         "batch_size",
         "uploaded_bytes",
         "timings_ms",
@@ -60,7 +65,8 @@ def test_openapi_gives_every_json_answer_its_model_and_errors_their_format(opena
     schema = responses["200"]["content"]["application/json"]["schema"]
     assert schema == {"$ref": f"#/components/schemas/{JSON_ROUTES[route]}"}
     for status, response in responses.items():
-        if status.startswith("4"):
+        # Every error is an ErrorResponse, but /readyz's 503, which is its Readiness ("not ready").
+        if status.startswith("4") or (status.startswith("5") and path != "/readyz"):
             assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
 
 
@@ -121,7 +127,7 @@ def test_the_unpacked_size_limit_bounds_the_whole_upload_not_each_archive(client
 
 
 def test_a_client_that_hangs_up_is_counted_as_499_not_500(server_url):
-    before_499, before_500 = requests_counted(499), requests_counted(500)
+    before_499, before_500 = settled_counts(499, 500)
     host, port = server_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.putrequest("POST", SEGMENT)

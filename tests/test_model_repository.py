@@ -6,13 +6,22 @@ from pydantic import ValidationError
 from helpers import properties_without_description
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.errors import ModelNotFound
-from serve_app.model_repository import InferenceSpec, ModelRepository, ModelRepositoryError
+from serve_app.model_repository import (
+    ANATOMICAL_STRUCTURE,
+    CodeSpec,
+    InferenceSpec,
+    LabelSpec,
+    ModelRepository,
+    ModelRepositoryError,
+)
 
 
 def test_embedded_repository_lists_the_default_model():
     repository = ModelRepository(EMBEDDED_MODEL_REPOSITORY)
     spec = repository.get("ct-phantom-organ")
-    assert spec.modality == "CT" and spec.labels == {0: "background", 1: "organ"}
+    names = {value: label.name for value, label in spec.labels.items()}
+    assert spec.modality == "CT" and names == {0: "background", 1: "organ"}
+    assert spec.labels[1].code == CodeSpec(value="78961009", scheme="SCT", meaning="Spleen")
     assert spec.weights_path.stat().st_size < 4 * 1024 * 1024
 
 
@@ -84,6 +93,12 @@ def test_every_model_yaml_field_documents_itself_in_the_schema():
             id="int8 without tensorrt",
         ),
         pytest.param(
+            'code: {value: "78961009", scheme: SCT, meaning: Spleen}',
+            'code: {value: "78961009", scheme: SCT}',
+            "labels.1.code.meaning: Field required",
+            id="code without meaning",
+        ),
+        pytest.param(
             "format: monai_state_dict",
             "format: monai_state_dict\ninference: {overlap: 1.0}",
             "inference.overlap: Input should be less than 1",
@@ -98,6 +113,16 @@ def test_model_yaml_messages_carry_the_bad_values(repo_copy, old, new, message):
     with pytest.raises(ModelRepositoryError) as error:
         ModelRepository(repo_copy)
     assert message in str(error.value)
+
+
+def test_a_label_is_a_bare_name_or_a_name_with_codes():
+    bare = LabelSpec.model_validate("organ")
+    assert bare == LabelSpec(name="organ") and bare.category == ANATOMICAL_STRUCTURE
+    assert bare.property_type == ANATOMICAL_STRUCTURE  # no code of its own: its category stands in
+    tumour = CodeSpec(value="108369006", scheme="SCT", meaning="Tumor")
+    abnormal = {"value": "49755003", "scheme": "SCT", "meaning": "Morphologically Abnormal Structure"}
+    coded = LabelSpec.model_validate({"name": "lesion", "code": tumour.model_dump(), "category": abnormal})
+    assert coded.property_type == tumour and coded.category.value == "49755003"
 
 
 def test_sliding_window_settings_default_to_monai_usual_ones():

@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from serve_app.errors import ResultNotFound
+from serve_app.errors import NoDicomResult, ResultNotFound
 from serve_app.results import ResultStore
 
 RESULT_ID = "0123456789abcdef0123456789abcdef"
@@ -62,3 +62,14 @@ def test_the_mask_is_rebuilt_on_the_whole_grid_from_its_box(tmp_path):
     assert mask.get_data_dtype() == np.uint8
     np.testing.assert_allclose(mask.affine, affine)
     assert store.mask_path(RESULT_ID, "st-marys").stat().st_mtime_ns == built  # built once, then served
+
+
+def test_a_result_without_dicom_source_has_no_seg_or_sr(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
+    store.set_owner(RESULT_ID, "st-marys")
+    assert not store.has_dicom_results(RESULT_ID, "st-marys")
+    with pytest.raises(NoDicomResult, match="download mask.nii.gz"):
+        store.seg_path(RESULT_ID, "st-marys")
+    with pytest.raises(ResultNotFound):  # another tenant learns nothing, not even that the study was NIfTI
+        store.has_dicom_results(RESULT_ID, "city-general")

@@ -1,7 +1,9 @@
-"""``medserve segment``: send a study (a DICOM folder, a zip, a .dcm or a NIfTI), print the answer, fetch the mask."""
+"""``medserve segment``: send a study (a DICOM folder, a zip, a .dcm or a NIfTI), or name a series a configured
+PACS holds; print the answer, fetch the mask."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
 import json
@@ -25,8 +27,20 @@ _CHUNK = 1 << 20
 
 
 def add_commands(commands) -> None:
-    segment = commands.add_parser("segment", help="segment a study: a DICOM folder, a zip, a .dcm or a NIfTI")
-    segment.add_argument("path", type=Path)
+    segment = commands.add_parser(
+        "segment", help="segment a study: a DICOM folder, a zip, a .dcm or a NIfTI; or a series in a PACS"
+    )
+    segment.add_argument("path", type=Path, nargs="?", help="the study (leave out with --pacs)")
+    pacs = segment.add_argument_group("a series a PACS holds (instead of a path)")
+    pacs.add_argument("--pacs", help="a PACS of the server's config, by name")
+    pacs.add_argument("--study", help="the StudyInstanceUID")
+    pacs.add_argument("--series", help="the SeriesInstanceUID")
+    pacs.add_argument(
+        "--store-results",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store the DICOM SEG and SR back to the PACS (default: the PACS's store_results setting)",
+    )
     segment.add_argument("--model", help="model name (default: the server's only segmentation model)")
     segment.add_argument("--out", type=Path, help="where to write the mask (NIfTI)")
     segment.add_argument("--truth", type=Path, help="a ground-truth mask (NIfTI) to report Dice against")
@@ -40,17 +54,26 @@ def add_commands(commands) -> None:
 
 
 def _segment(args) -> int:
-    if not args.path.exists():
+    from_pacs = (args.pacs, args.study, args.series)
+    if args.path is None and not all(from_pacs):
+        raise CommandError("give a study's path, or --pacs, --study and --series")
+    if args.path is not None and any(from_pacs):
+        raise CommandError("give a study's path or a PACS series (--pacs, --study, --series), not both")
+    if args.path is not None and not args.path.exists():
         raise CommandError(f"{args.path} does not exist")
     auth = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with httpx.Client(base_url=args.url, timeout=args.timeout, headers=auth) as client:
         model = args.model or _only_model(client)
-        with _upload_body(args.path) as (body, content_type):
-            headers = {"content-type": content_type, "content-length": str(os.fstat(body.fileno()).st_size)}
-            params = {"stat": "true"} if args.stat else {}
-            response = client.post(
-                f"/v1/models/{model}/segment", content=file_chunks(body), headers=headers, params=params
-            )
+        route, params = f"/v1/models/{model}/segment", {"stat": "true"} if args.stat else {}
+        if args.path is None:
+            order = {"pacs": args.pacs, "study_instance_uid": args.study, "series_instance_uid": args.series}
+            if args.store_results is not None:
+                order["store_results"] = args.store_results
+            response = client.post(route, json=order, params=params)
+        else:
+            with _upload_body(args.path) as (body, content_type):
+                headers = {"content-type": content_type, "content-length": str(os.fstat(body.fileno()).st_size)}
+                response = client.post(route, content=file_chunks(body), headers=headers, params=params)
         result = json_answer(response)
         if args.out or args.truth:
             mask = client.get(result["mask_url"])

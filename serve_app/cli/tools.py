@@ -98,16 +98,23 @@ def _tenant_key(args) -> int:
 
 def _sample_ct(args) -> int:
     import numpy as np
+    from pydicom.uid import generate_uid
 
     from serve_app.studies.phantoms import ct_phantom
     from serve_app.studies.sample_data import write_ct_series, write_nifti
 
     phantom = ct_phantom(np.random.default_rng(args.seed))
-    paths = write_ct_series(phantom.volume, args.out / "series")
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = write_ct_series(
+        phantom.volume, args.out / "series", study_instance_uid=study_uid, series_instance_uid=series_uid
+    )
     write_nifti(phantom.label, phantom.volume.affine, args.out / "truth.nii.gz")
+    # For a shell to `source`: the PACS walk-through of the README names the series by these.
+    (args.out / "uids.env").write_text(f"STUDY={study_uid}\nSERIES={series_uid}\n")
     print(
         f"wrote {len(paths)} DICOM slices to {args.out / 'series'} and the ground truth to {args.out / 'truth.nii.gz'}"
     )
+    print(f"study {study_uid}, series {series_uid} (also in {args.out / 'uids.env'})")
     return 0
 
 

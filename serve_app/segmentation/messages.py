@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from serve_app.studies.dicom_source import DicomSource
 from serve_app.studies.volume import Affine
 
 __all__ = ["Grid", "LabelVolume", "Prediction", "PreparedStudy", "Segmentation", "StageTimings"]
@@ -27,6 +28,8 @@ class Grid:
 
     shape: tuple[int, int, int]  # (I, J, K)
     affine: Affine  # image voxel -> RAS mm
+    # The DICOM instances of the grid's slices (a DICOM SEG references them); None for a NIfTI study.
+    source: DicomSource | None = None
 
 
 class LabelVolume(BaseModel):
@@ -76,11 +79,12 @@ class StageTimings(BaseModel):
 class Segmentation:
     """A finished request, whichever layout ran it."""
 
-    grid: Grid
+    grid: Grid  # without its source: the caller learns only whether there was one
     labels: list[LabelVolume]
     batch_size: int
     study_instance_uid: str | None
     timings: StageTimings
+    dicom_source: bool  # whether the study was DICOM: its result then has a DICOM SEG and SR
 
 
 def _on_host(array: Array) -> np.ndarray:

@@ -6,6 +6,7 @@ runs all three in one replica, where tensors stay on its GPU. Same code, same re
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -60,7 +61,7 @@ class Preprocessor:
         return PreparedStudy(
             image=image.as_tensor(),
             model_affine=np.asarray(image.affine, dtype=np.float64),
-            grid=Grid(shape=volume.shape, affine=volume.affine),
+            grid=Grid(shape=volume.shape, affine=volume.affine, source=volume.source),
             study_instance_uid=volume.study_instance_uid,
         )
 
@@ -132,17 +133,19 @@ class Postprocessor:
         Args:
             logits: (C_out, *model_spatial) on the model's grid, on any device.
             model_affine: model voxel -> RAS mm.
-            grid: the study's grid (image voxel -> RAS mm), which the mask is made on.
-            spec: the model, for its labels.
+            grid: the study's grid (image voxel -> RAS mm), which the mask is made on; its DICOM source is stored
+                with the result, for the DICOM SEG and SR.
+            spec: the model, for its labels; stored with the result.
             result_id: the result's id in the store.
         """
         if not isinstance(logits, torch.Tensor):
             logits = to_device(logits, torch.device("cpu"))
         mask = mask_on_grid(logits, model_affine, grid.affine, grid.shape, spec.foreground_labels)
         volumes = label_volumes_ml(mask.labels, spec.foreground_labels, voxel_volume_ml(grid.affine))
-        labels = [LabelVolume(label=k, name=spec.labels[k], volume_ml=ml) for k, ml in volumes.items()]
+        labels = [LabelVolume(label=k, name=spec.labels[k].name, volume_ml=ml) for k, ml in volumes.items()]
         summary = {"labels": [label.model_dump() for label in labels]}
-        self.results.save(result_id, mask.labels.cpu().numpy(), mask.start, grid.shape, grid.affine, summary)
+        box = mask.labels.cpu().numpy()
+        self.results.save(result_id, box, mask.start, grid.shape, grid.affine, summary, spec, grid.source)
         return labels
 
 
@@ -160,7 +163,8 @@ async def run_stages(
     model_round_trip_s = watch.lap()
     labels = await postprocess(prediction, prepared)
     return Segmentation(
-        grid=prepared.grid,
+        grid=dataclasses.replace(prepared.grid, source=None),  # the headers stay with the result, not the answer
+        dicom_source=prepared.grid.source is not None,
         labels=labels,
         batch_size=prediction.batch_size,
         study_instance_uid=prepared.study_instance_uid,

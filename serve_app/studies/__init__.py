@@ -2,7 +2,9 @@
 
 upload.py        spool a request's body to disk within its budget; sort it into DICOM and NIfTI, unzipping safely
 reader.py        ``read_study``: an upload folder -> one ``Volume``
-dicom_series.py  one DICOM image series (pydicom)
+dicom_series.py  one DICOM image series, or one enhanced multi-frame image (pydicom; decoding in parallel)
+transfer_syntaxes.py  which DICOM transfer syntaxes are decoded, and by what (415 for others)
+dicom_source.py  the source instances' headers, kept for results that reference them (DICOM SEG, SR)
 nifti.py         one NIfTI image (nibabel)
 checks.py        checks that a study is a real image: spacing, direction cosines, affine, finite voxels
 volume.py        ``Volume`` and the 4x4 ``Affine`` it carries

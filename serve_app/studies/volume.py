@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from serve_app.studies.dicom_source import DicomSource
 
 __all__ = ["Affine", "Volume", "box_slices", "shifted_affine", "spacing_of", "voxel_volume_ml"]
 
@@ -30,6 +33,8 @@ class Volume:
     modality: str | None = None
     # Kept for the audit trail's salted hash; never logged or returned as is.
     study_instance_uid: str | None = None
+    # The DICOM instances the slices came from, for results that reference them; None for NIfTI.
+    source: DicomSource | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

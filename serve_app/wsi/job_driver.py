@@ -204,7 +204,7 @@ class WsiJobDriver:
             "mpp": grid.mpp,
             "scale": grid.scale,
             "tile_extent_level0": grid.tile_extent_level0,
-            "label": self.spec.labels[1],
+            "label": self.spec.labels[1].name,
         }
 
     async def _classify_slide(self, status: SlideStatus, plan: _SlidePlan) -> None:

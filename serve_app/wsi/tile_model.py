@@ -48,7 +48,7 @@ SPEC = read_model_spec(EMBEDDED_MODEL_REPOSITORY / MODEL_NAME / "model.yaml")
 assert isinstance(SPEC.preprocessing, TilePreprocessingSpec) and SPEC.network is not None
 TILE_SIZE = SPEC.preprocessing.tile_size  # pixels, square
 TILE_MPP = SPEC.preprocessing.mpp  # microns per pixel the network was trained at
-LABELS = SPEC.labels
+LABELS = {value: label.name for value, label in SPEC.labels.items()}  # value -> name
 WEIGHTS_PATH = SPEC.weights_path
 # Mean and spread of the synthetic training tiles, rounded; RGB in [0, 1].
 TILE_MEAN = SPEC.preprocessing.mean

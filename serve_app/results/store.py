@@ -1,0 +1,206 @@
+"""Results on shared storage, so that any ingress replica serves any result until it expires.
+
+A result's folder holds the mask's foreground box, its grid and summary, the model that made it and, for a DICOM
+study, its source instances' headers. The whole NIfTI mask, and the DICOM SEG and SR, are built on first download:
+many clients only want the volumes, and none of these should slow the request that makes the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+
+from serve_app.config import StorageConfig
+from serve_app.errors import NoDicomResult, ResultNotFound
+from serve_app.model_repository import ModelSpec
+from serve_app.results.dicom_seg import build_segmentation
+from serve_app.results.dicom_sr import build_measurement_report
+from serve_app.segmentation.messages import LabelVolume
+from serve_app.studies.dicom_source import DicomSource
+from serve_app.studies.volume import box_slices, shifted_affine
+
+__all__ = ["MASK_FILE", "OWNER_FILE", "SEG_FILE", "SR_FILE", "SUMMARY_FILE", "ResultStore"]
+
+_RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
+MASK_FILE = "mask.nii.gz"
+# Only the box that holds the foreground is written with the result, uncompressed: the whole mask is
+# built and gzipped on its first download. A full-size CT mask is 78 MB of mostly zeros, and writing
+# it cost more than the GPU spends segmenting the study; many clients only want the volumes.
+_BOX_FILE = "mask-box.nii"
+_GRID_FILE = "grid.json"
+SUMMARY_FILE = "result.json"
+_MODEL_FILE = "model.json"  # the model's spec as it was when it made the result: names and codes of the segments
+_SOURCE_FILE = "source.json"  # the DICOM source's headers (DICOM JSON); absent for a NIfTI study
+# The SEG and SR are built together into one folder, renamed into place: the SR references the SEG by its UID,
+# so a download never pairs one build's SEG with another's SR.
+_DICOM_FOLDER = "dicom"
+SEG_FILE = "seg.dcm"
+SR_FILE = "sr.dcm"
+_SWEEP_INTERVAL_S = 600
+OWNER_FILE = "tenant"  # the tenant that made the result: only it may read the result
+_NIFTI_STUDY = (
+    "this result came from a NIfTI study: it has no source instances for a DICOM SEG or SR to reference; "
+    f"download {MASK_FILE}"
+)
+
+
+class ResultStore:
+    """Results under ``root``, each readable by its tenant for ``retention_hours``."""
+
+    def __init__(self, root: Path, retention_hours: float):
+        self.root = Path(root)
+        self.retention_s = retention_hours * 3600
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._next_sweep = 0.0
+
+    @classmethod
+    def of(cls, storage: StorageConfig) -> ResultStore:
+        return cls(storage.results, storage.result_retention_hours)
+
+    def save(
+        self,
+        result_id: str,
+        box: np.ndarray,
+        box_start: Sequence[int],
+        grid_shape: Sequence[int],
+        affine: np.ndarray,
+        summary: dict,
+        spec: ModelSpec | None = None,
+        source: DicomSource | None = None,
+    ) -> None:
+        """Store a result: ``box`` holds the mask's labels from voxel ``box_start`` of a grid of
+        ``grid_shape`` with ``affine``; outside it the mask is 0.
+
+        ``spec`` is the model that made it and ``source`` the DICOM instances of the grid's slices (None for a
+        NIfTI study); with both, the result has a DICOM SEG and SR.
+        """
+        # Expired results are already unreadable (_existing checks their age); deleting them needs a
+        # scan of every result, so it runs once in a while rather than on every request's hot path.
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
+            self.sweep()
+        folder = self._folder(result_id)
+        # Written under a temporary name and renamed, so a reader never sees half a result.
+        partial = folder.with_name(folder.name + ".partial")
+        partial.mkdir(parents=True)
+        affine = np.asarray(affine, dtype=float)
+        nib.save(nib.Nifti1Image(box.astype(np.uint8), shifted_affine(affine, box_start)), str(partial / _BOX_FILE))
+        grid = {
+            "shape": [int(n) for n in grid_shape],
+            "affine": affine.tolist(),
+            "box_start": [int(a) for a in box_start],
+        }
+        (partial / _GRID_FILE).write_text(json.dumps(grid))
+        (partial / SUMMARY_FILE).write_text(json.dumps(summary))
+        if spec is not None:
+            (partial / _MODEL_FILE).write_text(spec.model_dump_json())
+        if source is not None:
+            source.save(partial / _SOURCE_FILE)
+        partial.rename(folder)
+
+    def set_owner(self, result_id: str, tenant_id: str) -> None:
+        (self._folder(result_id) / OWNER_FILE).write_text(tenant_id)
+
+    def summary(self, result_id: str, tenant_id: str) -> dict:
+        return json.loads(self._existing(result_id, SUMMARY_FILE, tenant_id).read_text())
+
+    def mask_path(self, result_id: str, tenant_id: str) -> Path:
+        """The gzipped mask on the study's whole grid, built now if this is its first download."""
+        summary = self._existing(result_id, SUMMARY_FILE, tenant_id)
+        gz = summary.with_name(MASK_FILE)
+        if not gz.exists():
+            grid = json.loads(summary.with_name(_GRID_FILE).read_text())
+            # Renamed into place: a concurrent download sees the whole file or none.
+            partial = gz.with_name(f"{uuid.uuid4().hex}.nii.gz")
+            nib.save(nib.Nifti1Image(self._whole_mask(summary.parent), np.asarray(grid["affine"])), str(partial))
+            partial.rename(gz)
+        return gz
+
+    def has_dicom_results(self, result_id: str, tenant_id: str) -> bool:
+        """Whether the result has a DICOM SEG and SR: whether its study was DICOM."""
+        summary = self._existing(result_id, SUMMARY_FILE, tenant_id)
+        return summary.with_name(_SOURCE_FILE).is_file() and summary.with_name(_MODEL_FILE).is_file()
+
+    def seg_path(self, result_id: str, tenant_id: str) -> Path:
+        """The result's DICOM Segmentation, built now (with the SR) if this is the first download of either.
+
+        Raises ``NoDicomResult`` (404) for a result of a NIfTI study.
+        """
+        return self._dicom_folder(result_id, tenant_id) / SEG_FILE
+
+    def sr_path(self, result_id: str, tenant_id: str) -> Path:
+        """The result's TID 1500 Structured Report, which references the SEG; built as ``seg_path`` says."""
+        return self._dicom_folder(result_id, tenant_id) / SR_FILE
+
+    def dicom_results(self, result_id: str, tenant_id: str) -> list[pydicom.Dataset]:
+        """The SEG and the SR, in that order (a PACS that checks references receives the SEG first)."""
+        folder = self._dicom_folder(result_id, tenant_id)
+        return [pydicom.dcmread(folder / SEG_FILE), pydicom.dcmread(folder / SR_FILE)]
+
+    def sweep(self) -> None:
+        """Delete results older than the retention period."""
+        cutoff = time.time() - self.retention_s
+        for folder in self.root.iterdir():
+            try:
+                expired = folder.stat().st_mtime < cutoff
+            except FileNotFoundError:  # a concurrent save renamed its .partial folder, or another sweep won
+                continue
+            if expired:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _folder(self, result_id: str) -> Path:
+        if not _RESULT_ID.match(result_id):
+            raise ResultNotFound("no such result")
+        return self.root / result_id
+
+    def _existing(self, result_id: str, name: str, tenant_id: str) -> Path:
+        path = self._folder(result_id) / name
+        owner = path.with_name(OWNER_FILE)
+        # Another tenant's result is "not found", not "forbidden": its existence is not theirs to learn.
+        mine = owner.is_file() and owner.read_text() == tenant_id
+        if not mine or not path.is_file() or path.stat().st_mtime < time.time() - self.retention_s:
+            raise ResultNotFound("no such result, or it has expired")
+        return path
+
+    def _whole_mask(self, folder: Path) -> np.ndarray:
+        """The (I, J, K) uint8 mask on the study's whole grid, from its stored box."""
+        grid = json.loads((folder / _GRID_FILE).read_text())
+        box = np.asanyarray(nib.load(folder / _BOX_FILE).dataobj)
+        mask = np.zeros(grid["shape"], np.uint8)
+        mask[box_slices(grid["box_start"], box.shape)] = box
+        return mask
+
+    def _dicom_folder(self, result_id: str, tenant_id: str) -> Path:
+        """The folder of the result's SEG and SR, built now if absent."""
+        if not self.has_dicom_results(result_id, tenant_id):
+            raise NoDicomResult(_NIFTI_STUDY)
+        folder = self._folder(result_id)
+        built = folder / _DICOM_FOLDER
+        if built.is_dir():
+            return built
+        partial = folder / f"{uuid.uuid4().hex}.{_DICOM_FOLDER}.partial"
+        partial.mkdir()
+        try:
+            spec = ModelSpec.model_validate_json((folder / _MODEL_FILE).read_text())
+            source = DicomSource.load(folder / _SOURCE_FILE)
+            segmentation = build_segmentation(self._whole_mask(folder), source, spec)
+            segmentation.save_as(partial / SEG_FILE)
+            volumes = [LabelVolume(**label) for label in json.loads((folder / SUMMARY_FILE).read_text())["labels"]]
+            build_measurement_report(segmentation, volumes, source, spec).save_as(partial / SR_FILE)
+            partial.rename(built)
+        except OSError:
+            if not built.is_dir():
+                raise
+            # A concurrent download built them first (a folder is not renamed over another): theirs are served.
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return built
