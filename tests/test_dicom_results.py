@@ -192,6 +192,22 @@ def test_seg_of_a_multi_frame_source_references_its_frames(tmp_path, spec):
     assert frames == [[2], [1]]
 
 
+def test_seg_of_an_enhanced_image_read_by_the_reader_follows_its_frames(tmp_path, spec):
+    """End to end from the file: the reader's slice order (by position) to the SEG's frames (by frame number)."""
+    volume = read_dicom_series([get_testdata_file("eCT_Supplemental.dcm")], LimitsConfig())
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[100:300, 200:260, 0] = 3
+    mask[10:20, 30:90, 1] = 7
+    build_segmentation(mask, volume.source, spec).save_as(tmp_path / "seg.dcm")
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    uid = volume.source.instances[0].SOPInstanceUID
+    pixels = seg.get_pixels_by_source_frame(uid, [1, 2], combine_segments=True, assert_missing_frames_are_empty=True)
+    slice_of_frame = {source.frame: k for k, source in enumerate(volume.source.slices)}
+    expected = segment_numbers_of(mask)
+    for index, frame in enumerate((1, 2)):
+        assert np.array_equal(pixels[index], expected[:, :, slice_of_frame[frame]].T), frame
+
+
 def dciodvfy_errors(path) -> list[str]:
     if shutil.which("dciodvfy") is None:
         skip_unless_installed("dciodvfy", "dciodvfy (Debian's dicom3tools) is not installed")
