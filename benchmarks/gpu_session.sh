@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# Every GPU measurement of a change, in one device call (the README: Benchmarks, on the GPU machine):
-#   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh [MODELS]
+# Every GPU measurement of a change, in two device calls (one call may run 10 minutes; README: Benchmarks):
+#   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh bench [MODELS]   # the pipeline benchmark
+#   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh tests             # GPU tests, postprocess profile
 # Writes under $OUT (the device tool's folder) or benchmarks/results/.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv"
-python -m pytest -q -p no:cacheprovider -p no:warnings tests/test_gpu_paths.py tests/test_postprocessing.py 2>&1 | tail -3 | tee "$out/gpu-tests.log"
-python -m benchmarks.postprocess_profile >"$out/postprocess-profile.txt" 2>&1
-# While the benchmark runs: the GPU exporter and Ray's metrics (per-replica GPU memory), scraped every 5 s.
-python -m serve_app.observability.gpu_exporter --port 9835 >/dev/null 2>&1 &
-exporter=$!
-( while sleep 5; do
-    curl -s localhost:9835/metrics | grep -E '^medserve_gpu_(count|utilization|memory_used)'
-    curl -s localhost:18700/metrics | grep -E '^ray_medserve_(replica_gpu_memory_bytes|batch_size_count)'
-  done >"$out/scraped-metrics.txt" 2>/dev/null ) &
-scraper=$!
-python -m benchmarks.pipeline --size full --models "${1:-msd-spleen-unet}" --out "$out" >"$out/bench.log" 2>&1
-kill $scraper $exporter 2>/dev/null
-grep -v '^\s*\x1b\|^ ' "$out/bench.log" | tail -30
+case "${1:-bench}" in
+tests)
+  python -m pytest -q -p no:cacheprovider -p no:warnings tests/test_gpu_paths.py tests/test_postprocessing.py 2>&1 |
+    tail -3 | tee "$out/gpu-tests.log"
+  python -m benchmarks.postprocess_profile >"$out/postprocess-profile.txt" 2>&1
+  ;;
+bench)
+  # While the benchmark runs: the GPU exporter and Ray's metrics (per-replica GPU memory), scraped every 5 s.
+  python -m serve_app.observability.gpu_exporter --port 9835 >/dev/null 2>&1 &
+  exporter=$!
+  ( while sleep 5; do
+      curl -s localhost:9835/metrics | grep -E '^medserve_gpu_(count|utilization|memory_used)'
+      curl -s localhost:18700/metrics | grep -E '^ray_medserve_(replica_gpu_memory_bytes|batch_size_count)'
+    done >"$out/scraped-metrics.txt" 2>/dev/null ) &
+  scraper=$!
+  # --compare: Serve's Python proxy and (where MPS runs) time-slicing too, one change at a time, in the same run.
+  timeout 580 python -m benchmarks.pipeline --size full --models "${2:-msd-spleen-unet}" --compare --out "$out" \
+    >"$out/bench.log" 2>&1
+  kill $scraper $exporter 2>/dev/null
+  # One line a phase as it ended (the log's Ray lines left out), then the report.
+  grep -E '^[a-z_0-9]+: \{' "$out/bench.log" | cut -c1-700
+  grep -v '^\s*\x1b\|^ ' "$out/bench.log" | grep -E 'Error|Traceback' | head -5
+  ;;
+esac

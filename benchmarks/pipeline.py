@@ -16,15 +16,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
+import gzip
 import json
+import math
 import os
 import shutil
+import socket
 import statistics
 import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 import yaml
 
+from benchmarks.http_load import HttpLoad
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig, load_config
 from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
 from serve_app.results import ResultStore
@@ -41,8 +47,12 @@ from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
 from serve_app.segmentation.transforms import to_model_input
 from serve_app.studies.nifti import read_nifti
 from serve_app.studies.phantoms import ct_phantom
+from serve_app.studies.sample_data import write_ct_series
+from serve_app.studies.volume import Volume
 
 RESULTS = Path(__file__).with_name("results")
+LAYOUTS = ("fused", "split")
+HTTP_PHASES = ("http", "http_dicom_zip", "http_nii_gz", "http_gzip", "http_zstd")  # http_uploads' names
 METRICS_PORT = 18700  # Ray's metrics agent, for scraping replica metrics during a run (gpu_session.sh)
 
 
@@ -55,12 +65,13 @@ class Size:
     concurrency: int
     reference_requests: int
     open_loop_s: float
+    client_processes: int  # HTTP load generators: one Python process cannot send 157 MB uploads fast enough
 
 
 SIZES = {
-    "tiny": Size((96, 96, 32), (3.6, 3.6, 6.0), (48, 48, 48), 6, 2, 2, 3.0),
-    "small": Size((256, 256, 96), (1.4, 1.4, 3.0), (96, 96, 96), 16, 4, 3, 10.0),
-    "full": Size((512, 512, 300), (0.8, 0.8, 1.0), (224, 224, 224), 48, 16, 2, 20.0),
+    "tiny": Size((96, 96, 32), (3.6, 3.6, 6.0), (48, 48, 48), 6, 2, 2, 3.0, 1),
+    "small": Size((256, 256, 96), (1.4, 1.4, 3.0), (96, 96, 96), 16, 4, 3, 10.0, 2),
+    "full": Size((512, 512, 300), (0.8, 0.8, 1.0), (224, 224, 224), 48, 16, 2, 10.0, 4),
 }
 ORGAN_FRACTION = 0.004  # of the volume: a 200 mL spleen in a 512x512x300 CT's 50 L field of view
 SPLEEN_UNET = {  # the MONAI spleen-segmentation tutorial's network
@@ -121,12 +132,17 @@ def shift_to_organ_size(network: torch.nn.Module, spec: ModelSpec, study: Path) 
     network.cpu()
 
 
-def write_study(path: Path, size: Size) -> Path:
-    """A CT-like int16 volume as one uncompressed NIfTI: reading it costs little, so the figures
-    are the pipeline's, not pydicom's (DICOM decoding is timed separately in `decode_ms`)."""
+def study_volume(size: Size) -> Volume:
+    """A CT-like int16 volume: the one study every phase reads, as NIfTI, DICOM or compressed."""
     phantom = ct_phantom(np.random.default_rng(0), shape=size.volume, spacing=size.spacing)
     array = np.clip(np.rint(phantom.volume.array), -1024, 3071).astype(np.int16)
-    nib.save(nib.Nifti1Image(array, phantom.volume.affine), str(path))
+    return Volume(array=array, affine=phantom.volume.affine)
+
+
+def write_study(path: Path, volume: Volume) -> Path:
+    """The study as one uncompressed NIfTI: reading it costs little, so the figures are the pipeline's, not
+    pydicom's (DICOM decoding is timed separately in `decode_ms`, and served in the DICOM phase)."""
+    nib.save(nib.Nifti1Image(volume.array, volume.affine), str(path))
     return path
 
 
@@ -135,7 +151,8 @@ def with_engine(spec: ModelSpec, **options) -> ModelSpec:
 
 
 class GpuSampler:
-    """Mean GPU utilisation over a phase, from NVML; None without a GPU."""
+    """Mean GPU utilisation over a phase, from NVML; None without a GPU. ``window`` (epoch seconds) narrows the
+    mean to part of the phase: the timed part of an HTTP load, not its client processes' start and warm-up."""
 
     def __init__(self):
         try:
@@ -146,9 +163,11 @@ class GpuSampler:
         except Exception:
             self._nvml = None
         self.samples: list[float] = []
+        self.times: list[float] = []
+        self.window: tuple[float, float] | None = None
 
     def __enter__(self):
-        self.samples, self._stop = [], threading.Event()
+        self.samples, self.times, self._stop = [], [], threading.Event()
         if self._nvml:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -157,13 +176,16 @@ class GpuSampler:
     def _run(self):
         while not self._stop.wait(0.1):
             self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            self.times.append(time.time())
 
     def __exit__(self, *exc):
         self._stop.set()
 
     @property
     def mean(self):
-        return round(statistics.fmean(self.samples), 1) if self.samples else None
+        start, end = self.window or (-math.inf, math.inf)
+        samples = [x for x, t in zip(self.samples, self.times, strict=True) if start <= t <= end]
+        return round(statistics.fmean(samples), 1) if samples else None
 
 
 def percentiles(latencies_s: list[float]) -> dict:
@@ -182,11 +204,14 @@ def summarise(latencies_s: list[float], wall_s: float, gpu: GpuSampler, **extra)
 
 
 class Uploads:
-    """Fresh upload folders holding the study, as the ingress spools them (hard links: no copy cost)."""
+    """Fresh upload folders holding the study, as the ingress spools them (hard links to one copy in ``root``: no
+    copy cost per request)."""
 
-    def __init__(self, root: Path, study: Path):
-        self.root, self.study = root, study
+    def __init__(self, root: Path, study: bytes):
+        self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.study = root / f"study-{uuid.uuid4().hex}"
+        self.study.write_bytes(study)
 
     def new(self) -> Path:
         folder = self.root / uuid.uuid4().hex
@@ -196,9 +221,17 @@ class Uploads:
 
 
 def run_stages_in_process(
-    spec: ModelSpec, device: str, uploads: Uploads, results: ResultStore, requests: int, batch: int, gpu: GpuSampler
+    spec: ModelSpec,
+    device: str,
+    uploads: Uploads,
+    results: ResultStore,
+    requests: int,
+    batch: int,
+    gpu: GpuSampler,
+    result_ids: list[str],
 ) -> dict:
-    """a (CPU) and b (GPU): the stage objects medserve's replicas use, called in one process."""
+    """a (CPU) and b (GPU): the stage objects medserve's replicas use, called in one process; the results' ids
+    are appended to ``result_ids``."""
     preprocessor = Preprocessor(load_config().limits, torch.device(device))
     predictor = Predictor(spec, torch.device(device))
     postprocessor = Postprocessor(results)
@@ -208,7 +241,8 @@ def run_stages_in_process(
 
     def post(args):
         logits, prepared = args
-        return postprocessor(logits, prepared.model_affine, prepared.grid, spec, uuid.uuid4().hex)
+        result_ids.append(uuid.uuid4().hex)
+        return postprocessor(logits, prepared.model_affine, prepared.grid, spec, result_ids[-1])
 
     def one_batch(pool) -> float:
         t0 = time.perf_counter()
@@ -257,19 +291,36 @@ def best_engine(spec: ModelSpec, device: str, size: Size) -> tuple[ModelSpec, in
     return best[1], best[2], table
 
 
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a serving session is run with: the ingress, how the replicas share the GPU, where uploads spool."""
+
+    ingress: str  # http.ingress: "haproxy" or "proxy"
+    gpu_sharing: str  # "mps" or "time-slicing"
+    uploads_root: Path | None  # storage.uploads_root; None: <storage root>/uploads
+
+    def label(self) -> str:
+        return f"{self.ingress}+{self.gpu_sharing}"
+
+
+# Model replicas' queue: two batches' worth, one running and one filling (Serve's router sends a replica no more).
+MODEL_MAX_ONGOING = 2
+FUSED_REPLICAS = 4
+
+
 def serve_config(
-    storage: Path, repository: Path, study: Path, layout: str, gpu: bool, batch: int, port: int
+    storage: Path, repository: Path, layout: str, gpu: bool, batch: int, port: int, settings: ServeSettings
 ) -> AppConfig:
-    """4 x 0.25 GPU fused replicas, or the GPU shared by split stages; the study is linked into storage."""
-    storage.mkdir(parents=True, exist_ok=True)
-    if not (storage / "study").exists():
-        os.link(study, storage / "study")
+    """4 x 0.25 GPU fused replicas, or the GPU shared by split stages."""
+    ongoing = MODEL_MAX_ONGOING * batch
     if gpu and layout == "fused":
-        deployments = {"model": {"num_replicas": 4, "num_gpus": 0.25, "num_cpus": 1, "max_ongoing_requests": 16}}
+        deployments = {
+            "model": {"num_replicas": FUSED_REPLICAS, "num_gpus": 0.25, "num_cpus": 1, "max_ongoing_requests": ongoing}
+        }
     elif gpu:
         deployments = {
             "preprocess": {"num_replicas": 2, "num_gpus": 0.125, "num_cpus": 1},
-            "model": {"num_replicas": 2, "num_gpus": 0.25, "num_cpus": 1, "max_ongoing_requests": 16},
+            "model": {"num_replicas": 2, "num_gpus": 0.25, "num_cpus": 1, "max_ongoing_requests": ongoing},
             "postprocess": {"num_replicas": 2, "num_gpus": 0.125, "num_cpus": 1},
         }
     else:
@@ -280,11 +331,54 @@ def serve_config(
             "name": layout,
             "layout": layout,
             "model_repository": repository,
-            "deployments": {**deployments, "ingress": {"num_replicas": 2 if gpu else 1, "num_cpus": 0.5}},
-            "storage": {"root": storage},
-            "http": {"port": port},
+            # Eight ingress replicas on a GPU node: each receives ~0.7 GB/s of uploads (2026-12-03, H200).
+            "deployments": {**deployments, "ingress": {"num_replicas": 8 if gpu else 1, "num_cpus": 0.25}},
+            "storage": {"root": storage, "uploads_root": settings.uploads_root and settings.uploads_root / layout},
+            "http": {"port": port, "ingress": settings.ingress},
+            "gpu_sharing": settings.gpu_sharing,
         }
     )
+
+
+@contextlib.contextmanager
+def serving(settings: ServeSettings, port: int):
+    """A Ray cluster and Serve, started as ``settings`` say (MPS started first, the ingress chosen by Ray's
+    environment); everything stopped after."""
+    import ray
+    from ray import serve
+
+    from serve_app import mps
+
+    saved = dict(os.environ)
+    env = {**AppConfig().http.model_copy(update={"ingress": settings.ingress}).ray_environment()}
+    # HAProxy's stats and metrics ports: free ones, beside any other cluster on this machine.
+    env |= {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    if settings.gpu_sharing == "mps":
+        env |= mps.start()
+    os.environ.update(env)
+    try:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            logging_level="ERROR",
+            num_cpus=max(os.cpu_count() or 2, 4),
+            _metrics_export_port=METRICS_PORT,
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        if settings.gpu_sharing == "mps":
+            mps.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def closed_loop(call, requests: int, concurrency: int) -> tuple[list[float], float, list]:
@@ -325,59 +419,176 @@ def breakdown(timings: list[dict]) -> dict:
     return {k: round(statistics.fmean(t[k] for t in timings) * 1000, 1) for k in timings[0]}
 
 
+class Fidelity:
+    """Dice of a phase's mask against the MONAI CPU reference's (a), on the same study: label 1, the organ."""
+
+    def __init__(self, reference: np.ndarray):
+        self.reference = reference
+
+    def of(self, results: ResultStore, result_id: str) -> float:
+        return dice(self.reference, mask_of(results, result_id))
+
+
+def mask_of(results: ResultStore, result_id: str) -> np.ndarray:
+    """A stored result's organ (label 1) on the study's whole grid."""
+    results.set_owner(result_id, "bench")
+    return np.asarray(nib.load(results.mask_path(result_id, "bench")).dataobj) == 1
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    both = a.sum() + b.sum()
+    return round(float(2 * np.logical_and(a, b).sum() / both), 4) if both else 1.0
+
+
+@dataclass(frozen=True)
+class HttpUpload:
+    """One phase's request body: the study as some client sends it."""
+
+    name: str
+    body: bytes
+    headers: dict
+
+
+def http_uploads(study: Path, dicom_zip: Path) -> list[HttpUpload]:
+    """The same volume as raw NIfTI (d), a zipped DICOM series, .nii.gz, and raw NIfTI sent with
+    Content-Encoding gzip and zstd."""
+    import zstandard
+
+    raw = study.read_bytes()
+    gzipped = gzip.compress(raw, compresslevel=1)  # a fast client's choice
+    octets = {"content-type": "application/octet-stream"}
+    return [
+        HttpUpload("http", raw, octets),
+        HttpUpload("http_dicom_zip", dicom_zip.read_bytes(), {"content-type": "application/zip"}),
+        HttpUpload("http_nii_gz", gzipped, octets),
+        HttpUpload("http_gzip", gzipped, {**octets, "content-encoding": "gzip"}),
+        HttpUpload(
+            "http_zstd", zstandard.ZstdCompressor(level=3).compress(raw), {**octets, "content-encoding": "zstd"}
+        ),
+    ]
+
+
 def measure_serve(
-    spec: ModelSpec, size: Size, work: Path, repository: Path, study: Path, batch: int, gpu: bool
+    spec: ModelSpec,
+    size: Size,
+    work: Path,
+    repository: Path,
+    uploads: list[HttpUpload],
+    fidelity: Fidelity,
+    batch: int,
+    gpu: bool,
+    settings: ServeSettings,
+    layouts: tuple[str, ...],
 ) -> dict:
-    """c for both layouts through DeploymentHandles; then, on the faster one, d and the open-loop run."""
-    import ray
+    """c for each of ``layouts`` through DeploymentHandles; then, on the faster one, the open-loop run through handles,
+    every HTTP upload phase (d first), the transport ceiling and the open-loop run over HTTP."""
     from ray import serve
 
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        logging_level="ERROR",
-        num_cpus=max(os.cpu_count() or 2, 4),
-        _metrics_export_port=METRICS_PORT,
-    )
-    port = 18600
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    out = {}
-    try:
-        for layout in ("fused", "split"):
-            with deployed(
-                serve_config(work / f"storage-{layout}", repository, study, layout, gpu, batch, port)
-            ) as call:
-                asyncio.run(closed_loop(call, size.concurrency, size.concurrency))  # warm-up
+    from benchmarks.transport import BodySink
+
+    port, out = 18600, {}
+    with serving(settings, port):
+        for layout in layouts:
+            config = serve_config(work / f"storage-{layout}", repository, layout, gpu, batch, port, settings)
+            with deployed(config, uploads[0].body) as app:
+                asyncio.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up
                 with GpuSampler() as gpu_sampler:
-                    latencies, wall, outcomes = asyncio.run(closed_loop(call, size.requests, size.concurrency))
-                out[f"handles_{layout}"] = summarise(
-                    latencies, wall, gpu_sampler, breakdown_ms=breakdown([o.timings.model_dump() for o in outcomes])
-                )
-        faster = max(("fused", "split"), key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
-        config = serve_config(work / f"storage-{faster}", repository, study, faster, gpu, batch, port)
-        with deployed(config) as call:
-            asyncio.run(closed_loop(call, size.concurrency, size.concurrency))  # warm-up, as for c
+                    latencies, wall, outcomes = asyncio.run(closed_loop(app.call, size.requests, size.concurrency))
+                progress(out, f"handles_{layout}", summarise(
+                    latencies,
+                    wall,
+                    gpu_sampler,
+                    breakdown_ms=breakdown([o.timings.model_dump() for o in outcomes]),
+                    dice_vs_reference=fidelity.of(app.results, app.result_ids[-1]),
+                ))  # fmt: skip
+        faster = max(layouts, key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
+        config = serve_config(work / f"storage-{faster}", repository, faster, gpu, batch, port, settings)
+        serve.run(BodySink.options(num_replicas=config.deployments.ingress.num_replicas).bind(), name="sink",
+                  route_prefix="/sink", blocking=False)  # fmt: skip
+        with deployed(config, uploads[0].body) as app:
+            asyncio.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up, as for c
             rate = 0.8 * out[f"handles_{faster}"]["volumes_per_s"]
-            steady = asyncio.run(open_loop(call, rate, size.open_loop_s))
-            out["open_loop_80pct"] = {"layout": faster, "rate_per_s": round(rate, 2), **percentiles(steady)}
-            out["http"] = measure_http(f"http://127.0.0.1:{port}/{config.name}", spec, study, size)
+            steady = asyncio.run(open_loop(app.call, rate, size.open_loop_s))
+            progress(out, "open_loop_80pct", {"layout": faster, "rate_per_s": round(rate, 2), **percentiles(steady)})
+            url = f"http://127.0.0.1:{port}"
+            for upload in uploads:
+                progress(
+                    out, upload.name, measure_http(f"{url}/{config.name}", spec, upload, size, fidelity, app.results)
+                )
+            progress(out, "transport_ceiling", measure_transport(f"{url}/sink/", uploads[0], size))
+            out["http"]["of_transport_ceiling"] = round(
+                out["http"]["volumes_per_s"] / out["transport_ceiling"]["uploads_per_s"], 3
+            )
+            rate = 0.8 * out["http"]["volumes_per_s"]
+            progress(out, "open_loop_http_80pct", open_loop_http(f"{url}/{config.name}", spec, uploads[0], size, rate))
         out["faster_layout"] = faster
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        out["settings"] = settings_of(settings, config)
     return out
 
 
+def measure_alternative(
+    spec: ModelSpec,
+    size: Size,
+    work: Path,
+    repository: Path,
+    upload: HttpUpload,
+    fidelity: Fidelity,
+    batch: int,
+    layout: str,
+    gpu: bool,
+    settings: ServeSettings,
+) -> dict:
+    """d alone under other settings, for the side-by-side table of settings."""
+    port = 18600
+    with serving(settings, port):
+        config = serve_config(work / f"storage-{settings.label()}", repository, layout, gpu, batch, port, settings)
+        with deployed(config, upload.body) as app:
+            http = measure_http(f"http://127.0.0.1:{port}/{config.name}", spec, upload, size, fidelity, app.results)
+    return {"settings": settings_of(settings, config), "http": http}
+
+
+def progress(out: dict | None, phase: str, figures: dict) -> None:
+    """``out[phase] = figures`` (unless ``out`` is None), and a line on stdout as each phase ends (a long run shows
+    where it is)."""
+    if out is not None:
+        out[phase] = figures
+    print(f"{phase}: {json.dumps(figures)}", flush=True)
+
+
+def settings_of(settings: ServeSettings, config: AppConfig) -> dict:
+    model = config.deployments.model
+    return {
+        "ingress": settings.ingress,
+        "gpu_sharing": settings.gpu_sharing,
+        "uploads_root": str(settings.uploads_root) if settings.uploads_root else "storage root (disk)",
+        "model_replicas": model.num_replicas,
+        "ingress_replicas": config.deployments.ingress.num_replicas,
+        "batch_size": model.batching.max_batch_size,
+        "batch_wait_timeout_s": model.batching.batch_wait_timeout_s,
+        "max_ongoing_requests": model.max_ongoing_requests,
+    }
+
+
+@dataclass
+class DeployedApp:
+    """An application deployed at /<name>: ``call`` sends the study through its handles; ``result_ids`` lists the
+    results made, in ``results``."""
+
+    call: object
+    results: ResultStore
+    result_ids: list[str]
+
+
 @contextlib.contextmanager
-def deployed(config: AppConfig):
-    """The application deployed at /<name>; yields an async call that sends one study through its handles."""
+def deployed(config: AppConfig, study: bytes):
+    """The application deployed at /<name>."""
     from ray import serve
 
     from serve_app.app import build_app
     from serve_app.segmentation.stage_handles import StageHandles
 
     serve.run(build_app(config), name=config.name, route_prefix=f"/{config.name}", blocking=False)
-    (model_name,) = [m.name for m in ModelRepository(config.model_repository)]
+    (model_name,) = [m.name for m in ModelRepository(config.model_repository) if m.task == "segmentation"]
     handle = lambda deployment: serve.get_deployment_handle(deployment, config.name)  # noqa: E731
     if config.fused:
         stages = StageHandles({model_name: handle(f"FusedPipeline:{model_name}")})
@@ -385,59 +596,60 @@ def deployed(config: AppConfig):
         stages = StageHandles(
             {model_name: handle(f"ModelReplica:{model_name}")}, handle("Preprocess"), handle("Postprocess")
         )
-    uploads = Uploads(config.storage.uploads, config.storage.root / "study")
+    uploads = Uploads(config.storage.uploads, study)
+    app = DeployedApp(call=None, results=ResultStore.of(config.storage), result_ids=[])
 
     async def call():
-        return await stages.segment(model_name, uploads.new(), uuid.uuid4().hex)
+        result_id = uuid.uuid4().hex
+        app.result_ids.append(result_id)
+        return await stages.segment(model_name, uploads.new(), result_id)
 
+    app.call = call
     try:
-        yield call
+        yield app
     finally:
         serve.delete(config.name)
 
 
-def measure_http(url: str, spec: ModelSpec, study: Path, size: Size) -> dict:
-    import httpx
-
-    body = study.read_bytes()
-
-    async def run():
-        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-
-            async def call():
-                response = await client.post(
-                    f"/v1/models/{spec.name}/segment",
-                    content=body,
-                    headers={"content-type": "application/octet-stream"},
-                )
-                response.raise_for_status()
-                return response.json()["timings_ms"]
-
-            await closed_loop(call, size.concurrency, size.concurrency)
-            with GpuSampler() as gpu:
-                latencies, wall, timings = await closed_loop(call, size.requests, size.concurrency)
-            return summarise(
-                latencies,
-                wall,
-                gpu,
-                breakdown_ms={k: round(statistics.fmean(t[k] for t in timings), 1) for k in timings[0]},
-                upload_mb=round(len(body) / 1e6, 1),
-            )
-
-    return asyncio.run(run())
+def measure_http(
+    url: str, spec: ModelSpec, upload: HttpUpload, size: Size, fidelity: Fidelity, results: ResultStore
+) -> dict:
+    load = HttpLoad(f"{url}/v1/models/{spec.name}/segment", upload.body, upload.headers, size.client_processes)
+    with GpuSampler() as gpu:
+        run = load.closed(size.requests, size.concurrency)
+    gpu.window = (run.start, run.start + run.wall_s)
+    timings = [a["timings_ms"] for a in run.answers]
+    return summarise(
+        run.latencies_s,
+        run.wall_s,
+        gpu,
+        breakdown_ms={k: round(statistics.fmean(t[k] for t in timings), 1) for k in timings[0]},
+        upload_mb=round(len(upload.body) / 1e6, 1),
+        dice_vs_reference=fidelity.of(results, run.answers[-1]["result_id"]),
+    )
 
 
-def decode_ms(size: Size, work: Path) -> dict:
-    """What reading the same volume costs as a DICOM series (uncompressed, RLE Lossless and JPEG 2000 lossless, as
-    PACS send it) and as NIfTI, on the CPU."""
+def measure_transport(url: str, upload: HttpUpload, size: Size) -> dict:
+    """The same uploads, at the same concurrency and through the same ingress, to an app that only receives them."""
+    run = HttpLoad(url, upload.body, upload.headers, size.client_processes).closed(size.requests * 2, size.concurrency)
+    mb_per_s = len(run.latencies_s) * len(upload.body) / 1e6 / run.wall_s
+    return {"uploads_per_s": round(run.per_s, 2), "mb_per_s": round(mb_per_s), **percentiles(run.latencies_s)}
+
+
+def open_loop_http(url: str, spec: ModelSpec, upload: HttpUpload, size: Size, rate_per_s: float) -> dict:
+    load = HttpLoad(f"{url}/v1/models/{spec.name}/segment", upload.body, upload.headers, size.client_processes)
+    run = load.open(rate_per_s, size.open_loop_s)
+    return {"rate_per_s": round(rate_per_s, 2), "achieved_per_s": round(run.per_s, 2), **percentiles(run.latencies_s)}
+
+
+def decode_ms(paths: list[Path], work: Path) -> dict:
+    """What reading the study costs as the DICOM series of ``paths`` (uncompressed, and RLE Lossless and JPEG 2000
+    lossless as PACS send it) and as NIfTI (``work/study.nii``), on the CPU."""
     from pydicom.uid import JPEG2000Lossless, RLELossless
 
     from serve_app.studies.reader import read_study
-    from serve_app.studies.sample_data import write_ct_series
 
-    phantom = ct_phantom(np.random.default_rng(1), shape=size.volume, spacing=size.spacing)
-    dicom = work / "dicom"
-    paths = write_ct_series(phantom.volume, dicom)
+    dicom = paths[0].parent
     limits = load_config().limits
     timings = {"dicom_series": timed_ms(lambda: read_study(dicom, limits))}
     for name, syntax in (("rle", RLELossless), ("jpeg2000", JPEG2000Lossless)):
@@ -445,12 +657,21 @@ def decode_ms(size: Size, work: Path) -> dict:
         # In processes: pylibjpeg-openjpeg's encoder crashes when threads share it. Not what is timed.
         with ProcessPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(compress, paths, [folder] * len(paths), [syntax] * len(paths)))
-        timings[f"dicom_series_{name}"] = timed_ms(lambda f=folder: read_study(f, limits))
+        timings[f"dicom_series_{name}"] = timed_ms(lambda f=folder: read_study(f, limits), repeats=1)  # seconds each
     nifti = work / "nifti"
     nifti.mkdir()
     shutil.copy(work / "study.nii", nifti / "study")
     timings["nifti"] = timed_ms(lambda: read_study(nifti, limits))
     return timings
+
+
+def zip_series(folder: Path, archive: Path) -> Path:
+    """The series' files in one zip, stored uncompressed: how the DICOM phase sends them (the compressed phases
+    measure compression)."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, path.name)
+    return archive
 
 
 def compress(path: Path, folder: Path, syntax: str) -> None:
@@ -473,42 +694,75 @@ def timed_ms(call, repeats: int = 3) -> float:
     return round(statistics.median(times) * 1000, 1)
 
 
-def run(size_name: str, models: list[str], out: Path) -> dict:
+def run(
+    size_name: str,
+    models: list[str],
+    out: Path,
+    *,
+    compare: bool,
+    decode: bool = True,
+    layouts: tuple = LAYOUTS,
+    http_phases: tuple = HTTP_PHASES,
+) -> dict:
     size = SIZES[size_name]
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     device_name = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="medserve-bench-"))
     try:
-        study = write_study(work / "study.nii", size)
+        volume = study_volume(size)
+        study = write_study(work / "study.nii", volume)
         repository = write_repository(work / "models", size, study)
         report = {
             "device": device_name,
             "date": datetime.date.today().isoformat(),
             "size": size_name,
             "volume": list(size.volume),
-            "decode_ms": decode_ms(size, work),
+            "decode_ms": None,
             "models": {},
         }
+        series = write_ct_series(volume, work / "dicom")
+        if decode:
+            progress(report, "decode_ms", decode_ms(series, work))
+        uploads = [u for u in http_uploads(study, zip_series(work / "dicom", work / "study-dicom.zip"))
+                   if u.name in http_phases]  # fmt: skip
+        settings = ServeSettings(
+            ingress="haproxy", gpu_sharing=mps_if_it_runs(gpu, report), uploads_root=ram_backed_folder(size, work)
+        )
         for name in models:
             spec = ModelRepository(repository).get(name)
             results = ResultStore(work / "bench-results", 1)
-            uploads = Uploads(work / "uploads", study)
-            reference = run_stages_in_process(spec, "cpu", uploads, results, size.reference_requests, 1, GpuSampler())
+            in_process = Uploads(work / "uploads", uploads[0].body)
+            reference_ids: list[str] = []
+            reference = run_stages_in_process(
+                spec, "cpu", in_process, results, size.reference_requests, 1, GpuSampler(), reference_ids
+            )
+            progress(None, "reference", reference)
+            fidelity = Fidelity(mask_of(results, reference_ids[-1]))
             tuned, batch, engines = best_engine(spec, device, size)
-            bare = run_stages_in_process(tuned, device, uploads, results, size.requests, batch, GpuSampler())
+            bare_ids: list[str] = []
+            bare = run_stages_in_process(
+                tuned, device, in_process, results, size.requests, batch, GpuSampler(), bare_ids
+            )
+            bare["dice_vs_reference"] = fidelity.of(results, bare_ids[-1])
+            progress(None, "bare", bare)
+            if gpu:
+                torch.cuda.empty_cache()  # the replicas need the memory b used
+            tuned_repository = write_tuned_repository(repository, tuned, work)
             served = measure_serve(
-                tuned, size, work, write_tuned_repository(repository, tuned, work), study, batch, gpu
+                tuned, size, work, tuned_repository, uploads, fidelity, batch, gpu, settings, layouts
             )
             handles, http = served[f"handles_{served['faster_layout']}"], served["http"]
-            report["models"][name] = {
+            model = report["models"][name] = {
                 "model_input": list(tuned.preprocessing.spatial_size),
                 "engine": tuned.engine.model_dump(include={"backend", "precision", "channels_last", "cuda_graphs"}),
                 "batch_size": batch,
                 "engine_volumes_per_s": engines,
+                "network_only_volumes_per_s": max(engines.values(), default=None),
                 "reference": reference,
                 "bare": bare,
                 **served,
+                "transport_ceiling_uploads_per_s": served["transport_ceiling"]["uploads_per_s"],
                 "p50_ms": {
                     "a_reference": reference["p50_ms"],
                     "b_bare": bare["p50_ms"],
@@ -525,15 +779,63 @@ def run(size_name: str, models: list[str], out: Path) -> dict:
                     "handles_over_bare": round(handles["volumes_per_s"] / bare["volumes_per_s"], 3),
                     "http_over_bare": round(http["volumes_per_s"] / bare["volumes_per_s"], 3),
                     "bare_over_reference": round(bare["volumes_per_s"] / reference["volumes_per_s"], 2),
+                    "http_over_transport_ceiling": http["of_transport_ceiling"],
                 },
             }
+            if compare:
+                model["compared_settings"] = []
+                for alternative in alternatives(settings):
+                    try:
+                        compared = measure_alternative(
+                            tuned, size, work, tuned_repository, uploads[0], fidelity, batch, served["faster_layout"],
+                            gpu, alternative,
+                        )  # fmt: skip
+                    except Exception as e:  # the run's other figures are still worth writing
+                        compared = {"settings": alternative.label(), "error": repr(e)[:500]}
+                    progress(None, f"compared {alternative.label()}", compared)
+                    model["compared_settings"].append(compared)
         # The issue's headline figures: the first model's.
         first = report["models"][models[0]]
         report.update(ratios=first["ratios"], p50_ms=first["p50_ms"], p99_ms=first["p99_ms"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if settings.uploads_root:
+            shutil.rmtree(settings.uploads_root, ignore_errors=True)
     write_report(report, out)
     return report
+
+
+def mps_if_it_runs(gpu: bool, report: dict) -> str:
+    """mps where the MPS daemon starts on this machine, else time-slicing (the reason in the report)."""
+    from serve_app import mps
+
+    if not gpu:
+        return "time-slicing"
+    try:
+        mps.start()
+    except mps.MpsUnavailable as e:
+        report["mps_unavailable"] = str(e)
+        return "time-slicing"
+    mps.stop()
+    return "mps"
+
+
+def alternatives(settings: ServeSettings) -> list[ServeSettings]:
+    """The chosen settings with one thing changed at a time: Serve's Python proxy; the other GPU sharing."""
+    other_sharing = "time-slicing" if settings.gpu_sharing == "mps" else "mps"
+    return [
+        dataclasses.replace(settings, ingress="proxy"),
+        *([dataclasses.replace(settings, gpu_sharing=other_sharing)] if settings.gpu_sharing == "mps" else []),
+    ]
+
+
+def ram_backed_folder(size: Size, work: Path) -> Path | None:
+    """A folder on /dev/shm for the spooled uploads, where it has room for two rounds of concurrent uploads."""
+    shm = Path("/dev/shm")
+    needed = 2 * size.concurrency * int(np.prod(size.volume)) * 2 * 4  # 4: the study, its copies, zip, decoded
+    if shm.is_dir() and shutil.disk_usage(shm).free > needed:
+        return shm / work.name
+    return None
 
 
 def write_tuned_repository(repository: Path, tuned: ModelSpec, work: Path) -> Path:
@@ -545,6 +847,19 @@ def write_tuned_repository(repository: Path, tuned: ModelSpec, work: Path) -> Pa
     raw["engine"] = tuned.engine.model_dump(mode="json")
     path.write_text(yaml.safe_dump(raw))
     return tuned_root
+
+
+PHASES = (
+    ("reference", "a. MONAI CPU reference"),
+    ("bare", "b. bare loop, one process"),
+    ("handles_fused", "c. handles, fused"),
+    ("handles_split", "c. handles, split"),
+    ("http", "d. HTTP, raw NIfTI"),
+    ("http_dicom_zip", "HTTP, zipped DICOM series"),
+    ("http_nii_gz", "HTTP, .nii.gz"),
+    ("http_gzip", "HTTP, raw + Content-Encoding gzip"),
+    ("http_zstd", "HTTP, raw + Content-Encoding zstd"),
+)
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -563,29 +878,42 @@ def write_report(report: dict, out: Path) -> None:
             f"## {name} (input {m['model_input']}, engine {m['engine']}, batch {m['batch_size']}, "
             f"faster layout: {m['faster_layout']})",
             "",
-            "| path | volumes/s | p50 ms | p99 ms | GPU util % |",
-            "| --- | --- | --- | --- | --- |",
+            f"Settings: {m['settings']}; network alone: {m['network_only_volumes_per_s']} volumes/s.",
+            "",
+            "| path | volumes/s | p50 ms | p99 ms | GPU util % | Dice vs a |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
-        for key, label in (
-            ("reference", "a. MONAI CPU reference"),
-            ("bare", "b. bare loop, one process"),
-            ("handles_fused", "c. handles, fused"),
-            ("handles_split", "c. handles, split"),
-            ("http", "d. HTTP"),
-        ):
+        for key, label in PHASES:
+            if key not in m:  # a layout left out by --layouts
+                continue
             row = m[key]
             lines.append(
-                f"| {label} | {row['volumes_per_s']} | {row['p50_ms']} | {row['p99_ms']} | {row['gpu_util_percent']} |"
+                f"| {label} | {row['volumes_per_s']} | {row['p50_ms']} | {row['p99_ms']} | {row['gpu_util_percent']} "
+                f"| {row.get('dice_vs_reference')} |"
             )
-        r = m["ratios"]
+        r, ceiling = m["ratios"], m["transport_ceiling"]
         lines += [
             "",
-            f"c/b = {r['handles_over_bare']}, d/b = {r['http_over_bare']}, b/a = {r['bare_over_reference']}; "
-            f"open loop at 80 % of peak: {m['open_loop_80pct']}",
+            f"c/b = {r['handles_over_bare']}, d/b = {r['http_over_bare']}, b/a = {r['bare_over_reference']}, "
+            f"d / transport ceiling = {r['http_over_transport_ceiling']}",
+            "",
+            f"Transport ceiling (same uploads, same ingress, a deployment that only receives them): {ceiling}",
+            "",
+            f"Open loop at 80 % of peak: handles {m['open_loop_80pct']}; HTTP {m['open_loop_http_80pct']}",
             "",
             f"Where HTTP time goes (mean ms): {m['http']['breakdown_ms']}",
             "",
         ]
+        for compared in m.get("compared_settings", []):
+            if "error" in compared:
+                lines.append(f"- {compared['settings']}: failed: {compared['error']}")
+                continue
+            http, chosen = compared["http"], compared["settings"]
+            lines.append(
+                f"- {chosen['ingress']} + {chosen['gpu_sharing']}: d {http['volumes_per_s']} volumes/s "
+                f"(p50 {http['p50_ms']}, p99 {http['p99_ms']} ms, GPU {http['gpu_util_percent']} %, "
+                f"Dice {http['dice_vs_reference']}, upload {http['breakdown_ms']['upload']} ms)"
+            )
     (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -595,8 +923,28 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--models", default="msd-spleen-unet,ct-phantom-organ", help="comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated: fused, split")
+    parser.add_argument("--no-decode", action="store_true", help="leave out decode_ms (a minute at full size)")
+    parser.add_argument(
+        "--http-phases",
+        default=",".join(HTTP_PHASES),
+        help=f"comma-separated, d (http) first: {', '.join(HTTP_PHASES)}",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also serve d with Serve's Python proxy, and (where MPS runs) without MPS, one change at a time",
+    )
     args = parser.parse_args(argv)
-    run(args.size, args.models.split(","), args.out)
+    run(
+        args.size,
+        args.models.split(","),
+        args.out,
+        compare=args.compare,
+        decode=not args.no_decode,
+        layouts=tuple(args.layouts.split(",")),
+        http_phases=tuple(args.http_phases.split(",")),
+    )
 
 
 if __name__ == "__main__":

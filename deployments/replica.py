@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from serve_app.config import BatchingConfig
+from serve_app.segmentation.stages import Predictor
 
 __all__ = ["BatchingReplica", "Replica"]
 
@@ -15,11 +16,15 @@ class Replica:
 
 
 class BatchingReplica(Replica):
-    """A replica whose ``predict`` is a ``@serve.batch`` method.
+    """A replica whose ``predict`` is a ``@serve.batch`` method running ``predictor``.
 
     Batching is the deployment's Serve ``user_config``: a config update retunes live replicas through
-    ``reconfigure``, with no redeploy.
+    ``reconfigure``, with no redeploy, and warms the predictor up for every batch size it may now see.
     """
 
+    predictor: Predictor
+
     def reconfigure(self, user_config: dict) -> None:
-        BatchingConfig.model_validate(user_config).apply_to(self.predict)
+        batching = BatchingConfig.model_validate(user_config)
+        batching.apply_to(self.predict)
+        self.predictor.warm_up(batching.max_batch_size)

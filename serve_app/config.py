@@ -149,11 +149,17 @@ class StorageConfig(StrictModel):
     """
 
     root: Path = Field(Path("/tmp/medserve"), description="Folder of uploads/ and results/; shared on a cluster.")
+    uploads_root: Path | None = Field(
+        None,
+        description="Folder requests' bodies are spooled to until preprocessing has read them; default "
+        "<root>/uploads. On one node a RAM-backed folder (a tmpfs such as /dev/shm/medserve) spares the disk "
+        "gigabytes a second of writes under load; on a cluster it must be shared like root.",
+    )
     result_retention_hours: float = Field(24.0, gt=0, description="Hours a result stays downloadable.")
 
     @property
     def uploads(self) -> Path:
-        return self.root / "uploads"
+        return self.uploads_root or self.root / "uploads"
 
     @property
     def results(self) -> Path:
@@ -211,10 +217,21 @@ class WsiConfig(StrictModel):
 
 
 class HttpConfig(StrictModel):
-    """Where Serve's HTTP proxy, and so the API, listens."""
+    """Where the API listens, and what carries requests to the ingress replicas."""
 
-    host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port Serve's HTTP proxy listens on.")
+    host: str = Field("127.0.0.1", description="Address the API listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy",
+        description="haproxy: Ray Serve's HAProxy ingress, which hands each request's bytes straight to an ingress "
+        "replica (a 157 MB upload several times faster than through the proxy; plain HTTP: terminate TLS in front "
+        "of it). proxy: Serve's Python HTTP proxy actor. Takes effect where Ray starts: `medserve up` sets it for "
+        "the clusters it starts; elsewhere start Ray with ray_environment() (README: Ingress).",
+    )
+
+    def ray_environment(self) -> dict[str, str]:
+        """The environment variables Ray must start with (``ray start``, ``ray.init``) for this ingress."""
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0"}
 
 
 class AppConfig(StrictModel):
@@ -239,6 +256,12 @@ class AppConfig(StrictModel):
     limits: LimitsConfig = Field(LimitsConfig(), description="What one request may send.")
     storage: StorageConfig = Field(StorageConfig(), description="Where uploads and results are kept.")
     http: HttpConfig = Field(HttpConfig(), description="Where the API listens.")
+    gpu_sharing: Literal["time-slicing", "mps"] = Field(
+        "time-slicing",
+        description="How replicas with fractional num_gpus share a GPU. mps: `medserve up` starts NVIDIA's MPS "
+        "control daemon on a GPU node before Ray, so several replicas' kernels run at once (README: GPU sharing); "
+        "time-slicing: CUDA's default, the replicas take turns.",
+    )
     tenants: dict[TenantId, TenantConfig] = Field(
         {},
         description="Hospitals, keyed by tenant id. None configured: an open server, every request tenant "

@@ -31,6 +31,7 @@ __all__ = [
     "RouteNotFound",
     "TooManyRequests",
     "Unauthorized",
+    "UnsupportedContentEncoding",
     "UnsupportedMediaType",
     "status_of",
     "unwrap",
@@ -79,6 +80,13 @@ class PayloadTooLarge(RequestError):
 
 class UnsupportedMediaType(RequestError):
     status_code = 415
+
+
+class UnsupportedContentEncoding(UnsupportedMediaType):
+    """A body compressed in a coding this server does not decode; the answer's Accept-Encoding lists those it does
+    (RFC 7694)."""
+
+    headers = {"Accept-Encoding": "gzip, zstd"}
 
 
 class InvalidStudy(RequestError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -60,9 +61,13 @@ def app_config(tmp_path_factory, slide_root, pacs_ports) -> AppConfig:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(app_config):
     import ray
 
+    # The ingress the config names (Ray's HAProxy by default), as `medserve up` starts it. HAProxy's stats and
+    # metrics ports on free ones: the benchmark's smoke test starts a second cluster beside this one.
+    haproxy_ports = {"RAY_SERVE_HAPROXY_STATS_PORT": free_port(), "RAY_SERVE_HAPROXY_METRICS_PORT": free_port()}
+    os.environ.update({**app_config.http.ray_environment(), **{k: str(v) for k, v in haproxy_ports.items()}})
     # "local": a fresh cluster even where `medserve up` left one running.
     # With its dashboard, which writes the Prometheus service-discovery file test_observability scrapes
     # through; metrics exported every 2 s rather than 10 so that test waits less.

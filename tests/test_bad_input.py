@@ -1,5 +1,6 @@
 """Every kind of bad upload gets a 4xx with a reason, and the server keeps serving."""
 
+import gzip
 import http.client
 import io
 from pathlib import Path
@@ -8,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import zstandard
 
 from helpers import SEGMENT, TEST_MAX_VOXELS, ZIP, zip_bytes, zip_files
 from serve_app.studies.phantoms import ct_phantom
@@ -200,6 +202,14 @@ CASES = [
     ),
     pytest.param(
         SEGMENT,
+        lambda u: gzip.compress(u.nifti(np.zeros((8, 8, 8), np.int16), np.eye(4)))[:-64],
+        "application/octet-stream",
+        422,
+        "gzipped NIfTI image is corrupt or cut short",
+        id="a .nii.gz cut short",
+    ),
+    pytest.param(
+        SEGMENT,
         lambda u: u.nifti(_nan_voxels(), np.eye(4)),
         "application/octet-stream",
         422,
@@ -241,3 +251,34 @@ def test_multipart_without_a_file_part_is_refused(client):
     response = client.post(SEGMENT, files={"note": (None, "a form field, not a file")})
     assert response.status_code == 422
     assert "no file parts" in response.json()["error"]["reason"]
+
+
+def test_a_content_encoding_the_server_cannot_decode_is_a_415_listing_those_it_can(client):
+    response = client.post(SEGMENT, content=b"\x00" * 64, headers={**ZIP, "content-encoding": "br"})
+    assert response.status_code == 415
+    assert "'br' is not supported" in response.json()["error"]["reason"]
+    assert response.headers["accept-encoding"] == "gzip, zstd"
+
+
+def test_a_body_that_is_not_what_its_content_encoding_says_is_a_400(client):
+    cut = gzip.compress(b"n+1\x00" * 100_000)[:-100]
+    for body in (b"plainly not gzip", cut):
+        response = client.post(SEGMENT, content=body, headers={**ZIP, "content-encoding": "gzip"})
+        assert response.status_code == 400, response.text
+        assert "not valid gzip" in response.json()["error"]["reason"]
+
+
+def test_a_compressed_body_that_decodes_past_the_upload_limit_is_refused_there(client, app_config):
+    # 64 KiB sent, decoding to twice the limit: counted as it decodes, refused at the limit.
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\x00" * (2 * app_config.limits.max_upload_bytes))
+    assert len(bomb) < 64 * 1024
+    response = client.post(SEGMENT, content=bomb, headers={**ZIP, "content-encoding": "zstd"})
+    assert response.status_code == 413
+    assert "over this server's limit" in response.json()["error"]["reason"]
+
+
+def test_content_encoding_on_a_multipart_upload_is_a_415(client):
+    files = {"file": ("ct.nii", b"\x00" * 400)}
+    response = client.post(SEGMENT, files=files, headers={"content-encoding": "gzip"})
+    assert response.status_code == 415
+    assert "single-file bodies" in response.json()["error"]["reason"]

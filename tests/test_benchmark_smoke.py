@@ -6,15 +6,31 @@ from helpers import MODEL, medserve
 
 
 def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
-    run = medserve("bench", "--size", "tiny", "--models", MODEL, "--out", str(tmp_path), timeout=900)
+    run = medserve("bench", "--size", "tiny", "--models", MODEL, "--compare", "--out", str(tmp_path), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     (report_path,) = tmp_path.glob("pipeline-tiny-*.json")
     report = json.loads(report_path.read_text())
     assert report["device"] and report["date"]
-    assert set(report["ratios"]) == {"handles_over_bare", "http_over_bare", "bare_over_reference"}
+    assert set(report["ratios"]) == {
+        "handles_over_bare",
+        "http_over_bare",
+        "bare_over_reference",
+        "http_over_transport_ceiling",
+    }
     assert all(v > 0 for v in report["ratios"].values())
     assert set(report["p50_ms"]) == set(report["p99_ms"]) == {"a_reference", "b_bare", "c_handles", "d_http"}
     model = report["models"][MODEL]
     assert model["faster_layout"] in ("fused", "split")
     assert set(model["http"]["breakdown_ms"]) >= {"upload", "preprocess", "model_queue", "model", "postprocess"}
+    # The same study through every path, and every path's mask against the reference's: the phantom's organ.
+    for phase in ("bare", "handles_fused", "handles_split", "http", "http_dicom_zip", "http_nii_gz", "http_zstd"):
+        assert model[phase]["volumes_per_s"] > 0, phase
+        assert model[phase]["dice_vs_reference"] >= 0.9, phase
+    assert model["transport_ceiling_uploads_per_s"] > 0
+    assert model["open_loop_http_80pct"]["p99_ms"] >= model["open_loop_http_80pct"]["p50_ms"] > 0
+    assert model["settings"]["ingress"] == "haproxy"
+    # --compare: d again through Serve's Python proxy, one change at a time.
+    (proxy,) = model["compared_settings"]
+    assert (proxy["settings"]["ingress"], proxy["settings"]["gpu_sharing"]) == ("proxy", "time-slicing")
+    assert proxy["http"]["volumes_per_s"] > 0 and proxy["http"]["dice_vs_reference"] >= 0.9
     assert (tmp_path / report_path.name.replace(".json", ".md")).is_file()

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from pydantic import Field
 
@@ -80,6 +82,10 @@ _TENANT = "{name: T, api_key_hashes: [sha256:%s], models: ['*'], rate: {per_seco
             id="autoscaling bounds",
         ),
         pytest.param(
+            "http: {ingress: nginx}\n", "  http.ingress: Input should be 'haproxy' or 'proxy'", id="unknown ingress"
+        ),
+        pytest.param("gpu_sharing: mig\n", "  gpu_sharing: Input should be 'time-slicing' or 'mps'", id="gpu sharing"),
+        pytest.param(
             f"tenants:\n  a: {_TENANT % ('0' * 64)}\n  b: {_TENANT % ('0' * 64)}\n",
             "one API key hash is listed twice (by a, b)",
             id="one key hash for two tenants",
@@ -92,3 +98,15 @@ def test_a_bad_config_fails_at_start_naming_the_field_and_the_value(tmp_path, ya
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert message in str(error.value)
+
+
+def test_the_ingress_is_chosen_by_the_environment_ray_starts_with():
+    assert load_config().http.ray_environment() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # HAProxy by default
+    proxy = load_config(overrides={"http.ingress": "proxy"})
+    assert proxy.http.ray_environment() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def test_uploads_spool_under_the_storage_root_unless_a_folder_is_named(tmp_path):
+    assert load_config(overrides={"storage.root": str(tmp_path)}).storage.uploads == tmp_path / "uploads"
+    ram = load_config(overrides={"storage.uploads_root": "/dev/shm/medserve"})
+    assert ram.storage.uploads == Path("/dev/shm/medserve")

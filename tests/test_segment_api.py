@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import nibabel as nib
 import numpy as np
 import pytest
+import zstandard
 from pydicom.data import get_testdata_file
 
 from helpers import SEGMENT, ZIP, dice, load_mask, zip_files
@@ -52,6 +53,20 @@ def test_nifti_upload_is_segmented(client, phantom):
     result = response.json()
     assert result["shape"] == list(phantom.volume.shape)
     assert dice(np.asarray(load_mask(client, result).dataobj) == 1, phantom.label) >= 0.9
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "zstd"])
+def test_a_body_sent_with_content_encoding_gives_the_plain_bodys_mask(client, phantom, encoding):
+    plain = nib.Nifti1Image(phantom.volume.array, phantom.volume.affine).to_bytes()
+    body = gzip.compress(plain) if encoding == "gzip" else zstandard.ZstdCompressor(level=3).compress(plain)
+    octets = {"content-type": "application/octet-stream"}
+    sent = client.post(SEGMENT, content=body, headers={**octets, "content-encoding": encoding})
+    assert sent.status_code == 200, sent.text
+    assert sent.json()["uploaded_bytes"] == len(plain)  # counted decoded, as the limit is
+    reference = client.post(SEGMENT, content=plain, headers=octets)
+    assert reference.status_code == 200, reference.text
+    labels, expected = (np.asarray(load_mask(client, r.json()).dataobj) for r in (sent, reference))
+    np.testing.assert_array_equal(labels, expected)
 
 
 def test_pydicom_ct_sample_is_served_on_its_single_slice_grid(client):

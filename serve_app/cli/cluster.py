@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 
+from serve_app import mps
 from serve_app.cli.errors import CommandError
-from serve_app.config import load_config
+from serve_app.config import AppConfig, load_config
 
 __all__ = ["add_commands", "wait_until_ready"]
 
@@ -44,11 +45,13 @@ def _up(args) -> int:
     config = load_config(args.config)
     if args.address:
         ray.init(address=args.address, logging_level="ERROR")
+        _note_joined_cluster(config)
     else:
         try:
             ray.init(address="auto", logging_level="ERROR")
+            _note_joined_cluster(config)
         except ConnectionError:
-            _start_local_ray(dashboard=args.monitoring)
+            _start_local_ray(config, dashboard=args.monitoring)
             ray.init(address="auto", logging_level="ERROR")
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
@@ -82,7 +85,17 @@ def _start_monitoring() -> None:
         )
 
 
-def _start_local_ray(dashboard: bool = False) -> None:
+def _note_joined_cluster(config: AppConfig) -> None:
+    # The ingress and GPU sharing are the cluster's, fixed when Ray started on each node.
+    env = " ".join(f"{k}={v}" for k, v in config.http.ray_environment().items())
+    print(
+        f"medserve: joined a running Ray cluster: its nodes decide the ingress (http.ingress {config.http.ingress} "
+        f"needs {env} where Ray starts) and GPU sharing (README: Ingress, GPU sharing)",
+        file=sys.stderr,
+    )
+
+
+def _start_local_ray(config: AppConfig, dashboard: bool = False) -> None:
     # Deployments ask for fractions of a CPU; advertising at least 4 lets the whole graph fit on 2 cores.
     cpus = max(4, os.cpu_count() or 1)
     # Ray's dashboard writes the service-discovery file Prometheus reads: only worth its memory when monitored.
@@ -90,7 +103,13 @@ def _start_local_ray(dashboard: bool = False) -> None:
         _RAY, "start", "--head", f"--num-cpus={cpus}", "--disable-usage-stats",
         f"--include-dashboard={str(dashboard).lower()}",
     ]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **config.http.ray_environment()}
+    if config.gpu_sharing == "mps":
+        try:
+            env.update(mps.start())
+        except mps.MpsUnavailable as e:
+            print(f"medserve: gpu_sharing mps: {e}; the GPU is time-sliced", file=sys.stderr)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def wait_until_ready(url: str, timeout_s: float) -> None:
@@ -122,5 +141,7 @@ def _down(args) -> int:
         print("medserve: no Ray cluster is running", file=sys.stderr)
     if not args.keep_ray:
         subprocess.run([_RAY, "stop"], check=False, stdout=subprocess.DEVNULL)
+        if mps.stop():
+            print("stopped the MPS control daemon")
     print("medserve is down")
     return 0

@@ -84,10 +84,23 @@ class Predictor:
             if roi
             else SimpleInferer()
         )
+        self.input_item_shape = spec.input_item_shape
+        self._warm_batch_sizes: set[int] = set()
 
     @property
     def device(self) -> torch.device:
         return self.engine.device
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run every batch size up to ``max_batch_size`` once on a GPU, so that cuDNN's algorithm search and the
+        CUDA graphs' capture, hundreds of milliseconds for each new shape, happen before traffic rather than to
+        the first requests that make a batch of that size (they were the closed-loop p99's tail)."""
+        if self.device.type != "cuda":
+            return
+        for size in sorted(set(range(1, max_batch_size + 1)) - self._warm_batch_sizes):
+            self([torch.zeros(self.input_item_shape, device=self.device)] * size)
+            self._warm_batch_sizes.add(size)
+        torch.cuda.synchronize(self.device)
 
     def __call__(self, images: Sequence[Array]) -> list[torch.Tensor]:
         """Logits (C_out, *model_spatial) on this device for each (C_in, *model_spatial) image.
