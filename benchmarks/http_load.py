@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["HttpLoad", "LoadRun"]
+__all__ = ["HttpLoad", "LoadRun", "closed_loop", "open_loop"]
 
 
 @dataclass
@@ -83,45 +83,62 @@ class HttpLoad:
         )
 
 
+async def closed_loop(call, requests: int, concurrency: int) -> tuple[list[float], float, list]:
+    """``requests`` awaits of ``call()`` by ``concurrency`` workers, each starting its next when its last ends: the
+    latencies, the wall time, and what the calls returned."""
+    latencies, outcomes, left = [], [], [requests]
+
+    async def worker():
+        while left[0] > 0:
+            left[0] -= 1
+            t0 = time.perf_counter()
+            outcomes.append(await call())
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - start, outcomes
+
+
+async def open_loop(call, rate_per_s: float, duration_s: float) -> list[float]:
+    """``call()`` at a fixed rate whatever the answers do, for ``duration_s``: the latencies a steady load sees."""
+    latencies = []
+
+    async def one():
+        t0 = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - t0)
+
+    tasks, start = [], time.perf_counter()
+    for i in range(max(int(rate_per_s * duration_s), 1)):
+        await asyncio.sleep(max(start + i / rate_per_s - time.perf_counter(), 0))
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return latencies
+
+
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 async def _client(plan: dict) -> dict:
-    body, latencies, answers = Path(plan["body"]).read_bytes(), [], []
+    body = Path(plan["body"]).read_bytes()
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
 
-        async def call(record: bool):
-            t0 = time.perf_counter()
+        async def call() -> dict:
             response = await client.post(plan["url"], content=body, headers=plan["headers"])
             if response.is_error or response.is_redirect:
                 raise RuntimeError(f"POST {plan['url']}: {response.status_code} {response.text[:300]}")
-            if record:
-                latencies.append(time.perf_counter() - t0)
-                answers.append(response.json())
-
-        async def closed(requests: int, concurrency: int, record: bool):
-            left = [requests]
-
-            async def worker():
-                while left[0] > 0:
-                    left[0] -= 1
-                    await call(record)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return response.json()
 
         if plan["kind"] == "closed":
-            await closed(plan["concurrency"], plan["concurrency"], record=False)  # warm-up: one round
+            await closed_loop(call, plan["concurrency"], plan["concurrency"])  # warm-up: one round
         await _wait_for_the_others(Path(plan["sync"]), plan["index"], plan["parties"])
         start = time.time()
         if plan["kind"] == "closed":
-            await closed(plan["requests"], plan["concurrency"], record=True)
+            latencies, _, answers = await closed_loop(call, plan["requests"], plan["concurrency"])
         else:
-            rate, tasks, t0 = plan["rate_per_s"], [], time.perf_counter()
-            for i in range(max(int(rate * plan["duration_s"]), 1)):
-                await asyncio.sleep(max(t0 + i / rate - time.perf_counter(), 0))
-                tasks.append(asyncio.create_task(call(record=True)))
-            await asyncio.gather(*tasks)
+            latencies, answers = await open_loop(call, plan["rate_per_s"], plan["duration_s"]), []
         return {"start": start, "end": time.time(), "latencies": latencies, "answers": answers}
 
 

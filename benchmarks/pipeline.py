@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.http_load import HttpLoad
+from benchmarks.http_load import HttpLoad, closed_loop, open_loop
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig, load_config
 from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
 from serve_app.results import ResultStore
@@ -379,40 +379,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def closed_loop(call, requests: int, concurrency: int) -> tuple[list[float], float, list]:
-    latencies, outcomes, queue = [], [], asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
-
-    async def worker():
-        while not queue.empty():
-            queue.get_nowait()
-            t0 = time.perf_counter()
-            outcomes.append(await call())
-            latencies.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - start, outcomes
-
-
-async def open_loop(call, rate_per_s: float, duration_s: float) -> list[float]:
-    """Requests at a fixed rate whatever the answers do: the latency a steady load sees."""
-    latencies = []
-
-    async def one():
-        t0 = time.perf_counter()
-        await call()
-        latencies.append(time.perf_counter() - t0)
-
-    tasks, start = [], time.perf_counter()
-    for i in range(max(int(rate_per_s * duration_s), 4)):
-        await asyncio.sleep(max(start + i / rate_per_s - time.perf_counter(), 0))
-        tasks.append(asyncio.create_task(one()))
-    await asyncio.gather(*tasks)
-    return latencies
 
 
 def breakdown(timings: list[dict]) -> dict:
