@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from benchmarks.http_load import HttpLoad, closed_loop, open_loop
-from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig, load_config
+from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, HttpConfig, LimitsConfig, load_config
 from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
 from serve_app.results import ResultStore
 from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
@@ -350,7 +350,7 @@ def serving(settings: ServeSettings, port: int):
     from serve_app import mps
 
     saved = dict(os.environ)
-    env = {**AppConfig().http.model_copy(update={"ingress": settings.ingress}).ray_environment()}
+    env = HttpConfig(ingress=settings.ingress).ray_environment()
     # HAProxy's stats and metrics ports: free ones, beside any other cluster on this machine.
     env |= {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
     if settings.gpu_sharing == "mps":

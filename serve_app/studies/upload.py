@@ -37,7 +37,7 @@ from serve_app.errors import (
     UnsupportedMediaType,
 )
 
-__all__ = ["CONTENT_ENCODINGS", "UploadBudget", "UploadContents", "sniff", "sort_upload", "spool_request"]
+__all__ = ["UploadBudget", "UploadContents", "sniff", "sort_upload", "spool_request"]
 
 _CHUNK = 1 << 20
 
@@ -48,7 +48,7 @@ _NIFTI2_MAGIC = b"n+2\x00"  # at byte 4
 _DICOM_MAGIC = b"DICM"
 # Content-Encoding values a body may be sent with (x-gzip: RFC 9110's alias of gzip), as UnsupportedContentEncoding
 # lists them.
-CONTENT_ENCODINGS = ("gzip", "x-gzip", "zstd")
+_CONTENT_ENCODINGS = ("gzip", "x-gzip", "zstd")
 
 
 class UploadBudget:
@@ -124,7 +124,7 @@ def _content_encoding(request: Request) -> str | None:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
         return None
-    if encoding not in CONTENT_ENCODINGS:
+    if encoding not in _CONTENT_ENCODINGS:
         raise UnsupportedContentEncoding(
             f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, zstd or no encoding"
         )
