@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of a change, in two device calls (one call may run 10 minutes; README: Benchmarks):
-#   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh bench [MODELS]   # the pipeline benchmark
+#   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh bench [MODELS [OPTIONS]]  # the pipeline
+#     benchmark; OPTIONS go to it, e.g. --no-decode --layouts fused --fused-replicas 8 to fit one call
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh tests             # GPU tests, postprocess profile
 # Writes under $OUT (the device tool's folder) or benchmarks/results/.
 set -uo pipefail
@@ -24,7 +25,7 @@ bench)
   scraper=$!
   # --compare: Serve's Python proxy and (where MPS runs) time-slicing too, one change at a time, in the same run.
   timeout 580 python -m benchmarks.pipeline --size full --models "${2:-msd-spleen-unet}" --compare --out "$out" \
-    >"$out/bench.log" 2>&1
+    "${@:3}" >"$out/bench.log" 2>&1
   kill $scraper $exporter 2>/dev/null
   # One line a phase as it ended (the log's Ray lines left out), then the report.
   grep -E '^[a-z_0-9]+: \{' "$out/bench.log" | cut -c1-700

@@ -298,6 +298,7 @@ class ServeSettings:
     ingress: str  # http.ingress: "haproxy" or "proxy"
     gpu_sharing: str  # "mps" or "time-slicing"
     uploads_root: Path | None  # storage.uploads_root; None: <storage root>/uploads
+    fused_replicas: int = 4  # fused layout on a GPU: this many replicas share it, 1/fused_replicas each
 
     def label(self) -> str:
         return f"{self.ingress}+{self.gpu_sharing}"
@@ -305,17 +306,21 @@ class ServeSettings:
 
 # Model replicas' queue: two batches' worth, one running and one filling (Serve's router sends a replica no more).
 MODEL_MAX_ONGOING = 2
-FUSED_REPLICAS = 4
 
 
 def serve_config(
     storage: Path, repository: Path, layout: str, gpu: bool, batch: int, port: int, settings: ServeSettings
 ) -> AppConfig:
-    """4 x 0.25 GPU fused replicas, or the GPU shared by split stages."""
+    """``settings.fused_replicas`` fused replicas sharing the GPU, or the GPU shared by split stages."""
     ongoing = MODEL_MAX_ONGOING * batch
     if gpu and layout == "fused":
         deployments = {
-            "model": {"num_replicas": FUSED_REPLICAS, "num_gpus": 0.25, "num_cpus": 1, "max_ongoing_requests": ongoing}
+            "model": {
+                "num_replicas": settings.fused_replicas,
+                "num_gpus": 1 / settings.fused_replicas,
+                "num_cpus": 1,
+                "max_ongoing_requests": ongoing,
+            }
         }
     elif gpu:
         deployments = {
@@ -469,8 +474,11 @@ def measure_serve(
                 ))  # fmt: skip
         faster = max(layouts, key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
         config = serve_config(work / f"storage-{faster}", repository, faster, gpu, batch, port, settings)
-        serve.run(BodySink.options(num_replicas=config.deployments.ingress.num_replicas).bind(), name="sink",
-                  route_prefix="/sink", blocking=False)  # fmt: skip
+        # The sink's replicas are the ingress's, CPUs included (Serve's default, 1 CPU a replica, would leave eight
+        # fused replicas' app unschedulable on 16 cores beside it).
+        ingress = config.deployments.ingress
+        sink = BodySink.options(num_replicas=ingress.num_replicas, ray_actor_options={"num_cpus": ingress.num_cpus})
+        serve.run(sink.bind(), name="sink", route_prefix="/sink", blocking=False)
         with deployed(config, uploads[0].body) as app:
             asyncio.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up, as for c
             rate = 0.8 * out[f"handles_{faster}"]["volumes_per_s"]
@@ -532,6 +540,7 @@ def settings_of(settings: ServeSettings, config: AppConfig) -> dict:
         "batch_size": model.batching.max_batch_size,
         "batch_wait_timeout_s": model.batching.batch_wait_timeout_s,
         "max_ongoing_requests": model.max_ongoing_requests,
+        "dicom_header_processes": config.reading.header_processes(),
     }
 
 
@@ -610,20 +619,33 @@ def open_loop_http(url: str, spec: ModelSpec, upload: HttpUpload, size: Size, ra
 
 def decode_ms(paths: list[Path], work: Path) -> dict:
     """What reading the study costs as the DICOM series of ``paths`` (uncompressed, and RLE Lossless and JPEG 2000
-    lossless as PACS send it) and as NIfTI (``work/study.nii``), on the CPU."""
+    lossless as PACS send it) and as NIfTI (``work/study.nii``), on the CPU: the series' headers parsed in a
+    replica's default header processes (``reading.dicom_header_processes``), and the uncompressed one in one
+    process too."""
     from pydicom.uid import JPEG2000Lossless, RLELossless
 
+    from serve_app.studies.header_processes import HeaderProcesses
     from serve_app.studies.reader import read_study
 
     dicom = paths[0].parent
-    limits = load_config().limits
-    timings = {"dicom_series": timed_ms(lambda: read_study(dicom, limits))}
+    config = load_config()
+    limits, processes = config.limits, config.reading.header_processes()
+    parsers = HeaderProcesses(processes) if processes else None
+    if parsers is not None:
+        parsers.warm_up()
+    timings = {
+        "header_processes": processes,
+        "dicom_series": timed_ms(lambda: read_study(dicom, limits, parsers)),
+        "dicom_series_one_process": timed_ms(lambda: read_study(dicom, limits)),
+    }
     for name, syntax in (("rle", RLELossless), ("jpeg2000", JPEG2000Lossless)):
         folder = work / f"dicom-{name}"
         # In processes: pylibjpeg-openjpeg's encoder crashes when threads share it. Not what is timed.
         with ProcessPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(compress, paths, [folder] * len(paths), [syntax] * len(paths)))
-        timings[f"dicom_series_{name}"] = timed_ms(lambda f=folder: read_study(f, limits), repeats=1)  # seconds each
+        timings[f"dicom_series_{name}"] = timed_ms(lambda f=folder: read_study(f, limits, parsers), repeats=1)
+    if parsers is not None:
+        parsers.close()
     nifti = work / "nifti"
     nifti.mkdir()
     shutil.copy(work / "study.nii", nifti / "study")
@@ -669,6 +691,7 @@ def run(
     decode: bool = True,
     layouts: tuple = LAYOUTS,
     http_phases: tuple = HTTP_PHASES,
+    fused_replicas: int = 4,
 ) -> dict:
     size = SIZES[size_name]
     gpu = torch.cuda.is_available()
@@ -693,7 +716,10 @@ def run(
         uploads = [u for u in http_uploads(study, zip_series(work / "dicom", work / "study-dicom.zip"))
                    if u.name in http_phases]  # fmt: skip
         settings = ServeSettings(
-            ingress="haproxy", gpu_sharing=mps_if_it_runs(gpu, report), uploads_root=ram_backed_folder(size, work)
+            ingress="haproxy",
+            gpu_sharing=mps_if_it_runs(gpu, report),
+            uploads_root=ram_backed_folder(size, work),
+            fused_replicas=fused_replicas,
         )
         for name in models:
             spec = ModelRepository(repository).get(name)
@@ -901,6 +927,7 @@ def main(argv=None) -> None:
         action="store_true",
         help="also serve d with Serve's Python proxy, and (where MPS runs) without MPS, one change at a time",
     )
+    parser.add_argument("--fused-replicas", type=int, default=4, help="fused replicas sharing the GPU (default 4)")
     args = parser.parse_args(argv)
     run(
         args.size,
@@ -910,6 +937,7 @@ def main(argv=None) -> None:
         decode=not args.no_decode,
         layouts=tuple(args.layouts.split(",")),
         http_phases=tuple(args.http_phases.split(",")),
+        fused_replicas=args.fused_replicas,
     )
 
 

@@ -22,7 +22,7 @@ class FusedPipelineDeployment(BatchingReplica):
     def __init__(self, model_name: str, config: AppConfig):
         device = replica_device()
         self.spec = ModelRepository(config.model_repository).get(model_name)
-        self.preprocessor = Preprocessor(config.limits, device)
+        self.preprocessor = Preprocessor(config.limits, device, header_processes=config.reading.header_processes())
         self.predictor = Predictor(self.spec, device)
         self.postprocessor = Postprocessor(ResultStore.of(config.storage))
         self.metrics = ReplicaMetrics(model=model_name)

@@ -17,7 +17,9 @@ from serve_app.segmentation.stages import Preprocessor
 class PreprocessDeployment(Replica):
     def __init__(self, config: AppConfig):
         self.repository = ModelRepository(config.model_repository)
-        self.preprocessor = Preprocessor(config.limits, replica_device())
+        self.preprocessor = Preprocessor(
+            config.limits, replica_device(), header_processes=config.reading.header_processes()
+        )
         self.metrics = ReplicaMetrics()
 
     def __call__(self, upload_folder: str, model_name: str) -> PreparedStudy:

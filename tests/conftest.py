@@ -50,6 +50,8 @@ def app_config(tmp_path_factory, slide_root, pacs_ports) -> AppConfig:
                 "retry_after_s": 5,
             },
             "pacs.cut": {"url": f"http://127.0.0.1:{pacs_ports['cutting_relay']}/dicom-web"},
+            # Replicas parse the 40-file phantom series in two processes each: spawned inside Ray's workers.
+            "reading.dicom_header_processes": 2,
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
             "limits.max_upload_bytes": TEST_MAX_UPLOAD_BYTES,
             "limits.max_files_per_upload": TEST_MAX_FILES,
@@ -176,6 +178,8 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root) -> AppC
             "name": "medserve-tenants",
             "storage.root": str(storage),
             "http.port": app_config.http.port,
+            # Replicas parse the 40-file phantom series in two processes each: spawned inside Ray's workers.
+            "reading.dicom_header_processes": 2,
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
             "deployments.ingress.num_replicas": 2,
             "tenants": tenants,

@@ -22,7 +22,7 @@ from serve_app.results.dicom_seg import build_segmentation
 from serve_app.results.dicom_sr import build_measurement_report
 from serve_app.segmentation.messages import LabelVolume
 from serve_app.studies.dicom_series import read_dicom_series
-from serve_app.studies.dicom_source import DicomSource, SourceFrame, without_pixels
+from serve_app.studies.dicom_source import DicomSource, SourceFrame
 from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.sample_data import write_ct_series
 from serve_app.studies.volume import Volume
@@ -162,7 +162,7 @@ def multi_frame_source() -> tuple[DicomSource, tuple[int, int, int]]:
     """pydicom's enhanced CT of 2 frames, as a volume whose slice 0 is frame 2: not the file's frame order."""
     image = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
     shape = (int(image.Columns), int(image.Rows), int(image.NumberOfFrames))
-    return DicomSource(instances=[without_pixels(image)], slices=[SourceFrame(0, 2), SourceFrame(0, 1)]), shape
+    return DicomSource.of_datasets([image], slices=[SourceFrame(0, 2), SourceFrame(0, 1)]), shape
 
 
 def test_seg_of_a_multi_frame_source_references_its_frames(tmp_path, spec):

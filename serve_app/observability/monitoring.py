@@ -7,11 +7,13 @@ The configuration is the one in ``dashboards/`` (this checkout's; install medser
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,17 +109,33 @@ def start(ports: Ports = Ports(), state_dir: Path = STATE_DIR) -> dict[str, str]
     return urls
 
 
-def stop(state_dir: Path = STATE_DIR) -> list[str]:
-    """Stop the processes ``start`` left running; return their names."""
+def stop(state_dir: Path = STATE_DIR, grace_s: float = 10.0) -> list[str]:
+    """Stop the processes ``start`` left running, each killed if it is still there after ``grace_s``; return their
+    names once they are gone (their ports free)."""
     stopped = []
     for pid_file in sorted(state_dir.glob("*.pid")):
         try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+            group = int(pid_file.read_text())
+            os.killpg(group, signal.SIGTERM)
+            _wait_gone(group, grace_s)
             stopped.append(pid_file.stem)
         except (ProcessLookupError, ValueError):
             pass
         pid_file.unlink()
     return stopped
+
+
+def _wait_gone(group: int, grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(group, os.WNOHANG)  # reaped here when this process started it (`medserve up` in one process)
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(group, signal.SIGKILL)
 
 
 def _spawn(name: str, command: list[str], state_dir: Path, env: dict | None = None) -> subprocess.Popen:

@@ -32,6 +32,7 @@ from serve_app.segmentation.messages import (
 )
 from serve_app.segmentation.transforms import label_volumes_ml, mask_on_grid, to_model_input
 from serve_app.stopwatch import Stopwatch
+from serve_app.studies.header_processes import HeaderProcesses
 from serve_app.studies.reader import read_study
 from serve_app.studies.volume import Affine, voxel_volume_ml
 
@@ -44,17 +45,21 @@ class Preprocessor:
     Args:
         limits: the server's limits on what an upload may hold.
         device: where the model's input is made (the replica's GPU, or the CPU).
+        header_processes: processes that parse a DICOM series' headers (started here); 0: none, parsed in-process.
     """
 
-    def __init__(self, limits: LimitsConfig, device: torch.device):
+    def __init__(self, limits: LimitsConfig, device: torch.device, *, header_processes: int = 0):
         self.limits, self.device = limits, device
+        self.parsers = HeaderProcesses(header_processes) if header_processes else None
+        if self.parsers is not None:
+            self.parsers.warm_up()
 
     def __call__(self, upload_folder: Path, spec: ModelSpec) -> PreparedStudy:
         """The study in ``upload_folder`` as ``spec``'s model input: (C_in, *model_spatial) on this device.
 
         Raises ``InvalidStudy`` (422) when the study's modality is not the model's.
         """
-        volume = read_study(Path(upload_folder), self.limits)
+        volume = read_study(Path(upload_folder), self.limits, self.parsers)
         if volume.modality and volume.modality != spec.modality:
             raise InvalidStudy(f"the series is {volume.modality}; model {spec.name} takes {spec.modality}")
         image = to_model_input(volume, spec.preprocessing, self.device)

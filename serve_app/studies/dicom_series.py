@@ -33,7 +33,8 @@ from serve_app.studies.checks import (
     check_pixel_spacing,
     finite_numbers,
 )
-from serve_app.studies.dicom_source import DicomSource, SourceFrame, without_pixels
+from serve_app.studies.dicom_source import DicomSource, SourceFrame, header_bytes
+from serve_app.studies.header_processes import HeaderProcesses
 from serve_app.studies.transfer_syntaxes import require_decoder
 from serve_app.studies.volume import Volume
 
@@ -76,53 +77,86 @@ class _Rescale:
 
 
 @dataclass(frozen=True)
-class _Slice:
-    """One slice of the volume to decode: which file (and frame) holds it, and how it rescales."""
+class _NativeLayout:
+    """Where uncompressed little-endian integer pixel data lies in a file, and how its values are stored."""
 
-    header: pydicom.Dataset  # the header pass's dataset: pixel data left on disk, its offset known
-    frame: int | None  # 0-based frame of a multi-frame image; None for a single-frame one
+    path: str
+    offset: int  # of the pixel data's value in the file
+    frame_bytes: int
+    dtype: str  # numpy's, e.g. "<i2"
+    unused_bits: int  # high bits of each value that are not stored bits (PS3.5 8.1.1)
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """One slice of the volume to decode: where its values lie, and how they rescale."""
+
     rescale: _Rescale
+    native: _NativeLayout | None  # None: pydicom decodes the pixel data
     # What pydicom decodes when the values cannot be read straight from the file: the path of a single-frame
     # file, or the whole multi-frame dataset (read once, its frames then decoded in parallel).
     pydicom_source: pydicom.Dataset | str
+    syntax: str  # the transfer syntax's name, for errors
+    frame: int | None = None  # 0-based frame of a multi-frame image; None for a single-frame one
 
 
-def read_dicom_series(paths: list[Path], limits: LimitsConfig) -> Volume:
+@dataclass(frozen=True)
+class _ImageFile:
+    """What the header pass keeps of one DICOM image: plain values, cheap to send back from a parsing process.
+
+    A single-frame image's geometry is read and checked in the pass; a multi-frame one keeps its whole header, as
+    its frames' geometry lies in functional groups (such an image is read alone, never in a parsing process).
+    """
+
+    series_instance_uid: str
+    size: tuple[int, int]  # (rows, columns)
+    multi_frame: pydicom.Dataset | None
+    slice: _Slice | None  # single-frame images only, as are the geometry fields that follow
+    orientation: np.ndarray | None  # (6,) ImageOrientationPatient
+    position: np.ndarray | None  # (3,) ImagePositionPatient, LPS mm
+    pixel_spacing: np.ndarray | None  # (2,) row spacing, column spacing
+    thickness: float | None  # SpacingBetweenSlices, else SliceThickness
+    modality: str | None
+    study_instance_uid: str | None
+    source: bytes  # the header as a DICOM file without pixel data (``header_bytes``)
+
+
+def read_dicom_series(paths: list[Path], limits: LimitsConfig, parsers: HeaderProcesses | None = None) -> Volume:
     """One DICOM image series as a ``Volume``: (columns, rows, slices) in modality units, RAS affine.
 
     ``paths`` hold either single-frame images of one series, or one multi-frame image whose frames are the slices.
+    ``parsers``, when given, parse a long series' headers in their processes (pydicom's parser holds the GIL).
     Raises ``UnsupportedMediaType`` (415) for pixel data in a transfer syntax no installed decoder reads (judged
     from the headers), ``InvalidStudy`` (422) for anything that is not one grey-scale series on a real grid, and
     ``PayloadTooLarge`` (413) for one over ``limits.max_volume_voxels``, judged from headers alone.
     """
-    headers = [h for h in (_read_header(p) for p in paths) if h is not None]
-    if not headers:
+    files = [f for f in _parse_headers([str(p) for p in paths], parsers) if f is not None]
+    if not files:
         raise InvalidStudy("the upload holds no DICOM images")
-    _check_one_series(headers)
-    if _integer(headers[0], "NumberOfFrames", 1) > 1:
-        return _read_multi_frame(headers[0], limits)
-    return _read_single_frames(headers, limits)
+    _check_one_series(files)
+    if files[0].multi_frame is not None:
+        return _read_multi_frame(files[0].multi_frame, limits)
+    return _read_single_frames(files, limits)
 
 
-def _read_single_frames(headers: list[pydicom.Dataset], limits: LimitsConfig) -> Volume:
+def _read_single_frames(files: list[_ImageFile], limits: LimitsConfig) -> Volume:
     """Single-frame images, one a slice; ``Volume.source`` lists them in slice order."""
-    rows, cols, n = _integer(headers[0], "Rows"), _integer(headers[0], "Columns"), len(headers)
+    (rows, cols), n = files[0].size, len(files)
     _check_voxel_limit(rows, cols, n, limits)
-    orientations = np.array([_numbers(h, "ImageOrientationPatient", 6) for h in headers])
+    orientations = np.array([f.orientation for f in files])
     if not np.allclose(orientations, orientations[0], atol=1e-3):
         raise InvalidStudy("the slices have different orientations (ImageOrientationPatient)")
     row_dir, col_dir = check_direction_cosines(orientations[0][:3], orientations[0][3:])
     normal = np.cross(row_dir, col_dir)
-    positions = {id(h): _numbers(h, "ImagePositionPatient", 3) for h in headers}
-    headers.sort(key=lambda h: float(np.dot(positions[id(h)], normal)))
-    step = _slice_step([positions[id(h)] for h in headers], normal, headers[0])
-    row_spacing, col_spacing = _numbers(headers[0], "PixelSpacing", 2)
+    files.sort(key=lambda f: float(np.dot(f.position, normal)))
+    step = _slice_step([f.position for f in files], normal, files[0].thickness)
+    row_spacing, col_spacing = files[0].pixel_spacing
     check_pixel_spacing((row_spacing, col_spacing))
 
-    slices = [_Slice(h, None, _rescale_of(h), h.filename) for h in headers]
-    array = _decode_slices(slices, (rows, cols))
-    affine = _affine(row_dir * col_spacing, col_dir * row_spacing, step, positions[id(headers[0])])
-    return _volume(array, affine, headers[0], DicomSource.of_headers(headers))
+    array = _decode_slices([f.slice for f in files], (rows, cols))
+    affine = _affine(row_dir * col_spacing, col_dir * row_spacing, step, files[0].position)
+    source = DicomSource(headers=[f.source for f in files], slices=[SourceFrame(k) for k in range(n)])
+    return _volume(array, affine, files[0].modality, files[0].study_instance_uid, source)
 
 
 def _read_multi_frame(header: pydicom.Dataset, limits: LimitsConfig) -> Volume:
@@ -145,33 +179,36 @@ def _read_multi_frame(header: pydicom.Dataset, limits: LimitsConfig) -> Volume:
     normal = np.cross(row_dir, col_dir)
     positions = [_numbers(_macro(g, "PlanePositionSequence", header), "ImagePositionPatient", 3) for g in groups]
     order = sorted(range(frames), key=lambda i: float(np.dot(positions[i], normal)))
-    step = _slice_step([positions[i] for i in order], normal, measures[0])
+    step = _slice_step([positions[i] for i in order], normal, _thickness(measures[0]))
     row_spacing, col_spacing = spacings[0]
     check_pixel_spacing((row_spacing, col_spacing))
 
     # Uncompressed frames are read from the file where they lie; others decoded by pydicom from one full read of it.
-    native = _native_values(header, 0, (rows, cols)) is not None
+    native = _native_layout(header, (rows, cols))
     pydicom_source = header if native else _read_file(header.filename)
+    syntax = _syntax_name(header)
     slices = [
-        _Slice(header, i, _rescale_of(_macro(groups[i], "PixelValueTransformationSequence", header)), pydicom_source)
+        _Slice(
+            _rescale_of(_macro(groups[i], "PixelValueTransformationSequence", header)),
+            native,
+            pydicom_source,
+            syntax,
+            i,
+        )
         for i in order
     ]
     array = _decode_slices(slices, (rows, cols))
     affine = _affine(row_dir * col_spacing, col_dir * row_spacing, step, positions[order[0]])
-    source = DicomSource(instances=[without_pixels(header)], slices=[SourceFrame(0, i + 1) for i in order])
-    return _volume(array, affine, header, source)
+    source = DicomSource(headers=[header_bytes(header)], slices=[SourceFrame(0, i + 1) for i in order])
+    return _volume(array, affine, _text(header, "Modality"), _text(header, "StudyInstanceUID"), source)
 
 
-def _volume(array: np.ndarray, affine: np.ndarray, first: pydicom.Dataset, source: DicomSource) -> Volume:
+def _volume(
+    array: np.ndarray, affine: np.ndarray, modality: str | None, study_instance_uid: str | None, source: DicomSource
+) -> Volume:
     check_finite_voxels(array, "the series")  # a huge RescaleSlope overflows float32
     check_affine(affine, "the series' geometry")
-    return Volume(
-        array=array,
-        affine=affine,
-        modality=str(first.get("Modality", "")) or None,
-        study_instance_uid=str(first.get("StudyInstanceUID", "")) or None,
-        source=source,
-    )
+    return Volume(array=array, affine=affine, modality=modality, study_instance_uid=study_instance_uid, source=source)
 
 
 def _affine(column_step: np.ndarray, row_step: np.ndarray, slice_step: np.ndarray, origin: np.ndarray) -> np.ndarray:
@@ -188,13 +225,54 @@ def _check_voxel_limit(rows: int, cols: int, slices: int, limits: LimitsConfig) 
         )
 
 
-def _read_header(path: Path):
+def _parse_headers(paths: list[str], parsers: HeaderProcesses | None) -> list[_ImageFile | None]:
+    """Each file's ``_ImageFile`` (None for a DICOMDIR), in ``paths``' order; in ``parsers``' processes when given."""
+    if parsers is None or len(paths) < 2:
+        return _parse_files(paths)
+    return parsers.map(_parse_files, paths)
+
+
+def _parse_files(paths: list[str]) -> list[_ImageFile | None]:
+    return [_parse_file(path) for path in paths]
+
+
+def _parse_file(path: str) -> _ImageFile | None:
+    """One file's header, checked on its own; None for a DICOMDIR. Runs in a parsing process too."""
     ds = _read_file(path, defer_size=1024)  # pixel data left on disk, but whether it is there is known
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
         return None
     _decode(ds, _HEADER_ELEMENTS)
-    return ds
+    multi_frame = _integer(ds, "NumberOfFrames", 1) > 1
+    _check_image(ds, multi_frame)
+    size = (_integer(ds, "Rows"), _integer(ds, "Columns"))
+    common = {
+        "series_instance_uid": _text(ds, "SeriesInstanceUID") or "",
+        "size": size,
+        "modality": _text(ds, "Modality"),
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+    }
+    if multi_frame:
+        return _ImageFile(
+            **common,
+            multi_frame=ds,
+            slice=None,
+            orientation=None,
+            position=None,
+            pixel_spacing=None,
+            thickness=None,
+            source=b"",
+        )
+    return _ImageFile(
+        **common,
+        multi_frame=None,
+        slice=_Slice(_rescale_of(ds), _native_layout(ds, size), path, _syntax_name(ds)),
+        orientation=_numbers(ds, "ImageOrientationPatient", 6),
+        position=_numbers(ds, "ImagePositionPatient", 3),
+        pixel_spacing=_numbers(ds, "PixelSpacing", 2),
+        thickness=_thickness(ds),
+        source=header_bytes(ds),
+    )
 
 
 def _read_file(path: Path | str, defer_size: int | None = None) -> pydicom.FileDataset:
@@ -215,32 +293,33 @@ def _decode(ds, keywords: tuple[str, ...]) -> None:
             raise InvalidStudy(f"a DICOM file's {keyword} cannot be decoded") from None
 
 
-def _check_one_series(headers) -> None:
-    """One grey-scale series of images of one size, in transfer syntaxes this server decodes (else a 415)."""
-    series = {str(h.get("SeriesInstanceUID", "")) for h in headers}
+def _check_image(ds: pydicom.Dataset, multi_frame: bool) -> None:
+    """One grey-scale image with pixel data in a transfer syntax this server decodes (else a 415)."""
+    if "PixelData" not in ds:
+        raise InvalidStudy("a DICOM file of the series has no pixel data")
+    _check_grey_scale(ds)  # first: a colour image (a photo, a screenshot) often lacks the geometry too
+    # A multi-frame image places its frames in functional groups, not in these top-level elements.
+    missing = [tag for tag in (_IMAGE_SIZE if multi_frame else _REQUIRED) if tag not in ds]
+    if missing:
+        raise InvalidStudy(f"a DICOM image lacks {', '.join(missing)}")
+    if syntax := str(ds.file_meta.get("TransferSyntaxUID", "")):
+        require_decoder(syntax)  # a missing syntax is left to pydicom, whose failure to decode is a 422
+    rows, cols = _integer(ds, "Rows"), _integer(ds, "Columns")
+    if min(rows, cols) < 1:
+        raise InvalidStudy(f"a slice has {rows} rows and {cols} columns; an image needs at least one of each")
+
+
+def _check_one_series(files: list[_ImageFile]) -> None:
+    """The images are one series of one size: several single-frame images, or one multi-frame image."""
+    series = {f.series_instance_uid for f in files}
     if len(series) > 1:
         raise InvalidStudy(f"the upload holds slices of {len(series)} different series; send one series per request")
-    for h in headers:
-        if "PixelData" not in h:
-            raise InvalidStudy("a DICOM file of the series has no pixel data")
-        multi_frame = _integer(h, "NumberOfFrames", 1) > 1
-        if multi_frame and len(headers) > 1:
-            raise InvalidStudy(
-                "multi-frame DICOM images are not supported in an upload of several files; "
-                "send one multi-frame image alone, or one file per slice"
-            )
-        _check_grey_scale(h)  # first: a colour image (a photo, a screenshot) often lacks the geometry too
-        # A multi-frame image places its frames in functional groups, not in these top-level elements.
-        missing = [tag for tag in (_IMAGE_SIZE if multi_frame else _REQUIRED) if tag not in h]
-        if missing:
-            raise InvalidStudy(f"a DICOM image lacks {', '.join(missing)}")
-    for syntax in {str(h.file_meta.get("TransferSyntaxUID", "")) for h in headers} - {""}:
-        require_decoder(syntax)  # a missing syntax is left to pydicom, whose failure to decode is a 422
-    sizes = sorted({(_integer(h, "Rows"), _integer(h, "Columns")) for h in headers})
-    empty = [(rows, cols) for rows, cols in sizes if min(rows, cols) < 1]
-    if empty:
-        rows, cols = empty[0]
-        raise InvalidStudy(f"a slice has {rows} rows and {cols} columns; an image needs at least one of each")
+    if len(files) > 1 and any(f.multi_frame is not None for f in files):
+        raise InvalidStudy(
+            "multi-frame DICOM images are not supported in an upload of several files; "
+            "send one multi-frame image alone, or one file per slice"
+        )
+    sizes = sorted({f.size for f in files})
     if len(sizes) > 1:
         shown = " and ".join(f"{r}x{c}" for r, c in sizes[:2])
         raise InvalidStudy(f"the slices have different sizes ({shown}); a series has one size")
@@ -327,15 +406,11 @@ def _check_grey_scale(header) -> None:
         )
 
 
-def _slice_step(positions: list[np.ndarray], normal: np.ndarray, first) -> np.ndarray:
+def _slice_step(positions: list[np.ndarray], normal: np.ndarray, thickness: float | None) -> np.ndarray:
     """The vector from one slice's origin to the next's, given their positions in slice order."""
     if len(positions) == 1:
         # One slice: its thickness only scales volumes in mL, and headers omit it or get it wrong; 1 mm then.
-        try:
-            thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-        except (TypeError, ValueError):
-            thickness = 1.0
-        return normal * (thickness if np.isfinite(thickness) and thickness > 0 else 1.0)
+        return normal * (thickness if thickness is not None and np.isfinite(thickness) and thickness > 0 else 1.0)
     positions = np.asarray(positions)
     steps = np.diff(positions @ normal)
     if np.any(steps < 1e-3):
@@ -346,6 +421,22 @@ def _slice_step(positions: list[np.ndarray], normal: np.ndarray, first) -> np.nd
             "a slice is missing or the series is mixed"
         )
     return (positions[-1] - positions[0]) / (len(positions) - 1)
+
+
+def _thickness(item) -> float | None:
+    """SpacingBetweenSlices, else SliceThickness, of a header or a functional group; None when neither is a number."""
+    try:
+        return float(item.get("SpacingBetweenSlices") or item.get("SliceThickness"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    return str(ds.get(keyword, "")) or None
+
+
+def _syntax_name(ds: pydicom.Dataset) -> str:
+    return getattr(ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None, "name", "unknown")
 
 
 def _rescale_of(item) -> _Rescale:
@@ -389,28 +480,24 @@ def _run_in_threads(work: Callable[[int], None], count: int) -> None:
 
 def _stored_values(piece: _Slice, shape: tuple[int, int]) -> np.ndarray:
     """One slice's (rows, columns) stored values, as pydicom's decoders give them."""
-    pixels = _native_values(piece.header, piece.frame, shape)
+    pixels = _read_native(piece.native, piece.frame or 0, shape) if piece.native is not None else None
     if pixels is None:
         source = piece.pydicom_source
-        deflated = piece.header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-        if isinstance(source, str) and deflated:
+        if isinstance(source, str) and piece.syntax == DeflatedExplicitVRLittleEndian.name:
             source = _read_file(source)  # inflated as a whole: pydicom cannot read its pixels from an offset
         try:
             pixels = pixel_array(source, index=piece.frame)
         except Exception as e:  # pydicom raises many types for pixel data it cannot decode
-            syntax = piece.header.file_meta.get("TransferSyntaxUID")
-            raise InvalidStudy(
-                f"the pixel data cannot be decoded (transfer syntax {getattr(syntax, 'name', 'unknown')})"
-            ) from e
+            raise InvalidStudy(f"the pixel data cannot be decoded (transfer syntax {piece.syntax})") from e
     if pixels.shape != shape:
         raise InvalidStudy(f"a slice's pixel data decodes to shape {pixels.shape}, not its Rows x Columns {shape}")
     return pixels
 
 
-def _native_values(header, frame: int | None, shape: tuple[int, int]) -> np.ndarray | None:
-    """Frame ``frame``'s (rows, columns) stored values read straight from the file, when they are uncompressed
-    little-endian integers of 8, 16 or 32 bits filling exactly the pixel data; None for anything else, which
-    pydicom's own decoder reads (and whose failures it words). What pydicom would do to them is done too."""
+def _native_layout(header: pydicom.Dataset, shape: tuple[int, int]) -> _NativeLayout | None:
+    """Where ``header``'s pixel data lies in its file, when its values are uncompressed little-endian integers of 8,
+    16 or 32 bits, left on disk by the header pass and filling exactly the pixel data; None for anything else,
+    which pydicom's own decoder reads (and whose failures it words)."""
     if header.file_meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN:
         return None
     try:
@@ -420,28 +507,30 @@ def _native_values(header, frame: int | None, shape: tuple[int, int]) -> np.ndar
         return None
     if allocated not in (8, 16, 32) or not 0 < stored <= allocated or signed not in (0, 1):
         return None
+    element = header.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    if not (isinstance(element, RawDataElement) and element.value is None):
+        return None
     rows, cols = shape
     frame_bytes = rows * cols * allocated // 8
-    offset = frame_bytes * (frame or 0)
-    element = header.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
-    deferred = isinstance(element, RawDataElement) and element.value is None
-    length = element.length if deferred else len(element.value or b"")
-    expected = frame_bytes * (frames if frame is not None else 1)
-    if length not in (expected, expected + expected % 2):  # an odd length is padded to even
+    expected = frame_bytes * frames
+    if element.length not in (expected, expected + expected % 2):  # an odd length is padded to even
         return None
-    if deferred:
-        with open(header.filename, "rb") as file:
-            file.seek(element.value_tell + offset)
-            data = file.read(frame_bytes)
-    else:
-        data = bytes(element.value[offset : offset + frame_bytes])
-    if len(data) != frame_bytes:
+    dtype = f"<{'i' if signed else 'u'}{allocated // 8}"
+    return _NativeLayout(str(header.filename), element.value_tell, frame_bytes, dtype, allocated - stored)
+
+
+def _read_native(layout: _NativeLayout, frame: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """Frame ``frame``'s (rows, columns) stored values, read from where ``layout`` says they lie; None when the file
+    is cut short of them (pydicom's decoder then says what is wrong)."""
+    with open(layout.path, "rb") as file:
+        file.seek(layout.offset + layout.frame_bytes * frame)
+        data = file.read(layout.frame_bytes)
+    if len(data) != layout.frame_bytes:
         return None
-    pixels = np.frombuffer(data, dtype=f"<{'i' if signed else 'u'}{allocated // 8}").reshape(rows, cols)
-    if stored < allocated:
+    pixels = np.frombuffer(data, dtype=layout.dtype).reshape(shape)
+    if layout.unused_bits:
         # The unused high bits may hold anything (PS3.5 8.1.1): shifted out, and the sign extended, as pydicom does.
-        unused = allocated - stored
-        pixels = np.right_shift(np.left_shift(pixels, unused), unused)
+        pixels = np.right_shift(np.left_shift(pixels, layout.unused_bits), layout.unused_bits)
     return pixels
 
 
