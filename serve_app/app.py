@@ -7,6 +7,8 @@ tile-model deployment per tile classifier, which WSI jobs' drivers feed.
 
 from __future__ import annotations
 
+import os
+
 from ray.serve import Application
 
 from deployments.fused_pipeline import FusedPipelineDeployment
@@ -16,7 +18,7 @@ from deployments.model import ModelDeployment
 from deployments.postprocess import PostprocessDeployment
 from deployments.preprocess import PreprocessDeployment
 from deployments.tile_model import TileModelDeployment
-from serve_app.config import AppConfig, load_config
+from serve_app.config import CONFIG_ENVIRONMENT_VARIABLE, AppConfig, load_config
 from serve_app.model_repository import ModelRepository
 
 __all__ = ["app_builder", "build_app"]
@@ -48,5 +50,6 @@ def build_app(config: AppConfig) -> Application:
 
 
 def app_builder(args: dict | None = None) -> Application:
-    """Entry point for ``serve run`` / ``serve deploy`` config files: ``args: {config: PATH}``."""
-    return build_app(load_config((args or {}).get("config")))
+    """Entry point for ``serve run`` / ``serve deploy`` config files: ``args: {config: PATH}``; without it, the YAML
+    that ``$MEDSERVE_CONFIG`` names where Ray started (nodes started by the cluster launcher), else the packaged one."""
+    return build_app(load_config((args or {}).get("config") or os.environ.get(CONFIG_ENVIRONMENT_VARIABLE)))

@@ -18,17 +18,20 @@ from serve_app.strict_model import StrictModel
 from serve_app.tenancy.config import AuditConfig, SchedulingConfig, TenantConfig, TenantId
 
 __all__ = [
+    "CONFIG_ENVIRONMENT_VARIABLE",
     "DEFAULT_CONFIG_PATH",
     "EMBEDDED_MODEL_REPOSITORY",
     "AppConfig",
     "AutoscalingConfig",
     "BatchingConfig",
+    "ClusterConfig",
     "ConfigError",
     "DeploymentConfig",
     "DeploymentsConfig",
     "HttpConfig",
     "LimitsConfig",
     "ModelDeploymentConfig",
+    "NodeGroupConfig",
     "ReadingConfig",
     "StorageConfig",
     "WsiConfig",
@@ -36,6 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+# Names the application's YAML where no path is given to Serve's app builder (nodes of a launched cluster).
+CONFIG_ENVIRONMENT_VARIABLE = "MEDSERVE_CONFIG"
 EMBEDDED_MODEL_REPOSITORY = Path(__file__).with_name("models")
 
 
@@ -255,6 +260,63 @@ class HttpConfig(StrictModel):
         return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0"}
 
 
+class NodeGroupConfig(StrictModel):
+    """One kind of node of a cluster: what each node has, and how many there may be."""
+
+    cpus: int = Field(16, ge=1, description="CPU cores of each node (its pods' requests and limits).")
+    memory: str = Field(
+        "64Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", description="Memory of each node, as Kubernetes writes it."
+    )
+    gpus: int = Field(0, ge=0, le=16, description="GPUs of each node (nvidia.com/gpu).")
+    min_nodes: int = Field(1, ge=0, description="Nodes the autoscaler keeps.")
+    max_nodes: int = Field(1, ge=1, description="Nodes the autoscaler may start.")
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> NodeGroupConfig:
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) is more than max_nodes ({self.max_nodes})")
+        return self
+
+
+class ClusterConfig(StrictModel):
+    """A multi-node deployment: what `medserve cluster render` writes a KubeRay RayService and a Ray
+    cluster-launcher file from (README: Running on a cluster). Not read by `medserve up`."""
+
+    image: str = Field(
+        "medserve:0.1.0",
+        description="Container image every pod runs: Ray 2.60's image with medserve installed "
+        "(FROM rayproject/ray:2.60.0-py311-gpu; pip install medserve).",
+    )
+    head: NodeGroupConfig = Field(
+        NodeGroupConfig(cpus=4, memory="16Gi"),
+        description="The head node: Serve's controller and HAProxy ingress, no model replicas (num-cpus 0 for tasks).",
+    )
+    gpu_workers: NodeGroupConfig = Field(
+        NodeGroupConfig(cpus=16, memory="64Gi", gpus=1, min_nodes=1, max_nodes=4),
+        description="The GPU worker group the Ray autoscaler scales between min_nodes and max_nodes.",
+    )
+    redis_address: str | None = Field(
+        "redis:6379",
+        description="host:port of the Redis that keeps the GCS's state (head fault tolerance); null: none, the "
+        "cluster is lost with its head.",
+    )
+    redis_password_secret: str | None = Field(
+        "medserve-redis", description="Kubernetes Secret holding Redis's password under the key 'password'."
+    )
+    shared_volume_claim: str = Field(
+        "medserve-shared", description="PersistentVolumeClaim (ReadWriteMany) mounted by every pod at storage.root."
+    )
+    shared_volume_size: str = Field("500Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$", description="Size of that claim.")
+    storage_class: str | None = Field(
+        None, description="StorageClass of that claim (one that offers ReadWriteMany: NFS, CephFS); null: default."
+    )
+    head_ip: str = Field("10.0.0.10", description="Cluster launcher (on-premises nodes): the head node's address.")
+    worker_ips: list[str] = Field(
+        ["10.0.0.11", "10.0.0.12"], description="Cluster launcher: the GPU worker nodes' addresses."
+    )
+    ssh_user: str = Field("medserve", description="Cluster launcher: the user it logs in to the nodes as.")
+
+
 class AppConfig(StrictModel):
     """Everything a medserve application is: models, resources, batching, limits, tenants."""
 
@@ -297,6 +359,9 @@ class AppConfig(StrictModel):
         "name requests use (see README, PACS).",
     )
     audit: AuditConfig = Field(AuditConfig(), description="The audit log's files.")
+    cluster: ClusterConfig = Field(
+        ClusterConfig(), description="Multi-node deployments: what `medserve cluster render` writes manifests from."
+    )
 
     @model_validator(mode="after")
     def _keys_are_unique(self) -> AppConfig:

@@ -1,4 +1,5 @@
-"""``medserve up`` and ``medserve down``: start (or join) a Ray cluster and deploy medserve; take it down."""
+"""``medserve up`` and ``medserve down``: start (or join) a Ray cluster and deploy medserve; take it down.
+``medserve cluster render``: the manifests of a multi-node deployment, from the same config."""
 
 from __future__ import annotations
 
@@ -34,6 +35,26 @@ def add_commands(commands) -> None:
     down = commands.add_parser("down", help="remove medserve and stop the local Ray cluster")
     down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
     down.set_defaults(run=_down)
+
+    cluster = commands.add_parser("cluster", help="multi-node deployments")
+    actions = cluster.add_subparsers(dest="cluster_command", required=True)
+    render = actions.add_parser(
+        "render", help="write the KubeRay RayService, the Ray cluster-launcher file and the Serve config from a config"
+    )
+    render.add_argument("--config", type=Path, help="application YAML (default: the packaged one)")
+    render.add_argument("--out", type=Path, default=Path("cluster"), help="folder to write into (default: cluster)")
+    render.set_defaults(run=_render)
+
+
+def _render(args) -> int:
+    from serve_app.manifests import render_manifests
+
+    files = render_manifests(load_config(args.config), args.config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (args.out / name).write_text(text)
+        print(args.out / name)
+    return 0
 
 
 def _up(args) -> int:
