@@ -74,6 +74,12 @@ class DeploymentConfig(StrictModel):
         0.0, ge=0, le=8, description="GPUs Ray reserves for each replica: 0.25 puts four replicas on one GPU."
     )
     max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica takes at once before Serve queues.")
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests Serve queues for this deployment's replicas (beyond max_ongoing_requests each) before "
+        "it refuses new ones at once with a 503 and Retry-After; null: no bound (requests wait however long).",
+    )
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
@@ -81,6 +87,8 @@ class DeploymentConfig(StrictModel):
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
         }
+        if self.max_queued_requests is not None:
+            options["max_queued_requests"] = self.max_queued_requests
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump()
         else:

@@ -9,6 +9,7 @@ import asyncio
 import math
 
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 from starlette.requests import ClientDisconnect
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestError",
     "ResultNotFound",
+    "ServiceBusy",
     "RouteNotFound",
     "TooManyRequests",
     "Unauthorized",
@@ -139,10 +141,8 @@ class Forbidden(RequestError):
     status_code = 403
 
 
-class TooManyRequests(RequestError):
-    """Over a tenant's rate or concurrency quota; the client may retry after ``retry_after_s``."""
-
-    status_code = 429
+class _RetryLater(RequestError):
+    """A refusal the client may retry after ``retry_after_s`` (its Retry-After header)."""
 
     def __init__(self, reason: str, retry_after_s: float):
         super().__init__(reason, retry_after_s)  # both in args, so the error pickles
@@ -150,6 +150,12 @@ class TooManyRequests(RequestError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.args[1])))}
+
+
+class TooManyRequests(_RetryLater):
+    """Over a tenant's rate or concurrency quota."""
+
+    status_code = 429
 
 
 class NotFoundAtPacs(RequestError):
@@ -181,10 +187,24 @@ class PacsFailed(RequestError):
         return {"Retry-After": str(max(1, math.ceil(self.args[2])))}
 
 
+class ServiceBusy(_RetryLater):
+    """Every replica of a stage is busy and its queue full (``max_queued_requests``): refused at once rather than
+    left to wait without bound."""
+
+    status_code = 503
+
+
+# What a client is told to wait when a stage's queue is full: about one model batch's time.
+BUSY_RETRY_AFTER_S = 1
+
+
 def unwrap(error: BaseException) -> BaseException:
-    """The error a stage raised, out of the ``RayTaskError`` Ray wraps it in when it crosses a handle."""
+    """The error a stage raised, out of the ``RayTaskError`` Ray wraps it in when it crosses a handle; Serve's
+    refusal of a request its full queue cannot take (``BackPressureError``) as a ``ServiceBusy``."""
     if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        return error.cause
+        error = error.cause
+    if isinstance(error, BackPressureError):
+        return ServiceBusy("every replica is busy and its queue is full; retry shortly", BUSY_RETRY_AFTER_S)
     return error
 
 

@@ -6,8 +6,10 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.errors import unwrap
 from serve_app.segmentation.messages import Prediction, PreparedStudy, Segmentation
 from serve_app.segmentation.stages import run_stages
 
@@ -27,6 +29,15 @@ class StageHandles:
     postprocess: DeploymentHandle | None = None
 
     async def segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
+        """The request through the stages. Raises ``ServiceBusy`` (503) when a stage's queue is full: translated
+        here, as Serve answers its own ``BackPressureError`` in plain text, without Retry-After, before the
+        ingress's error handlers can."""
+        try:
+            return await self._segment(model_name, upload_folder, result_id)
+        except BackPressureError as e:
+            raise unwrap(e) from None
+
+    async def _segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
         model = self.model_handles[model_name]
         if self.preprocess is None:
             return await model.segment.remote(str(upload_folder), result_id)

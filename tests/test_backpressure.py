@@ -1,0 +1,50 @@
+"""Backpressure: when a stage's replicas are all busy and its queue (``max_queued_requests``) is full, a new request
+is refused at once with 503, a reason and Retry-After, never left to wait without bound; the others complete. A
+real Serve app with a one-request queue, real HTTP."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray import serve
+
+from serve_app.app import build_app
+from tests.helpers import zip_files
+
+pytestmark = pytest.mark.cluster
+
+PREFIX = "/narrow"
+SEGMENT = "/v1/models/ct-phantom-organ/segment"
+
+
+@pytest.fixture(scope="module")
+def narrow_url(server_url, app_config):
+    """Preprocessing one study at a time, with room for one more waiting."""
+    narrow = {"num_replicas": 1, "num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    deployments = app_config.deployments.model_copy(
+        update={"preprocess": app_config.deployments.preprocess.model_copy(update=narrow)}
+    )
+    config = app_config.model_copy(update={"name": "medserve-narrow", "layout": "split", "deployments": deployments})
+    serve.run(build_app(config), name=config.name, route_prefix=PREFIX, blocking=False)
+    yield server_url + PREFIX
+    serve.delete(config.name)
+
+
+def test_a_full_queue_refuses_at_once_with_503_and_retry_after(narrow_url, phantom_series):
+    body = zip_files(phantom_series)
+    with httpx.Client(timeout=300) as client:
+        assert client.post(f"{narrow_url}{SEGMENT}", content=body).status_code == 200  # deployed and warm
+
+        def send(_):
+            return client.post(f"{narrow_url}{SEGMENT}", content=body)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send, range(8)))
+    statuses = sorted(a.status_code for a in answers)
+    refused = [a for a in answers if a.status_code == 503]
+    print(f"8 at once into a queue of 1: statuses {statuses}")
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and refused, statuses
+    for answer in refused:
+        assert answer.headers.get("retry-after") == "1", (dict(answer.headers), answer.text[:300])
+        assert "queue is full" in answer.json()["error"]["reason"]
+        assert answer.elapsed.total_seconds() < 5, "refused at once, not after waiting"
