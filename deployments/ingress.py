@@ -29,6 +29,7 @@ from serve_app.dicomweb.pacs_client import PacsClient
 from serve_app.dicomweb.stow import DICOM_JSON, spool_stow_request, stow_answer, stowed_instances
 from serve_app.errors import (
     BadRequest,
+    DeadlineExceeded,
     Forbidden,
     InvalidRequestBody,
     MethodNotAllowed,
@@ -217,13 +218,25 @@ class IngressDeployment(Replica):
         folder = self.config.storage.uploads / visit.request_id
         folder.mkdir(parents=True)
         try:
-            budget = UploadBudget(max_bytes=visit.max_upload_bytes, max_files=self.config.limits.max_files_per_upload)
-            uploaded_bytes = await receive(folder, budget)
-            upload_s = watch.lap()
-            await visit.wait_for_slot()
-            segmentation = await self.stages.segment(name, folder, visit.request_id)
+            # Cancelling the awaited handle calls cancels the request in the replicas running it (Serve passes
+            # the cancellation on), so no stage keeps working for an answer nobody will read.
+            deadline = asyncio.timeout(visit.seconds_left())
+            async with deadline:
+                budget = UploadBudget(
+                    max_bytes=visit.max_upload_bytes, max_files=self.config.limits.max_files_per_upload
+                )
+                uploaded_bytes = await receive(folder, budget)
+                upload_s = watch.lap()
+                await visit.wait_for_slot()
+                segmentation = await self.stages.segment(name, folder, visit.request_id)
             visit.study_instance_uid = segmentation.study_instance_uid
             self.results.set_owner(visit.request_id, visit.tenant_id)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of something else inside: not the request's deadline
+            raise DeadlineExceeded(
+                f"the request took longer than its deadline of {visit.deadline_s:g} s; its work was cancelled"
+            ) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         timings = SegmentTimings.of(upload_s, segmentation.timings, watch.total_s)

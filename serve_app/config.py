@@ -154,6 +154,13 @@ class LimitsConfig(StrictModel):
     max_files_per_upload: int = Field(
         10_000, gt=0, description="Files one request may hold: multipart parts and archive entries, together."
     )
+    request_deadline_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a segment request may take, from its arrival to its answer (upload, queueing and every "
+        "stage); past it the client gets 504 and the request's work is cancelled in every stage. A tenant may set "
+        "its own (tenants.<id>.request_deadline_s).",
+    )
 
 
 class ReadingConfig(StrictModel):

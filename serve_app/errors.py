@@ -16,6 +16,7 @@ __all__ = [
     "CLIENT_CLOSED",
     "BadRequest",
     "Conflict",
+    "DeadlineExceeded",
     "Forbidden",
     "InvalidRequestBody",
     "InvalidSlide",
@@ -185,6 +186,13 @@ class PacsFailed(RequestError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.args[2])))}
+
+
+class DeadlineExceeded(RequestError):
+    """The request took longer than its deadline (``limits.request_deadline_s``, or its tenant's); its work was
+    cancelled in every stage."""
+
+    status_code = 504
 
 
 class ServiceBusy(_RetryLater):

@@ -55,7 +55,10 @@ ERROR_RESPONSES = {
         "its schema or names a PACS this server does not have (see the README's error table).",
         429: "Over the tenant's rate or concurrency quota; retry after Retry-After seconds.",
         502: "A configured PACS answered with an error or with something that is not DICOMweb; see Retry-After.",
-        503: "A configured PACS cannot be reached or did not answer in time; see Retry-After.",
+        503: "Every replica of a stage is busy and its queue full, or a configured PACS cannot be reached or did not "
+        "answer in time; retry after Retry-After seconds.",
+        504: "The request took longer than its deadline (limits.request_deadline_s or its tenant's); its work was "
+        "cancelled.",
     }.items()
 }
 

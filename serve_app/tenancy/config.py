@@ -36,6 +36,9 @@ class TenantConfig(StrictModel):
     max_upload_bytes: int | None = Field(
         None, gt=0, description="Largest upload of the tenant; null: the server's limits.max_upload_bytes."
     )
+    request_deadline_s: float | None = Field(
+        None, gt=0, description="Seconds the tenant's segment requests may take; null: limits.request_deadline_s."
+    )
     stat: bool = Field(False, description="Whether the tenant may send STAT (emergency) requests.")
 
     def may_use(self, model: str) -> bool:

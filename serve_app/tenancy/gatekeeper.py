@@ -11,6 +11,7 @@ import contextvars
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,11 +48,17 @@ class Visit:
     model: str | None = None  # set only once the model is known to exist: never echo a client's string
     model_version: str | None = None
     max_upload_bytes: int = 0
+    deadline_s: float = 0.0  # seconds the request may take from its arrival (the tenant's, else the server's)
+    arrived: float = field(default_factory=time.monotonic)
     admitted: bool = False  # the gate counts it in: it must be let out (gate.leave)
     slot_wait_s: float = 0.0
     study_instance_uid: str | None = None  # hashed before it is written anywhere
     timings_ms: dict = field(default_factory=dict)
     gate: DeploymentHandle | None = None
+
+    def seconds_left(self) -> float:
+        """Of the request's deadline, counted from its arrival."""
+        return self.deadline_s - (time.monotonic() - self.arrived)
 
     async def wait_for_slot(self) -> None:
         """Queue for a processing slot (STAT first, then tenants in turn); at once on an open server."""
@@ -81,6 +88,7 @@ class Gatekeeper:
         self.repository = repository
         self.gate = gate
         self.server_upload_limit = config.limits.max_upload_bytes
+        self.server_deadline_s = config.limits.request_deadline_s
         self.audit = AuditLog(config.audit, config.storage.root, _replica_name())
         self.held: set[str] = set()  # tickets this replica holds at the gate, renewed while they run
         self.renew_every_s = config.scheduling.lease_s / 4
@@ -105,6 +113,7 @@ class Gatekeeper:
             tenant = self._authenticate(visit, request)
             self._authorise(visit, tenant, model)
             visit.max_upload_bytes = self._upload_limit(tenant)
+            visit.deadline_s = (tenant.request_deadline_s if tenant else None) or self.server_deadline_s
             if admit and self.gate is not None:
                 await self._admit(visit)
             yield visit

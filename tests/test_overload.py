@@ -1,0 +1,80 @@
+"""Overload and slowness end in a clear answer, never a wait without bound. Backpressure: when a stage's replicas
+are all busy and its queue (``max_queued_requests``) is full, a new request is refused at once with 503, a reason
+and Retry-After; the others complete. Deadline: a request past ``limits.request_deadline_s`` gets 504 and its work
+is cancelled (no result appears later). Real Serve apps beside the main one, real HTTP."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray import serve
+
+from serve_app.app import build_app
+from tests.helpers import zip_files
+
+pytestmark = pytest.mark.cluster
+
+PREFIX = "/narrow"
+HASTY_PREFIX = "/hasty"
+DEADLINE_S = 0.3
+SEGMENT = "/v1/models/ct-phantom-organ/segment"
+
+
+# Each app is deleted after its test: the test cluster has room for the main app and one more.
+@pytest.fixture
+def narrow_url(server_url, app_config):
+    """Preprocessing one study at a time, with room for one more waiting."""
+    narrow = {"num_replicas": 1, "num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    deployments = app_config.deployments.model_copy(
+        update={"preprocess": app_config.deployments.preprocess.model_copy(update=narrow)}
+    )
+    config = app_config.model_copy(update={"name": "medserve-narrow", "layout": "split", "deployments": deployments})
+    serve.run(build_app(config), name=config.name, route_prefix=PREFIX, blocking=False)
+    yield server_url + PREFIX
+    serve.delete(config.name)
+
+
+def test_a_full_queue_refuses_at_once_with_503_and_retry_after(narrow_url, phantom_series):
+    body = zip_files(phantom_series)
+    with httpx.Client(timeout=300) as client:
+        assert client.post(f"{narrow_url}{SEGMENT}", content=body).status_code == 200  # deployed and warm
+
+        def send(_):
+            return client.post(f"{narrow_url}{SEGMENT}", content=body)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send, range(8)))
+    statuses = sorted(a.status_code for a in answers)
+    refused = [a for a in answers if a.status_code == 503]
+    print(f"8 at once into a queue of 1: statuses {statuses}")
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and refused, statuses
+    for answer in refused:
+        assert answer.headers.get("retry-after") == "1", (dict(answer.headers), answer.text[:300])
+        assert "queue is full" in answer.json()["error"]["reason"]
+        assert answer.elapsed.total_seconds() < 5, "refused at once, not after waiting"
+
+
+@pytest.fixture
+def hasty_url(server_url, app_config):
+    """Every request given 0.3 s: less than the phantom series takes to segment here."""
+    limits = app_config.limits.model_copy(update={"request_deadline_s": DEADLINE_S})
+    config = app_config.model_copy(update={"name": "medserve-hasty", "layout": "split", "limits": limits})
+    serve.run(build_app(config), name=config.name, route_prefix=HASTY_PREFIX, blocking=False)
+    yield server_url + HASTY_PREFIX, config.storage.results
+    serve.delete(config.name)
+
+
+def test_past_its_deadline_a_request_gets_504_and_its_work_is_cancelled(hasty_url, phantom_series):
+    url, results = hasty_url
+    body = zip_files(phantom_series)
+    stored_before = {p.name for p in results.iterdir()} if results.exists() else set()
+    with httpx.Client(timeout=300) as client:
+        answers = [client.post(f"{url}{SEGMENT}", content=body) for _ in range(2)]
+    for answer in answers:
+        assert answer.status_code == 504, answer.text
+        assert f"deadline of {DEADLINE_S:g} s" in answer.json()["error"]["reason"]
+        assert answer.elapsed.total_seconds() < DEADLINE_S + 2
+    time.sleep(5)  # what a stage would still finish and store, had it not been cancelled
+    stored_after = {p.name for p in results.iterdir()} if results.exists() else set()
+    assert stored_after == stored_before, "a cancelled request's result was stored anyway"
