@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 import yaml
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 
 from serve_app.config import AppConfig, ConfigError, WsiConfig
 
@@ -77,6 +77,4 @@ def _plain(value):
         return value.get_secret_value()
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, BaseModel):
-        return _plain(value.model_dump())
     return value
