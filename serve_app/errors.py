@@ -150,7 +150,7 @@ class _RetryLater(RequestError):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.args[1])))}
+        return _retry_after(self.args[1])
 
 
 class TooManyRequests(_RetryLater):
@@ -185,7 +185,7 @@ class PacsFailed(RequestError):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.args[2])))}
+        return _retry_after(self.args[2])
 
 
 class DeadlineExceeded(RequestError):
@@ -204,6 +204,11 @@ class ServiceBusy(_RetryLater):
 
 # What a client is told to wait when a stage's queue is full: about one model batch's time.
 BUSY_RETRY_AFTER_S = 1
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header: whole seconds, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def unwrap(error: BaseException) -> BaseException:
