@@ -113,7 +113,7 @@ def _deploy(config: AppConfig) -> str:
     from serve_app.app import build_app
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(**config.http.serve_start_options())
     serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
     url = f"http://{config.http.host}:{config.http.port}"
     deadline = time.monotonic() + 300

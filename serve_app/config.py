@@ -73,6 +73,11 @@ class DeploymentConfig(StrictModel):
     num_gpus: float = Field(
         0.0, ge=0, le=8, description="GPUs Ray reserves for each replica: 0.25 puts four replicas on one GPU."
     )
+    resources: dict[str, float] = Field(
+        {},
+        description="Custom Ray resources each replica reserves, e.g. {model_slot: 1}: its replicas go only to nodes "
+        "started with that resource (`ray start --resources`), and no more of them than it has.",
+    )
     max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica takes at once before Serve queues.")
     max_queued_requests: int | None = Field(
         None,
@@ -84,7 +89,7 @@ class DeploymentConfig(StrictModel):
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources},
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         if self.max_queued_requests is not None:
@@ -269,6 +274,15 @@ class HttpConfig(StrictModel):
         "of it). proxy: Serve's Python HTTP proxy actor. Takes effect where Ray starts: `medserve up` sets it for "
         "the clusters it starts; elsewhere start Ray with ray_environment() (README: Ingress).",
     )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode",
+        description="Where Serve runs its ingress (HAProxy or proxy): on every node, so a load balancer in front "
+        "may use any; or on the head only. Several nodes on one machine share its address and need HeadOnly.",
+    )
+
+    def serve_start_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve.start``: where the ingress listens, and on which nodes."""
+        return {"http_options": {"host": self.host, "port": self.port}, "proxy_location": self.proxy_location}
 
     def ray_environment(self) -> dict[str, str]:
         """The environment variables Ray must start with (``ray start``, ``ray.init``) for this ingress."""

@@ -8,7 +8,7 @@ Messages must never carry patient data: they name what was wrong, not what was s
 import asyncio
 import math
 
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import ClientDisconnect
 
@@ -28,6 +28,7 @@ __all__ = [
     "NotFoundAtPacs",
     "PacsFailed",
     "PayloadTooLarge",
+    "ReplicaLost",
     "RequestError",
     "ResultNotFound",
     "ServiceBusy",
@@ -202,7 +203,15 @@ class ServiceBusy(_RetryLater):
     status_code = 503
 
 
-# What a client is told to wait when a stage's queue is full: about one model batch's time.
+class ReplicaLost(_RetryLater):
+    """The replica holding the request died (its process killed, its node lost) and so did the one that took the
+    request's second attempt: Serve is starting others, so the client may retry shortly."""
+
+    status_code = 503
+
+
+# What a client is told to wait when a stage's queue is full, or its replica was lost: about one model batch's
+# time; Serve starts a replacement replica in seconds.
 BUSY_RETRY_AFTER_S = 1
 
 
@@ -213,11 +222,14 @@ def _retry_after(seconds: float) -> dict[str, str]:
 
 def unwrap(error: BaseException) -> BaseException:
     """The error a stage raised, out of the ``RayTaskError`` Ray wraps it in when it crosses a handle; Serve's
-    refusal of a request its full queue cannot take (``BackPressureError``) as a ``ServiceBusy``."""
+    refusal of a request its full queue cannot take (``BackPressureError``) as a ``ServiceBusy``; the death of the
+    replica that held it (``RayActorError``) as a ``ReplicaLost``."""
     if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
         error = error.cause
     if isinstance(error, BackPressureError):
         return ServiceBusy("every replica is busy and its queue is full; retry shortly", BUSY_RETRY_AFTER_S)
+    if isinstance(error, RayActorError):
+        return ReplicaLost("the replica processing the request was lost; retry shortly", BUSY_RETRY_AFTER_S)
     return error
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,16 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.cluster)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The counts of each fault injected under load (tests/test_cluster_faults.py), when those tests ran."""
+    faults = sys.modules.get("test_cluster_faults") or sys.modules.get("tests.test_cluster_faults")
+    if faults is None or not faults.FAULT_REPORTS:
+        return
+    terminalreporter.section("faults under load (8 clients, 30 s each, the fault at 10 s)")
+    for report in faults.FAULT_REPORTS:
+        terminalreporter.write_line(report.line())
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +104,7 @@ def server_url(ray_cluster, app_config) -> str:
 
     from serve_app.app import build_app
 
-    serve.start(http_options={"host": app_config.http.host, "port": app_config.http.port})
+    serve.start(**app_config.http.serve_start_options())
     serve.run(build_app(app_config), name=app_config.name, route_prefix="/", blocking=False)
     url = f"http://{app_config.http.host}:{app_config.http.port}"
     wait_until_ready(url, timeout_s=300)

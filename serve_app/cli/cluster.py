@@ -74,7 +74,7 @@ def _up(args) -> int:
         except ConnectionError:
             _start_local_ray(config, dashboard=args.monitoring)
             ray.init(address="auto", logging_level="ERROR")
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(**config.http.serve_start_options())
     serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
     url = f"http://{config.http.host}:{config.http.port}"
     wait_until_ready(url, timeout_s=300)

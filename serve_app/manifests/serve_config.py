@@ -30,7 +30,7 @@ def serve_config(config: AppConfig, app_config_path: str | None) -> dict:
     ``app_config_path`` (None: ``$MEDSERVE_CONFIG`` where Ray started, else the packaged default). Replicas and
     resources come from that YAML."""
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": config.http.proxy_location,
         "http_options": {"host": "0.0.0.0", "port": config.http.port},
         "applications": [
             {

@@ -89,8 +89,10 @@ class ResultStore:
             self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
             self.sweep()
         folder = self._folder(result_id)
-        # Written under a temporary name and renamed, so a reader never sees half a result.
+        # Written under a temporary name and renamed, so a reader never sees half a result. A save whose replica
+        # died half-way left its partial folder: the request's second attempt (StageHandles) writes it anew.
         partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         affine = np.asarray(affine, dtype=float)
         nib.save(nib.Nifti1Image(box.astype(np.uint8), shifted_affine(affine, box_start)), str(partial / _BOX_FILE))
@@ -105,6 +107,9 @@ class ResultStore:
             (partial / _MODEL_FILE).write_text(spec.model_dump_json())
         if source is not None:
             source.save(partial / _SOURCE_FILE)
+        if folder.exists():  # a first attempt finished before its replica died, answering no one: the same result
+            shutil.rmtree(partial)
+            return
         partial.rename(folder)
 
     def set_owner(self, result_id: str, tenant_id: str) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -14,6 +18,9 @@ from serve_app.segmentation.messages import Prediction, PreparedStudy, Segmentat
 from serve_app.segmentation.stages import run_stages
 
 __all__ = ["StageHandles"]
+
+Answer = TypeVar("Answer")
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,30 +36,42 @@ class StageHandles:
     postprocess: DeploymentHandle | None = None
 
     async def segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
-        """The request through the stages. Raises ``ServiceBusy`` (503) when a stage's queue is full: translated
-        here, as Serve answers its own ``BackPressureError`` in plain text, without Retry-After, before the
-        ingress's error handlers can."""
+        """The request through the stages. A stage call whose replica dies is sent once more (Serve routes it to
+        another replica); raises ``ReplicaLost`` (503) when that one dies too, and ``ServiceBusy`` (503) when a
+        stage's queue is full: translated here, as Serve answers its own ``BackPressureError`` in plain text,
+        without Retry-After, before the ingress's error handlers can."""
         try:
             return await self._segment(model_name, upload_folder, result_id)
-        except BackPressureError as e:
+        except (BackPressureError, RayActorError) as e:
             raise unwrap(e) from None
 
     async def _segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
         model = self.model_handles[model_name]
         if self.preprocess is None:
-            return await model.segment.remote(str(upload_folder), result_id)
+            return await _twice_if_lost(lambda: model.segment.remote(str(upload_folder), result_id))
 
         async def postprocess(prediction: Prediction, prepared: PreparedStudy):
-            return await self.postprocess.remote(
-                prediction, prepared.model_affine, prepared.grid, model_name, result_id
+            return await _twice_if_lost(
+                lambda: self.postprocess.remote(prediction, prepared.model_affine, prepared.grid, model_name, result_id)
             )
 
         return await run_stages(
-            preprocess=lambda: self.preprocess.remote(str(upload_folder), model_name),
-            predict=lambda image: model.predict.remote(image),
+            preprocess=lambda: _twice_if_lost(lambda: self.preprocess.remote(str(upload_folder), model_name)),
+            predict=lambda image: _twice_if_lost(lambda: model.predict.remote(image)),
             postprocess=postprocess,
         )
 
     async def ready(self) -> None:
         handles = [h for h in (self.preprocess, self.postprocess, *self.model_handles.values()) if h is not None]
         await asyncio.gather(*(h.ready.remote() for h in handles))
+
+
+async def _twice_if_lost(call: Callable[[], Awaitable[Answer]]) -> Answer:
+    """``call()``, and once more if the replica it reached died before answering. Safe because every stage is a
+    function of its inputs alone, and postprocessing writes the result whole under the request's id, replacing
+    what a dead replica left half-written (``ResultStore.save``)."""
+    try:
+        return await call()
+    except RayActorError as e:
+        _log.warning("a stage's replica died holding a call (%s); sending it once more", type(e).__name__)
+        return await call()

@@ -1,0 +1,214 @@
+"""medserve on a multi-node Ray cluster, and the faults it survives under load with nothing lost.
+
+A head (Serve's controller and HAProxy ingress; GCS state in a real Redis), a CPU node for the ingress and the CPU
+stages, and two "GPU-like" nodes that alone have the ``model_slot`` resource the model replicas ask for: four
+``ray start`` processes on this machine. medserve is deployed there with ``medserve up --address``, two replicas of
+every stage. Then, each under 8 clients for 30 s, one fault at the 10th second: a model replica SIGKILLed, a GPU
+node's raylet and workers SIGKILLed, an ingress replica SIGKILLed, the GCS SIGKILLed and restarted, a new model
+version rolled out. Every request must complete, after at most a retry the server asked for (503 + Retry-After) or
+a dropped connection forced; no other error, none past its deadline; every answered result readable; no more
+requests retried than were in flight at the fault; the cluster back to full strength by itself.
+
+The counts of each fault are printed at the end of the test run (``pytest_terminal_summary`` in conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import psutil
+import pytest
+import yaml
+from fault_load import LoadReport, run_load
+from ray_nodes import RayNodes, Redis, replica_title
+
+from helpers import MODEL, SEGMENT, TEST_MAX_VOXELS, free_port, medserve, skip_unless_installed
+from serve_app.config import EMBEDDED_MODEL_REPOSITORY, HttpConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+APP = "medserve-faults"
+REPLICAS = {"Ingress": 2, "Preprocess": 2, "Postprocess": 2, f"ModelReplica:{MODEL}": 2}
+CLIENTS = 8
+LOAD_S = 30
+FAULT_AT_S = 10
+DEADLINE_S = 60
+FULL_STRENGTH_WAIT_S = 180
+
+# What each fault's load came to, in the order run: printed by conftest's pytest_terminal_summary.
+FAULT_REPORTS: list[LoadReport] = []
+
+
+@dataclass
+class FaultsApp:
+    url: str
+    config_path: Path
+    model_yaml: Path
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory) -> RayNodes:
+    if shutil.which("redis-server") is None:
+        skip_unless_installed("redis-server", "redis-server is not installed (Debian redis-server)")
+    workdir = tmp_path_factory.mktemp("nodes")
+    redis = Redis(workdir)
+    environment = {
+        **HttpConfig(ingress="haproxy").ray_environment(),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+    cluster = RayNodes(workdir, redis, environment)
+    try:
+        cluster.start_head()
+        cluster.add_worker("cpu", cpus=2, resources={"stage_slot": 8})
+        cluster.add_worker("gpu-a", cpus=1, resources={"model_slot": 4})
+        cluster.add_worker("gpu-b", cpus=1, resources={"model_slot": 4})
+        yield cluster
+    finally:
+        cluster.shutdown()
+        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def faults_app(nodes, tmp_path_factory) -> FaultsApp:
+    """medserve deployed on ``nodes`` by ``medserve up --address``, from a model repository of its own."""
+    root = tmp_path_factory.mktemp("faults-app")
+    shutil.copytree(EMBEDDED_MODEL_REPOSITORY / MODEL, root / "models" / MODEL)
+    on_cpu_node = {"num_cpus": 0, "resources": {"stage_slot": 1}}
+    config = {
+        "name": APP,
+        "layout": "split",
+        "model_repository": "models",
+        "storage": {"root": str(root / "storage")},
+        "http": {"port": free_port(), "proxy_location": "HeadOnly"},  # four nodes share this machine's address
+        "reading": {"dicom_header_processes": 0},
+        "limits": {"max_volume_voxels": TEST_MAX_VOXELS, "request_deadline_s": DEADLINE_S},
+        "deployments": {
+            "ingress": {**on_cpu_node, "num_replicas": 2, "max_ongoing_requests": 64},
+            "preprocess": {**on_cpu_node, "num_replicas": 2},
+            "postprocess": {**on_cpu_node, "num_replicas": 2},
+            "model": {"num_replicas": 2, "num_cpus": 0, "resources": {"model_slot": 1}},
+        },
+    }
+    config_path = root / "faults.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    _deploy(nodes, config_path)
+    return FaultsApp(f"http://127.0.0.1:{config['http']['port']}", config_path, root / "models" / MODEL / "model.yaml")
+
+
+@pytest.fixture(scope="module")
+def study(phantom) -> bytes:
+    return nib.Nifti1Image(phantom.volume.array, phantom.volume.affine).to_bytes()
+
+
+def test_replicas_land_on_the_nodes_their_resources_name(nodes, faults_app):
+    placed = nodes.replicas()
+    print(json.dumps(placed, indent=1))
+    assert placed["head"] == [], "the head (num-cpus 0) holds no replica"
+    for deployment in ("Ingress", "Preprocess", "Postprocess"):
+        assert placed["cpu"].count(replica_title(APP, deployment)) == 2, placed
+    model = replica_title(APP, f"ModelReplica:{MODEL}")
+    assert model not in placed["cpu"], "a model replica on the node without model slots"
+    # Serve spreads a deployment's replicas over the nodes that can take them.
+    assert placed["gpu-a"] == [model] and placed["gpu-b"] == [model], placed
+
+
+def _kill_one_replica(deployment: str) -> None:
+    title = replica_title(APP, deployment)
+    for process in psutil.process_iter(["cmdline"]):
+        if " ".join(process.info["cmdline"] or []).startswith(title):
+            process.send_signal(signal.SIGKILL)
+            return
+    raise AssertionError(f"no {title} process to kill")
+
+
+def _restart_gcs_after_an_outage(nodes: RayNodes) -> None:
+    nodes.kill_gcs()
+    time.sleep(10)  # ten seconds without a GCS, traffic flowing
+    nodes.restart_gcs()
+
+
+def _roll_out_a_new_version(nodes: RayNodes, app: FaultsApp) -> None:
+    spec = yaml.safe_load(app.model_yaml.read_text())
+    app.model_yaml.write_text(yaml.safe_dump({**spec, "version": "1.1.0"}))
+    _deploy(nodes, app.config_path)
+
+
+FAULTS = {
+    "model replica killed": lambda nodes, app: _kill_one_replica(f"ModelReplica:{MODEL}"),
+    "GPU node stopped": lambda nodes, app: nodes.stop_node("gpu-b"),
+    "ingress replica killed": lambda nodes, app: _kill_one_replica("Ingress"),
+    "GCS killed and restarted": lambda nodes, app: _restart_gcs_after_an_outage(nodes),
+    "rolling update": _roll_out_a_new_version,
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_fault_under_load_loses_nothing(nodes, faults_app, study, fault):
+    report = run_load(
+        f"{faults_app.url}{SEGMENT}",
+        study,
+        fault_name=fault,
+        fault=lambda: FAULTS[fault](nodes, faults_app),
+        clients=CLIENTS,
+        duration_s=LOAD_S,
+        fault_at_s=FAULT_AT_S,
+        timeout_s=DEADLINE_S + 30,
+    )
+    FAULT_REPORTS.append(report)
+    print(report.line())
+    assert report.failed == [] and report.hung == 0, report.line() + f"\n{report.failed[:5]}"
+    assert report.completed == report.sent > CLIENTS, report.line()
+    assert report.retried_requests <= report.in_flight_at_fault, report.line()
+    with httpx.Client(base_url=faults_app.url, timeout=60) as client:
+        unreadable = [r for r in report.result_ids if client.get(f"/v1/results/{r}").status_code != 200]
+    assert unreadable == [], f"{len(unreadable)} answered results cannot be read"
+    _wait_for_full_strength(nodes)
+    if fault == "rolling update":
+        models = httpx.get(f"{faults_app.url}/v1/models", timeout=60).json()
+        assert [m["version"] for m in models["models"] if m["name"] == MODEL] == ["1.1.0"], models
+
+
+def _deploy(nodes: RayNodes, config_path: Path) -> None:
+    answer = medserve("up", "--address", nodes.address, "--config", str(config_path), env=nodes.client_environment)
+    assert answer.returncode == 0, answer.stdout[-2000:] + answer.stderr[-3000:]
+
+
+_SERVE_STATUS = """
+import json, sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+app = serve.status().applications[sys.argv[2]]
+print(json.dumps({name: {"status": str(d.status), "running": d.replica_states.get("RUNNING", 0)}
+                  for name, d in app.deployments.items()}))
+"""
+
+
+def _wait_for_full_strength(nodes: RayNodes) -> None:
+    """Until every deployment is healthy with all its replicas running, as Serve's controller reports it (asked
+    from a child process: this one may be connected to the session's own cluster)."""
+    deadline = time.monotonic() + FULL_STRENGTH_WAIT_S
+    seen = None
+    while time.monotonic() < deadline:
+        asked = subprocess.run(
+            [sys.executable, "-c", _SERVE_STATUS, nodes.address, APP],
+            capture_output=True, text=True, timeout=60, env=nodes.client_environment,
+        )  # fmt: skip
+        if asked.returncode == 0:
+            seen = json.loads(asked.stdout.strip().splitlines()[-1])
+            if all(
+                seen[name]["running"] == count and seen[name]["status"].endswith("HEALTHY")
+                for name, count in REPLICAS.items()
+            ):
+                return
+        time.sleep(2)
+    raise AssertionError(f"not back to full strength in {FULL_STRENGTH_WAIT_S} s: {seen}")
