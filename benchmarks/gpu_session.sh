@@ -3,6 +3,8 @@
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh bench [MODELS [OPTIONS]]  # the pipeline
 #     benchmark; OPTIONS go to it, e.g. --no-decode --layouts fused --fused-replicas 8 to fit one call
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh tests             # GPU tests, postprocess profile
+#   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh noisy             # noisy neighbour, full-size
+#     studies on the GPU (3 rounds of alone / alone again / flood), then the GPU tests in the time left
 # Writes under $OUT (the device tool's folder) or benchmarks/results/.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -13,6 +15,15 @@ tests)
   python -m pytest -q -p no:cacheprovider -p no:warnings tests/test_gpu_paths.py tests/test_postprocessing.py 2>&1 |
     tail -3 | tee "$out/gpu-tests.log"
   python -m benchmarks.postprocess_profile >"$out/postprocess-profile.txt" 2>&1
+  ;;
+noisy)
+  name="noisy_neighbour-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')-$(date -u +%F).json"
+  timeout 420 python -m benchmarks.noisy_neighbour --gpu --study full --rounds 3 --seconds 30 --out "$out/$name" \
+    >"$out/noisy.log" 2>&1
+  grep -E '"(p99|p50|rounds|control_ratio|flood_ratio|spread|min|median|max|b_status|a_status)' "$out/$name"
+  tail -3 "$out/noisy.log"
+  timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings tests/test_gpu_paths.py 2>&1 |
+    tail -3 | tee "$out/gpu-tests.log"
   ;;
 bench)
   # While the benchmark runs: the GPU exporter and Ray's metrics (per-replica GPU memory), scraped every 5 s.

@@ -1,13 +1,15 @@
-"""Noisy neighbour: tenant B's latency at a steady rate alone, then while tenant A floods at 10x its quota.
+"""Noisy neighbour: tenant B's latency at a steady rate alone, alone again (the control: how much B's p99 moves
+with nothing changed), then while tenant A floods at 10x its quota.
 
     python -m benchmarks.noisy_neighbour            # or: make bench-tenants
     python -m benchmarks.noisy_neighbour --rounds 1 --seconds 20    # a quick look
-    python -m benchmarks.noisy_neighbour --flood-factor 1 --out /tmp/control.json  # A at its quota: a control
+    python -m benchmarks.noisy_neighbour --gpu --study full         # the GPU machine: 512x512x300 CT series
 
 Starts its own local Ray cluster, deploys medserve with the two tenants, sends open-loop load (requests
 leave on a fixed schedule, whatever the server does) and writes benchmarks/results/noisy_neighbour.json.
-The phases alternate (alone, flood, alone, flood...) so that a change in the machine's other load
-during the run weighs on both alike.
+The phases alternate (alone, alone, flood; alone, alone, flood...) so that a change in the machine's other load
+during the run weighs on all alike; each round gives a control ratio (second alone / first) and a flood ratio
+(flood / both alone), so the flood's effect is read against the run's own noise floor.
 Target: B's p99 with the flood <= 1.2 x B's p99 alone, no 429 for B, only 200s and 429s for A.
 """
 
@@ -48,6 +50,10 @@ def main() -> None:
     parser.add_argument(
         "--flood-factor", type=float, default=10, help="A sends this many times its quota (1: a control run)"
     )
+    parser.add_argument(
+        "--study", choices=["small", "full"], default="small", help="64x64x12 CT series, or a 512x512x300 one"
+    )
+    parser.add_argument("--gpu", action="store_true", help="the stages on the GPU (preprocessing, model, post)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -56,7 +62,7 @@ def main() -> None:
         config = _config(keys, args, Path(storage))
         url = _deploy(config)
         try:
-            figures = asyncio.run(_run(url, keys, args, _study()))
+            figures = asyncio.run(_run(url, keys, args, _study(args.study)))
         finally:
             import ray
 
@@ -69,7 +75,8 @@ def main() -> None:
             "b_rate_per_s": args.b_rate,
             "a_quota_per_s": args.a_quota,
             "a_sends_per_s": args.a_quota * args.flood_factor,
-            "study": "CT phantom 64x64x12, zipped DICOM, 114 kB",
+            "study": f"CT phantom {'x'.join(map(str, STUDY_SHAPES[args.study]))}, zipped DICOM",
+            "gpu": args.gpu,
             "processing_slots": config.scheduling.processing_slots,
         },
         "device": _device(),
@@ -93,8 +100,15 @@ def _config(keys: dict[str, str], args, storage: Path) -> AppConfig:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # On the GPU: the stages' replicas share it (as the pipeline benchmark's split layout places them).
+    on_gpu = {
+        "deployments.preprocess": {"num_replicas": 2, "num_gpus": 0.125, "num_cpus": 1},
+        "deployments.model": {"num_replicas": 2, "num_gpus": 0.25, "num_cpus": 1},
+        "deployments.postprocess": {"num_replicas": 2, "num_gpus": 0.125, "num_cpus": 1},
+    }
     return load_config(
         overrides={
+            **(on_gpu if args.gpu else {}),
             "storage.root": str(storage),
             "http.port": port,
             "tenants": {
@@ -112,7 +126,7 @@ def _deploy(config: AppConfig) -> str:
 
     from serve_app.app import build_app
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(**config.http.serve_start_options())
     serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
     url = f"http://{config.http.host}:{config.http.port}"
@@ -127,8 +141,12 @@ def _deploy(config: AppConfig) -> str:
     raise SystemExit("medserve did not become ready in 300 s")
 
 
-def _study() -> bytes:
-    phantom = ct_phantom(np.random.default_rng(20_001), shape=(64, 64, 12), spacing=(5.4, 5.4, 8.0))
+STUDY_SHAPES = {"small": (64, 64, 12), "full": (512, 512, 300)}
+_STUDY_SPACINGS = {"small": (5.4, 5.4, 8.0), "full": (0.7, 0.7, 1.0)}
+
+
+def _study(size: str) -> bytes:
+    phantom = ct_phantom(np.random.default_rng(20_001), shape=STUDY_SHAPES[size], spacing=_STUDY_SPACINGS[size])
     with tempfile.TemporaryDirectory() as folder:
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as zf:
@@ -141,14 +159,21 @@ async def _run(url: str, keys: dict[str, str], args, study: bytes) -> dict:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         await _steady(client, keys["b"], 2.0, 5, study)  # warm-up: load the model, fill caches
-        alone, with_flood, flood = [], [], []
+        alone, with_flood, flood, rounds = [], [], [], []
         for _ in range(args.rounds):
-            alone += await _steady(client, keys["b"], args.b_rate, args.seconds, study)
+            first = await _steady(client, keys["b"], args.b_rate, args.seconds, study)
+            control = await _steady(client, keys["b"], args.b_rate, args.seconds, study)
             b, a = await asyncio.gather(
                 _steady(client, keys["b"], args.b_rate, args.seconds, study),
                 _steady(client, keys["a"], args.a_quota * args.flood_factor, args.seconds, study),
             )
-            with_flood, flood = with_flood + b, flood + a
+            rounds.append(
+                {
+                    "control_ratio": round(_p99(control) / _p99(first), 3),
+                    "flood_ratio": round(_p99(b) / _p99(first + control), 3),
+                }
+            )
+            alone, with_flood, flood = alone + first + control, with_flood + b, flood + a
             await asyncio.sleep(2)  # A's last admitted requests drain before B is alone again
     p99_alone, p99_flood = _p99(alone), _p99(with_flood)
     return {
@@ -156,6 +181,8 @@ async def _run(url: str, keys: dict[str, str], args, study: bytes) -> dict:
         "p99_flood_ms": p99_flood,
         "p99_ratio": round(p99_flood / p99_alone, 3),
         "target_ratio": 1.2,
+        "rounds": rounds,
+        "spread": {key: _spread([r[key] for r in rounds]) for key in ("control_ratio", "flood_ratio")},
         "p50_alone_ms": _p(alone, 50),
         "p50_flood_ms": _p(with_flood, 50),
         "b_requests": {"alone": len(alone), "with_flood": len(with_flood)},
@@ -196,6 +223,10 @@ def _p99(samples: list[tuple]) -> float:
     return _p(samples, 99)
 
 
+def _spread(ratios: list[float]) -> dict:
+    return {"min": min(ratios), "median": float(np.median(ratios)), "max": max(ratios)}
+
+
 def _codes(samples: list[tuple]) -> dict:
     return {str(k): v for k, v in sorted(Counter(status for status, _ in samples).items(), key=str)}
 
@@ -213,10 +244,18 @@ def _device() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "gpu": None,
+        "gpu": _gpu_name(),
         "python": platform.python_version(),
         "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":
