@@ -126,7 +126,13 @@ def _deploy(config: AppConfig) -> str:
 
     from serve_app.app import build_app
 
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     serve.start(**config.http.serve_start_options())
     serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
     url = f"http://{config.http.host}:{config.http.port}"

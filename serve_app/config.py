@@ -56,6 +56,9 @@ class AutoscalingConfig(StrictModel):
     downscale_delay_s: float = Field(
         600.0, ge=0, description="Seconds a deployment must be over-provisioned before replicas are removed."
     )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Seconds of requests-in-progress figures Serve averages to decide."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
