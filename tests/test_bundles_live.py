@@ -123,16 +123,17 @@ def test_a_reload_serves_a_new_version_and_restarts_only_what_changed(bundle_app
     before = _replicas()
     assert {"Ingress", "Preprocess", "Postprocess", f"ModelReplica:{MODEL}", "ModelReplica:organ:1.1.0"} <= set(before)
 
-    # A request in flight across the reload: its upload is held open until the new deployments run.
-    reloaded = threading.Event()
+    # A request in flight across the reload: its upload is held open until the new ingress replica runs (the old
+    # one, replaced, waits for it; serve.run returns once the old one has stopped).
+    new_ingress_runs = threading.Event()
 
     def slow_body():
         yield body[: len(body) // 2]
-        reloaded.wait(timeout=300)
+        new_ingress_runs.wait(timeout=300)
         time.sleep(2)
         yield body[len(body) // 2 :]
 
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         in_flight = pool.submit(
             httpx.post, f"{url}/v1/models/organ/segment", content=slow_body(), headers=ZIP, timeout=300
         )
@@ -141,9 +142,13 @@ def test_a_reload_serves_a_new_version_and_restarts_only_what_changed(bundle_app
         write_organ_bundle(repository / "organ" / "1.2.0", "json", "pt", version="1.2.0")
         (repository / "organ" / "1.1.0" / "docs").mkdir()
         (repository / "organ" / "1.1.0" / "docs" / "README.md").write_text("replaced\n")
-        serve.run(build_app(config), name=APP, route_prefix=PREFIX, blocking=False)
-        reloaded.set()
+        reload = pool.submit(serve.run, build_app(config), name=APP, route_prefix=PREFIX, blocking=False)
+        deadline = time.monotonic() + 300
+        while _replicas().get("Ingress", set()) <= before["Ingress"] and time.monotonic() < deadline:
+            time.sleep(1)
+        new_ingress_runs.set()
         answer = in_flight.result()
+        reload.result()
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == {"name": "organ", "version": "1.1.0"}  # the version it arrived for
 
