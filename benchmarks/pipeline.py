@@ -563,13 +563,13 @@ def deployed(config: AppConfig, study: bytes):
     from serve_app.segmentation.stage_handles import StageHandles
 
     serve.run(build_app(config), name=config.name, route_prefix=f"/{config.name}", blocking=False)
-    (model_name,) = [m.name for m in ModelRepository(config.model_repository) if m.task == "segmentation"]
+    (spec,) = [m for m in ModelRepository(config.model_repository) if m.task == "segmentation"]
     handle = lambda deployment: serve.get_deployment_handle(deployment, config.name)  # noqa: E731
     if config.fused:
-        stages = StageHandles({model_name: handle(f"FusedPipeline:{model_name}")})
+        stages = StageHandles({spec.key: handle(f"FusedPipeline:{spec.key}")})
     else:
         stages = StageHandles(
-            {model_name: handle(f"ModelReplica:{model_name}")}, handle("Preprocess"), handle("Postprocess")
+            {spec.key: handle(f"ModelReplica:{spec.key}")}, handle("Preprocess"), handle("Postprocess")
         )
     uploads = Uploads(config.storage.uploads, study)
     app = DeployedApp(call=None, results=ResultStore.of(config.storage), result_ids=[])
@@ -577,7 +577,7 @@ def deployed(config: AppConfig, study: bytes):
     async def call():
         result_id = uuid.uuid4().hex
         app.result_ids.append(result_id)
-        return await stages.segment(model_name, uploads.new(), result_id)
+        return await stages.segment(spec, uploads.new(), result_id)
 
     app.call = call
     try:

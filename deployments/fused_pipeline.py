@@ -10,7 +10,7 @@ from ray import serve
 from deployments.replica import BatchingReplica
 from serve_app.config import AppConfig
 from serve_app.engines.devices import replica_device
-from serve_app.model_repository import ModelRepository
+from serve_app.model_repository import ModelSpec
 from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.results import ResultStore
 from serve_app.segmentation.messages import Prediction, PreparedStudy, Segmentation
@@ -19,13 +19,13 @@ from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
 
 @serve.deployment(name="FusedPipeline")
 class FusedPipelineDeployment(BatchingReplica):
-    def __init__(self, model_name: str, config: AppConfig):
+    def __init__(self, spec: ModelSpec, config: AppConfig):
         device = replica_device()
-        self.spec = ModelRepository(config.model_repository).get(model_name)
+        self.spec = spec
         self.preprocessor = Preprocessor(config.limits, device, header_processes=config.reading.header_processes())
         self.predictor = Predictor(self.spec, device)
         self.postprocessor = Postprocessor(ResultStore.of(config.storage))
-        self.metrics = ReplicaMetrics(model=model_name)
+        self.metrics = ReplicaMetrics(model=spec.name)
 
     async def segment(self, upload_folder: str, result_id: str) -> Segmentation:
         # Reading, transforms and postprocessing run in threads so that other requests keep filling the batch.

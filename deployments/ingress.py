@@ -128,6 +128,19 @@ async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise InvalidRequestBody(f"the JSON body is invalid ({problems})") from None
 
 
+# What a segment route's body may be, for /docs.
+_SEGMENT_BODIES = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": PacsSegmentRequest.model_json_schema()},
+            "application/zip": {},
+            "application/octet-stream": {},
+            "multipart/form-data": {},
+        }
+    }
+}
+
+
 # Serve serialises the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -135,6 +148,7 @@ class IngressDeployment(Replica):
     def __init__(
         self,
         config: AppConfig,
+        repository: ModelRepository,
         model_handles: dict[str, DeploymentHandle],
         tile_model_handles: dict[str, DeploymentHandle],
         preprocess: DeploymentHandle | None = None,
@@ -142,7 +156,7 @@ class IngressDeployment(Replica):
         gate: DeploymentHandle | None = None,
     ):
         self.config = config
-        self.repository = ModelRepository(config.model_repository)
+        self.repository = repository  # as the application was built from it: the models it has deployments for
         self.results = ResultStore.of(config.storage)
         self.stages = StageHandles(model_handles, preprocess, postprocess)
         self.gatekeeper = Gatekeeper(config, self.repository, gate)
@@ -165,32 +179,41 @@ class IngressDeployment(Replica):
     @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models(self, request: Request) -> ModelList:
         async with self.gatekeeper.visit(request, "models"):
-            return ModelList(models=[ModelSummary.of(spec) for spec in self.repository])
+            models = [ModelSummary.of(self.repository.versions(name)) for name in self.repository.names()]
+            return ModelList(models=models, refused=self.repository.refused)
 
     @api.get("/v1/models/{name}", response_model=ModelSummary, responses=ERROR_RESPONSES)
     async def describe_model(self, name: str, request: Request) -> ModelSummary:
         async with self.gatekeeper.visit(request, "models", model=name):
-            return ModelSummary.of(self.repository.get(name))
+            return ModelSummary.of(self.repository.versions(name))
 
     @api.post(
         "/v1/models/{name}/segment",
         response_model=SegmentResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "application/json": {"schema": PacsSegmentRequest.model_json_schema()},
-                    "application/zip": {},
-                    "application/octet-stream": {},
-                    "multipart/form-data": {},
-                }
-            }
-        },
+        openapi_extra=_SEGMENT_BODIES,
     )
     async def segment(self, name: str, request: Request, stat: bool = False) -> SegmentResponse:
-        """Segment one study: a zip, one DICOM or NIfTI file, or multipart files; or, with a JSON body
-        (``PacsSegmentRequest``), a series a configured PACS holds (see the README)."""
-        async with self.gatekeeper.visit(request, "segment", model=name, stat=stat, admit=True) as visit:
+        """Segment one study with the model's newest version: a zip, one DICOM or NIfTI file, or multipart files;
+        or, with a JSON body (``PacsSegmentRequest``), a series a configured PACS holds (see the README)."""
+        return await self._segment_request(name, None, request, stat)
+
+    @api.post(
+        "/v1/models/{name}/versions/{version}/segment",
+        response_model=SegmentResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_SEGMENT_BODIES,
+    )
+    async def segment_with_version(
+        self, name: str, version: str, request: Request, stat: bool = False
+    ) -> SegmentResponse:
+        """Segment one study with one version of the model (``GET /v1/models/{name}`` lists them); the body as
+        for ``/v1/models/{name}/segment``."""
+        return await self._segment_request(name, version, request, stat)
+
+    async def _segment_request(self, name: str, version: str | None, request: Request, stat: bool) -> SegmentResponse:
+        visiting = self.gatekeeper.visit(request, "segment", model=name, version=version, stat=stat, admit=True)
+        async with visiting as visit:
             if _media_type(request) == "application/json":
                 return await self._segment_from_pacs(name, request, visit)
             return await self._segment(name, request, visit, partial(spool_request, request))
@@ -210,9 +233,10 @@ class IngressDeployment(Replica):
         return answer
 
     async def _segment(self, name: str, request: Request, visit: Visit, receive: Receive) -> SegmentResponse:
-        """The study ``receive`` writes to the request's upload folder, segmented by model ``name``."""
+        """The study ``receive`` writes to the request's upload folder, segmented by model ``name`` (the version the
+        visit names)."""
         watch = Stopwatch()
-        spec = self.repository.get(name)
+        spec = self.repository.get(name, visit.model_version)
         if spec.task != "segmentation":
             raise ModelTaskMismatch(f"model {name} is a {spec.task} model: send its slides as a WSI job")
         folder = self.config.storage.uploads / visit.request_id
@@ -228,7 +252,7 @@ class IngressDeployment(Replica):
                 uploaded_bytes = await receive(folder, budget)
                 upload_s = watch.lap()
                 await visit.wait_for_slot()
-                segmentation = await self.stages.segment(name, folder, visit.request_id)
+                segmentation = await self.stages.segment(spec, folder, visit.request_id)
             visit.study_instance_uid = segmentation.study_instance_uid
             self.results.set_owner(visit.request_id, visit.tenant_id)
         except TimeoutError:

@@ -8,7 +8,7 @@ from ray import serve
 from deployments.replica import BatchingReplica
 from serve_app.config import AppConfig
 from serve_app.engines.devices import replica_device
-from serve_app.model_repository import ModelRepository
+from serve_app.model_repository import ModelSpec
 from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.segmentation.messages import Prediction
 from serve_app.segmentation.stages import Predictor
@@ -16,9 +16,9 @@ from serve_app.segmentation.stages import Predictor
 
 @serve.deployment(name="ModelReplica")
 class ModelDeployment(BatchingReplica):
-    def __init__(self, model_name: str, config: AppConfig):
-        self.predictor = Predictor(ModelRepository(config.model_repository).get(model_name), replica_device())
-        self.metrics = ReplicaMetrics(model=model_name)
+    def __init__(self, spec: ModelSpec, config: AppConfig):
+        self.predictor = Predictor(spec, replica_device())
+        self.metrics = ReplicaMetrics(model=spec.name)
 
     @serve.batch
     async def predict(self, images: list[np.ndarray]) -> list[Prediction]:

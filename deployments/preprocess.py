@@ -7,7 +7,7 @@ from ray import serve
 from deployments.replica import Replica
 from serve_app.config import AppConfig
 from serve_app.engines.devices import replica_device
-from serve_app.model_repository import ModelRepository
+from serve_app.model_repository import ModelSpec
 from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.segmentation.messages import PreparedStudy
 from serve_app.segmentation.stages import Preprocessor
@@ -16,11 +16,12 @@ from serve_app.segmentation.stages import Preprocessor
 @serve.deployment(name="Preprocess")
 class PreprocessDeployment(Replica):
     def __init__(self, config: AppConfig):
-        self.repository = ModelRepository(config.model_repository)
         self.preprocessor = Preprocessor(
             config.limits, replica_device(), header_processes=config.reading.header_processes()
         )
         self.metrics = ReplicaMetrics()
 
-    def __call__(self, upload_folder: str, model_name: str) -> PreparedStudy:
-        return self.preprocessor(upload_folder, self.repository.get(model_name)).to_host()
+    def __call__(self, upload_folder: str, spec: ModelSpec) -> PreparedStudy:
+        """The model's spec travels with each request: this deployment serves every model and version, those added
+        by a reload too, without being redeployed."""
+        return self.preprocessor(upload_folder, spec).to_host()

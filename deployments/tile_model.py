@@ -23,7 +23,7 @@ from ray import serve
 from deployments.replica import Replica
 from serve_app.config import AppConfig
 from serve_app.engines.devices import replica_device
-from serve_app.model_repository import ModelRepository
+from serve_app.model_repository import ModelSpec
 from serve_app.stopwatch import Stopwatch
 from serve_app.wsi.cuda_regions import CudaRegions
 from serve_app.wsi.slides import Slide, open_slide
@@ -38,8 +38,8 @@ _OPEN_SLIDES = 8  # slides a replica keeps open: a job's slides in flight, and s
 
 @serve.deployment(name="TileModel")
 class TileModelDeployment(Replica):
-    def __init__(self, model_name: str, config: AppConfig):
-        self.classifier = TileClassifier(ModelRepository(config.model_repository).get(model_name), replica_device())
+    def __init__(self, spec: ModelSpec, config: AppConfig):
+        self.classifier = TileClassifier(spec, replica_device())
         self.readers = ThreadPoolExecutor(config.wsi.read_threads, thread_name_prefix="read")
         self.device_thread = ThreadPoolExecutor(1, thread_name_prefix="infer")  # the device takes one batch at once
         # nvJPEG on the replica's GPU decodes the JPEG tiles, where there is one (wsi.gpu_decode).

@@ -1,15 +1,27 @@
 """Compose the medserve application from its config: ingress -> preprocess -> model -> postprocess
 (split layout), or ingress -> fused pipeline (fused layout), for segmentation models; one autoscaled
-tile-model deployment per tile classifier, which WSI jobs' drivers feed.
+tile-model deployment per tile classifier, which WSI jobs' drivers feed. Every version of every model in the
+repository gets its own model deployment (``ModelReplica:<name>`` or ``ModelReplica:<name>:<version>``).
 
     serve run serve_app.app:app_builder config=path/to/config.yaml
+
+Deploying again (``medserve up`` or ``medserve reload`` on a running cluster) restarts only the deployments whose
+code, config or model changed: each deployment's Serve version is a digest of medserve's source, its options and
+what it is given (a model's spec carries the digest of its folder's files). Serve would otherwise give every
+deployment a new random version on each ``serve.run`` and restart them all. Replaced replicas finish their
+requests in flight first (graceful shutdown, for as long as a request may last).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from pathlib import Path
 
+import ray
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from deployments.fused_pipeline import FusedPipelineDeployment
 from deployments.gate import TenantGateDeployment
@@ -19,34 +31,102 @@ from deployments.postprocess import PostprocessDeployment
 from deployments.preprocess import PreprocessDeployment
 from deployments.tile_model import TileModelDeployment
 from serve_app.config import CONFIG_ENVIRONMENT_VARIABLE, AppConfig, load_config
-from serve_app.model_repository import ModelRepository
+from serve_app.engines.torch_engine import check_network
+from serve_app.model_repository import ModelRepository, ModelRepositoryError
 
-__all__ = ["app_builder", "build_app"]
+__all__ = ["app_builder", "build_app", "read_checked_repository"]
 
 
-def build_app(config: AppConfig) -> Application:
-    repository = ModelRepository(config.model_repository)  # fail here, at start, on a bad model.yaml
+def read_checked_repository(config: AppConfig) -> ModelRepository:
+    """The config's model repository, every model's network built with its weights and run once
+    (``check_network``): a model that fails is refused, with its reason, and the others are served."""
+    repository = ModelRepository(config.model_repository)  # fails here, at start, when no model can be read
+    for spec in list(repository):
+        try:
+            check_network(spec)
+        except ModelRepositoryError as e:
+            repository.refuse(spec, str(e))
+    return repository
+
+
+def build_app(config: AppConfig, repository: ModelRepository | None = None) -> Application:
+    """The application; ``repository``: the config's, read and checked (``read_checked_repository``) unless given."""
+    repository = repository or read_checked_repository(config)
     model_deployment = FusedPipelineDeployment if config.fused else ModelDeployment
+    graceful = {"graceful_shutdown_timeout_s": _longest_request_s(config)}
     model_handles, tile_model_handles = {}, {}
     for spec in repository:
         if spec.task == "tile_classification":
-            tile_model_handles[spec.name] = TileModelDeployment.options(
-                name=f"{TileModelDeployment.name}:{spec.name}", **config.deployments.tile_model.serve_options()
-            ).bind(spec.name, config)
+            tile_model_handles[spec.key] = _versioned(
+                TileModelDeployment,
+                (spec, config),
+                name=f"{TileModelDeployment.name}:{spec.key}",
+                **config.deployments.tile_model.serve_options(),
+            ).bind(spec, config)
             continue
         resources = config.model_deployment(spec.name)
-        model_handles[spec.name] = model_deployment.options(
-            name=f"{model_deployment.name}:{spec.name}",
+        model_handles[spec.key] = _versioned(
+            model_deployment,
+            (spec, config),
+            name=f"{model_deployment.name}:{spec.key}",
             user_config=resources.batching.model_dump(),
+            **graceful,
             **resources.serve_options(),
-        ).bind(spec.name, config)
-    ingress = IngressDeployment.options(**config.deployments.ingress.serve_options())
-    gate = TenantGateDeployment.bind(config) if config.tenants else None  # an open server has no quotas to count
+        ).bind(spec, config)
+    ingress_args = (config, repository, sorted(model_handles), sorted(tile_model_handles))
+    ingress = _versioned(IngressDeployment, ingress_args, **graceful, **config.deployments.ingress.serve_options())
+    # An open server has no quotas to count. The gate's counts live in it: it is redeployed only when config changes.
+    gate = _versioned(TenantGateDeployment, (config,)).bind(config) if config.tenants else None
     if config.fused:
-        return ingress.bind(config, model_handles, tile_model_handles, gate=gate)
-    preprocess = PreprocessDeployment.options(**config.deployments.preprocess.serve_options()).bind(config)
-    postprocess = PostprocessDeployment.options(**config.deployments.postprocess.serve_options()).bind(config)
-    return ingress.bind(config, model_handles, tile_model_handles, preprocess, postprocess, gate)
+        return ingress.bind(config, repository, model_handles, tile_model_handles, gate=gate)
+    stage_options = {"graceful_shutdown_timeout_s": graceful["graceful_shutdown_timeout_s"]}
+    preprocess = _versioned(
+        PreprocessDeployment, (config,), **stage_options, **config.deployments.preprocess.serve_options()
+    ).bind(config)
+    postprocess = _versioned(
+        PostprocessDeployment, (config,), **stage_options, **config.deployments.postprocess.serve_options()
+    ).bind(config)
+    return ingress.bind(config, repository, model_handles, tile_model_handles, preprocess, postprocess, gate)
+
+
+def _versioned(deployment: Deployment, given: tuple, **options) -> Deployment:
+    """``deployment`` with ``options`` and a Serve version that changes exactly when its code, options or what it
+    is given (``given``: pydantic models, repositories, lists of names) change.
+
+    Serve restarts a deployment's replicas on a new deployment only when its version changes; its public API
+    leaves the version to Serve, which picks a random one on every ``serve.run``: hence ``_internal``.
+    """
+    digest = hashlib.sha256(_source_digest().encode())
+    digest.update(repr(sorted(options.items())).encode())
+    for part in given:
+        digest.update(_described(part).encode())
+    return deployment.options(version=digest.hexdigest()[:32], _internal=True, **options)
+
+
+def _described(part) -> str:
+    if isinstance(part, ModelRepository):
+        return repr([spec.model_dump_json() for spec in part]) + repr([r.model_dump_json() for r in part.refused])
+    if hasattr(part, "model_dump_json"):
+        return part.model_dump_json()
+    return repr(part)
+
+
+@functools.cache
+def _source_digest() -> str:
+    """SHA-256 of medserve's own Python source (serve_app/ and deployments/) and Ray's version: new code, new
+    replicas."""
+    digest = hashlib.sha256(ray.__version__.encode())
+    for package in (Path(__file__).parent, Path(__file__).parent.parent / "deployments"):
+        for path in sorted(package.rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _longest_request_s(config: AppConfig) -> float:
+    """The longest a segment request may take (the server's deadline, or a tenant's): replaced replicas wait this
+    long for their requests in flight."""
+    deadlines = [config.limits.request_deadline_s, *(t.request_deadline_s or 0 for t in config.tenants.values())]
+    return max(deadlines)
 
 
 def app_builder(args: dict | None = None) -> Application:

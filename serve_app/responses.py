@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from serve_app.dicomweb.messages import PacsStoreOutcome
-from serve_app.model_repository import ModelSpec
+from serve_app.model_repository import ModelSpec, RefusedModel
 from serve_app.segmentation.messages import LabelVolume, StageTimings
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ModelList",
     "ModelRef",
     "ModelSummary",
+    "ModelVersionSummary",
     "Readiness",
     "ResultSummary",
     "SegmentResponse",
@@ -72,28 +73,50 @@ class Readiness(BaseModel):
     models: list[str] = Field(default=[], description="The models served, when ready.")
 
 
-class ModelSummary(BaseModel):
-    name: str = Field(description="The model's name, as used in /v1/models/{name}/segment.")
-    version: str = Field(description="The model's version, from its model.yaml.")
-    task: str = Field(description="What the model does: segmentation.")
-    modality: str = Field(description="The DICOM modality the model takes (CT, MR); another gets a 422.")
-    description: str = Field(description="Free text from the model.yaml.")
+class ModelVersionSummary(BaseModel):
+    """One version of a model, as /v1/models/{name}/versions/{version}/segment reaches it."""
+
+    version: str = Field(description="The version, from its model.yaml or its MONAI bundle's metadata.json.")
+    source: str = Field(description="What it was read from: model.yaml or monai-bundle.")
+    description: str = Field(description="Free text from its model.yaml or bundle metadata.")
     labels: dict[str, str] = Field(description="Label value (as a string) -> name; 0 is background.")
 
     @classmethod
-    def of(cls, spec: ModelSpec) -> ModelSummary:
+    def of(cls, spec: ModelSpec) -> ModelVersionSummary:
+        labels = {str(k): label.name for k, label in sorted(spec.labels.items())}
+        return cls(version=spec.version, source=spec.source, description=spec.description, labels=labels)
+
+
+class ModelSummary(BaseModel):
+    """A model: its newest version's fields, and every version served."""
+
+    name: str = Field(description="The model's name, as used in /v1/models/{name}/segment.")
+    version: str = Field(description="The newest version: the one /v1/models/{name}/segment runs.")
+    source: str = Field(description="What the newest version was read from: model.yaml or monai-bundle.")
+    task: str = Field(description="What the model does: segmentation or tile_classification.")
+    modality: str = Field(description="The DICOM modality the model takes (CT, MR); another gets a 422.")
+    description: str = Field(description="Free text from the newest version's model.yaml or bundle metadata.")
+    labels: dict[str, str] = Field(description="The newest version's labels: value (as a string) -> name.")
+    versions: list[ModelVersionSummary] = Field(description="Every version served, newest first.")
+
+    @classmethod
+    def of(cls, versions: list[ModelSpec]) -> ModelSummary:
+        """``versions``: the model's, newest first."""
+        newest = ModelVersionSummary.of(versions[0])
         return cls(
-            name=spec.name,
-            version=spec.version,
-            task=spec.task,
-            modality=spec.modality,
-            description=spec.description,
-            labels={str(k): label.name for k, label in sorted(spec.labels.items())},
+            name=versions[0].name,
+            task=versions[0].task,
+            modality=versions[0].modality,
+            **newest.model_dump(),
+            versions=[ModelVersionSummary.of(spec) for spec in versions],
         )
 
 
 class ModelList(BaseModel):
     models: list[ModelSummary] = Field(description="Every model this server runs.")
+    refused: list[RefusedModel] = Field(
+        description="Models of the repository that are not served, each with the file and field at fault."
+    )
 
 
 class ModelRef(BaseModel):

@@ -160,3 +160,32 @@ TEST_WSI = {
         },
     },
 }
+
+
+# A MONAI bundle's two config files, relative to its folder.
+INFERENCE, METADATA = "configs/inference.json", "configs/metadata.json"
+
+
+def write_organ_bundle(folder: Path, config_format: str = "json", weights: str = "pt", version: str = "1.0.0") -> Path:
+    """The embedded model written as a MONAI bundle in ``folder`` (MONAI's writers), with ``version`` in its
+    metadata; ``weights``: pt (state dict), ts (TorchScript) or both."""
+    from serve_app.config import EMBEDDED_MODEL_REPOSITORY
+    from serve_app.model_repository import ModelRepository
+    from serve_app.monai_bundle import write_bundle
+
+    embedded = ModelRepository(EMBEDDED_MODEL_REPOSITORY).get(MODEL)
+    return write_bundle(embedded.model_copy(update={"version": version}), folder, config_format, weights)
+
+
+def edit_json(path: Path, change) -> None:
+    """Apply ``change`` (a function that edits a dict in place) to a JSON file."""
+    import json
+
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+def insert_transform(transform: dict, at: int = 3):
+    """A change for ``edit_json``: ``transform`` inserted into a bundle's preprocessing at ``at``."""
+    return lambda config: config["preprocessing"]["transforms"].insert(at, transform)

@@ -1,6 +1,7 @@
 """The ``medserve`` command: start and stop the application, send studies, make sample data.
 
-One module per group of sub-commands, each adding its own parsers: ``cluster`` (up, down), ``segment``,
+One module per group of sub-commands, each adding its own parsers: ``cluster`` (up, reload, down, cluster
+render), ``models`` (import-bundle, sample-bundle), ``segment``,
 ``tools`` (tenant-key, sample-ct, sample-slide, export-onnx, bench, bench-wsi), ``wsi`` (submit, status,
 wait, cancel, list). Every error a user can fix is one line on stderr
 and exit status 2: ``main`` prints it, httpx's errors too (worded by ``errors.describe_http_error``)::
@@ -18,7 +19,7 @@ import sys
 
 import httpx
 
-from serve_app.cli import cluster, segment, tools, wsi
+from serve_app.cli import cluster, models, segment, tools, wsi
 from serve_app.cli.cluster import wait_until_ready
 from serve_app.cli.errors import CommandError, describe_http_error
 from serve_app.config import ConfigError
@@ -29,7 +30,7 @@ __all__ = ["CommandError", "main", "wait_until_ready"]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medserve", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (cluster, segment, tools, wsi):
+    for module in (cluster, models, segment, tools, wsi):
         module.add_commands(commands)
     args, unknown_args = parser.parse_known_args(argv)
     if getattr(args, "passes_unknown_args", False):

@@ -1,4 +1,6 @@
 """``medserve up`` and ``medserve down``: start (or join) a Ray cluster and deploy medserve; take it down.
+``medserve reload``: deploy again on the running cluster, so that models added to or changed in the repository are
+served; Serve restarts only the deployments that changed (serve_app/app.py), the others keep serving.
 ``medserve cluster render``: the manifests of a multi-node deployment, from the same config."""
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def add_commands(commands) -> None:
     )
     up.set_defaults(run=_up)
 
+    reload = commands.add_parser(
+        "reload",
+        help="deploy medserve again on the running cluster: new or changed models served, the others untouched",
+    )
+    reload.add_argument("--config", type=Path, help="application YAML (default: the packaged one)")
+    reload.add_argument("--address", help="Ray cluster (default: the local one)")
+    reload.set_defaults(run=_reload)
+
     down = commands.add_parser("down", help="remove medserve and stop the local Ray cluster")
     down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
     down.set_defaults(run=_down)
@@ -59,9 +69,6 @@ def _render(args) -> int:
 
 def _up(args) -> int:
     import ray
-    from ray import serve
-
-    from serve_app.app import build_app
 
     config = load_config(args.config)
     if args.address:
@@ -74,14 +81,41 @@ def _up(args) -> int:
         except ConnectionError:
             _start_local_ray(config, dashboard=args.monitoring)
             ray.init(address="auto", logging_level="ERROR")
-    serve.start(**config.http.serve_start_options())
-    serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
-    url = f"http://{config.http.host}:{config.http.port}"
-    wait_until_ready(url, timeout_s=300)
-    print(f"medserve is up at {url}  (models: {url}/v1/models)")
+    _deploy(config)
     if args.monitoring:
         _start_monitoring()
     return 0
+
+
+def _reload(args) -> int:
+    import ray
+
+    config = load_config(args.config)
+    try:
+        ray.init(address=args.address or "auto", logging_level="ERROR")
+    except ConnectionError:
+        raise CommandError("no Ray cluster is running: start medserve with medserve up") from None
+    _deploy(config)
+    return 0
+
+
+def _deploy(config: AppConfig) -> None:
+    """Deploy (or deploy again) the application on the connected cluster and wait until it is ready; say which
+    models are served and which were refused."""
+    from ray import serve
+
+    from serve_app.app import build_app, read_checked_repository
+
+    serve.start(**config.http.serve_start_options())
+    repository = read_checked_repository(config)
+    serve.run(build_app(config, repository), name=config.name, route_prefix="/", blocking=False)
+    url = f"http://{config.http.host}:{config.http.port}"
+    wait_until_ready(url, timeout_s=300)
+    print(f"medserve is up at {url}  (models: {url}/v1/models)")
+    for spec in repository:
+        print(f"  {spec.name} {spec.version} ({spec.source})")
+    for refused in repository.refused:
+        print(f"  refused {refused.path}: {refused.reason}", file=sys.stderr)
 
 
 def _start_monitoring() -> None:

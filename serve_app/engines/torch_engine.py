@@ -3,7 +3,9 @@ from __future__ import annotations
 import monai.networks.nets
 import torch
 
-from serve_app.model_repository import ModelSpec, WeightsFormat
+from serve_app.model_repository import ModelRepositoryError, ModelSpec, WeightsFormat
+
+__all__ = ["TorchEngine", "build_network", "check_network", "monai_network"]
 
 
 def monai_network(spec: ModelSpec) -> torch.nn.Module:
@@ -18,6 +20,32 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     network = monai_network(spec)
     network.load_state_dict(torch.load(spec.weights_path, map_location="cpu", weights_only=True))
     return network
+
+
+def check_network(spec: ModelSpec) -> None:
+    """Build the model's network, load its weights and run one zero input ``(1, *spec.input_item_shape)`` through
+    it on the CPU: ``ModelRepositoryError`` naming the weights file when they do not load into the network, or when
+    the output does not have one channel per label. ONNX weights are left to their engine."""
+    if spec.weights.format is WeightsFormat.onnx:
+        return
+    try:
+        network = build_network(spec).eval()
+    except Exception as e:  # torch's: a state dict of another network, a corrupt file, a TorchScript that is not
+        problem = " ".join(str(e).split())[:400]
+        raise ModelRepositoryError(f"{spec.weights_path}: does not load into the network: {problem}") from None
+    try:
+        with torch.inference_mode():
+            channels = network(torch.zeros((1, *spec.input_item_shape))).shape[1]
+    except Exception as e:
+        problem = " ".join(str(e).split())[:400]
+        raise ModelRepositoryError(
+            f"{spec.weights_path}: the network does not take a {spec.input_item_shape} input: {problem}"
+        ) from None
+    if channels != len(spec.labels):
+        labels_from = "network_data_format.outputs channel_def" if spec.source == "monai-bundle" else "labels"
+        raise ModelRepositoryError(
+            f"{spec.weights_path}: the network gives {channels} output channels; {labels_from} names {len(spec.labels)}"
+        )
 
 
 class TorchEngine:

@@ -14,6 +14,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import unwrap
+from serve_app.model_repository import ModelSpec
 from serve_app.segmentation.messages import Prediction, PreparedStudy, Segmentation
 from serve_app.segmentation.stages import run_stages
 
@@ -27,36 +28,37 @@ _log = logging.getLogger(__name__)
 class StageHandles:
     """The deployment handles of one application.
 
-    ``model_handles`` maps model names to ``FusedPipelineDeployment`` handles when ``preprocess`` is None
-    (fused layout), else to ``ModelDeployment`` handles (split layout).
+    ``model_handles`` maps models' keys (``ModelSpec.key``: the name, or ``name:version``) to
+    ``FusedPipelineDeployment`` handles when ``preprocess`` is None (fused layout), else to ``ModelDeployment``
+    handles (split layout).
     """
 
     model_handles: dict[str, DeploymentHandle]
     preprocess: DeploymentHandle | None = None
     postprocess: DeploymentHandle | None = None
 
-    async def segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
+    async def segment(self, spec: ModelSpec, upload_folder: Path, result_id: str) -> Segmentation:
         """The request through the stages. A stage call whose replica dies is sent once more (Serve routes it to
         another replica); raises ``ReplicaLost`` (503) when that one dies too, and ``ServiceBusy`` (503) when a
         stage's queue is full: translated here, as Serve answers its own ``BackPressureError`` in plain text,
         without Retry-After, before the ingress's error handlers can."""
         try:
-            return await self._segment(model_name, upload_folder, result_id)
+            return await self._segment(spec, upload_folder, result_id)
         except (BackPressureError, RayActorError) as e:
             raise unwrap(e) from None
 
-    async def _segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
-        model = self.model_handles[model_name]
+    async def _segment(self, spec: ModelSpec, upload_folder: Path, result_id: str) -> Segmentation:
+        model = self.model_handles[spec.key]
         if self.preprocess is None:
             return await _twice_if_lost(lambda: model.segment.remote(str(upload_folder), result_id))
 
         async def postprocess(prediction: Prediction, prepared: PreparedStudy):
             return await _twice_if_lost(
-                lambda: self.postprocess.remote(prediction, prepared.model_affine, prepared.grid, model_name, result_id)
+                lambda: self.postprocess.remote(prediction, prepared.model_affine, prepared.grid, spec, result_id)
             )
 
         return await run_stages(
-            preprocess=lambda: _twice_if_lost(lambda: self.preprocess.remote(str(upload_folder), model_name)),
+            preprocess=lambda: _twice_if_lost(lambda: self.preprocess.remote(str(upload_folder), spec)),
             predict=lambda image: _twice_if_lost(lambda: model.predict.remote(image)),
             postprocess=postprocess,
         )

@@ -100,6 +100,7 @@ class Gatekeeper:
         request: Request,
         route: str,
         model: str | None = None,
+        version: str | None = None,
         stat: bool = False,
         admit: bool = False,
         result_id: str | None = None,
@@ -111,7 +112,7 @@ class Gatekeeper:
         status, error = 200, None
         try:
             tenant = self._authenticate(visit, request)
-            self._authorise(visit, tenant, model)
+            self._authorise(visit, tenant, model, version)
             visit.max_upload_bytes = self._upload_limit(tenant)
             visit.deadline_s = (tenant.request_deadline_s if tenant else None) or self.server_deadline_s
             if admit and self.gate is not None:
@@ -156,10 +157,11 @@ class Gatekeeper:
         request.state.tenant_id = visit.tenant_id  # the metrics label requests by it
         return tenant
 
-    def _authorise(self, visit: Visit, tenant: TenantConfig | None, model: str | None) -> None:
-        """404 for an unknown model; 403 for a model or a STAT request the tenant may not send."""
+    def _authorise(self, visit: Visit, tenant: TenantConfig | None, model: str | None, version: str | None) -> None:
+        """404 for an unknown model or version (None: the newest); 403 for a model or a STAT request the tenant may
+        not send."""
         if model is not None:
-            visit.model_version = self.repository.get(model).version
+            visit.model_version = self.repository.get(model, version).version
             visit.model = model
             if tenant and not tenant.may_use(model):
                 raise Forbidden(f"tenant {visit.tenant_id} may not use model {model}")

@@ -104,7 +104,7 @@ class WsiJobDriver:
     ):
         self.config, self.wsi = config, config.wsi
         self.status, self.slide_paths = status, slide_paths
-        self.spec = ModelRepository(config.model_repository).get(status.model)
+        self.spec = ModelRepository(config.model_repository).get(status.model, status.model_version)
         self.records = JobRecords(self.wsi.jobs)
         self.out = Path(status.out_path)
         self.tile_model = tile_model

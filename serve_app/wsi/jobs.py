@@ -113,7 +113,7 @@ class WsiJobs:
         )
         out_path.mkdir(parents=True, exist_ok=True)
         driver = WsiJobDriver.options(name=driver_name(job_id), namespace=DRIVER_NAMESPACE, lifetime="detached").remote(
-            self.config, status, paths, self.tile_model_handles[spec.name]
+            self.config, status, paths, self.tile_model_handles[spec.key]
         )
         # Saved once the driver's name is registered (so the record is never seen without its driver) and
         # before it runs (so this first record never overwrites the driver's own).
