@@ -22,5 +22,6 @@ class PreprocessDeployment(Replica):
         )
         self.metrics = ReplicaMetrics()
 
-    def __call__(self, upload_folder: str, model_name: str) -> PreparedStudy:
-        return self.preprocessor(upload_folder, self.repository.get(model_name)).to_host()
+    def __call__(self, upload_folder: str, model_name: str, image_path: str | None = None) -> PreparedStudy:
+        """``image_path``: where to also write the study's image for the result (``Preprocessor``), or None."""
+        return self.preprocessor(upload_folder, self.repository.get(model_name), image_path).to_host()

@@ -28,19 +28,25 @@ class StageHandles:
     preprocess: DeploymentHandle | None = None
     postprocess: DeploymentHandle | None = None
 
-    async def segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
-        """The request through the stages. Raises ``ServiceBusy`` (503) when a stage's queue is full: translated
+    async def segment(
+        self, model_name: str, upload_folder: Path, result_id: str, image_path: Path | None = None
+    ) -> Segmentation:
+        """The request through the stages; with ``image_path``, preprocessing also writes the study's image there
+        (see ``Preprocessor``). Raises ``ServiceBusy`` (503) when a stage's queue is full: translated
         here, as Serve answers its own ``BackPressureError`` in plain text, without Retry-After, before the
         ingress's error handlers can."""
         try:
-            return await self._segment(model_name, upload_folder, result_id)
+            return await self._segment(model_name, upload_folder, result_id, image_path)
         except BackPressureError as e:
             raise unwrap(e) from None
 
-    async def _segment(self, model_name: str, upload_folder: Path, result_id: str) -> Segmentation:
+    async def _segment(
+        self, model_name: str, upload_folder: Path, result_id: str, image_path: Path | None
+    ) -> Segmentation:
         model = self.model_handles[model_name]
+        image = None if image_path is None else str(image_path)
         if self.preprocess is None:
-            return await model.segment.remote(str(upload_folder), result_id)
+            return await model.segment.remote(str(upload_folder), result_id, image)
 
         async def postprocess(prediction: Prediction, prepared: PreparedStudy):
             return await self.postprocess.remote(
@@ -48,7 +54,7 @@ class StageHandles:
             )
 
         return await run_stages(
-            preprocess=lambda: self.preprocess.remote(str(upload_folder), model_name),
+            preprocess=lambda: self.preprocess.remote(str(upload_folder), model_name, image),
             predict=lambda image: model.predict.remote(image),
             postprocess=postprocess,
         )
