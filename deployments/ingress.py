@@ -386,7 +386,18 @@ class IngressDeployment(Replica):
         (``keep_image=true``); 404 saying so when it did not."""
         return await self._result_file(request, result_id, "image", self.results.image_path, "application/gzip")
 
-    @api.post("/v1/results/{result_id}/reviews", response_model=Review, status_code=201, responses=ERROR_RESPONSES)
+    @api.post(
+        "/v1/results/{result_id}/reviews",
+        response_model=Review,
+        status_code=201,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ReviewRequest.model_json_schema()}},
+            }
+        },
+    )
     async def review_result(self, result_id: str, request: Request) -> Review:
         """Accept or reject a result, or comment on it (``ReviewRequest``); stored with the result, audited (the
         verdict, never the reviewer or comment) and counted by model, version and verdict."""

@@ -143,3 +143,11 @@ def test_reviews_and_images_are_the_tenants_own_and_audited_without_free_text(
     assert refused and all(line["status"] == 404 for line in refused)
     text = "\n".join(str(line) for line in audit_lines(tenant_config))
     assert "Kovacs" not in text and "lower pole" not in text
+
+
+def test_openapi_documents_the_review_body_and_answer(client):
+    post = client.get("/openapi.json").json()["paths"]["/v1/results/{result_id}/reviews"]["post"]
+    assert post["responses"]["201"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Review"}
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["verdict"]["enum"] == ["accept", "reject", "comment"]
+    assert body["properties"]["comment"]["maxLength"] == MAX_COMMENT_CHARS

@@ -163,6 +163,7 @@ def test_upload_shows_the_mask_over_the_organ_and_a_review_reaches_the_api(
     wait_until(browser, "document.body.dataset.overlay === 'shown'")
     time.sleep(2)
     assert "accept by Dr Grey" in browser.find_element(By.ID, "reviews").text
+    assert browser.current_url.endswith(f"/viewer/#result={result_id}")  # a link to the result
     assert len(mask_coloured(canvas_pixels(browser))) > 500
     assert browser.find_element(By.ID, "no-image").get_attribute("hidden") is not None
 

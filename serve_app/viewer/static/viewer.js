@@ -178,6 +178,7 @@ async function open(resultId) {
   showLegend(summary.labels);
   showReviews(summary.reviews);
   $("result").hidden = false;
+  history.replaceState(null, "", `#result=${summary.result_id}`); // a link to this result, for a colleague
   progress("");
   document.body.dataset.overlay = "shown"; // for tests and scripts: the mask is on screen
 }
@@ -270,5 +271,14 @@ $("opacity").addEventListener("input", () => {
   if (nv.volumes.length > 1) nv.setOpacity(nv.volumes.length - 1, Number($("opacity").value));
 });
 
-await nv.attachToCanvas($("gl"));
-guarded(loadModels)(new Event("load"));
+try {
+  await nv.attachToCanvas($("gl"));
+} catch (error) {
+  say(`This browser cannot show the images (WebGL2: ${error.message}); results can still be reviewed.`);
+}
+// A result named in the address (viewer/#result=<id>, as the page sets it) opens with the page.
+const named = /^#result=([0-9a-f]{32})$/.exec(window.location.hash);
+guarded(async () => {
+  await loadModels();
+  if (named) await open(named[1]);
+})(new Event("load"));
