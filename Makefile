@@ -4,7 +4,10 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= demo-data
 
-.PHONY: demo demo-wsi test test-fast fuzz lint format bench bench-wsi bench-tenants venv clean
+.PHONY: demo demo-wsi test test-fast fuzz lint format bench bench-wsi bench-tenants venv clean niivue
+
+# The browser viewer's niivue, pinned; `make niivue` refreshes the vendored bundle from npm.
+NIIVUE_VERSION ?= 0.69.0
 
 $(BIN)/medserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +65,9 @@ bench-wsi: venv
 
 bench-tenants: venv
 	$(BIN)/python -m benchmarks.noisy_neighbour
+
+niivue:
+	scripts/vendor_niivue.sh $(NIIVUE_VERSION)
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -27,7 +27,9 @@ class FusedPipelineDeployment(BatchingReplica):
         self.postprocessor = Postprocessor(ResultStore.of(config.storage))
         self.metrics = ReplicaMetrics(model=spec.name)
 
-    async def segment(self, upload_folder: str, result_id: str) -> Segmentation:
+    async def segment(self, upload_folder: str, result_id: str, image_path: str | None = None) -> Segmentation:
+        """``image_path``: where to also write the study's image for the result (``Preprocessor``), or None."""
+
         # Reading, transforms and postprocessing run in threads so that other requests keep filling the batch.
         def postprocess(prediction: Prediction, prepared: PreparedStudy):
             return asyncio.to_thread(
@@ -35,7 +37,7 @@ class FusedPipelineDeployment(BatchingReplica):
             )
 
         return await run_stages(
-            preprocess=lambda: asyncio.to_thread(self.preprocessor, upload_folder, self.spec),
+            preprocess=lambda: asyncio.to_thread(self.preprocessor, upload_folder, self.spec, image_path),
             predict=self.predict,
             postprocess=postprocess,
         )

@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -58,11 +59,13 @@ from serve_app.responses import (
     SegmentTimings,
 )
 from serve_app.results import ResultStore
+from serve_app.results.reviews import Review, ReviewList, ReviewRequest, ReviewStore, reviews_csv
 from serve_app.segmentation.stage_handles import StageHandles
 from serve_app.stopwatch import Stopwatch
 from serve_app.studies.upload import UploadBudget, spool_request
 from serve_app.studies.volume import spacing_of
 from serve_app.tenancy.gatekeeper import Gatekeeper, Visit
+from serve_app.viewer import VIEWER_PATH, viewer_files
 from serve_app.wsi.job_status import SlideUpload, WsiJobList, WsiJobRequest, WsiJobStatus
 from serve_app.wsi.jobs import SLIDE_OUTPUTS, WsiJobs
 
@@ -71,8 +74,12 @@ logger = logging.getLogger("ray.serve")
 _MAX_JSON_BODY = 64 * 1024
 # How a segmentation's study reaches the upload folder: (folder, budget) -> bytes received.
 Receive = Callable[[Path, UploadBudget], Awaitable[int]]
+# Sent to a preprocessing stage asked to keep the study's image: it writes it here, in the upload folder.
+_KEPT_IMAGE = "kept-image.nii.gz"
 api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a Ray Serve cluster.")
 metrics.instrument(api)
+# The browser viewer's page and scripts: static, no key needed to load them (the page asks for one).
+api.mount(VIEWER_PATH, viewer_files(), name="viewer")
 
 
 def _error_response(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
@@ -108,6 +115,11 @@ async def _invalid_parameter(request: Request, exc: RequestValidationError) -> J
     # pydantic's messages name the parameter and the expected type, never the value sent.
     problems = "; ".join(f"{' '.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
     return await _any_error(request, BadRequest(f"invalid request parameters ({problems})"))
+
+
+def _result_path(request: Request, result_id: str) -> str:
+    # root_path: the application's route prefix, when it is not served at /.
+    return f"{request.scope.get('root_path', '')}/v1/results/{result_id}"
 
 
 def _media_type(request: Request) -> str:
@@ -158,6 +170,7 @@ class IngressDeployment(Replica):
         self.config = config
         self.repository = repository  # as the application was built from it: the models it has deployments for
         self.results = ResultStore.of(config.storage)
+        self.reviews = ReviewStore(self.results)
         self.stages = StageHandles(model_handles, preprocess, postprocess)
         self.gatekeeper = Gatekeeper(config, self.repository, gate)
         self.wsi_jobs = WsiJobs(config, self.repository, tile_model_handles)
@@ -193,10 +206,14 @@ class IngressDeployment(Replica):
         responses=ERROR_RESPONSES,
         openapi_extra=_SEGMENT_BODIES,
     )
-    async def segment(self, name: str, request: Request, stat: bool = False) -> SegmentResponse:
+    async def segment(
+        self, name: str, request: Request, stat: bool = False, keep_image: bool = False
+    ) -> SegmentResponse:
         """Segment one study with the model's newest version: a zip, one DICOM or NIfTI file, or multipart files;
-        or, with a JSON body (``PacsSegmentRequest``), a series a configured PACS holds (see the README)."""
-        return await self._segment_request(name, None, request, stat)
+        or, with a JSON body (``PacsSegmentRequest``), a series a configured PACS holds (see the README). With
+        ``keep_image``, the study's image on the mask's grid is kept with the result (``GET
+        /v1/results/{id}/image``, for a viewer)."""
+        return await self._segment_request(name, None, request, stat, keep_image)
 
     @api.post(
         "/v1/models/{name}/versions/{version}/segment",
@@ -205,20 +222,22 @@ class IngressDeployment(Replica):
         openapi_extra=_SEGMENT_BODIES,
     )
     async def segment_with_version(
-        self, name: str, version: str, request: Request, stat: bool = False
+        self, name: str, version: str, request: Request, stat: bool = False, keep_image: bool = False
     ) -> SegmentResponse:
-        """Segment one study with one version of the model (``GET /v1/models/{name}`` lists them); the body as
-        for ``/v1/models/{name}/segment``."""
-        return await self._segment_request(name, version, request, stat)
+        """Segment one study with one version of the model (``GET /v1/models/{name}`` lists them); the body and
+        options as for ``/v1/models/{name}/segment``."""
+        return await self._segment_request(name, version, request, stat, keep_image)
 
-    async def _segment_request(self, name: str, version: str | None, request: Request, stat: bool) -> SegmentResponse:
+    async def _segment_request(
+        self, name: str, version: str | None, request: Request, stat: bool, keep_image: bool
+    ) -> SegmentResponse:
         visiting = self.gatekeeper.visit(request, "segment", model=name, version=version, stat=stat, admit=True)
         async with visiting as visit:
             if _media_type(request) == "application/json":
-                return await self._segment_from_pacs(name, request, visit)
-            return await self._segment(name, request, visit, partial(spool_request, request))
+                return await self._segment_from_pacs(name, request, visit, keep_image)
+            return await self._segment(name, request, visit, partial(spool_request, request), keep_image)
 
-    async def _segment_from_pacs(self, name: str, request: Request, visit: Visit) -> SegmentResponse:
+    async def _segment_from_pacs(self, name: str, request: Request, visit: Visit, keep_image: bool) -> SegmentResponse:
         order = await _json_body(request, PacsSegmentRequest)
         pacs = self._pacs_of(order.pacs, visit)
 
@@ -227,14 +246,16 @@ class IngressDeployment(Replica):
             await asyncio.to_thread(pacs.retrieve_series, study, series, folder, budget)
             return budget.bytes
 
-        answer = await self._segment(name, request, visit, retrieve)
+        answer = await self._segment(name, request, visit, retrieve, keep_image)
         if order.store_results or (order.store_results is None and pacs.config.store_results):
             answer.pacs_store = await self._store_back(pacs, answer, visit)
         return answer
 
-    async def _segment(self, name: str, request: Request, visit: Visit, receive: Receive) -> SegmentResponse:
+    async def _segment(
+        self, name: str, request: Request, visit: Visit, receive: Receive, keep_image: bool = False
+    ) -> SegmentResponse:
         """The study ``receive`` writes to the request's upload folder, segmented by model ``name`` (the version the
-        visit names)."""
+        visit names); with ``keep_image``, its image kept with the result."""
         watch = Stopwatch()
         spec = self.repository.get(name, visit.model_version)
         if spec.task != "segmentation":
@@ -252,7 +273,10 @@ class IngressDeployment(Replica):
                 uploaded_bytes = await receive(folder, budget)
                 upload_s = watch.lap()
                 await visit.wait_for_slot()
-                segmentation = await self.stages.segment(spec, folder, visit.request_id)
+                image = folder / _KEPT_IMAGE if keep_image else None
+                segmentation = await self.stages.segment(spec, folder, visit.request_id, image)
+            if image is not None:
+                await asyncio.to_thread(self.results.keep_image, visit.request_id, image)
             visit.study_instance_uid = segmentation.study_instance_uid
             self.results.set_owner(visit.request_id, visit.tenant_id)
         except TimeoutError:
@@ -267,8 +291,7 @@ class IngressDeployment(Replica):
         visit.timings_ms = {**timings.model_dump(), "queue": round(visit.slot_wait_s * 1000, 1)}
         metrics.observe_segment(request, name, timings)
         affine = segmentation.grid.affine
-        # root_path: the application's route prefix, when it is not served at /.
-        result_path = f"{request.scope.get('root_path', '')}/v1/results/{visit.request_id}"
+        result_path = _result_path(request, visit.request_id)
         dicom = segmentation.dicom_source
         return SegmentResponse(
             result_id=visit.request_id,
@@ -360,8 +383,83 @@ class IngressDeployment(Replica):
 
     @api.get("/v1/results/{result_id}", response_model=ResultSummary, responses=ERROR_RESPONSES)
     async def result_summary(self, result_id: str, request: Request) -> ResultSummary:
+        """A result reopened: its labels and volumes, model, files and reviews."""
         async with self.gatekeeper.visit(request, "result", result_id=result_id) as visit:
-            return ResultSummary(result_id=result_id, **self.results.summary(result_id, visit.tenant_id))
+            return await asyncio.to_thread(self._reopened, request, result_id, visit.tenant_id)
+
+    def _reopened(self, request: Request, result_id: str, tenant_id: str) -> ResultSummary:
+        spec = self.results.model_of(result_id, tenant_id)
+        path = _result_path(request, result_id)
+        return ResultSummary(
+            result_id=result_id,
+            **self.results.summary(result_id, tenant_id),
+            model=ModelRef(name=spec.name, version=spec.version) if spec else None,
+            mask_url=f"{path}/mask.nii.gz",
+            image_url=f"{path}/image" if self.results.has_image(result_id, tenant_id) else None,
+            reviews=self.reviews.of_result(result_id, tenant_id),
+        )
+
+    @api.get(
+        "/v1/results/{result_id}/image",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/gzip": {}}, "description": "The study's image, gzipped NIfTI."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def result_image(self, result_id: str, request: Request) -> FileResponse:
+        """The study's image on the mask's grid (same shape and affine), kept when the segment request asked
+        (``keep_image=true``); 404 saying so when it did not."""
+        return await self._result_file(request, result_id, "image", self.results.image_path, "application/gzip")
+
+    @api.post(
+        "/v1/results/{result_id}/reviews",
+        response_model=Review,
+        status_code=201,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ReviewRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def review_result(self, result_id: str, request: Request) -> Review:
+        """Accept or reject a result, or comment on it (``ReviewRequest``); stored with the result, audited (the
+        verdict, never the reviewer or comment) and counted by model, version and verdict."""
+        async with self.gatekeeper.visit(request, "review", result_id=result_id) as visit:
+            self.results.folder_of(result_id, visit.tenant_id)  # 404 before reading a body for no result
+            order = await _json_body(request, ReviewRequest)
+            review = await asyncio.to_thread(self.reviews.add, result_id, visit.tenant_id, order)
+            visit.model, visit.model_version, visit.verdict = review.model, review.model_version, review.verdict
+            metrics.count_review(review.model, review.model_version, review.verdict, visit.tenant_id)
+            return review
+
+    @api.get("/v1/results/{result_id}/reviews", response_model=ReviewList, responses=ERROR_RESPONSES)
+    async def result_reviews(self, result_id: str, request: Request) -> ReviewList:
+        async with self.gatekeeper.visit(request, "reviews", result_id=result_id) as visit:
+            return ReviewList(reviews=await asyncio.to_thread(self.reviews.of_result, result_id, visit.tenant_id))
+
+    @api.get(
+        "/v1/reviews",
+        response_model=ReviewList,
+        responses={200: {"content": {"text/csv": {}}, "description": "With format=csv."}, **ERROR_RESPONSES},
+    )
+    async def list_reviews(
+        self,
+        request: Request,
+        model: str | None = None,
+        version: str | None = None,
+        format: Literal["json", "csv"] = "json",
+    ):
+        """The tenant's reviews of its unexpired results, of one model (and version) when given, oldest first;
+        ``format=csv`` for a spreadsheet."""
+        async with self.gatekeeper.visit(request, "reviews") as visit:
+            reviews = await asyncio.to_thread(self.reviews.of_tenant, visit.tenant_id, model, version)
+        if format == "csv":
+            headers = {"Content-Disposition": 'attachment; filename="reviews.csv"'}
+            return Response(reviews_csv(reviews), media_type="text/csv; charset=utf-8", headers=headers)
+        return ReviewList(reviews=reviews)
 
     @api.get(
         "/v1/results/{result_id}/mask.nii.gz",

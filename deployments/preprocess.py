@@ -21,7 +21,8 @@ class PreprocessDeployment(Replica):
         )
         self.metrics = ReplicaMetrics()
 
-    def __call__(self, upload_folder: str, spec: ModelSpec) -> PreparedStudy:
+    def __call__(self, upload_folder: str, spec: ModelSpec, image_path: str | None = None) -> PreparedStudy:
         """The model's spec travels with each request: this deployment serves every model and version, those added
-        by a reload too, without being redeployed."""
-        return self.preprocessor(upload_folder, spec).to_host()
+        by a reload too, without being redeployed. ``image_path``: where to also write the study's image for the
+        result (``Preprocessor``), or None."""
+        return self.preprocessor(upload_folder, spec, image_path).to_host()

@@ -18,6 +18,7 @@ __all__ = [
     "Conflict",
     "DeadlineExceeded",
     "Forbidden",
+    "ImageNotKept",
     "InvalidRequestBody",
     "InvalidSlide",
     "InvalidStudy",
@@ -130,6 +131,13 @@ class NoDicomResult(RequestError):
     404, not 409: the document does not exist and never will (its URL is null in the result's answer), and no
     change of state lets a retry succeed, which a 409 would suggest. The reason tells it from an unknown result.
     """
+
+    status_code = 404
+
+
+class ImageNotKept(RequestError):
+    """The study's image asked of a result whose request did not ask to keep it (``keep_image``): it was never
+    stored, and asking again will not make it. The reason tells it from an unknown result."""
 
     status_code = 404
 

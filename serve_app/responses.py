@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from serve_app.dicomweb.messages import PacsStoreOutcome
 from serve_app.model_repository import ModelSpec, RefusedModel
+from serve_app.results.reviews import Review
 from serve_app.segmentation.messages import LabelVolume, StageTimings
 
 __all__ = [
@@ -47,13 +48,14 @@ ERROR_RESPONSES = {
         401: "No API key, or a key that is not valid (with tenants configured).",
         403: "The tenant may not use this model, or may not send STAT requests.",
         404: "Unknown model, route, result or WSI job (another tenant's are not found either); a series the PACS "
-        "does not have.",
+        "does not have; a result's image that was not kept.",
         409: "A WSI job into an output folder that a running job of the tenant writes.",
         413: "Upload, unpacked upload, file count or volume over the server's or the tenant's limits.",
         415: "A file that is not a zip, a DICOM Part-10 file or NIfTI; a corrupt zip; a transfer syntax no decoder "
         "reads; a STOW-RS body that is not multipart/related of application/dicom.",
         422: "Readable, but not one usable image series; a model of the wrong task; a JSON body that does not fit "
-        "its schema or names a PACS this server does not have (see the README's error table).",
+        "its schema (a review's unknown verdict, an over-long comment) or names a PACS this server does not have "
+        "(see the README's error table).",
         429: "Over the tenant's rate or concurrency quota; retry after Retry-After seconds.",
         502: "A configured PACS answered with an error or with something that is not DICOMweb; see Retry-After.",
         503: "Every replica of a stage is busy and its queue full, or a configured PACS cannot be reached or did not "
@@ -173,5 +175,14 @@ class SegmentResponse(BaseModel):
 
 
 class ResultSummary(BaseModel):
+    """A result as it is reopened: what it measured, where its files are, and its reviews."""
+
     result_id: str = Field(description="The result's id.")
     labels: list[LabelVolume] = Field(description="Each foreground label and its volume.")
+    model: ModelRef | None = Field(None, description="The model that made it; null for a result stored without it.")
+    mask_url: str = Field(description="Where to GET the mask (gzipped NIfTI, uint8 labels, on the study's grid).")
+    image_url: str | None = Field(
+        description="Where to GET the study's image on the mask's grid (gzipped NIfTI); null unless the segment "
+        "request asked to keep it (keep_image=true)."
+    )
+    reviews: list[Review] = Field(description="Its reviews, oldest first.")

@@ -34,6 +34,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def auth(key: str) -> dict:
+    """The headers that send a tenant's API key."""
+    return {"authorization": f"Bearer {key}"}
+
+
+def audit_lines(config) -> list[dict]:
+    """Every audit line the application of ``config`` wrote (its default audit folder), oldest file first."""
+    import json
+
+    folder = config.storage.root / "audit"
+    return [json.loads(line) for path in sorted(folder.glob("audit-*.log*")) for line in path.read_text().splitlines()]
+
+
 def zip_bytes(entries: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -106,8 +119,8 @@ def assert_no_markers_in_logs(markers: list[str], more_logs: list[Path] = ()) ->
     assert scanned > 10
 
 
-def requests_counted(code: int) -> float:
-    """``ray_medserve_requests_total`` with this code, summed, as the node's metrics agent exports it now."""
+def exported_total(name: str, **labels: str) -> float:
+    """The samples of ``name`` with these label values, summed, as the node's metrics agent exports them now."""
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -117,8 +130,13 @@ def requests_counted(code: int) -> float:
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "ray_medserve_requests_total" and sample.labels.get("code") == str(code)
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def requests_counted(code: int) -> float:
+    """``ray_medserve_requests_total`` with this code, summed, as the node's metrics agent exports it now."""
+    return exported_total("ray_medserve_requests_total", code=str(code))
 
 
 def settled_counts(*codes: int, timeout_s: float = 60) -> list[float]:

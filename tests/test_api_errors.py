@@ -20,6 +20,8 @@ JSON_ROUTES = {
     ("/v1/models/{name}/segment", "post"): "SegmentResponse",
     ("/v1/results/{result_id}", "get"): "ResultSummary",
     ("/v1/results/{result_id}/store", "post"): "PacsStoreOutcome",
+    ("/v1/results/{result_id}/reviews", "get"): "ReviewList",
+    ("/v1/reviews", "get"): "ReviewList",
 }
 
 

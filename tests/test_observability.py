@@ -128,6 +128,10 @@ def send_traffic(server_url: str, study_zip: bytes, segments: int, slide: Path) 
         def segment(_):
             response = client.post(SEGMENT, content=study_zip, headers=ZIP)
             assert response.status_code == 200, response.text
+            # Each result accepted, as a radiologist would in the viewer: the acceptance-rate panel's series.
+            review = {"verdict": "accept", "reviewer": "observability test"}
+            reviewed = client.post(f"/v1/results/{response.json()['result_id']}/reviews", json=review)
+            assert reviewed.status_code == 201, reviewed.text
 
         with ThreadPoolExecutor(segments) as pool:  # concurrent, so the model can batch them
             list(pool.map(segment, range(segments)))
@@ -149,6 +153,7 @@ def scraped(prometheus, server_url, phantom_series, slide_root):
         "ray_medserve_batch_size_count",
         "ray_medserve_wsi_tiles_total",
         "ray_medserve_wsi_jobs_total",
+        "ray_medserve_reviews_total",
     ]
     missing = first_round
 

@@ -3,7 +3,6 @@
 import hashlib
 import hmac
 import http.client
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,15 +13,11 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import SEGMENT, ZIP, assert_no_markers_in_logs, medserve, zip_files
+from helpers import SEGMENT, ZIP, assert_no_markers_in_logs, audit_lines, auth, medserve, zip_files
 from serve_app.config import ConfigError, load_config
 from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.sample_data import write_ct_series
 from serve_app.tenancy.keys import hash_api_key
-
-
-def auth(key: str) -> dict:
-    return {"authorization": f"Bearer {key}"}
 
 
 def _series(tmp_path_factory, name, slices, **write_options):
@@ -58,11 +53,6 @@ def wait_for(condition, timeout_s=60.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the gate"
         time.sleep(0.05)
-
-
-def audit_lines(tenant_config) -> list[dict]:
-    folder = tenant_config.storage.root / "audit"
-    return [json.loads(line) for path in sorted(folder.glob("audit-*.log*")) for line in path.read_text().splitlines()]
 
 
 def test_each_rejection_has_its_code_and_a_reason(tenants, tenant_keys, small_zip, tiny_zip):

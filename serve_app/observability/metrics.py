@@ -83,6 +83,24 @@ def tenant_of(scope: dict) -> str:
     return str(scope.get("state", {}).get("tenant_id", ANONYMOUS))
 
 
+@functools.cache
+def _review_counter():
+    from ray.util import metrics
+
+    return metrics.Counter(
+        "medserve_reviews",
+        description="Reviews of results stored, by the result's model and version, verdict and tenant.",
+        tag_keys=("model", "version", "verdict", "tenant"),
+    )
+
+
+def count_review(model: str | None, version: str | None, verdict: str, tenant: str) -> None:
+    """Called by the ingress once a review is stored. ``model`` and ``version`` are the result's own record of the
+    model that made it (``unknown`` for a result stored without one), never a string the client sent."""
+    tags = {"model": model or "unknown", "version": version or "unknown", "verdict": verdict, "tenant": tenant}
+    _review_counter().inc(tags=tags)
+
+
 class ResponseCounter:
     """ASGI middleware: counts every response, including the 4xx an exception handler answers.
 

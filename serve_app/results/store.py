@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 
 from serve_app.config import StorageConfig
-from serve_app.errors import NoDicomResult, ResultNotFound
+from serve_app.errors import ImageNotKept, NoDicomResult, ResultNotFound
 from serve_app.model_repository import ModelSpec
 from serve_app.results.dicom_seg import build_segmentation
 from serve_app.results.dicom_sr import build_measurement_report
@@ -28,7 +28,7 @@ from serve_app.segmentation.messages import LabelVolume
 from serve_app.studies.dicom_source import DicomSource
 from serve_app.studies.volume import box_slices, shifted_affine
 
-__all__ = ["MASK_FILE", "OWNER_FILE", "SEG_FILE", "SR_FILE", "SUMMARY_FILE", "ResultStore"]
+__all__ = ["IMAGE_FILE", "MASK_FILE", "OWNER_FILE", "SEG_FILE", "SR_FILE", "SUMMARY_FILE", "ResultStore"]
 
 _RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 MASK_FILE = "mask.nii.gz"
@@ -47,6 +47,9 @@ SEG_FILE = "seg.dcm"
 SR_FILE = "sr.dcm"
 _SWEEP_INTERVAL_S = 600
 OWNER_FILE = "tenant"  # the tenant that made the result: only it may read the result
+# The study's image on the mask's grid, kept only when the request asked (keep_image): a viewer reopening the
+# result shows the mask over it.
+IMAGE_FILE = "image.nii.gz"
 _NIFTI_STUDY = (
     "this result came from a NIfTI study: it has no source instances for a DICOM SEG or SR to reference; "
     f"download {MASK_FILE}"
@@ -117,6 +120,46 @@ class ResultStore:
 
     def summary(self, result_id: str, tenant_id: str) -> dict:
         return json.loads(self._existing(result_id, SUMMARY_FILE, tenant_id).read_text())
+
+    def folder_of(self, result_id: str, tenant_id: str) -> Path:
+        """The folder of the tenant's unexpired result; ``ResultNotFound`` (404) for another tenant's or none."""
+        return self._existing(result_id, SUMMARY_FILE, tenant_id).parent
+
+    def folders_of_tenant(self, tenant_id: str) -> list[Path]:
+        """The folders of every unexpired result of the tenant."""
+        folders = []
+        for folder in self.root.iterdir():
+            try:
+                folders.append(self.folder_of(folder.name, tenant_id))
+            except ResultNotFound:  # another tenant's, expired, or a .partial folder being written
+                continue
+        return folders
+
+    def model_of(self, result_id: str, tenant_id: str) -> ModelSpec | None:
+        """The model that made the result, as it was then; None for a result stored without it."""
+        path = self.folder_of(result_id, tenant_id) / _MODEL_FILE
+        return ModelSpec.model_validate_json(path.read_text()) if path.is_file() else None
+
+    def keep_image(self, result_id: str, image: Path) -> None:
+        """Move ``image`` (the study's gzipped NIfTI on the mask's grid) into the result; it may be on another
+        filesystem (uploads in RAM): copied aside, then renamed into place."""
+        path = self._folder(result_id) / IMAGE_FILE
+        partial = path.with_name(f"{uuid.uuid4().hex}.nii.gz")
+        shutil.move(image, partial)
+        partial.rename(path)
+
+    def has_image(self, result_id: str, tenant_id: str) -> bool:
+        """Whether the study's image was kept with the result."""
+        return (self.folder_of(result_id, tenant_id) / IMAGE_FILE).is_file()
+
+    def image_path(self, result_id: str, tenant_id: str) -> Path:
+        """The study's image kept with the result; ``ImageNotKept`` (404) when the request did not ask for it."""
+        path = self.folder_of(result_id, tenant_id) / IMAGE_FILE
+        if not path.is_file():
+            raise ImageNotKept(
+                "the study's image was not kept with this result: segment with ?keep_image=true to keep it"
+            )
+        return path
 
     def mask_path(self, result_id: str, tenant_id: str) -> Path:
         """The gzipped mask on the study's whole grid, built now if this is its first download."""

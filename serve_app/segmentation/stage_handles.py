@@ -37,20 +37,26 @@ class StageHandles:
     preprocess: DeploymentHandle | None = None
     postprocess: DeploymentHandle | None = None
 
-    async def segment(self, spec: ModelSpec, upload_folder: Path, result_id: str) -> Segmentation:
-        """The request through the stages. A stage call whose replica dies is sent once more (Serve routes it to
-        another replica); raises ``ReplicaLost`` (503) when that one dies too, and ``ServiceBusy`` (503) when a
-        stage's queue is full: translated here, as Serve answers its own ``BackPressureError`` in plain text,
-        without Retry-After, before the ingress's error handlers can."""
+    async def segment(
+        self, spec: ModelSpec, upload_folder: Path, result_id: str, image_path: Path | None = None
+    ) -> Segmentation:
+        """The request through the stages; with ``image_path``, preprocessing also writes the study's image there
+        (see ``Preprocessor``). A stage call whose replica dies is sent once more (Serve routes it to another
+        replica); raises ``ReplicaLost`` (503) when that one dies too, and ``ServiceBusy`` (503) when a stage's
+        queue is full: translated here, as Serve answers its own ``BackPressureError`` in plain text, without
+        Retry-After, before the ingress's error handlers can."""
         try:
-            return await self._segment(spec, upload_folder, result_id)
+            return await self._segment(spec, upload_folder, result_id, image_path)
         except (BackPressureError, RayActorError) as e:
             raise unwrap(e) from None
 
-    async def _segment(self, spec: ModelSpec, upload_folder: Path, result_id: str) -> Segmentation:
+    async def _segment(
+        self, spec: ModelSpec, upload_folder: Path, result_id: str, image_path: Path | None
+    ) -> Segmentation:
         model = self.model_handles[spec.key]
+        image_file = None if image_path is None else str(image_path)
         if self.preprocess is None:
-            return await _twice_if_lost(lambda: model.segment.remote(str(upload_folder), result_id))
+            return await _twice_if_lost(lambda: model.segment.remote(str(upload_folder), result_id, image_file))
 
         async def postprocess(prediction: Prediction, prepared: PreparedStudy):
             return await _twice_if_lost(
@@ -58,7 +64,7 @@ class StageHandles:
             )
 
         return await run_stages(
-            preprocess=lambda: _twice_if_lost(lambda: self.preprocess.remote(str(upload_folder), spec)),
+            preprocess=lambda: _twice_if_lost(lambda: self.preprocess.remote(str(upload_folder), spec, image_file)),
             predict=lambda image: _twice_if_lost(lambda: model.predict.remote(image)),
             postprocess=postprocess,
         )

@@ -54,14 +54,18 @@ class Preprocessor:
         if self.parsers is not None:
             self.parsers.warm_up()
 
-    def __call__(self, upload_folder: Path, spec: ModelSpec) -> PreparedStudy:
+    def __call__(self, upload_folder: Path, spec: ModelSpec, image_path: Path | None = None) -> PreparedStudy:
         """The study in ``upload_folder`` as ``spec``'s model input: (C_in, *model_spatial) on this device.
 
+        With ``image_path``, the study's image (I, J, K) is also written there as gzipped NIfTI, on the grid and
+        with the affine the mask will have (``ResultStore.keep_image`` keeps it with the result, for a viewer).
         Raises ``InvalidStudy`` (422) when the study's modality is not the model's.
         """
         volume = read_study(Path(upload_folder), self.limits, self.parsers)
         if volume.modality and volume.modality != spec.modality:
             raise InvalidStudy(f"the series is {volume.modality}; model {spec.name} takes {spec.modality}")
+        if image_path is not None:
+            volume.save_nifti(Path(image_path))
         image = to_model_input(volume, spec.preprocessing, self.device)
         return PreparedStudy(
             image=image.as_tensor(),

@@ -53,6 +53,7 @@ class Visit:
     admitted: bool = False  # the gate counts it in: it must be let out (gate.leave)
     slot_wait_s: float = 0.0
     study_instance_uid: str | None = None  # hashed before it is written anywhere
+    verdict: str | None = None  # a review's verdict, audited; never its reviewer or comment (free text)
     timings_ms: dict = field(default_factory=dict)
     gate: DeploymentHandle | None = None
 
@@ -208,6 +209,7 @@ class Gatekeeper:
             "error": error,
             "timings_ms": {**visit.timings_ms, "total": round(total_s * 1000, 1)},
             "replica": self.audit.writer,
+            **({"verdict": visit.verdict} if visit.verdict else {}),
         }
 
 
