@@ -28,7 +28,9 @@ from serve_app.config import AppConfig
 from serve_app.dicomweb.messages import PacsSegmentRequest, PacsStoreOutcome, StoreRequest
 from serve_app.dicomweb.pacs_client import PacsClient
 from serve_app.dicomweb.stow import DICOM_JSON, spool_stow_request, stow_answer, stowed_instances
+from serve_app.drain import DrainWatch
 from serve_app.errors import (
+    SHUTDOWN_RETRY_S,
     BadRequest,
     DeadlineExceeded,
     Forbidden,
@@ -39,6 +41,7 @@ from serve_app.errors import (
     PayloadTooLarge,
     RequestError,
     RouteNotFound,
+    ShuttingDown,
     status_of,
     unwrap,
 )
@@ -85,6 +88,22 @@ api.mount(VIEWER_PATH, viewer_files(), name="viewer")
 def _error_response(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(status=status, reason=reason))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# While medserve down drains the application, new work (a POST) is refused and what is in flight is counted until
+# it is done; the health routes are neither (Serve's and HAProxy's own checks).
+@api.middleware("http")
+async def _drain(request: Request, call_next):
+    watch: DrainWatch = request.app.state.drain
+    if request.url.path.endswith(("/healthz", "/readyz")):
+        return await call_next(request)
+    if watch.draining and request.method == "POST":
+        return await _any_error(request, ShuttingDown("medserve is shutting down; retry shortly", SHUTDOWN_RETRY_S))
+    watch.in_flight += 1
+    try:
+        return await call_next(request)
+    finally:
+        watch.in_flight -= 1
 
 
 # Every error leaves in one format, {"error": {"status", "reason"}}, whoever raised it: medserve, a stage
@@ -176,6 +195,7 @@ class IngressDeployment(Replica):
         self.wsi_jobs = WsiJobs(config, self.repository, tile_model_handles)
         self.pacs = {name: PacsClient(name, pacs) for name, pacs in config.pacs.items()}
         config.storage.uploads.mkdir(parents=True, exist_ok=True)
+        api.state.drain = DrainWatch(config, serve.get_replica_context().replica_id.unique_id)
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:

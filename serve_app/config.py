@@ -169,6 +169,12 @@ class LimitsConfig(StrictModel):
         "stage); past it the client gets 504 and the request's work is cancelled in every stage. A tenant may set "
         "its own (tenants.<id>.request_deadline_s).",
     )
+    drain_grace_s: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds `medserve down` lets requests in flight finish (new work is refused with 503 from the "
+        "start) before it stops the application anyway.",
+    )
 
 
 class ReadingConfig(StrictModel):

@@ -32,7 +32,9 @@ __all__ = [
     "ReplicaLost",
     "RequestError",
     "ResultNotFound",
+    "SHUTDOWN_RETRY_S",
     "ServiceBusy",
+    "ShuttingDown",
     "RouteNotFound",
     "TooManyRequests",
     "Unauthorized",
@@ -217,6 +219,17 @@ class ReplicaLost(_RetryLater):
 
     status_code = 503
 
+
+class ShuttingDown(_RetryLater):
+    """The application is draining before it stops (``medserve down``): requests in flight finish, new work is
+    refused."""
+
+    status_code = 503
+
+
+# What a client is told to wait when the application is stopping: long enough for it to come back, or for a load
+# balancer in front to stop sending here.
+SHUTDOWN_RETRY_S = 5
 
 # What a client is told to wait when a stage's queue is full, or its replica was lost: about one model batch's
 # time; Serve starts a replacement replica in seconds.

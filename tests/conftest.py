@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from fault_load import SUMMARY
 
 from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, TEST_WSI, free_port, skip_unless_installed
 from orthanc_server import CuttingRelay, Orthanc, orthanc_executable
@@ -26,13 +26,11 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The counts of each fault injected under load (tests/test_cluster_faults.py), when those tests ran."""
-    faults = sys.modules.get("test_cluster_faults") or sys.modules.get("tests.test_cluster_faults")
-    if faults is None or not faults.FAULT_REPORTS:
-        return
-    terminalreporter.section("faults under load (8 clients, 30 s each, the fault at 10 s)")
-    for report in faults.FAULT_REPORTS:
-        terminalreporter.write_line(report.line())
+    """What the load tests found (faults under load, autoscaling, drain), when they ran."""
+    for heading, lines in SUMMARY.items():
+        terminalreporter.section(heading)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-__all__ = ["LoadReport", "run_load"]
+__all__ = ["SUMMARY", "LoadReport", "run_load"]
+
+# What the load tests found, by heading: printed at the end of the test run (conftest's pytest_terminal_summary),
+# so CI's log has the counts whatever the output capture.
+SUMMARY: dict[str, list[str]] = {}
 
 _MAX_ATTEMPTS = 20
 _RECONNECT_WAIT_S = 1.0

@@ -5,9 +5,10 @@ stages, and two "GPU-like" nodes that alone have the ``model_slot`` resource the
 ``ray start`` processes on this machine. medserve is deployed there with ``medserve up --address``, two replicas of
 every stage. Then, each under 8 clients for 30 s, one fault at the 10th second: a model replica SIGKILLed, a GPU
 node's raylet and workers SIGKILLed, an ingress replica SIGKILLed, the GCS SIGKILLed and restarted, a new model
-version rolled out. Every request must complete, after at most a retry the server asked for (503 + Retry-After) or
-a dropped connection forced; no other error, none past its deadline; every answered result readable; no more
-requests retried than were in flight at the fault; the cluster back to full strength by itself.
+version rolled out; last, ``medserve down`` drains it under load. Every request must complete, after at most a
+retry the server asked for (503 + Retry-After) or a dropped connection forced; no other error, none past its
+deadline; every answered result readable; no more requests retried than were in flight at the fault; the cluster
+back to full strength by itself.
 
 The counts of each fault are printed at the end of the test run (``pytest_terminal_summary`` in conftest.py).
 """
@@ -19,7 +20,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import nibabel as nib
 import psutil
 import pytest
 import yaml
-from fault_load import LoadReport, run_load
+from fault_load import SUMMARY, run_load
 from ray_nodes import RayNodes, Redis, replica_title
 
 from helpers import MODEL, SEGMENT, TEST_MAX_VOXELS, free_port, medserve, skip_unless_installed
@@ -44,8 +47,7 @@ FAULT_AT_S = 10
 DEADLINE_S = 60
 FULL_STRENGTH_WAIT_S = 180
 
-# What each fault's load came to, in the order run: printed by conftest's pytest_terminal_summary.
-FAULT_REPORTS: list[LoadReport] = []
+FAULTS_HEADING = f"faults under load ({CLIENTS} clients, {LOAD_S} s each, the fault at {FAULT_AT_S} s)"
 
 
 @dataclass
@@ -164,8 +166,7 @@ def test_a_fault_under_load_loses_nothing(nodes, faults_app, study, fault):
         fault_at_s=FAULT_AT_S,
         timeout_s=DEADLINE_S + 30,
     )
-    FAULT_REPORTS.append(report)
-    print(report.line())
+    SUMMARY.setdefault(FAULTS_HEADING, []).append(report.line())
     assert report.failed == [] and report.hung == 0, report.line() + f"\n{report.failed[:5]}"
     assert report.completed == report.sent > CLIENTS, report.line()
     assert report.retried_requests <= report.in_flight_at_fault, report.line()
@@ -212,3 +213,44 @@ def _wait_for_full_strength(nodes: RayNodes) -> None:
                 return
         time.sleep(2)
     raise AssertionError(f"not back to full strength in {FULL_STRENGTH_WAIT_S} s: {seen}")
+
+
+def test_down_drains_requests_in_flight_and_refuses_new_ones(nodes, faults_app, study):
+    """``medserve down``: requests in flight when it starts are answered (200), new ones get 503 "shutting down"
+    with Retry-After, then the application is gone. Last in this module: it takes the app down."""
+    answers: list[tuple[float, float, int, str]] = []  # (sent, answered, status, reason), monotonic seconds
+    refused = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=DEADLINE_S + 30) as http:
+            while not refused.is_set():
+                sent = time.monotonic()
+                answer = http.post(f"{faults_app.url}{SEGMENT}", content=study)
+                reason = answer.json().get("error", {}).get("reason", "") if answer.status_code != 200 else ""
+                answers.append((sent, time.monotonic(), answer.status_code, reason))
+                if answer.status_code == 503:
+                    assert answer.headers.get("retry-after"), dict(answer.headers)
+                    refused.set()  # a client told the server is going away stops sending (to it)
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(FAULT_AT_S)
+    ordered = time.monotonic()
+    down = medserve(
+        "down", "--address", nodes.address, "--config", str(faults_app.config_path), "--keep-ray", "--grace-s", "60",
+        env=nodes.client_environment,
+    )  # fmt: skip
+    for thread in threads:
+        thread.join()
+    statuses = Counter(status for _, _, status, _ in answers)
+    in_flight = [a for a in answers if a[0] < ordered < a[1]]
+    SUMMARY.setdefault(FAULTS_HEADING, []).append(
+        f"medserve down under load: answers {dict(statuses)}; {len(in_flight)} in flight when it began, all answered"
+    )
+    assert down.returncode == 0, down.stdout + down.stderr[-3000:]
+    assert set(statuses) <= {200, 503} and statuses[503] >= 1, answers
+    assert in_flight and all(status == 200 for _, _, status, _ in in_flight), in_flight
+    assert all("shutting down" in reason for _, _, status, reason in answers if status == 503), answers
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{faults_app.url}/readyz", timeout=10).raise_for_status()

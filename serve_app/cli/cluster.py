@@ -42,7 +42,14 @@ def add_commands(commands) -> None:
     reload.add_argument("--address", help="Ray cluster (default: the local one)")
     reload.set_defaults(run=_reload)
 
-    down = commands.add_parser("down", help="remove medserve and stop the local Ray cluster")
+    down = commands.add_parser(
+        "down", help="drain medserve (new work refused, work in flight finished), remove it, stop the local Ray cluster"
+    )
+    down.add_argument("--config", type=Path, help="application YAML it was started with (default: the packaged one)")
+    down.add_argument("--address", help="Ray cluster it runs on (default: the local one)")
+    down.add_argument(
+        "--grace-s", type=float, help="seconds requests in flight may take to finish (default: limits.drain_grace_s)"
+    )
     down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
     down.set_defaults(run=_down)
 
@@ -180,6 +187,27 @@ def wait_until_ready(url: str, timeout_s: float) -> None:
     raise CommandError(f"medserve did not become ready at {url} within {timeout_s:.0f} s")
 
 
+def _drain(config: AppConfig, grace_s: float) -> None:
+    """New work refused at once (503), requests in flight finished (up to ``grace_s``), then the app deleted."""
+    from ray import serve
+
+    from serve_app.drain import DrainOrder
+
+    applications = serve.status().applications
+    if config.name not in applications:
+        return
+    ingress = applications[config.name].deployments.get("Ingress")
+    replicas = ingress.replica_states.get("RUNNING", 0) if ingress else 0
+    order = DrainOrder(config)
+    order.start(grace_s)
+    print(f"draining {config.name}: new work refused, requests in flight finish (up to {grace_s:g} s)")
+    left = order.wait(replicas)
+    if any(left.values()):
+        print(f"medserve: {sum(left.values())} requests still in flight after {grace_s:g} s", file=sys.stderr)
+    serve.delete(config.name)
+    order.clear()
+
+
 def _down(args) -> int:
     import ray
     from ray import serve
@@ -188,12 +216,15 @@ def _down(args) -> int:
 
     for name in monitoring.stop():
         print(f"stopped {name}")
+    config = load_config(args.config)
     try:
-        ray.init(address="auto", logging_level="ERROR")
-        serve.shutdown()
-        ray.shutdown()
+        ray.init(address=args.address or "auto", logging_level="ERROR")
     except ConnectionError:
         print("medserve: no Ray cluster is running", file=sys.stderr)
+    else:
+        _drain(config, config.limits.drain_grace_s if args.grace_s is None else args.grace_s)
+        serve.shutdown()
+        ray.shutdown()
     if not args.keep_ray:
         subprocess.run([_RAY, "stop"], check=False, stdout=subprocess.DEVNULL)
         if mps.stop():

@@ -1,0 +1,89 @@
+"""Autoscaling watched acting: under a burst of requests Serve adds preprocessing and model replicas (up to 3),
+and takes them away once the queue has drained, with no request failing either way. A real Serve app beside the
+main one (replica counts from Serve's controller, once a second), real HTTP."""
+
+import threading
+import time
+
+import nibabel as nib
+import pytest
+from fault_load import SUMMARY, run_load
+from ray import serve
+
+from helpers import SEGMENT
+from serve_app.app import build_app
+from serve_app.config import AutoscalingConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+PREFIX = "/elastic"
+ELASTIC = ("Preprocess", "ModelReplica:ct-phantom-organ")
+# Quick to act, so the test takes a minute or two: Serve's defaults wait 30 s to add a replica and 10 min to
+# remove one.
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 2,
+    "downscale_delay_s": 10,
+    "look_back_period_s": 2,
+}
+BURST_S = 50
+DRAIN_WAIT_S = 120
+
+
+@pytest.fixture
+def elastic_url(server_url, app_config):
+    """Preprocessing and the model autoscaled between 1 and 3 replicas (no CPUs reserved: the test cluster's
+    CPUs are the main app's)."""
+    elastic = {"num_cpus": 0, "autoscaling": AutoscalingConfig(**AUTOSCALING)}
+    deployments = app_config.deployments.model_copy(
+        update={
+            name: getattr(app_config.deployments, name).model_copy(update=elastic) for name in ("preprocess", "model")
+        }
+    )
+    config = app_config.model_copy(update={"name": "medserve-elastic", "layout": "split", "deployments": deployments})
+    serve.run(build_app(config), name=config.name, route_prefix=PREFIX, blocking=False)
+    yield server_url + PREFIX, config.name
+    serve.delete(config.name)
+
+
+def _running_replicas(app: str) -> dict[str, int]:
+    deployments = serve.status().applications[app].deployments
+    return {name: deployments[name].replica_states.get("RUNNING", 0) for name in ELASTIC if name in deployments}
+
+
+def test_serve_adds_replicas_under_a_burst_and_removes_them_after(elastic_url, phantom):
+    url, app = elastic_url
+    counts: list[tuple[float, dict[str, int]]] = []
+    watching = threading.Event()
+    started = time.monotonic()
+
+    def watch() -> None:
+        while not watching.is_set():
+            counts.append((round(time.monotonic() - started), _running_replicas(app)))
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        study = nib.Nifti1Image(phantom.volume.array, phantom.volume.affine).to_bytes()
+        report = run_load(f"{url}{SEGMENT}", study, fault_name="burst", clients=8, duration_s=BURST_S)
+        burst_end = time.monotonic() - started
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        while time.monotonic() < deadline and any(n != 1 for n in (counts[-1][1] if counts else {0: 0}).values()):
+            time.sleep(1)
+    finally:
+        watching.set()
+        watcher.join()
+    timeline = [f"{t:4d} s  " + "  ".join(f"{name} {n}" for name, n in seen.items()) for t, seen in counts]
+    changes = [line for i, line in enumerate(timeline) if i == 0 or line[6:] != timeline[i - 1][6:]]
+    SUMMARY["autoscaling: replicas running, seconds from the burst's start (8 clients for 50 s)"] = [
+        *changes,
+        report.line(),
+    ]
+    assert report.failed == [] and report.hung == 0 and report.completed == report.sent, report.line()
+    for name in ELASTIC:
+        during = [seen[name] for t, seen in counts if t <= burst_end]
+        assert max(during) > 1, f"{name} never scaled up during the burst: {timeline}"
+        assert counts[-1][1][name] == 1, f"{name} did not scale back down to 1 after the burst: {timeline[-5:]}"
