@@ -21,18 +21,23 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from helpers import free_port
+from helpers import free_port, medserve
+from serve_app.config import HttpConfig
 
-__all__ = ["RayNode", "RayNodes", "Redis", "replica_title"]
+__all__ = ["RayNode", "RayNodes", "Redis", "deploy", "ray_nodes", "replica_title"]
 
 _RAY = str(Path(sys.executable).with_name("ray"))
 # Ray renames a Serve replica's worker process after its actor: "ray::ServeReplica:<app>:<deployment>".
@@ -74,6 +79,7 @@ class RayNode:
 
     name: str
     node_manager_port: int
+    metrics_export_port: int  # where its metrics agent serves Prometheus text: its replicas' metrics among them
     resources: dict[str, float]
 
     def raylet(self) -> psutil.Process | None:
@@ -109,6 +115,8 @@ class RayNodes:
 
     def __init__(self, workdir: Path, redis: Redis, environment: dict[str, str]):
         self.workdir = workdir
+        # Ray's own files, under a short path: its sockets' paths must fit in 107 bytes.
+        self.ray_temp_dir = Path(tempfile.mkdtemp(prefix="ray-nodes-"))
         self.redis = redis
         self.gcs_port = free_port()
         self.nodes: dict[str, RayNode] = {}
@@ -140,21 +148,23 @@ class RayNodes:
     def start_head(self, resources: dict[str, float] | None = None) -> RayNode:
         """The head: Serve's controller and ingress proxy, and no CPUs for replicas (as the KubeRay head)."""
         return self._start(
-            "head", ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.workdir / 'ray'}",
+            "head", ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.ray_temp_dir}",
                      "--include-dashboard=false", f"--ray-client-server-port={free_port()}"],
             cpus=0, resources=resources or {},
         )  # fmt: skip
 
-    def add_worker(self, name: str, *, cpus: float, resources: dict[str, float]) -> RayNode:
-        return self._start(name, [f"--address={self.address}"], cpus=cpus, resources=resources)
+    def add_worker(self, name: str, *, cpus: float, resources: dict[str, float], gpus: int = 0) -> RayNode:
+        """A worker node; ``gpus`` it claims to have (Ray schedules them, and sets each replica's
+        CUDA_VISIBLE_DEVICES, whether or not they exist: on a CPU machine nothing runs CUDA)."""
+        return self._start(name, [f"--address={self.address}", f"--num-gpus={gpus}"], cpus=cpus, resources=resources)
 
     def _start(self, name: str, role: list[str], *, cpus: float, resources: dict[str, float]) -> RayNode:
-        node = RayNode(name, free_port(), resources)
+        node = RayNode(name, free_port(), free_port(), resources)
         # Every port of its own: several nodes share this machine's one address.
         ports = [
             f"--node-manager-port={node.node_manager_port}",
             f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--metrics-export-port={node.metrics_export_port}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
@@ -205,7 +215,7 @@ class RayNodes:
 
     def shutdown(self) -> None:
         """Every process of this cluster, and nothing of another Ray cluster on this machine."""
-        ours = str(self.workdir / "ray")
+        ours = str(self.ray_temp_dir)
         stray = []
         for process in psutil.process_iter(["cmdline"]):
             try:
@@ -218,6 +228,30 @@ class RayNodes:
         for process in stray:
             _kill(process)
         self.nodes.clear()
+        shutil.rmtree(self.ray_temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def ray_nodes(workdir: Path) -> Iterator[RayNodes]:
+    """A Redis and a cluster with no node yet, its ingress Ray's HAProxy on free ports; all stopped after."""
+    redis = Redis(workdir)
+    environment = {
+        **HttpConfig(ingress="haproxy").ray_environment(),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+    cluster = RayNodes(workdir, redis, environment)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+        redis.stop()
+
+
+def deploy(nodes: RayNodes, config_path: Path) -> None:
+    """``medserve up --address`` with the application YAML at ``config_path``, as an operator runs it."""
+    answer = medserve("up", "--address", nodes.address, "--config", str(config_path), env=nodes.client_environment)
+    assert answer.returncode == 0, answer.stdout[-2000:] + answer.stderr[-3000:]
 
 
 def _kill(process: psutil.Process) -> None:

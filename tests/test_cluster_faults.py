@@ -32,10 +32,10 @@ import psutil
 import pytest
 import yaml
 from fault_load import SUMMARY, run_load
-from ray_nodes import RayNodes, Redis, replica_title
+from ray_nodes import RayNodes, deploy, ray_nodes, replica_title
 
 from helpers import MODEL, SEGMENT, TEST_MAX_VOXELS, free_port, medserve, skip_unless_installed
-from serve_app.config import EMBEDDED_MODEL_REPOSITORY, HttpConfig
+from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -61,23 +61,12 @@ class FaultsApp:
 def nodes(tmp_path_factory) -> RayNodes:
     if shutil.which("redis-server") is None:
         skip_unless_installed("redis-server", "redis-server is not installed (Debian redis-server)")
-    workdir = tmp_path_factory.mktemp("nodes")
-    redis = Redis(workdir)
-    environment = {
-        **HttpConfig(ingress="haproxy").ray_environment(),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-    }
-    cluster = RayNodes(workdir, redis, environment)
-    try:
+    with ray_nodes(tmp_path_factory.mktemp("nodes")) as cluster:
         cluster.start_head()
         cluster.add_worker("cpu", cpus=2, resources={"stage_slot": 8})
         cluster.add_worker("gpu-a", cpus=1, resources={"model_slot": 4})
         cluster.add_worker("gpu-b", cpus=1, resources={"model_slot": 4})
         yield cluster
-    finally:
-        cluster.shutdown()
-        redis.stop()
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +92,7 @@ def faults_app(nodes, tmp_path_factory) -> FaultsApp:
     }
     config_path = root / "faults.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    _deploy(nodes, config_path)
+    deploy(nodes, config_path)
     return FaultsApp(f"http://127.0.0.1:{config['http']['port']}", config_path, root / "models" / MODEL / "model.yaml")
 
 
@@ -142,7 +131,7 @@ def _restart_gcs_after_an_outage(nodes: RayNodes) -> None:
 def _roll_out_a_new_version(nodes: RayNodes, app: FaultsApp) -> None:
     spec = yaml.safe_load(app.model_yaml.read_text())
     app.model_yaml.write_text(yaml.safe_dump({**spec, "version": "1.1.0"}))
-    _deploy(nodes, app.config_path)
+    deploy(nodes, app.config_path)
 
 
 FAULTS = {
@@ -177,11 +166,6 @@ def test_a_fault_under_load_loses_nothing(nodes, faults_app, study, fault):
     if fault == "rolling update":
         models = httpx.get(f"{faults_app.url}/v1/models", timeout=60).json()
         assert [m["version"] for m in models["models"] if m["name"] == MODEL] == ["1.1.0"], models
-
-
-def _deploy(nodes: RayNodes, config_path: Path) -> None:
-    answer = medserve("up", "--address", nodes.address, "--config", str(config_path), env=nodes.client_environment)
-    assert answer.returncode == 0, answer.stdout[-2000:] + answer.stderr[-3000:]
 
 
 _SERVE_STATUS = """

@@ -147,6 +147,7 @@ class ReplicaMetrics:
     for a model replica, the size of each batch."""
 
     def __init__(self, model: str | None = None):
+        import ray
         from ray.serve import metrics
 
         self.model = model
@@ -162,6 +163,13 @@ class ReplicaMetrics:
             boundaries=BATCH_SIZE_BUCKETS,
             tag_keys=("model",),
         )
+        # Where Ray placed the replica: which GPUs of its node it was given (their indices there, "none" without).
+        # Replicas spread evenly over a node's GPUs show as equal counts per gpu value.
+        metrics.Gauge(
+            "medserve_replica_gpus",
+            description="1 for each replica, labelled with the GPUs (indices on its node) Ray gave it; 'none' if none.",
+            tag_keys=("gpu",),
+        ).set(1, tags={"gpu": ",".join(str(i) for i in ray.get_gpu_ids()) or "none"})
         threading.Thread(target=self._report_gpu_memory, name="medserve-gpu-memory", daemon=True).start()
 
     def batch(self, size: int) -> None:
