@@ -71,17 +71,19 @@ def run_load(
     fault_at_s: float = 10,
     timeout_s: float = 120,
     headers: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
 ) -> LoadReport:
-    """``clients`` threads POST ``body`` to ``url`` for ``duration_s``; ``fault()`` runs ``fault_at_s`` in. A request
-    begun before the end is followed to its answer; one without an answer in ``timeout_s`` (past the server's
-    deadline) counts as hung."""
+    """``clients`` threads POST ``body`` to ``url`` for ``duration_s`` (or until ``stop`` is set); ``fault()`` runs
+    ``fault_at_s`` in. A request begun before the end is followed to its answer; one without an answer in
+    ``timeout_s`` (past the server's deadline) counts as hung."""
     report = LoadReport(fault=fault_name)
     in_flight = [0]
-    stop = time.monotonic() + duration_s
+    end = time.monotonic() + duration_s
+    stop = stop or threading.Event()
 
     def client() -> None:
         with httpx.Client(timeout=timeout_s) as http:
-            while time.monotonic() < stop:
+            while time.monotonic() < end and not stop.is_set():
                 _one_request(http, url, body, headers or {}, report, in_flight)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]

@@ -28,7 +28,8 @@ AUTOSCALING = {
     "downscale_delay_s": 10,
     "look_back_period_s": 2,
 }
-BURST_S = 50
+# The burst lasts until both deployments have scaled up, or this long.
+MAX_BURST_S = 150
 DRAIN_WAIT_S = 120
 
 
@@ -56,30 +57,36 @@ def _running_replicas(app: str) -> dict[str, int]:
 def test_serve_adds_replicas_under_a_burst_and_removes_them_after(elastic_url, phantom):
     url, app = elastic_url
     counts: list[tuple[float, dict[str, int]]] = []
-    watching = threading.Event()
+    burst_over, watching = threading.Event(), threading.Event()
     started = time.monotonic()
 
     def watch() -> None:
         while not watching.is_set():
-            counts.append((round(time.monotonic() - started), _running_replicas(app)))
+            seen = _running_replicas(app)
+            counts.append((round(time.monotonic() - started), seen))
+            if all(seen.get(name, 0) > 1 for name in ELASTIC):
+                burst_over.set()  # both scaled up: the burst has shown what it was for
             time.sleep(1)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
         study = nib.Nifti1Image(phantom.volume.array, phantom.volume.affine).to_bytes()
-        report = run_load(f"{url}{SEGMENT}", study, fault_name="burst", clients=8, duration_s=BURST_S)
+        report = run_load(
+            f"{url}{SEGMENT}", study, fault_name="burst", clients=8, duration_s=MAX_BURST_S, stop=burst_over
+        )
         burst_end = time.monotonic() - started
         deadline = time.monotonic() + DRAIN_WAIT_S
-        while time.monotonic() < deadline and any(n != 1 for n in (counts[-1][1] if counts else {0: 0}).values()):
+        while time.monotonic() < deadline and any(n != 1 for n in counts[-1][1].values()):
             time.sleep(1)
     finally:
         watching.set()
         watcher.join()
     timeline = [f"{t:4d} s  " + "  ".join(f"{name} {n}" for name, n in seen.items()) for t, seen in counts]
     changes = [line for i, line in enumerate(timeline) if i == 0 or line[6:] != timeline[i - 1][6:]]
-    SUMMARY["autoscaling: replicas running, seconds from the burst's start (8 clients for 50 s)"] = [
+    SUMMARY["autoscaling: replicas running, seconds from the burst's start (8 clients)"] = [
         *changes,
+        f"the burst ended at {burst_end:.0f} s",
         report.line(),
     ]
     assert report.failed == [] and report.hung == 0 and report.completed == report.sent, report.line()
