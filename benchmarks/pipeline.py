@@ -96,7 +96,7 @@ def write_repository(root: Path, size: Size, study: Path) -> Path:
         yaml.safe_dump(
             {
                 "name": "msd-spleen-unet",
-                "version": "bench",
+                "version": "0+bench",
                 "modality": "CT",
                 "labels": {0: "background", 1: "spleen"},
                 "preprocessing": {
@@ -298,7 +298,8 @@ class ServeSettings:
     ingress: str  # http.ingress: "haproxy" or "proxy"
     gpu_sharing: str  # "mps" or "time-slicing"
     uploads_root: Path | None  # storage.uploads_root; None: <storage root>/uploads
-    fused_replicas: int = 4  # fused layout on a GPU: this many replicas share it, 1/fused_replicas each
+    fused_replicas: int = 4  # fused layout on a GPU: this many replicas share the GPUs, gpus/fused_replicas each
+    gpus: int = 1  # GPUs the fused replicas spread over: a multiple of them, so each GPU holds as many
 
     def label(self) -> str:
         return f"{self.ingress}+{self.gpu_sharing}"
@@ -311,13 +312,14 @@ MODEL_MAX_ONGOING = 2
 def serve_config(
     storage: Path, repository: Path, layout: str, gpu: bool, batch: int, port: int, settings: ServeSettings
 ) -> AppConfig:
-    """``settings.fused_replicas`` fused replicas sharing the GPU, or the GPU shared by split stages."""
+    """``settings.fused_replicas`` fused replicas sharing ``settings.gpus`` GPUs evenly (each asks for
+    ``gpus / fused_replicas`` of one: Ray fills every GPU alike), or the GPU shared by split stages."""
     ongoing = MODEL_MAX_ONGOING * batch
     if gpu and layout == "fused":
         deployments = {
             "model": {
                 "num_replicas": settings.fused_replicas,
-                "num_gpus": 1 / settings.fused_replicas,
+                "num_gpus": settings.gpus / settings.fused_replicas,
                 "num_cpus": 1,
                 "max_ongoing_requests": ongoing,
             }
@@ -692,6 +694,7 @@ def run(
     layouts: tuple = LAYOUTS,
     http_phases: tuple = HTTP_PHASES,
     fused_replicas: int = 4,
+    gpus: int = 1,
 ) -> dict:
     size = SIZES[size_name]
     gpu = torch.cuda.is_available()
@@ -708,6 +711,7 @@ def run(
             "size": size_name,
             "volume": list(size.volume),
             "decode_ms": None,
+            "gpus": gpus,
             "models": {},
         }
         series = write_ct_series(volume, work / "dicom")
@@ -720,6 +724,7 @@ def run(
             gpu_sharing=mps_if_it_runs(gpu, report),
             uploads_root=ram_backed_folder(size, work),
             fused_replicas=fused_replicas,
+            gpus=gpus,
         )
         for name in models:
             spec = ModelRepository(repository).get(name)
@@ -927,7 +932,10 @@ def main(argv=None) -> None:
         action="store_true",
         help="also serve d with Serve's Python proxy, and (where MPS runs) without MPS, one change at a time",
     )
-    parser.add_argument("--fused-replicas", type=int, default=4, help="fused replicas sharing the GPU (default 4)")
+    parser.add_argument("--fused-replicas", type=int, default=4, help="fused replicas sharing the GPUs (default 4)")
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="GPUs the fused replicas spread over (a divisor of --fused-replicas)"
+    )
     args = parser.parse_args(argv)
     run(
         args.size,
@@ -938,6 +946,7 @@ def main(argv=None) -> None:
         layouts=tuple(args.layouts.split(",")),
         http_phases=tuple(args.http_phases.split(",")),
         fused_replicas=args.fused_replicas,
+        gpus=args.gpus,
     )
 
 

@@ -75,7 +75,7 @@ def write_bench_model(folder: Path) -> Path:
     torch.save(ResNet(**args).state_dict(), model_folder / "model.pt")
     spec = {
         "name": MODEL,
-        "version": "bench",
+        "version": "0+bench",
         "task": "tile_classification",
         "modality": "SM",
         "labels": {0: "normal", 1: "tumour"},
@@ -159,8 +159,11 @@ class GpuSampler:
         return round(float(np.mean(self.samples)), 1) if self.samples else None
 
 
-def end_to_end(repository: Path, slide_path: Path, size: Size, work: Path, *, gpu_decode: bool) -> dict:
-    """A real WSI job on a local Ray cluster: submitted over HTTP, timed from submission to its end."""
+def end_to_end(
+    repository: Path, slide_path: Path, size: Size, work: Path, *, gpu_decode: bool, gpus: int = 1, slides: int = 1
+) -> dict:
+    """A real WSI job on a local Ray cluster: submitted over HTTP, timed from submission to its end. ``slides``
+    copies of the slide in the one job; the size's tile-model replicas on each of ``gpus`` GPUs."""
     import httpx
     import ray
     from ray import serve
@@ -171,7 +174,7 @@ def end_to_end(repository: Path, slide_path: Path, size: Size, work: Path, *, gp
 
     port = _free_port()
     tile_model = {
-        "num_replicas": size.replicas,
+        "num_replicas": size.replicas * gpus,
         "num_cpus": size.cpus_per_replica,
         "num_gpus": size.gpu_share,
         "max_ongoing_requests": 6,
@@ -197,12 +200,15 @@ def end_to_end(repository: Path, slide_path: Path, size: Size, work: Path, *, gp
         serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, timeout_s=300)
+        copies = [slide_path] + [_linked_copy(slide_path, i) for i in range(1, slides)]
         with httpx.Client(base_url=url, timeout=60) as client:
             # A first job warms the replicas (engines built, cuDNN tuned); the second is timed.
-            for out in ("warm-up", "timed"):
+            for out, job_slides in (("warm-up", [slide_path]), ("timed", copies)):
                 with GpuSampler() as gpu:
                     watch = time.perf_counter()
-                    job = client.post("/v1/wsi/jobs", json={"model": MODEL, "slides": [str(slide_path)], "out": out})
+                    job = client.post(
+                        "/v1/wsi/jobs", json={"model": MODEL, "slides": [str(p) for p in job_slides], "out": out}
+                    )
                     job.raise_for_status()
                     while (status := client.get(f"/v1/wsi/jobs/{job.json()['job_id']}").json())["state"] in (
                         "queued",
@@ -211,12 +217,15 @@ def end_to_end(repository: Path, slide_path: Path, size: Size, work: Path, *, gp
                         time.sleep(0.25)
                     wall_s = time.perf_counter() - watch
         summary = status["slides"][0]["summary"]
-        if status["state"] != "done" or summary is None:
+        if status["state"] != "done" or any(slide["summary"] is None for slide in status["slides"]):
             raise RuntimeError(f"the benchmark job ended {status['state']}: {status['slides'][0]['error']}")
+        tiles = sum(slide["summary"]["tiles_tissue"] for slide in status["slides"])
         return {
-            "tiles": summary["tiles_tissue"],
+            "tiles": tiles,
+            "slides": slides,
+            "gpus": gpus,
             "wall_s": round(wall_s, 2),
-            "tiles_per_s": round(summary["tiles_tissue"] / wall_s, 1),
+            "tiles_per_s": round(tiles / wall_s, 1),
             # The slide's units only: from the first sent to the last written, without the job's start,
             # planning (open, tissue) and the renderings at its end.
             "classify_wall_s": summary["classify_wall_s"],
@@ -224,13 +233,20 @@ def end_to_end(repository: Path, slide_path: Path, size: Size, work: Path, *, gp
             "gpu_utilisation_pct": gpu.mean,
             "phase_seconds": summary["seconds"],
             "reader": summary["reader"],
-            "replicas": size.replicas,
+            "replicas": size.replicas * gpus,
             "gpu_per_replica": size.gpu_share,
             "jpeg_decode": "GPU (nvJPEG)" if gpu_decode else "CPU threads",
         }
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _linked_copy(slide_path: Path, index: int) -> Path:
+    """Another name for the slide (a hard link: no copy of its bytes), so a job may hold it several times."""
+    copy = slide_path.with_name(f"{slide_path.stem}-{index}{slide_path.suffix}")
+    copy.hardlink_to(slide_path)
+    return copy
 
 
 def _free_port() -> int:
@@ -245,6 +261,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="medserve bench-wsi", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        metavar="GPUS",
+        help="only the end-to-end job (GPU decode where there is one), the tile-model replicas on GPUS GPUs, --slides slides at once; "
+        "writes wsi-scaling-<GPUS>.json (benchmarks/gpu_scaling.sh)",
+    )
+    parser.add_argument("--slides", type=int, default=1, help="slides in the end-to-end job (copies of one)")
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     work = Path(tempfile.mkdtemp(prefix="bench-wsi-"))
@@ -255,6 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"slide {size.side} x {size.side} written in {write_s:.1f} s", flush=True)
 
     device = replica_device()
+    if args.scaling:
+        gpu_decode = device.type == "cuda"
+        run = end_to_end(repository, slide_path, size, work, gpu_decode=gpu_decode, gpus=args.scaling, slides=args.slides)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"wsi-scaling-{args.scaling}.json").write_text(json.dumps(run, indent=1))
+        print(json.dumps(run), flush=True)
+        return
     spec = read_model_spec(repository / MODEL / "model.yaml")
     classifier = TileClassifier(spec, device)
     model_rates = model_only(classifier)
