@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         "--scaling",
         type=int,
         metavar="GPUS",
-        help="only the end-to-end job (GPU decode where there is one), the tile-model replicas on GPUS GPUs, --slides slides at once; "
-        "writes wsi-scaling-<GPUS>.json (benchmarks/gpu_scaling.sh)",
+        help="only the end-to-end job (GPU decode where there is one), the tile-model replicas on GPUS GPUs, "
+        "--slides slides at once; writes wsi-scaling-<GPUS>.json (benchmarks/gpu_scaling.sh)",
     )
     parser.add_argument("--slides", type=int, default=1, help="slides in the end-to-end job (copies of one)")
     args = parser.parse_args(argv)
@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     device = replica_device()
     if args.scaling:
         gpu_decode = device.type == "cuda"
-        run = end_to_end(repository, slide_path, size, work, gpu_decode=gpu_decode, gpus=args.scaling, slides=args.slides)
+        run = end_to_end(
+            repository, slide_path, size, work, gpu_decode=gpu_decode, gpus=args.scaling, slides=args.slides
+        )
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"wsi-scaling-{args.scaling}.json").write_text(json.dumps(run, indent=1))
         print(json.dumps(run), flush=True)
