@@ -1,6 +1,6 @@
 """Autoscaling watched acting: under a burst of requests Serve adds model replicas (up to 3; preprocessing's too
-when its own queue grows) and takes them away once the queue has drained, with no request failing either way. A real Serve app beside the
-main one (replica counts from Serve's controller, once a second), real HTTP."""
+when its own queue grows) and takes them away once the queue has drained, with no request failing either way. A
+real Serve app beside the main one (replica counts from Serve's controller, once a second), real HTTP."""
 
 import threading
 import time
