@@ -112,7 +112,10 @@ def _deploy(config: AppConfig) -> None:
     from ray import serve
 
     from serve_app.app import build_app, read_checked_repository
+    from serve_app.drain import DrainOrder
 
+    # A drain that a `medserve down` began and did not finish must not hold the new deployment's replicas.
+    DrainOrder(config).clear()
     serve.start(**config.http.serve_start_options())
     repository = read_checked_repository(config)
     serve.run(build_app(config, repository), name=config.name, route_prefix="/", blocking=False)
