@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import yaml
 
+from benchmarks.cpu_accounting import CpuSampler
 from benchmarks.http_load import HttpLoad, closed_loop, open_loop
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, HttpConfig, LimitsConfig, load_config
 from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
@@ -452,9 +453,11 @@ def measure_serve(
     gpu: bool,
     settings: ServeSettings,
     layouts: tuple[str, ...],
+    http_concurrencies: tuple[int, ...] = (),
 ) -> dict:
     """c for each of ``layouts`` through DeploymentHandles; then, on the faster one, the open-loop run through handles,
-    every HTTP upload phase (d first), the transport ceiling and the open-loop run over HTTP."""
+    every HTTP upload phase (d first), d again at each of ``http_concurrencies``, the transport ceiling and the
+    open-loop run over HTTP."""
     from ray import serve
 
     from benchmarks.transport import BodySink
@@ -465,7 +468,7 @@ def measure_serve(
             config = serve_config(work / f"storage-{layout}", repository, layout, gpu, batch, port, settings)
             with deployed(config, uploads[0].body) as app:
                 asyncio.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up
-                with GpuSampler() as gpu_sampler:
+                with GpuSampler() as gpu_sampler, CpuSampler() as cpu:
                     latencies, wall, outcomes = asyncio.run(closed_loop(app.call, size.requests, size.concurrency))
                 progress(out, f"handles_{layout}", summarise(
                     latencies,
@@ -473,6 +476,7 @@ def measure_serve(
                     gpu_sampler,
                     breakdown_ms=breakdown([o.timings.model_dump() for o in outcomes]),
                     dice_vs_reference=fidelity.of(app.results, app.result_ids[-1]),
+                    cpu=cpu.per_request(len(latencies)),
                 ))  # fmt: skip
         faster = max(layouts, key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
         config = serve_config(work / f"storage-{faster}", repository, faster, gpu, batch, port, settings)
@@ -491,6 +495,12 @@ def measure_serve(
                 progress(
                     out, upload.name, measure_http(f"{url}/{config.name}", spec, upload, size, fidelity, app.results)
                 )
+            for concurrency in http_concurrencies:
+                figures = measure_http(
+                    f"{url}/{config.name}", spec, uploads[0], size, fidelity, app.results, concurrency
+                )
+                out.setdefault("http_at_concurrency", {})[str(concurrency)] = figures
+                progress(None, f"http_at_concurrency_{concurrency}", figures)
             progress(out, "transport_ceiling", measure_transport(f"{url}/sink/", uploads[0], size))
             out["http"]["of_transport_ceiling"] = round(
                 out["http"]["volumes_per_s"] / out["transport_ceiling"]["uploads_per_s"], 3
@@ -589,12 +599,20 @@ def deployed(config: AppConfig, study: bytes):
 
 
 def measure_http(
-    url: str, spec: ModelSpec, upload: HttpUpload, size: Size, fidelity: Fidelity, results: ResultStore
+    url: str,
+    spec: ModelSpec,
+    upload: HttpUpload,
+    size: Size,
+    fidelity: Fidelity,
+    results: ResultStore,
+    concurrency: int | None = None,
 ) -> dict:
+    """``size.requests`` uploads at ``concurrency`` (``size.concurrency`` by default) in a closed loop: throughput,
+    latency, GPU utilisation, where a request's time went at the server and the machine's CPU time by process."""
     load = HttpLoad(f"{url}/v1/models/{spec.name}/segment", upload.body, upload.headers, size.client_processes)
-    with GpuSampler() as gpu:
-        run = load.closed(size.requests, size.concurrency)
-    gpu.window = (run.start, run.start + run.wall_s)
+    with GpuSampler() as gpu, CpuSampler() as cpu:
+        run = load.closed(size.requests, concurrency or size.concurrency)
+    gpu.window = cpu.window = (run.start, run.start + run.wall_s)
     timings = [a["timings_ms"] for a in run.answers]
     return summarise(
         run.latencies_s,
@@ -603,14 +621,24 @@ def measure_http(
         breakdown_ms={k: round(statistics.fmean(t[k] for t in timings), 1) for k in timings[0]},
         upload_mb=round(len(upload.body) / 1e6, 1),
         dice_vs_reference=fidelity.of(results, run.answers[-1]["result_id"]),
+        concurrency=concurrency or size.concurrency,
+        cpu=cpu.per_request(len(run.latencies_s)),
     )
 
 
 def measure_transport(url: str, upload: HttpUpload, size: Size) -> dict:
     """The same uploads, at the same concurrency and through the same ingress, to an app that only receives them."""
-    run = HttpLoad(url, upload.body, upload.headers, size.client_processes).closed(size.requests * 2, size.concurrency)
+    load = HttpLoad(url, upload.body, upload.headers, size.client_processes)
+    with CpuSampler() as cpu:
+        run = load.closed(size.requests * 2, size.concurrency)
+    cpu.window = (run.start, run.start + run.wall_s)
     mb_per_s = len(run.latencies_s) * len(upload.body) / 1e6 / run.wall_s
-    return {"uploads_per_s": round(run.per_s, 2), "mb_per_s": round(mb_per_s), **percentiles(run.latencies_s)}
+    return {
+        "uploads_per_s": round(run.per_s, 2),
+        "mb_per_s": round(mb_per_s),
+        **percentiles(run.latencies_s),
+        "cpu": cpu.per_request(len(run.latencies_s)),
+    }
 
 
 def open_loop_http(url: str, spec: ModelSpec, upload: HttpUpload, size: Size, rate_per_s: float) -> dict:
@@ -695,8 +723,10 @@ def run(
     http_phases: tuple = HTTP_PHASES,
     fused_replicas: int = 4,
     gpus: int = 1,
+    http_concurrencies: tuple[int, ...] = (),
+    requests: int | None = None,
 ) -> dict:
-    size = SIZES[size_name]
+    size = dataclasses.replace(SIZES[size_name], requests=requests or SIZES[size_name].requests)
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     device_name = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
@@ -747,8 +777,9 @@ def run(
                 torch.cuda.empty_cache()  # the replicas need the memory b used
             tuned_repository = write_tuned_repository(repository, tuned, work)
             served = measure_serve(
-                tuned, size, work, tuned_repository, uploads, fidelity, batch, gpu, settings, layouts
-            )
+                tuned, size, work, tuned_repository, uploads, fidelity, batch, gpu, settings, layouts,
+                http_concurrencies,
+            )  # fmt: skip
             handles, http = served[f"handles_{served['faster_layout']}"], served["http"]
             model = report["models"][name] = {
                 "model_input": list(tuned.preprocessing.spatial_size),
@@ -936,6 +967,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--gpus", type=int, default=1, help="GPUs the fused replicas spread over (a divisor of --fused-replicas)"
     )
+    parser.add_argument(
+        "--http-concurrency",
+        default="",
+        help="comma-separated: d (raw NIfTI over HTTP) again at each of these concurrencies, after the upload phases",
+    )
+    parser.add_argument("--requests", type=int, help="requests in each closed-loop phase (the size's own by default)")
     args = parser.parse_args(argv)
     run(
         args.size,
@@ -947,6 +984,8 @@ def main(argv=None) -> None:
         http_phases=tuple(args.http_phases.split(",")),
         fused_replicas=args.fused_replicas,
         gpus=args.gpus,
+        http_concurrencies=tuple(int(c) for c in args.http_concurrency.split(",") if c),
+        requests=args.requests,
     )
 
 

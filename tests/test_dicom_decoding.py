@@ -208,6 +208,35 @@ def test_twelve_bit_values_with_garbage_in_the_unused_bits_read_as_pydicom_reads
         np.testing.assert_array_equal(volume.array[:, :, k], (ds.pixel_array + float(ds.RescaleIntercept)).T)
 
 
+def _rewritten(paths: list[Path], **elements) -> list[Path]:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in elements.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("elements", "dtype"),
+    [
+        pytest.param({}, np.int16, id="CT's integer intercept: int16, as NIfTI's CT"),
+        pytest.param({"RescaleIntercept": -1024.5}, np.float32, id="a fractional intercept"),
+        pytest.param({"RescaleSlope": 2}, np.float32, id="a slope"),
+        pytest.param({"RescaleIntercept": 32000}, np.float32, id="shifted past int16"),
+    ],
+)
+def test_a_series_whose_rescale_shifts_integers_reads_as_int16_else_float32(tmp_path, elements, dtype):
+    phantom = ct_phantom(np.random.default_rng(7), shape=(16, 12, 3), spacing=(1.0, 1.0, 2.0)).volume
+    paths = _rewritten(write_ct_series(phantom, tmp_path), **elements)
+    volume = read_dicom_series(paths, LimitsConfig())
+    assert volume.array.dtype == dtype
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_array_equal(volume.array[:, :, k], hu.T.astype(np.float32))
+
+
 # Enhanced (multi-frame) images.
 
 

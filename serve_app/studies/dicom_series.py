@@ -453,13 +453,34 @@ def _rescale_of(item) -> _Rescale:
 
 
 def _decode_slices(slices: list[_Slice], shape: tuple[int, int]) -> np.ndarray:
-    """The slices' (columns, rows, len(slices)) float32 voxels in modality units, decoded one thread a core.
+    """The slices' (columns, rows, len(slices)) voxels in modality units, decoded one thread a core.
+
+    int16 where every slice's rescale only shifts its integers (slope 1, an integer intercept: CT's usual
+    -1024) and the values fit, as NIfTI's CT arrives: half the bytes of float32 to hold, check and copy to the
+    device, where they are widened. float32 otherwise.
 
     The array is in Fortran order, as nibabel gives a NIfTI image: each slice is one contiguous block, so every
     thread writes its own part of memory.
     """
+    if all(_shifts_integers(s.rescale) for s in slices):
+        try:
+            return _decode_slices_as(np.int16, slices, shape)
+        except _OutsideInt16:
+            pass  # rare (16-bit values near the type's ends, shifted): the whole series as float32
+    return _decode_slices_as(np.float32, slices, shape)
+
+
+class _OutsideInt16(Exception):
+    """A slice's values in modality units do not fit int16 (or are not integers)."""
+
+
+def _shifts_integers(rescale: _Rescale) -> bool:
+    return rescale.lut is None and rescale.slope == 1 and float(rescale.intercept).is_integer()
+
+
+def _decode_slices_as(dtype: type, slices: list[_Slice], shape: tuple[int, int]) -> np.ndarray:
     rows, cols = shape
-    array = np.empty((cols, rows, len(slices)), dtype=np.float32, order="F")
+    array = np.empty((cols, rows, len(slices)), dtype=dtype, order="F")
 
     def decode(k: int) -> None:
         _to_modality_units(_stored_values(slices[k], shape), slices[k].rescale, array[:, :, k].T)
@@ -535,12 +556,20 @@ def _read_native(layout: _NativeLayout, frame: int, shape: tuple[int, int]) -> n
 
 
 def _to_modality_units(pixels: np.ndarray, rescale: _Rescale, out: np.ndarray) -> None:
-    """``pixels`` (rows, columns) rescaled into ``out``, a (rows, columns) float32 view of the volume."""
+    """``pixels`` (rows, columns) rescaled into ``out``, a (rows, columns) view of the volume: float32, or int16
+    for a rescale that only shifts integers (``_OutsideInt16`` where the shifted values do not fit)."""
     if rescale.lut is not None:
         try:
             out[...] = apply_rescale(pixels, rescale.lut)
         except Exception:  # a table that does not fit the pixels, or lies about its own length
             raise InvalidStudy("the slice's Modality LUT cannot be applied to its pixels") from None
+    elif out.dtype == np.int16:
+        shift = int(rescale.intercept)
+        if pixels.dtype.kind not in "iu" or (
+            pixels.size and (int(pixels.min()) + shift < -32768 or int(pixels.max()) + shift > 32767)
+        ):
+            raise _OutsideInt16
+        np.add(pixels, np.int32(shift), out=out, casting="unsafe")  # int32: a uint16 and a negative shift
     elif (rescale.slope, rescale.intercept) == (1, 0):
         out[...] = pixels
     else:
