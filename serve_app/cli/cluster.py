@@ -75,19 +75,15 @@ def _render(args) -> int:
 
 
 def _up(args) -> int:
-    import ray
-
     config = load_config(args.config)
-    if args.address:
-        ray.init(address=args.address, logging_level="ERROR")
+    if _connected(args.address):
         _note_joined_cluster(config)
+    elif args.address:
+        raise CommandError(f"no Ray cluster answers at {args.address}")
     else:
-        try:
-            ray.init(address="auto", logging_level="ERROR")
-            _note_joined_cluster(config)
-        except ConnectionError:
-            _start_local_ray(config, dashboard=args.monitoring)
-            ray.init(address="auto", logging_level="ERROR")
+        _start_local_ray(config, dashboard=args.monitoring)
+        if not _connected(None):
+            raise CommandError("the local Ray cluster medserve started does not answer; see `ray status`")
     _deploy(config)
     if args.monitoring:
         _start_monitoring()
@@ -95,15 +91,22 @@ def _up(args) -> int:
 
 
 def _reload(args) -> int:
-    import ray
-
     config = load_config(args.config)
-    try:
-        ray.init(address=args.address or "auto", logging_level="ERROR")
-    except ConnectionError:
-        raise CommandError("no Ray cluster is running: start medserve with medserve up") from None
+    if not _connected(args.address):
+        raise CommandError("no Ray cluster is running: start medserve with medserve up")
     _deploy(config)
     return 0
+
+
+def _connected(address: str | None) -> bool:
+    """Connect this process to the Ray cluster at ``address`` (the local one when None); False where none answers."""
+    import ray
+
+    try:
+        ray.init(address=address or "auto", logging_level="ERROR")
+    except ConnectionError:
+        return False
+    return True
 
 
 def _deploy(config: AppConfig) -> None:
@@ -220,9 +223,7 @@ def _down(args) -> int:
     for name in monitoring.stop():
         print(f"stopped {name}")
     config = load_config(args.config)
-    try:
-        ray.init(address=args.address or "auto", logging_level="ERROR")
-    except ConnectionError:
+    if not _connected(args.address):
         print("medserve: no Ray cluster is running", file=sys.stderr)
     else:
         _drain(config, config.limits.drain_grace_s if args.grace_s is None else args.grace_s)
