@@ -15,8 +15,11 @@ that a small body that decodes to terabytes is refused at the limit.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import zipfile
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -40,6 +43,10 @@ from serve_app.errors import (
 __all__ = ["UploadBudget", "UploadContents", "sniff", "sort_upload", "spool_request"]
 
 _CHUNK = 1 << 20
+# An archive's entries are copied out by this many threads at most (the copies and CRC checks release the GIL: a
+# 300-file series unpacks several times faster), each thread taking a run of at least _MIN_ENTRIES_PER_THREAD.
+_UNZIP_THREADS = 4
+_MIN_ENTRIES_PER_THREAD = 16
 
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -56,20 +63,23 @@ class UploadBudget:
     over all its parts and everything unpacked from its archives.
 
     ``spend_bytes`` / ``spend_files`` raise ``PayloadTooLarge`` (413) the moment the budget is exceeded,
-    before the bytes that exceed it are written.
+    before the bytes that exceed it are written; threads unpacking one archive share it.
     """
 
     def __init__(self, *, max_bytes: int, max_files: int):
         self.max_bytes, self.max_files = max_bytes, max_files
         self.bytes = self.files = 0
+        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, limits: LimitsConfig) -> UploadBudget:
         return cls(max_bytes=limits.max_upload_bytes, max_files=limits.max_files_per_upload)
 
     def spend_bytes(self, n: int) -> None:
-        self.bytes += n
-        if self.bytes > self.max_bytes:
+        with self._lock:
+            self.bytes += n
+            spent = self.bytes
+        if spent > self.max_bytes:
             raise PayloadTooLarge(
                 f"the upload is over this server's limit of {self.max_bytes} bytes, unpacked archives included"
             )
@@ -250,22 +260,35 @@ def _add_zip(archive: Path, into: Path, budget: UploadBudget, contents: UploadCo
     try:
         with zipfile.ZipFile(archive) as zf:
             entries = [e for e in zf.infolist() if not e.is_dir()]
-            _check_entries(entries, budget)
-            into.mkdir()
-            for n, entry in enumerate(entries):
-                # Entries are written under a plain counter: their names are untrusted and may carry
-                # patient names, so they are neither used as paths nor ever repeated in messages.
-                target = into / f"{n:06d}"
-                with zf.open(entry) as src, open(target, "wb") as dst:
-                    # The sizes in the directory can lie: the bytes really unpacked are what is counted.
-                    while chunk := src.read(_CHUNK):
-                        budget.spend_bytes(len(chunk))
-                        dst.write(chunk)
-                _add_file(target, sniff(target), contents, budget)
+        _check_entries(entries, budget)
+        into.mkdir()
+        # Entries are written under a plain counter: their names are untrusted and may carry patient names, so
+        # they are neither used as paths nor ever repeated in messages.
+        targets = [into / f"{n:06d}" for n in range(len(entries))]
+        runs = max(1, min(_UNZIP_THREADS, len(entries) // _MIN_ENTRIES_PER_THREAD))
+        bounds = [len(entries) * i // runs for i in range(runs + 1)]
+        with ThreadPoolExecutor(runs) as pool:
+            runs_of = itertools.pairwise(bounds)
+            futures = [pool.submit(_extract, archive, entries[a:b], targets[a:b], budget) for a, b in runs_of]
+            for future in futures:
+                future.result()  # the first run's error first; the others stop at the budget or finish
+        for target in targets:
+            _add_file(target, sniff(target), contents, budget)
     except zipfile.BadZipFile:
         raise UnsupportedMediaType("the zip archive is corrupt or truncated") from None
     except RuntimeError as e:  # zipfile's error for encrypted entries
         raise InvalidStudy("the zip archive has encrypted entries; send it unencrypted") from e
+
+
+def _extract(archive: Path, entries: list[zipfile.ZipInfo], targets: list[Path], budget: UploadBudget) -> None:
+    """``entries`` of ``archive`` copied to ``targets``, through this thread's own handle on the archive."""
+    with zipfile.ZipFile(archive) as zf:
+        for entry, target in zip(entries, targets, strict=True):
+            with zf.open(entry) as src, open(target, "wb") as dst:
+                # The sizes in the directory can lie: the bytes really unpacked are what is counted.
+                while chunk := src.read(_CHUNK):
+                    budget.spend_bytes(len(chunk))
+                    dst.write(chunk)
 
 
 def _check_entries(entries: list[zipfile.ZipInfo], budget: UploadBudget) -> None:
