@@ -121,3 +121,15 @@ def test_spooling_then_unpacking_never_exceeds_the_request_budget(tmp_path_facto
     _sort(folder)
     written, files = _disk_usage(folder)
     assert written <= MAX_BYTES and files <= MAX_FILES
+
+
+def test_a_long_archive_unpacks_in_parallel_runs_to_the_same_files_in_order(tmp_path):
+    # 70 entries: four runs of threads (16 entries a run at least); each entry's bytes tell it apart.
+    entries = [b"\0" * 128 + b"DICM" + n.to_bytes(4, "little") * (100 + n) for n in range(70)]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n, data in enumerate(entries):
+            zf.writestr(f"slice-{n}.dcm", data)
+    (tmp_path / "000000").write_bytes(archive.getvalue())
+    contents = sort_upload(tmp_path, LimitsConfig())
+    assert [path.read_bytes() for path in contents.dicom] == entries
