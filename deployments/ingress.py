@@ -28,7 +28,7 @@ from serve_app.config import AppConfig
 from serve_app.dicomweb.messages import PacsSegmentRequest, PacsStoreOutcome, StoreRequest
 from serve_app.dicomweb.pacs_client import PacsClient
 from serve_app.dicomweb.stow import DICOM_JSON, spool_stow_request, stow_answer, stowed_instances
-from serve_app.drain import DrainWatch
+from serve_app.drain import DrainGate, DrainWatch
 from serve_app.errors import (
     SHUTDOWN_RETRY_S,
     BadRequest,
@@ -80,7 +80,6 @@ Receive = Callable[[Path, UploadBudget], Awaitable[int]]
 # Sent to a preprocessing stage asked to keep the study's image: it writes it here, in the upload folder.
 _KEPT_IMAGE = "kept-image.nii.gz"
 api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a Ray Serve cluster.")
-metrics.instrument(api)
 # The browser viewer's page and scripts: static, no key needed to load them (the page asks for one).
 api.mount(VIEWER_PATH, viewer_files(), name="viewer")
 
@@ -90,20 +89,15 @@ def _error_response(status: int, reason: str, headers: dict | None = None) -> JS
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-# While medserve down drains the application, new work (a POST) is refused and what is in flight is counted until
-# it is done; the health routes are neither (Serve's and HAProxy's own checks).
-@api.middleware("http")
-async def _drain(request: Request, call_next):
-    watch: DrainWatch = request.app.state.drain
-    if request.url.path.endswith(("/healthz", "/readyz")):
-        return await call_next(request)
-    if watch.draining and request.method == "POST":
-        return await _any_error(request, ShuttingDown("medserve is shutting down; retry shortly", SHUTDOWN_RETRY_S))
-    watch.in_flight += 1
-    try:
-        return await call_next(request)
-    finally:
-        watch.in_flight -= 1
+def _shutting_down() -> JSONResponse:
+    error = ShuttingDown("medserve is shutting down; retry shortly", SHUTDOWN_RETRY_S)
+    return _error_response(error.status_code, error.reason, error.headers)
+
+
+# While medserve down drains the application, a new POST is refused and what is in flight is counted until it is
+# done. Added first, so that the response counter (added next, outermost) counts the refusals too.
+api.add_middleware(DrainGate, refusal=_shutting_down)
+metrics.instrument(api)
 
 
 # Every error leaves in one format, {"error": {"status", "reason"}}, whoever raised it: medserve, a stage
