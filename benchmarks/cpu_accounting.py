@@ -53,7 +53,6 @@ class CpuSampler:
     def __init__(self):
         self.times: list[float] = []
         self.samples: list[dict[int, tuple[str, float]]] = []  # pid -> (kind, user + system seconds)
-        self.machine: list[float] = []  # busy seconds of all cores together
         self.window: tuple[float, float] | None = None
 
     def __enter__(self):
@@ -91,7 +90,6 @@ class CpuSampler:
             "cores": psutil.cpu_count(),
             "seconds": round(seconds, 2),
             "busy_cores": round(sum(spent.values()) / seconds, 2),
-            "machine_busy_cores": round((self.machine[last] - self.machine[first]) / seconds, 2),  # /proc/stat's
             "busy_cores_by_kind": {k: round(v / seconds, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])},
             "core_ms_per_request": {
                 k: round(v / max(requests_in_bracket, 1e-9) * 1000, 1) for k, v in spent.items() if v > 0
@@ -113,7 +111,5 @@ class CpuSampler:
                 sample[pid] = (self._kinds[pid], cpu.user + cpu.system)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        total = psutil.cpu_times()
-        self.machine.append(total.user + total.system + getattr(total, "irq", 0) + getattr(total, "softirq", 0))
         self.samples.append(sample)
         self.times.append(time.time())

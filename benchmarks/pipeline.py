@@ -301,6 +301,7 @@ class ServeSettings:
     uploads_root: Path | None  # storage.uploads_root; None: <storage root>/uploads
     fused_replicas: int = 4  # fused layout on a GPU: this many replicas share the GPUs, gpus/fused_replicas each
     gpus: int = 1  # GPUs the fused replicas spread over: a multiple of them, so each GPU holds as many
+    ingress_replicas: int = 8  # on a GPU node (one on a CPU-only machine): each replica's event loop is one core
 
     def label(self) -> str:
         return f"{self.ingress}+{self.gpu_sharing}"
@@ -339,8 +340,12 @@ def serve_config(
             "name": layout,
             "layout": layout,
             "model_repository": repository,
-            # Eight ingress replicas on a GPU node: each receives ~0.7 GB/s of uploads (2026-12-03, H200).
-            "deployments": {**deployments, "ingress": {"num_replicas": 8 if gpu else 1, "num_cpus": 0.25}},
+            # An ingress replica's event loop is one core: on the H200 one spent 250 CPU-ms receiving a 157 MB
+            # upload (2026-12-03, run 8), so a busy GPU node needs several.
+            "deployments": {
+                **deployments,
+                "ingress": {"num_replicas": settings.ingress_replicas if gpu else 1, "num_cpus": 0.25},
+            },
             "storage": {"root": storage, "uploads_root": settings.uploads_root and settings.uploads_root / layout},
             "http": {"port": port, "ingress": settings.ingress},
             "gpu_sharing": settings.gpu_sharing,
@@ -723,6 +728,7 @@ def run(
     http_phases: tuple = HTTP_PHASES,
     fused_replicas: int = 4,
     gpus: int = 1,
+    ingress_replicas: int = 8,
     http_concurrencies: tuple[int, ...] = (),
     requests: int | None = None,
 ) -> dict:
@@ -755,6 +761,7 @@ def run(
             uploads_root=ram_backed_folder(size, work),
             fused_replicas=fused_replicas,
             gpus=gpus,
+            ingress_replicas=ingress_replicas,
         )
         for name in models:
             spec = ModelRepository(repository).get(name)
@@ -972,6 +979,7 @@ def main(argv=None) -> None:
         default="",
         help="comma-separated: d (raw NIfTI over HTTP) again at each of these concurrencies, after the upload phases",
     )
+    parser.add_argument("--ingress-replicas", type=int, default=8, help="ingress replicas on a GPU node (default 8)")
     parser.add_argument("--requests", type=int, help="requests in each closed-loop phase (the size's own by default)")
     args = parser.parse_args(argv)
     run(
@@ -986,6 +994,7 @@ def main(argv=None) -> None:
         gpus=args.gpus,
         http_concurrencies=tuple(int(c) for c in args.http_concurrency.split(",") if c),
         requests=args.requests,
+        ingress_replicas=args.ingress_replicas,
     )
 
 
