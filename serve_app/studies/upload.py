@@ -44,7 +44,8 @@ __all__ = ["UploadBudget", "UploadContents", "sniff", "sort_upload", "spool_requ
 
 _CHUNK = 1 << 20
 # An archive's entries are copied out by this many threads at most (the copies and CRC checks release the GIL: a
-# 300-file series unpacks several times faster), each thread taking a run of at least _MIN_ENTRIES_PER_THREAD.
+# 300-file series unpacked in 71-92 ms against 120-152 ms in one thread, on 2 cores), each thread taking a run of at
+# least _MIN_ENTRIES_PER_THREAD.
 _UNZIP_THREADS = 4
 _MIN_ENTRIES_PER_THREAD = 16
 
