@@ -1,7 +1,7 @@
 """Where a phase's CPU time goes: core-seconds per request for each kind of process on the machine.
 
 The HTTP path is CPU-bound on one node (the GPU waits): which processes spend the cores is the question that says
-what to make cheaper. A sampler thread reads every process's CPU times twice a second; a phase's figures are the
+what to make cheaper. A sampler thread reads every process's CPU times five times a second; a phase's figures are the
 differences between the samples that bracket its timed part, grouped by what the process is.
 
     with CpuSampler() as cpu:
