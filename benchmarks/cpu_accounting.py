@@ -6,7 +6,7 @@ differences between the samples that bracket its timed part, grouped by what the
 
     with CpuSampler() as cpu:
         run = load.closed(48, 16)
-    cpu.window = (run.start, run.start + run.wall_s)
+    cpu.window = run.window
     cpu.per_request(len(run.latencies_s))  # {"busy_cores": 9.7, "core_ms_per_request": {"ingress replicas": 131.0, …}}
 """
 

@@ -34,6 +34,11 @@ class LoadRun:
     answers: list[dict]  # the JSON answers, in no particular order
 
     @property
+    def window(self) -> tuple[float, float]:
+        """The timed part, in epoch seconds: what a sampler's figures are narrowed to."""
+        return self.start, self.start + self.wall_s
+
+    @property
     def per_s(self) -> float:
         return len(self.latencies_s) / self.wall_s
 

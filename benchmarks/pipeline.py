@@ -614,10 +614,11 @@ def measure_http(
 ) -> dict:
     """``size.requests`` uploads at ``concurrency`` (``size.concurrency`` by default) in a closed loop: throughput,
     latency, GPU utilisation, where a request's time went at the server and the machine's CPU time by process."""
+    concurrency = concurrency or size.concurrency
     load = HttpLoad(f"{url}/v1/models/{spec.name}/segment", upload.body, upload.headers, size.client_processes)
     with GpuSampler() as gpu, CpuSampler() as cpu:
-        run = load.closed(size.requests, concurrency or size.concurrency)
-    gpu.window = cpu.window = (run.start, run.start + run.wall_s)
+        run = load.closed(size.requests, concurrency)
+    gpu.window = cpu.window = run.window
     timings = [a["timings_ms"] for a in run.answers]
     return summarise(
         run.latencies_s,
@@ -626,7 +627,7 @@ def measure_http(
         breakdown_ms={k: round(statistics.fmean(t[k] for t in timings), 1) for k in timings[0]},
         upload_mb=round(len(upload.body) / 1e6, 1),
         dice_vs_reference=fidelity.of(results, run.answers[-1]["result_id"]),
-        concurrency=concurrency or size.concurrency,
+        concurrency=concurrency,
         cpu=cpu.per_request(len(run.latencies_s)),
     )
 
@@ -636,7 +637,7 @@ def measure_transport(url: str, upload: HttpUpload, size: Size) -> dict:
     load = HttpLoad(url, upload.body, upload.headers, size.client_processes)
     with CpuSampler() as cpu:
         run = load.closed(size.requests * 2, size.concurrency)
-    cpu.window = (run.start, run.start + run.wall_s)
+    cpu.window = run.window
     mb_per_s = len(run.latencies_s) * len(upload.body) / 1e6 / run.wall_s
     return {
         "uploads_per_s": round(run.per_s, 2),
