@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from starlette.requests import Request
 
 from serve_app.config import LimitsConfig
-from serve_app.errors import RequestError
+from serve_app.errors import RequestError, UnsupportedMediaType
 from serve_app.studies.upload import UploadBudget, sort_upload, spool_request
 
 # Generated names repeat: a zip with two entries of one name is a case worth sending, not a warning.
@@ -44,9 +44,10 @@ entry_sizes = st.one_of(st.integers(0, 2048), st.integers(MAX_BYTES // 4, MAX_BY
 
 @st.composite
 def archives(draw) -> bytes:
-    """A zip archive: generated names, sizes and contents (zeros, which compress to almost nothing)."""
+    """A zip archive, stored or deflated: generated names, sizes and contents (zeros, which deflate to almost
+    nothing)."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(buffer, "w", draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))) as zf:
         for name, size in draw(st.lists(st.tuples(entry_names, entry_sizes), max_size=16)):
             zf.writestr(zipfile.ZipInfo(name), bytes(size))
     data = buffer.getvalue()
@@ -123,13 +124,27 @@ def test_spooling_then_unpacking_never_exceeds_the_request_budget(tmp_path_facto
     assert written <= MAX_BYTES and files <= MAX_FILES
 
 
-def test_a_long_archive_unpacks_in_parallel_runs_to_the_same_files_in_order(tmp_path):
-    # 70 entries: four runs of threads (16 entries a run at least); each entry's bytes tell it apart.
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_a_long_archive_unpacks_in_parallel_runs_to_the_same_files_in_order(tmp_path, compression):
+    # 70 entries: four runs of threads (16 entries a run at least); each entry's bytes tell it apart. Stored
+    # entries are copied by the kernel, deflated ones through zipfile.
     entries = [b"\0" * 128 + b"DICM" + n.to_bytes(4, "little") * (100 + n) for n in range(70)]
     archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(archive, "w", compression) as zf:
         for n, data in enumerate(entries):
             zf.writestr(f"slice-{n}.dcm", data)
     (tmp_path / "000000").write_bytes(archive.getvalue())
     contents = sort_upload(tmp_path, LimitsConfig())
     assert [path.read_bytes() for path in contents.dicom] == entries
+
+
+def test_a_stored_entry_changed_after_zipping_fails_its_crc_and_nothing_is_unpacked(tmp_path):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("a.dcm", b"\0" * 128 + b"DICM" + bytes(1000))
+    changed = bytearray(archive.getvalue())
+    changed[changed.index(b"DICM") + 500] ^= 0xFF  # the directory's CRC-32 no longer matches
+    (tmp_path / "000000").write_bytes(changed)
+    with pytest.raises(UnsupportedMediaType, match="corrupt or truncated"):
+        sort_upload(tmp_path, LimitsConfig())
+    assert not list((tmp_path / "000000.unzipped").iterdir())

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import mmap
+import os
 import threading
 import zipfile
 from collections.abc import AsyncIterator
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import zstandard
-from isal import igzip
+from isal import igzip, isal_zlib
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -50,6 +52,8 @@ _UNZIP_THREADS = 4
 _MIN_ENTRIES_PER_THREAD = 16
 
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_LOCAL_HEADER = 30  # bytes of a zip entry's local header before its name and extra field (APPNOTE 4.3.7)
+_ENCRYPTED = 0x1  # general purpose flag bit 0
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI1_MAGIC = b"n+1\x00"  # at byte 344
 _NIFTI2_MAGIC = b"n+2\x00"  # at byte 4
@@ -282,14 +286,44 @@ def _add_zip(archive: Path, into: Path, budget: UploadBudget, contents: UploadCo
 
 
 def _extract(archive: Path, entries: list[zipfile.ZipInfo], targets: list[Path], budget: UploadBudget) -> None:
-    """``entries`` of ``archive`` copied to ``targets``, through this thread's own handle on the archive."""
-    with zipfile.ZipFile(archive) as zf:
-        for entry, target in zip(entries, targets, strict=True):
-            with zf.open(entry) as src, open(target, "wb") as dst:
-                # The sizes in the directory can lie: the bytes really unpacked are what is counted.
-                while chunk := src.read(_CHUNK):
-                    budget.spend_bytes(len(chunk))
-                    dst.write(chunk)
+    """``entries`` of ``archive`` copied to ``targets``, through this thread's own handles on the archive."""
+    with zipfile.ZipFile(archive) as zf, open(archive, "rb") as raw:
+        with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            for entry, target in zip(entries, targets, strict=True):
+                if entry.compress_type == zipfile.ZIP_STORED and not entry.flag_bits & _ENCRYPTED:
+                    _copy_stored(raw, mapped, entry, target, budget)
+                    continue
+                with zf.open(entry) as src, open(target, "wb") as dst:
+                    # The sizes in the directory can lie: the bytes really unpacked are what is counted.
+                    while chunk := src.read(_CHUNK):
+                        budget.spend_bytes(len(chunk))
+                        dst.write(chunk)
+
+
+def _copy_stored(raw, mapped: mmap.mmap, entry: zipfile.ZipInfo, target: Path, budget: UploadBudget) -> None:
+    """A stored (uncompressed) entry copied by the kernel, its CRC-32 checked by ISA-L: zipfile's copy through
+    Python, checked by zlib, cost 105 CPU-ms for a 300-file, 157 MB series on 2 cores; this about a third of that.
+
+    Raises ``zipfile.BadZipFile`` for an entry whose local header, size or CRC does not match the directory.
+    """
+    header = mapped[entry.header_offset : entry.header_offset + _LOCAL_HEADER]
+    if len(header) < _LOCAL_HEADER or header[:4] != _ZIP_MAGICS[0] or entry.compress_size != entry.file_size:
+        raise zipfile.BadZipFile
+    name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    start = entry.header_offset + _LOCAL_HEADER + name_length + extra_length
+    if start + entry.file_size > len(mapped):
+        raise zipfile.BadZipFile
+    with memoryview(mapped) as view, view[start : start + entry.file_size] as data:
+        if isal_zlib.crc32(data) != entry.CRC:
+            raise zipfile.BadZipFile
+    budget.spend_bytes(entry.file_size)
+    with open(target, "wb") as dst:
+        copied = 0
+        while copied < entry.file_size:
+            sent = os.sendfile(dst.fileno(), raw.fileno(), start + copied, entry.file_size - copied)
+            if sent == 0:  # the archive ended early: it shrank since it was mapped
+                raise zipfile.BadZipFile
+            copied += sent
 
 
 def _check_entries(entries: list[zipfile.ZipInfo], budget: UploadBudget) -> None:
