@@ -302,9 +302,10 @@ class ServeSettings:
     fused_replicas: int = 4  # fused layout on a GPU: this many replicas share the GPUs, gpus/fused_replicas each
     gpus: int = 1  # GPUs the fused replicas spread over: a multiple of them, so each GPU holds as many
     ingress_replicas: int = 8  # on a GPU node (one on a CPU-only machine): each replica's event loop is one core
+    throughput_optimized: bool = True  # http.throughput_optimized: Serve's throughput-optimized data plane
 
     def label(self) -> str:
-        return f"{self.ingress}+{self.gpu_sharing}"
+        return f"{self.ingress}+{self.gpu_sharing}+{'throughput-optimized' if self.throughput_optimized else 'default'}"
 
 
 # Model replicas' queue: two batches' worth, one running and one filling (Serve's router sends a replica no more).
@@ -347,7 +348,7 @@ def serve_config(
                 "ingress": {"num_replicas": settings.ingress_replicas if gpu else 1, "num_cpus": 0.25},
             },
             "storage": {"root": storage, "uploads_root": settings.uploads_root and settings.uploads_root / layout},
-            "http": {"port": port, "ingress": settings.ingress},
+            "http": {"port": port, "ingress": settings.ingress, "throughput_optimized": settings.throughput_optimized},
             "gpu_sharing": settings.gpu_sharing,
         }
     )
@@ -363,7 +364,7 @@ def serving(settings: ServeSettings, port: int):
     from serve_app import mps
 
     saved = dict(os.environ)
-    env = HttpConfig(ingress=settings.ingress).ray_environment()
+    env = HttpConfig(ingress=settings.ingress, throughput_optimized=settings.throughput_optimized).ray_environment()
     # HAProxy's stats and metrics ports: free ones, beside any other cluster on this machine.
     env |= {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
     if settings.gpu_sharing == "mps":
@@ -550,6 +551,7 @@ def settings_of(settings: ServeSettings, config: AppConfig) -> dict:
     model = config.deployments.model
     return {
         "ingress": settings.ingress,
+        "throughput_optimized": settings.throughput_optimized,
         "gpu_sharing": settings.gpu_sharing,
         "uploads_root": str(settings.uploads_root) if settings.uploads_root else "storage root (disk)",
         "model_replicas": model.num_replicas,
@@ -723,7 +725,7 @@ def run(
     models: list[str],
     out: Path,
     *,
-    compare: bool,
+    compare: tuple[str, ...],
     decode: bool = True,
     layouts: tuple = LAYOUTS,
     http_phases: tuple = HTTP_PHASES,
@@ -820,7 +822,7 @@ def run(
             }
             if compare:
                 model["compared_settings"] = []
-                for alternative in alternatives(settings):
+                for alternative in alternatives(settings, compare):
                     try:
                         compared = measure_alternative(
                             tuned, size, work, tuned_repository, uploads[0], fidelity, batch, served["faster_layout"],
@@ -856,13 +858,20 @@ def mps_if_it_runs(gpu: bool, report: dict) -> str:
     return "mps"
 
 
-def alternatives(settings: ServeSettings) -> list[ServeSettings]:
-    """The chosen settings with one thing changed at a time: Serve's Python proxy; the other GPU sharing."""
-    other_sharing = "time-slicing" if settings.gpu_sharing == "mps" else "mps"
-    return [
-        dataclasses.replace(settings, ingress="proxy"),
-        *([dataclasses.replace(settings, gpu_sharing=other_sharing)] if settings.gpu_sharing == "mps" else []),
-    ]
+# What --compare changes, one at a time, in the chosen settings.
+ALTERNATIVES = ("proxy", "time-slicing", "default-data-plane")
+
+
+def alternatives(settings: ServeSettings, names: tuple[str, ...]) -> list[ServeSettings]:
+    """The chosen settings with one thing changed at a time, for each of ``names`` (``ALTERNATIVES``) that applies:
+    Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's default data plane."""
+    mps = settings.gpu_sharing == "mps"
+    changed = {
+        "proxy": dataclasses.replace(settings, ingress="proxy"),
+        "time-slicing": dataclasses.replace(settings, gpu_sharing="time-slicing") if mps else None,
+        "default-data-plane": dataclasses.replace(settings, throughput_optimized=False),
+    }
+    return [changed[name] for name in names if changed[name] is not None]
 
 
 def ram_backed_folder(size: Size, work: Path) -> Path | None:
@@ -946,7 +955,8 @@ def write_report(report: dict, out: Path) -> None:
                 continue
             http, chosen = compared["http"], compared["settings"]
             lines.append(
-                f"- {chosen['ingress']} + {chosen['gpu_sharing']}: d {http['volumes_per_s']} volumes/s "
+                f"- {chosen['ingress']} + {chosen['gpu_sharing']} + throughput-optimized "
+                f"{chosen['throughput_optimized']}: d {http['volumes_per_s']} volumes/s "
                 f"(p50 {http['p50_ms']}, p99 {http['p99_ms']} ms, GPU {http['gpu_util_percent']} %, "
                 f"Dice {http['dice_vs_reference']}, upload {http['breakdown_ms']['upload']} ms)"
             )
@@ -968,8 +978,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--compare",
-        action="store_true",
-        help="also serve d with Serve's Python proxy, and (where MPS runs) without MPS, one change at a time",
+        nargs="?",
+        const=",".join(ALTERNATIVES),
+        default="",
+        help="also serve d with one change at a time, comma-separated: proxy (Serve's Python proxy), time-slicing "
+        "(where MPS runs), default-data-plane (http.throughput_optimized off); all three when none is named",
     )
     parser.add_argument("--fused-replicas", type=int, default=4, help="fused replicas sharing the GPUs (default 4)")
     parser.add_argument(
@@ -987,7 +1000,7 @@ def main(argv=None) -> None:
         args.size,
         args.models.split(","),
         args.out,
-        compare=args.compare,
+        compare=_alternative_names(args.compare),
         decode=not args.no_decode,
         layouts=tuple(args.layouts.split(",")),
         http_phases=tuple(args.http_phases.split(",")),
@@ -997,6 +1010,13 @@ def main(argv=None) -> None:
         requests=args.requests,
         ingress_replicas=args.ingress_replicas,
     )
+
+
+def _alternative_names(listed: str) -> tuple[str, ...]:
+    names = tuple(name for name in listed.split(",") if name)
+    if unknown := sorted(set(names) - set(ALTERNATIVES)):
+        raise SystemExit(f"--compare: unknown {', '.join(unknown)}; choose from {', '.join(ALTERNATIVES)}")
+    return names
 
 
 if __name__ == "__main__":

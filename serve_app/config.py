@@ -283,6 +283,14 @@ class HttpConfig(StrictModel):
         "of it). proxy: Serve's Python HTTP proxy actor. Takes effect where Ray starts: `medserve up` sets it for "
         "the clusters it starts; elsewhere start Ray with ray_environment() (README: Ingress).",
     )
+    throughput_optimized: bool = Field(
+        True,
+        description="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1): a replica runs the "
+        "request code on its own event loop rather than a second thread's, so a body's chunks reach it without a "
+        "hop between threads, and replicas call one another over gRPC. Locally a replica receiving 157 MB uploads "
+        "spent 75-79 CPU-ms each against 108-123 without it (README: Ingress). Takes effect where Ray starts, as "
+        "ingress does.",
+    )
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode",
         description="Where Serve runs its ingress (HAProxy or proxy): on every node, so a load balancer in front "
@@ -295,7 +303,10 @@ class HttpConfig(StrictModel):
 
     def ray_environment(self) -> dict[str, str]:
         """The environment variables Ray must start with (``ray start``, ``ray.init``) for this ingress."""
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0"}
+        return {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
+        }
 
 
 class NodeGroupConfig(StrictModel):

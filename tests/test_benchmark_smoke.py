@@ -28,9 +28,15 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
         assert model[phase]["dice_vs_reference"] >= 0.9, phase
     assert model["transport_ceiling_uploads_per_s"] > 0
     assert model["open_loop_http_80pct"]["p99_ms"] >= model["open_loop_http_80pct"]["p50_ms"] > 0
-    assert model["settings"]["ingress"] == "haproxy"
-    # --compare: d again through Serve's Python proxy, one change at a time.
-    (proxy,) = model["compared_settings"]
-    assert (proxy["settings"]["ingress"], proxy["settings"]["gpu_sharing"]) == ("proxy", "time-slicing")
-    assert proxy["http"]["volumes_per_s"] > 0 and proxy["http"]["dice_vs_reference"] >= 0.9
+    assert (model["settings"]["ingress"], model["settings"]["throughput_optimized"]) == ("haproxy", True)
+    # --compare: d again with one change at a time (no MPS here, so no time-slicing alternative): Serve's Python
+    # proxy; Serve's default data plane.
+    proxy, default_plane = model["compared_settings"]
+    assert (proxy["settings"]["ingress"], proxy["settings"]["throughput_optimized"]) == ("proxy", True)
+    assert (default_plane["settings"]["ingress"], default_plane["settings"]["throughput_optimized"]) == (
+        "haproxy",
+        False,
+    )
+    for compared in (proxy, default_plane):
+        assert compared["http"]["volumes_per_s"] > 0 and compared["http"]["dice_vs_reference"] >= 0.9
     assert (tmp_path / report_path.name.replace(".json", ".md")).is_file()

@@ -100,10 +100,12 @@ def test_a_bad_config_fails_at_start_naming_the_field_and_the_value(tmp_path, ya
     assert message in str(error.value)
 
 
-def test_the_ingress_is_chosen_by_the_environment_ray_starts_with():
-    assert load_config().http.ray_environment() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # HAProxy by default
-    proxy = load_config(overrides={"http.ingress": "proxy"})
-    assert proxy.http.ray_environment() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+def test_the_ingress_and_serves_data_plane_are_chosen_by_the_environment_ray_starts_with():
+    # HAProxy and the throughput-optimized data plane by default.
+    default = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert load_config().http.ray_environment() == default
+    proxy = load_config(overrides={"http.ingress": "proxy", "http.throughput_optimized": "false"})
+    assert proxy.http.ray_environment() == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
 
 
 def test_uploads_spool_under_the_storage_root_unless_a_folder_is_named(tmp_path):
