@@ -4,8 +4,8 @@
 #     benchmark; OPTIONS go to it, e.g. --no-decode --layouts fused --fused-replicas 8 to fit one call
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh tests             # GPU tests, postprocess profile
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh http [OPTIONS]     # the HTTP path alone, in one
-#     call: the fused layout; raw NIfTI and the zipped DICOM series; d at concurrency 16 and 24, and again on Serve's
-#     default data plane; 96 requests a phase; each phase's CPU time by process (benchmarks/cpu_accounting.py)
+#     call: the fused layout; raw NIfTI and the zipped DICOM series; d at concurrency 16 and 24, and again with Serve's
+#     throughput-optimized data plane; 96 requests a phase; each phase's CPU time by process (benchmarks/cpu_accounting.py)
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh noisy             # noisy neighbour, full-size
 #     studies on the GPU (3 rounds of alone / alone again / flood), then the GPU tests in the time left
 # Writes under $OUT (the device tool's folder) or benchmarks/results/.
@@ -30,7 +30,7 @@ noisy)
   ;;
 http)
   timeout 570 python -m benchmarks.pipeline --size full --models msd-spleen-unet --no-decode --layouts fused \
-    --http-phases http,http_dicom_zip --http-concurrency 24 --requests 96 --compare default-data-plane \
+    --http-phases http,http_dicom_zip --http-concurrency 24 --requests 96 --compare throughput-optimized \
     --out "$out" "${@:2}" >"$out/bench.log" 2>&1
   grep -E '^[a-z_0-9 +-]+: \{' "$out/bench.log" | cut -c1-3000
   grep -v '^\s*\x1b\|^ ' "$out/bench.log" | grep -E 'Error|Traceback' | head -5 || true  # none found: not a failure
@@ -44,7 +44,8 @@ bench)
       curl -s localhost:18700/metrics | grep -E '^ray_medserve_(replica_gpu_memory_bytes|batch_size_count)'
     done >"$out/scraped-metrics.txt" 2>/dev/null ) &
   scraper=$!
-  # --compare: Serve's Python proxy and (where MPS runs) time-slicing too, one change at a time, in the same run.
+  # --compare: Serve's Python proxy, time-slicing (where MPS runs) and Serve's throughput-optimized data plane too,
+  # one change at a time, in the same run.
   timeout 580 python -m benchmarks.pipeline --size full --models "${2:-msd-spleen-unet}" --compare --out "$out" \
     "${@:3}" >"$out/bench.log" 2>&1
   kill $scraper $exporter 2>/dev/null

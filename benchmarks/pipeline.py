@@ -302,7 +302,7 @@ class ServeSettings:
     fused_replicas: int = 4  # fused layout on a GPU: this many replicas share the GPUs, gpus/fused_replicas each
     gpus: int = 1  # GPUs the fused replicas spread over: a multiple of them, so each GPU holds as many
     ingress_replicas: int = 8  # on a GPU node (one on a CPU-only machine): each replica's event loop is one core
-    throughput_optimized: bool = True  # http.throughput_optimized: Serve's throughput-optimized data plane
+    throughput_optimized: bool = False  # http.throughput_optimized: Serve's throughput-optimized data plane
 
     def label(self) -> str:
         return f"{self.ingress}+{self.gpu_sharing}+{'throughput-optimized' if self.throughput_optimized else 'default'}"
@@ -389,6 +389,34 @@ def serving(settings: ServeSettings, port: int):
             mps.stop()
 
 
+class HandleLoop:
+    """One event loop, running in a thread of its own for a serving session, that every handle call of the
+    benchmark runs on. In Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in this process's
+    environment, as where a shell exports it for Ray) a handle routes on the loop it was first called from, and
+    stops receiving the controller's updates once that loop stops, as each ``asyncio.run`` stops its own.
+
+    Usage::
+
+        with HandleLoop() as handle_loop:
+            latencies, wall, outcomes = handle_loop.run(closed_loop(app.call, 96, 16))
+    """
+
+    def __enter__(self) -> HandleLoop:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="handle-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self, coroutine):
+        """``coroutine`` run to its end on the loop; its result, or its error raised here."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def __exit__(self, *exc_info) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -469,13 +497,14 @@ def measure_serve(
     from benchmarks.transport import BodySink
 
     port, out = 18600, {}
-    with serving(settings, port):
+    # The loop outlives Serve: serve.shutdown() shuts each handle's router down on the loop it routes on.
+    with HandleLoop() as handle_loop, serving(settings, port):
         for layout in layouts:
             config = serve_config(work / f"storage-{layout}", repository, layout, gpu, batch, port, settings)
             with deployed(config, uploads[0].body) as app:
-                asyncio.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up
+                handle_loop.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up
                 with GpuSampler() as gpu_sampler, CpuSampler() as cpu:
-                    latencies, wall, outcomes = asyncio.run(closed_loop(app.call, size.requests, size.concurrency))
+                    latencies, wall, outcomes = handle_loop.run(closed_loop(app.call, size.requests, size.concurrency))
                 progress(out, f"handles_{layout}", summarise(
                     latencies,
                     wall,
@@ -492,9 +521,9 @@ def measure_serve(
         sink = BodySink.options(num_replicas=ingress.num_replicas, ray_actor_options={"num_cpus": ingress.num_cpus})
         serve.run(sink.bind(), name="sink", route_prefix="/sink", blocking=False)
         with deployed(config, uploads[0].body) as app:
-            asyncio.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up, as for c
+            handle_loop.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up, as for c
             rate = 0.8 * out[f"handles_{faster}"]["volumes_per_s"]
-            steady = asyncio.run(open_loop(app.call, rate, size.open_loop_s))
+            steady = handle_loop.run(open_loop(app.call, rate, size.open_loop_s))
             progress(out, "open_loop_80pct", {"layout": faster, "rate_per_s": round(rate, 2), **percentiles(steady)})
             url = f"http://127.0.0.1:{port}"
             for upload in uploads:
@@ -859,17 +888,17 @@ def mps_if_it_runs(gpu: bool, report: dict) -> str:
 
 
 # What --compare changes, one at a time, in the chosen settings.
-ALTERNATIVES = ("proxy", "time-slicing", "default-data-plane")
+ALTERNATIVES = ("proxy", "time-slicing", "throughput-optimized")
 
 
 def alternatives(settings: ServeSettings, names: tuple[str, ...]) -> list[ServeSettings]:
     """The chosen settings with one thing changed at a time, for each of ``names`` (``ALTERNATIVES``) that applies:
-    Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's default data plane."""
+    Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's throughput-optimized data plane."""
     mps = settings.gpu_sharing == "mps"
     changed = {
         "proxy": dataclasses.replace(settings, ingress="proxy"),
         "time-slicing": dataclasses.replace(settings, gpu_sharing="time-slicing") if mps else None,
-        "default-data-plane": dataclasses.replace(settings, throughput_optimized=False),
+        "throughput-optimized": dataclasses.replace(settings, throughput_optimized=True),
     }
     return [changed[name] for name in names if changed[name] is not None]
 
@@ -982,7 +1011,7 @@ def main(argv=None) -> None:
         const=",".join(ALTERNATIVES),
         default="",
         help="also serve d with one change at a time, comma-separated: proxy (Serve's Python proxy), time-slicing "
-        "(where MPS runs), default-data-plane (http.throughput_optimized off); all three when none is named",
+        "(where MPS runs), throughput-optimized (http.throughput_optimized on); all three when none is named",
     )
     parser.add_argument("--fused-replicas", type=int, default=4, help="fused replicas sharing the GPUs (default 4)")
     parser.add_argument(

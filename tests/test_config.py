@@ -101,11 +101,11 @@ def test_a_bad_config_fails_at_start_naming_the_field_and_the_value(tmp_path, ya
 
 
 def test_the_ingress_and_serves_data_plane_are_chosen_by_the_environment_ray_starts_with():
-    # HAProxy and the throughput-optimized data plane by default.
-    default = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    # HAProxy by default, Serve's throughput-optimized data plane off (and said so, whatever the shell exports).
+    default = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
     assert load_config().http.ray_environment() == default
-    proxy = load_config(overrides={"http.ingress": "proxy", "http.throughput_optimized": "false"})
-    assert proxy.http.ray_environment() == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    proxy = load_config(overrides={"http.ingress": "proxy", "http.throughput_optimized": "true"})
+    assert proxy.http.ray_environment() == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def test_uploads_spool_under_the_storage_root_unless_a_folder_is_named(tmp_path):
