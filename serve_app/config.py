@@ -302,7 +302,8 @@ class HttpConfig(StrictModel):
         return {"http_options": {"host": self.host, "port": self.port}, "proxy_location": self.proxy_location}
 
     def ray_environment(self) -> dict[str, str]:
-        """The environment variables Ray must start with (``ray start``, ``ray.init``) for this ingress."""
+        """The environment variables Ray must start with (``ray start``, ``ray.init``) for this ingress and data
+        plane."""
         return {
             "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",

@@ -7,8 +7,8 @@ from helpers import MODEL, medserve
 
 
 def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
-    # Run from a shell that exports Ray's variables as the README says: its own handles then run in Serve's
-    # throughput-optimized mode too (each handle bound to the event loop it was first called from).
+    # Run from a shell that exports RAY_SERVE_THROUGHPUT_OPTIMIZED=1, as Ray's docs suggest beside HAProxy: the
+    # benchmark's own handles then run in that mode (each bound to the event loop it was first called from).
     environment = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     run = medserve(
         "bench", "--size", "tiny", "--models", MODEL, "--compare", "--out", str(tmp_path), timeout=900, env=environment

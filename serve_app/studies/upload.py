@@ -301,8 +301,8 @@ def _extract(archive: Path, entries: list[zipfile.ZipInfo], targets: list[Path],
 
 
 def _copy_stored(raw, mapped: mmap.mmap, entry: zipfile.ZipInfo, target: Path, budget: UploadBudget) -> None:
-    """A stored (uncompressed) entry copied by the kernel, its CRC-32 checked by ISA-L: zipfile's copy through
-    Python, checked by zlib, cost 105 CPU-ms for a 300-file, 157 MB series on 2 cores; this about a third of that.
+    """A stored (uncompressed) entry copied by the kernel, its CRC-32 checked by ISA-L, not copied through Python by
+    zipfile and checked by zlib: sorting a 300-file, 157 MB series' upload took 101 CPU-ms against 141 on 2 cores.
 
     Raises ``zipfile.BadZipFile`` for an entry whose local header, size or CRC does not match the directory.
     """
