@@ -50,7 +50,7 @@ bench)
     "${@:3}" >"$out/bench.log" 2>&1
   kill $scraper $exporter 2>/dev/null
   # One line a phase as it ended (the log's Ray lines left out), then the report.
-  grep -E '^[a-z_0-9]+: \{' "$out/bench.log" | cut -c1-700
+  grep -E '^[a-z_0-9 +-]+: \{' "$out/bench.log" | cut -c1-700  # "compared <settings>: {" lines too
   grep -v '^\s*\x1b\|^ ' "$out/bench.log" | grep -E 'Error|Traceback' | head -5 || true  # none found: not a failure
   ;;
 esac
