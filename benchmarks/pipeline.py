@@ -439,7 +439,7 @@ class Fidelity:
 
 def mask_of(results: ResultStore, result_id: str) -> np.ndarray:
     """A stored result's organ (label 1) on the study's whole grid."""
-    results.set_owner(result_id, "bench")
+    results.commit(result_id, "bench")
     return np.asarray(nib.load(results.mask_path(result_id, "bench")).dataobj) == 1
 
 

@@ -278,21 +278,21 @@ class IngressDeployment(Replica):
         folder.mkdir(parents=True)
         try:
             # Cancelling the awaited handle calls cancels the request in the replicas running it (Serve passes
-            # the cancellation on), so no stage keeps working for an answer nobody will read.
+            # the cancellation on), so no stage keeps working for an answer nobody will read. What a stage runs in
+            # a thread cannot be interrupted: the result it may still store is discarded.
             deadline = asyncio.timeout(visit.seconds_left())
-            async with deadline:
-                budget = UploadBudget(
-                    max_bytes=visit.max_upload_bytes, max_files=self.config.limits.max_files_per_upload
-                )
-                uploaded_bytes = await receive(folder, budget)
-                upload_s = watch.lap()
-                await visit.wait_for_slot()
-                image = folder / _KEPT_IMAGE if keep_image else None
-                segmentation = await self.stages.segment(spec, folder, visit.request_id, image)
-            if image is not None:
-                await asyncio.to_thread(self.results.keep_image, visit.request_id, image)
+            with self.results.discarded_if_cancelled(visit.request_id):
+                async with deadline:
+                    budget = UploadBudget(
+                        max_bytes=visit.max_upload_bytes, max_files=self.config.limits.max_files_per_upload
+                    )
+                    uploaded_bytes = await receive(folder, budget)
+                    upload_s = watch.lap()
+                    await visit.wait_for_slot()
+                    image = folder / _KEPT_IMAGE if keep_image else None
+                    segmentation = await self.stages.segment(spec, folder, visit.request_id, image)
+            await asyncio.to_thread(self.results.commit, visit.request_id, visit.tenant_id, image)
             visit.study_instance_uid = segmentation.study_instance_uid
-            self.results.set_owner(visit.request_id, visit.tenant_id)
         except TimeoutError:
             if not deadline.expired():
                 raise  # a timeout of something else inside: not the request's deadline

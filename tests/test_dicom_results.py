@@ -244,7 +244,7 @@ def stored_result(tmp_path, volume: Volume, spec: ModelSpec, dicom: bool = True)
     summary = {"labels": [v.model_dump() for v in volumes]}
     source = volume.source if dicom else None
     store.save(RESULT_ID, mask, (0, 0, 0), volume.shape, volume.affine, summary, spec, source)
-    store.set_owner(RESULT_ID, "st-marys")
+    store.commit(RESULT_ID, "st-marys")
     return store
 
 

@@ -77,4 +77,7 @@ def test_past_its_deadline_a_request_gets_504_and_its_work_is_cancelled(hasty_ur
         assert answer.elapsed.total_seconds() < DEADLINE_S + 2
     time.sleep(5)  # what a stage would still finish and store, had it not been cancelled
     stored_after = {p.name for p in results.iterdir()} if results.exists() else set()
-    assert stored_after == stored_before, "a cancelled request's result was stored anyway"
+    # Each request marked its result discarded; a stage still making it then (in a thread, which cancelling the
+    # call does not stop) stored nothing: no result, and none staged.
+    added = stored_after - stored_before
+    assert len(added) == 2 and all(name.endswith(".discarded") for name in added), added

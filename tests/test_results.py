@@ -14,7 +14,7 @@ RESULT_ID = "0123456789abcdef0123456789abcdef"
 def test_saved_result_reads_back_until_it_expires(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
     store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
-    store.set_owner(RESULT_ID, "st-marys")
+    store.commit(RESULT_ID, "st-marys")
     assert store.mask_path(RESULT_ID, "st-marys").is_file()
     assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
 
@@ -38,7 +38,7 @@ def test_a_result_is_not_found_by_another_tenant(tmp_path):
     store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
     with pytest.raises(ResultNotFound):
         store.summary(RESULT_ID, "st-marys")  # no owner recorded yet: nobody's
-    store.set_owner(RESULT_ID, "st-marys")
+    store.commit(RESULT_ID, "st-marys")
     with pytest.raises(ResultNotFound):
         store.summary(RESULT_ID, "city-general")
     assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
@@ -51,7 +51,7 @@ def test_the_mask_is_rebuilt_on_the_whole_grid_from_its_box(tmp_path):
     box = np.zeros((3, 4, 5), np.uint8)
     box[1:, 1:3, 2:] = 1
     store.save(RESULT_ID, box, (10, 20, 30), (40, 50, 60), affine, {"labels": []})
-    store.set_owner(RESULT_ID, "st-marys")
+    store.commit(RESULT_ID, "st-marys")
 
     path = store.mask_path(RESULT_ID, "st-marys")
     built = path.stat().st_mtime_ns
@@ -67,9 +67,65 @@ def test_the_mask_is_rebuilt_on_the_whole_grid_from_its_box(tmp_path):
 def test_a_result_without_dicom_source_has_no_seg_or_sr(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
     store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
-    store.set_owner(RESULT_ID, "st-marys")
+    store.commit(RESULT_ID, "st-marys")
     assert not store.has_dicom_results(RESULT_ID, "st-marys")
     with pytest.raises(NoDicomResult, match="download mask.nii.gz"):
         store.seg_path(RESULT_ID, "st-marys")
     with pytest.raises(ResultNotFound):  # another tenant learns nothing, not even that the study was NIfTI
         store.has_dicom_results(RESULT_ID, "city-general")
+
+
+def save_result(store: ResultStore) -> None:
+    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
+
+
+def test_a_saved_result_is_nobodys_until_its_request_commits_it(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    save_result(store)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{RESULT_ID}.staged"]
+    with pytest.raises(ResultNotFound):
+        store.summary(RESULT_ID, "st-marys")
+    store.commit(RESULT_ID, "st-marys")
+    assert [p.name for p in tmp_path.iterdir()] == [RESULT_ID]
+    assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
+
+
+def test_a_result_its_request_gave_up_on_is_deleted_or_never_stored(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    save_result(store)
+    store.discard(RESULT_ID)  # the deadline passed after the stage had stored it
+    assert not (tmp_path / f"{RESULT_ID}.staged").exists()
+
+    late = ResultStore(tmp_path / "late", retention_hours=1)
+    late.discard(RESULT_ID)  # the deadline passed while a stage, not interruptible, was still making it
+    save_result(late)
+    assert [p.name for p in late.root.iterdir()] == [f"{RESULT_ID}.discarded"]
+
+
+def test_a_request_cancelled_while_its_result_is_made_discards_it(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    with pytest.raises(TimeoutError), store.discarded_if_cancelled(RESULT_ID):
+        save_result(store)
+        raise TimeoutError
+    assert [p.name for p in tmp_path.iterdir()] == [f"{RESULT_ID}.discarded"]
+
+
+def test_a_request_that_failed_otherwise_leaves_nothing(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    with pytest.raises(ValueError), store.discarded_if_cancelled(RESULT_ID):
+        raise ValueError("the study was refused before any stage ran")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sweep_deletes_what_abandoned_results_left_once_they_are_old(tmp_path):
+    store = ResultStore(tmp_path, retention_hours=1)
+    save_result(store)  # staged, its request never came back: its ingress replica died
+    store.discard("fedcba9876543210fedcba9876543210")
+    store.sweep()
+    assert len(list(tmp_path.iterdir())) == 2  # either might still be committed or written
+
+    eleven_minutes_ago = time.time() - 660
+    for path in tmp_path.iterdir():
+        os.utime(path, (eleven_minutes_ago, eleven_minutes_ago))
+    store.sweep()
+    assert list(tmp_path.iterdir()) == []

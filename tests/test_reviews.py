@@ -25,12 +25,13 @@ from serve_app.viewer import VIEWER_FILES
 ROOT = Path(__file__).parent.parent
 RESULT_ID = "0123456789abcdef0123456789abcdef"
 OTHER_RESULT_ID = "fedcba9876543210fedcba9876543210"
+KEPT_RESULT_ID = "00112233445566778899aabbccddeeff"
 
 
-def saved_result(store: ResultStore, result_id: str, tenant: str) -> None:
+def saved_result(store: ResultStore, result_id: str, tenant: str, image: Path | None = None) -> None:
     spec = next(iter(ModelRepository(EMBEDDED_MODEL_REPOSITORY)))
     store.save(result_id, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []}, spec)
-    store.set_owner(result_id, tenant)
+    store.commit(result_id, tenant, image)
 
 
 @pytest.fixture
@@ -111,13 +112,14 @@ def test_the_image_is_kept_on_the_masks_grid_as_int16_when_whole(store, tmp_path
     with pytest.raises(ImageNotKept, match="keep_image=true"):
         store.image_path(RESULT_ID, "st-marys")
 
-    store.keep_image(RESULT_ID, tmp_path / "image.nii.gz")
-    kept = nib.load(store.image_path(RESULT_ID, "st-marys"))
+    saved_result(store, KEPT_RESULT_ID, "st-marys", tmp_path / "image.nii.gz")
+    assert not (tmp_path / "image.nii.gz").exists()  # moved, not copied
+    kept = nib.load(store.image_path(KEPT_RESULT_ID, "st-marys"))
     assert kept.get_data_dtype() == np.int16
     np.testing.assert_array_equal(np.asanyarray(kept.dataobj), hu)
     np.testing.assert_allclose(kept.affine, affine)
     with pytest.raises(ResultNotFound):  # not another tenant's to see
-        store.image_path(RESULT_ID, "city-general")
+        store.image_path(KEPT_RESULT_ID, "city-general")
 
     fractional = hu + 0.5
     Volume(fractional, affine).save_nifti(tmp_path / "mr.nii.gz")

@@ -1,5 +1,10 @@
 """Results on shared storage, so that any ingress replica serves any result until it expires.
 
+A result is written by the stage that makes it (postprocessing) and made readable by the request that asked for it
+(the ingress): ``save`` stages it, ``commit`` gives it its tenant and puts it in place. A request that gives up
+(its deadline passed, its client left) ``discard``s it instead, so a stage that could not be interrupted stores
+nothing that nobody asked for.
+
 A result's folder holds the mask's foreground box, its grid and summary, the model that made it and, for a DICOM
 study, its source instances' headers. The whole NIfTI mask, and the DICOM SEG and SR, are built on first download:
 many clients only want the volumes, and none of these should slow the request that makes the result.
@@ -7,12 +12,14 @@ many clients only want the volumes, and none of these should slow the request th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -46,6 +53,12 @@ _DICOM_FOLDER = "dicom"
 SEG_FILE = "seg.dcm"
 SR_FILE = "sr.dcm"
 _SWEEP_INTERVAL_S = 600
+# Beside a result's folder, under its id and a suffix: the folder being written, the whole result waiting for its
+# request to commit it, and the mark of a request that gave up on it. A request commits or discards within
+# moments of its result being staged, so any of these older than a sweep interval was abandoned.
+_PARTIAL = ".partial"
+_STAGED = ".staged"
+_DISCARDED = ".discarded"
 OWNER_FILE = "tenant"  # the tenant that made the result: only it may read the result
 # The study's image on the mask's grid, kept only when the request asked (keep_image): a viewer reopening the
 # result shows the mask over it.
@@ -94,7 +107,7 @@ class ResultStore:
         folder = self._folder(result_id)
         # Written under a temporary name and renamed, so a reader never sees half a result. A save whose replica
         # died half-way left its partial folder: the request's second attempt (StageHandles) writes it anew.
-        partial = folder.with_name(folder.name + ".partial")
+        partial = _beside(folder, _PARTIAL)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         affine = np.asarray(affine, dtype=float)
@@ -110,13 +123,50 @@ class ResultStore:
             (partial / _MODEL_FILE).write_text(spec.model_dump_json())
         if source is not None:
             source.save(partial / _SOURCE_FILE)
-        if folder.exists():  # a first attempt finished before its replica died, answering no one: the same result
+        staged = _beside(folder, _STAGED)
+        # Either a first attempt finished before its replica died, answering no one (the same result), or the
+        # request gave up while this stage worked. A request giving up between this check and the rename leaves a
+        # staged result that the sweep deletes.
+        if staged.exists() or folder.exists() or _beside(folder, _DISCARDED).exists():
             shutil.rmtree(partial)
             return
-        partial.rename(folder)
+        partial.rename(staged)
 
-    def set_owner(self, result_id: str, tenant_id: str) -> None:
-        (self._folder(result_id) / OWNER_FILE).write_text(tenant_id)
+    def commit(self, result_id: str, tenant_id: str, image: Path | None = None) -> None:
+        """Make the staged result readable by ``tenant_id``, with ``image`` (the study's gzipped NIfTI on the mask's
+        grid, for a viewer) kept in it when given; ``image`` may be on another filesystem (uploads in RAM)."""
+        folder = self._folder(result_id)
+        staged = _beside(folder, _STAGED)
+        if image is not None:
+            shutil.move(image, staged / IMAGE_FILE)
+        (staged / OWNER_FILE).write_text(tenant_id)
+        staged.rename(folder)
+
+    def discard(self, result_id: str) -> None:
+        """The request gave up on its result: delete what is staged, and mark it, so that a stage still writing
+        it stores nothing."""
+        folder = self._folder(result_id)
+        _beside(folder, _DISCARDED).touch()
+        shutil.rmtree(_beside(folder, _STAGED), ignore_errors=True)
+
+    @contextmanager
+    def discarded_if_cancelled(self, result_id: str) -> Iterator[None]:
+        """Within the block, the result is being made for a request; the request cancelled there (its deadline
+        passed, its client left) ``discard``s it, as a stage may still be making it. Any other error means no
+        stage is: nothing was staged, nothing is marked.
+
+        Usage::
+
+            with results.discarded_if_cancelled(result_id):
+                async with asyncio.timeout(deadline_s):
+                    await stages.segment(spec, folder, result_id)
+            results.commit(result_id, tenant_id)
+        """
+        try:
+            yield
+        except (asyncio.CancelledError, TimeoutError):
+            self.discard(result_id)
+            raise
 
     def summary(self, result_id: str, tenant_id: str) -> dict:
         return json.loads(self._existing(result_id, SUMMARY_FILE, tenant_id).read_text())
@@ -139,14 +189,6 @@ class ResultStore:
         """The model that made the result, as it was then; None for a result stored without it."""
         path = self.folder_of(result_id, tenant_id) / _MODEL_FILE
         return ModelSpec.model_validate_json(path.read_text()) if path.is_file() else None
-
-    def keep_image(self, result_id: str, image: Path) -> None:
-        """Move ``image`` (the study's gzipped NIfTI on the mask's grid) into the result; it may be on another
-        filesystem (uploads in RAM): copied aside, then renamed into place."""
-        path = self._folder(result_id) / IMAGE_FILE
-        partial = path.with_name(f"{uuid.uuid4().hex}.nii.gz")
-        shutil.move(image, partial)
-        partial.rename(path)
 
     def has_image(self, result_id: str, tenant_id: str) -> bool:
         """Whether the study's image was kept with the result."""
@@ -195,15 +237,19 @@ class ResultStore:
         return [pydicom.dcmread(folder / SEG_FILE), pydicom.dcmread(folder / SR_FILE)]
 
     def sweep(self) -> None:
-        """Delete results older than the retention period."""
-        cutoff = time.time() - self.retention_s
-        for folder in self.root.iterdir():
+        """Delete results older than the retention period, and what was left of abandoned ones."""
+        now = time.time()
+        for path in self.root.iterdir():
+            abandoned = not _RESULT_ID.match(path.name)  # partial, staged or discarded
+            cutoff = now - (_SWEEP_INTERVAL_S if abandoned else self.retention_s)
             try:
-                expired = folder.stat().st_mtime < cutoff
+                expired = path.stat().st_mtime < cutoff
             except FileNotFoundError:  # a concurrent save renamed its .partial folder, or another sweep won
                 continue
-            if expired:
-                shutil.rmtree(folder, ignore_errors=True)
+            if expired and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif expired:
+                path.unlink(missing_ok=True)
 
     def _folder(self, result_id: str) -> Path:
         if not _RESULT_ID.match(result_id):
@@ -252,3 +298,7 @@ class ResultStore:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return built
+
+
+def _beside(folder: Path, suffix: str) -> Path:
+    return folder.with_name(folder.name + suffix)
