@@ -17,7 +17,9 @@ pytestmark = pytest.mark.cluster
 
 PREFIX = "/narrow"
 HASTY_PREFIX = "/hasty"
-DEADLINE_S = 0.3
+# The phantom series takes about 0.3 s to segment on a fast, warm machine (CI once answered in 296 ms, inside an
+# earlier 0.3 s deadline): 0.1 s is past on any machine, and lands while a stage is working.
+DEADLINE_S = 0.1
 SEGMENT = "/v1/models/ct-phantom-organ/segment"
 
 
@@ -57,7 +59,7 @@ def test_a_full_queue_refuses_at_once_with_503_and_retry_after(narrow_url, phant
 
 @pytest.fixture
 def hasty_url(server_url, app_config):
-    """Every request given 0.3 s: less than the phantom series takes to segment here."""
+    """Every request given 0.1 s: far less than the phantom series takes to segment (its model alone, ~0.13 s)."""
     limits = app_config.limits.model_copy(update={"request_deadline_s": DEADLINE_S})
     config = app_config.model_copy(update={"name": "medserve-hasty", "layout": "split", "limits": limits})
     serve.run(build_app(config), name=config.name, route_prefix=HASTY_PREFIX, blocking=False)
