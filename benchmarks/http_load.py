@@ -5,23 +5,30 @@ takes them (its own copies and event loop become the bottleneck the benchmark wo
     run = load.closed(requests=48, concurrency=16)      # or load.open(rate_per_s=24, duration_s=15)
     run.per_s, run.latencies_s, run.answers
 
-Each client is ``python -m benchmarks.http_load PLAN``, which imports httpx and little else (a multiprocessing child
-would import the benchmark's whole main module: torch, MONAI, Ray). A closed loop's clients warm up, then wait for
-each other (files in a shared folder), so that the timed part starts together.
+Each client is ``python -m benchmarks.http_load PLAN``, which imports the standard library alone (a multiprocessing
+child would import the benchmark's whole main module: torch, MONAI, Ray). A closed loop's clients warm up, then wait
+for each other (files in a shared folder), so that the timed part starts together.
+
+A request is sent by ``http.client`` in a thread: the body goes out in one ``sendall``, the kernel's copy alone.
+httpx's async client copied it in Python first (h11 joins it into one new bytes object; Python 3.11's asyncio copies
+what the socket does not take at once) and cost five times the CPU (``benchmarks.upload_path``), on the node whose
+CPU the server under test needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import queue
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from urllib.parse import urlsplit
 
 __all__ = ["HttpLoad", "LoadRun", "closed_loop", "open_loop"]
 
@@ -126,25 +133,57 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+class _Poster:
+    """POSTs one body to one URL over kept-alive connections, one per request in flight."""
+
+    def __init__(self, url: str, body: bytes, headers: dict):
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.target = parts.path + (f"?{parts.query}" if parts.query else "")
+        self.body, self.headers = body, {**headers, "Content-Length": str(len(body))}
+        self.idle: queue.SimpleQueue[http.client.HTTPConnection] = queue.SimpleQueue()
+
+    def post(self) -> dict:
+        """The answer's JSON; ``RuntimeError`` for an error or a redirect."""
+        try:
+            status, text = self._exchange(self.idle.get_nowait())
+        except queue.Empty:
+            status, text = self._exchange(http.client.HTTPConnection(self.host, self.port, timeout=600))
+        except ConnectionError:  # a kept-alive connection the server had closed meanwhile: once more, on a new one
+            status, text = self._exchange(http.client.HTTPConnection(self.host, self.port, timeout=600))
+        if status >= 300:
+            raise RuntimeError(f"POST {self.target}: {status} {text[:300]!r}")
+        return json.loads(text)
+
+    def _exchange(self, connection: http.client.HTTPConnection) -> tuple[int, bytes]:
+        try:
+            connection.request("POST", self.target, body=self.body, headers=self.headers)
+            response = connection.getresponse()
+            text = response.read()
+        except BaseException:
+            connection.close()
+            raise
+        self.idle.put(connection)
+        return response.status, text
+
+
 async def _client(plan: dict) -> dict:
-    body = Path(plan["body"]).read_bytes()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+    poster = _Poster(plan["url"], Path(plan["body"]).read_bytes(), plan["headers"])
+    # Enough threads that an open loop's requests are never queued behind each other here.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="http-load"))
 
-        async def call() -> dict:
-            response = await client.post(plan["url"], content=body, headers=plan["headers"])
-            if response.is_error or response.is_redirect:
-                raise RuntimeError(f"POST {plan['url']}: {response.status_code} {response.text[:300]}")
-            return response.json()
+    async def call() -> dict:
+        return await asyncio.to_thread(poster.post)
 
-        if plan["kind"] == "closed":
-            await closed_loop(call, plan["concurrency"], plan["concurrency"])  # warm-up: one round
-        await _wait_for_the_others(Path(plan["sync"]), plan["index"], plan["parties"])
-        start = time.time()
-        if plan["kind"] == "closed":
-            latencies, _, answers = await closed_loop(call, plan["requests"], plan["concurrency"])
-        else:
-            latencies, answers = await open_loop(call, plan["rate_per_s"], plan["duration_s"]), []
-        return {"start": start, "end": time.time(), "latencies": latencies, "answers": answers}
+    if plan["kind"] == "closed":
+        await closed_loop(call, plan["concurrency"], plan["concurrency"])  # warm-up: one round
+    await _wait_for_the_others(Path(plan["sync"]), plan["index"], plan["parties"])
+    start = time.time()
+    if plan["kind"] == "closed":
+        latencies, _, answers = await closed_loop(call, plan["requests"], plan["concurrency"])
+    else:
+        latencies, answers = await open_loop(call, plan["rate_per_s"], plan["duration_s"]), []
+    return {"start": start, "end": time.time(), "latencies": latencies, "answers": answers}
 
 
 async def _wait_for_the_others(folder: Path, index: int, parties: int) -> None:

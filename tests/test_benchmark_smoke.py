@@ -1,7 +1,9 @@
-"""The pipeline benchmark runs end to end at tiny size and writes the figures the README reads."""
+"""The benchmarks run end to end (the pipeline's at tiny size) and write the figures the README reads."""
 
 import json
 import os
+import subprocess
+import sys
 
 from helpers import MODEL, medserve
 
@@ -43,3 +45,22 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     for compared in (proxy, optimized):
         assert compared["http"]["volumes_per_s"] > 0 and compared["http"]["dice_vs_reference"] >= 0.9
     assert (tmp_path / report_path.name.replace(".json", ".md")).is_file()
+
+
+def test_upload_path_benchmark_compares_receiving_spooling_and_the_load_clients(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.upload_path", "--uploads", "2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (report_path,) = tmp_path.glob("upload-path-*.json")
+    report = json.loads(report_path.read_text())
+    assert report["device"] and report["date"] and report["body_mb"] == 157
+    for route in ("receive", "spool"):
+        assert report["server"][route]["wall_ms"] > 0 and report["server"][route]["cpu_ms"] > 0, route
+    # Writing 157 MB costs something on any machine: spooling cannot be cheaper than receiving alone.
+    assert report["ratios"]["spool_over_receive_cpu"] > 1
+    assert set(report["client_cpu_ms_per_upload"]) == {"httpx_async", "http_client"}
+    assert all(v > 0 for v in report["client_cpu_ms_per_upload"].values())
