@@ -201,15 +201,17 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root) -> AppC
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tenant_url(server_url, tenant_config) -> str:
-    """The tenant application's base URL; it shares the test cluster with the open one."""
+    """The tenant application's base URL; it shares the test cluster with the open one. Deployed when first asked
+    for and left running for the tests after; an app a test deploys beside the open one takes its room meanwhile
+    (``make_room_for_an_app``), and it is deployed again when next asked for. ``serve.shutdown`` ends it."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    serve.run(build_app(tenant_config), name=tenant_config.name, route_prefix=TENANT_APP_PREFIX, blocking=False)
+    if tenant_config.name not in serve.status().applications:
+        serve.run(build_app(tenant_config), name=tenant_config.name, route_prefix=TENANT_APP_PREFIX, blocking=False)
     url = server_url + TENANT_APP_PREFIX
     wait_until_ready(url, timeout_s=300)
-    yield url
-    serve.delete(tenant_config.name)
+    return url

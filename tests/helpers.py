@@ -207,3 +207,14 @@ def edit_json(path: Path, change) -> None:
 def insert_transform(transform: dict, at: int = 3):
     """A change for ``edit_json``: ``transform`` inserted into a bundle's preprocessing at ``at``."""
     return lambda config: config["preprocessing"]["transforms"].insert(at, transform)
+
+
+def make_room_for_an_app(main_app: str) -> None:
+    """Delete every Serve app but ``main_app``: the test cluster has room for the main app and one more, and an app
+    an earlier test left running (the tenant app, which ``tenant_url`` deploys again when next asked for) would
+    leave the next one's replicas waiting for CPUs, whatever order the tests run in."""
+    from ray import serve
+
+    for name in serve.status().applications:
+        if name != main_app:
+            serve.delete(name)

@@ -11,7 +11,7 @@ import pytest
 from ray import serve
 
 from serve_app.app import build_app
-from tests.helpers import zip_files
+from tests.helpers import make_room_for_an_app, zip_files
 
 pytestmark = pytest.mark.cluster
 
@@ -23,7 +23,7 @@ DEADLINE_S = 0.1
 SEGMENT = "/v1/models/ct-phantom-organ/segment"
 
 
-# Each app is deleted after its test: the test cluster has room for the main app and one more.
+# Each app is deleted after its test, and makes room before it: the test cluster has room for the main app and one more.
 @pytest.fixture
 def narrow_url(server_url, app_config):
     """Preprocessing one study at a time, with room for one more waiting."""
@@ -32,6 +32,7 @@ def narrow_url(server_url, app_config):
         update={"preprocess": app_config.deployments.preprocess.model_copy(update=narrow)}
     )
     config = app_config.model_copy(update={"name": "medserve-narrow", "layout": "split", "deployments": deployments})
+    make_room_for_an_app(app_config.name)
     serve.run(build_app(config), name=config.name, route_prefix=PREFIX, blocking=False)
     yield server_url + PREFIX
     serve.delete(config.name)
@@ -62,6 +63,7 @@ def hasty_url(server_url, app_config):
     """Every request given 0.1 s: far less than the phantom series takes to segment (its model alone, ~0.13 s)."""
     limits = app_config.limits.model_copy(update={"request_deadline_s": DEADLINE_S})
     config = app_config.model_copy(update={"name": "medserve-hasty", "layout": "split", "limits": limits})
+    make_room_for_an_app(app_config.name)
     serve.run(build_app(config), name=config.name, route_prefix=HASTY_PREFIX, blocking=False)
     yield server_url + HASTY_PREFIX, config.storage.results
     serve.delete(config.name)
