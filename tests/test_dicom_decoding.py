@@ -14,7 +14,7 @@ from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import MPEG2MPML, JPEGExtended12Bit, RLELossless
+from pydicom.uid import MPEG2MPML, JPEGExtended12Bit, JPEGLosslessSV1, RLELossless
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy, RequestError, UnsupportedMediaType
@@ -114,6 +114,17 @@ def test_jpeg_lossless_decodes_like_gdcm_with_imagecodecs_too():
     np.testing.assert_array_equal(pydicom.pixels.pixel_array(path, decoding_plugin="imagecodecs"), by_gdcm)
     assert pydicom.pixels.pixel_array(_sample("JPGExtended.dcm")).max() > 255  # 12 bits, not 8
     assert pydicom.dcmread(_sample("JPGExtended.dcm")).file_meta.TransferSyntaxUID == JPEGExtended12Bit
+
+
+def test_a_colour_jpeg_lossless_image_is_left_by_the_imagecodecs_plugin_to_the_next_one():
+    # pydicom tries its plugins in turn; ours refuses colour (it would convert the colour space), and GDCM decodes it.
+    path = _sample("SC_rgb_jpeg_gdcm.dcm")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    with pytest.raises(RuntimeError, match="grey-scale JPEG only"):
+        pydicom.pixels.pixel_array(path, decoding_plugin="imagecodecs")
+    np.testing.assert_array_equal(
+        pydicom.pixels.pixel_array(path), pydicom.pixels.pixel_array(path, decoding_plugin="gdcm")
+    )
 
 
 @pytest.mark.parametrize("name", ["SC_rgb.dcm", "SC_rgb_small_odd.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"])

@@ -46,8 +46,9 @@ def decode_jpeg_frame(src: bytes, runner: DecodeRunner) -> bytes:
     """One grey-scale JPEG frame (baseline, extended 8/12-bit or lossless) as little-endian samples of
     ``runner.bits_allocated`` bits, row by row (pydicom's plugin protocol)."""
     if runner.samples_per_pixel != 1:
-        # Colour is refused by the series reader anyway; imagecodecs would convert its colour space on the way.
-        raise NotImplementedError("the imagecodecs plugin decodes grey-scale JPEG only")
+        # Colour is refused by the series reader anyway; imagecodecs would convert its colour space on the way. Any
+        # exception sends pydicom on to its next plugin for the syntax.
+        raise ValueError("the imagecodecs plugin decodes grey-scale JPEG only")
     pixels = imagecodecs.jpeg8_decode(src)
     return pixels.astype(f"<u{runner.bits_allocated // 8}", copy=False).tobytes()
 
