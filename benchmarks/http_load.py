@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["HttpLoad", "LoadRun", "closed_loop", "open_loop"]
+__all__ = ["BodyPoster", "HttpLoad", "LoadRun", "closed_loop", "open_loop"]
 
 
 @dataclass
@@ -133,8 +133,13 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-class _Poster:
-    """POSTs one body to one URL over kept-alive connections, one per request in flight."""
+class BodyPoster:
+    """POSTs one body to one URL over kept-alive connections, one per request in flight (``post`` may be called from
+    several threads at once).
+
+        poster = BodyPoster("http://127.0.0.1:8000/v1/models/ct/segment", body, {"Content-Type": "application/zip"})
+        answer = poster.post()  # the JSON answer
+    """
 
     def __init__(self, url: str, body: bytes, headers: dict):
         parts = urlsplit(url)
@@ -168,7 +173,7 @@ class _Poster:
 
 
 async def _client(plan: dict) -> dict:
-    poster = _Poster(plan["url"], Path(plan["body"]).read_bytes(), plan["headers"])
+    poster = BodyPoster(plan["url"], Path(plan["body"]).read_bytes(), plan["headers"])
     # Enough threads that an open loop's requests are never queued behind each other here.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="http-load"))
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.http_load import _Poster
+from benchmarks.http_load import BodyPoster
 
 __all__ = ["main"]
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _server_side(base: str, route: str, body: bytes, uploads: int) -> dict:
     """The server's median wall and CPU ms for one body on ``route``, after two untimed uploads."""
-    poster = _Poster(f"{base}/{route}", body, {"Content-Type": "application/octet-stream"})
+    poster = BodyPoster(f"{base}/{route}", body, {"Content-Type": "application/octet-stream"})
     answers = [poster.post() for _ in range(uploads + 2)][2:]
     return {key: round(statistics.median(a[key] for a in answers), 1) for key in ("wall_ms", "cpu_ms")}
 
@@ -107,7 +107,7 @@ async def _send_httpx(url: str, body: bytes, uploads: int) -> int:
 
 
 def _send_plain(url: str, body: bytes, uploads: int) -> int:
-    poster = _Poster(url, body, {"Content-Type": "application/octet-stream"})
+    poster = BodyPoster(url, body, {"Content-Type": "application/octet-stream"})
     for _ in range(uploads):
         poster.post()
     return uploads
