@@ -18,7 +18,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -143,11 +142,7 @@ def _device_name() -> str:
         ).stdout.splitlines()[0]
         return f"{gpu.strip()} host"
     except (OSError, subprocess.CalledProcessError, IndexError):
-        pass
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"CPU ({os.cpu_count()} cores)"
-    return platform.processor() or "CPU"
+        return f"CPU ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":
