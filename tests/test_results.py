@@ -11,9 +11,14 @@ from serve_app.results import ResultStore
 RESULT_ID = "0123456789abcdef0123456789abcdef"
 
 
+def save_result(store: ResultStore) -> None:
+    """A small all-ones result saved (staged) under RESULT_ID."""
+    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
+
+
 def test_saved_result_reads_back_until_it_expires(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
-    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
+    save_result(store)
     store.commit(RESULT_ID, "st-marys")
     assert store.mask_path(RESULT_ID, "st-marys").is_file()
     assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
@@ -35,7 +40,7 @@ def test_result_ids_cannot_name_other_paths(tmp_path, bad_id):
 
 def test_a_result_is_not_found_by_another_tenant(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
-    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
+    save_result(store)
     with pytest.raises(ResultNotFound):
         store.summary(RESULT_ID, "st-marys")  # no owner recorded yet: nobody's
     store.commit(RESULT_ID, "st-marys")
@@ -66,17 +71,13 @@ def test_the_mask_is_rebuilt_on_the_whole_grid_from_its_box(tmp_path):
 
 def test_a_result_without_dicom_source_has_no_seg_or_sr(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
-    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
+    save_result(store)
     store.commit(RESULT_ID, "st-marys")
     assert not store.has_dicom_results(RESULT_ID, "st-marys")
     with pytest.raises(NoDicomResult, match="download mask.nii.gz"):
         store.seg_path(RESULT_ID, "st-marys")
     with pytest.raises(ResultNotFound):  # another tenant learns nothing, not even that the study was NIfTI
         store.has_dicom_results(RESULT_ID, "city-general")
-
-
-def save_result(store: ResultStore) -> None:
-    store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
 
 
 def test_a_saved_result_is_nobodys_until_its_request_commits_it(tmp_path):
