@@ -15,9 +15,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_rescale, pixel_array
@@ -44,18 +46,23 @@ _DICOMDIR = "1.2.840.10008.1.3.10"
 _IMAGE_SIZE = ("Rows", "Columns")
 _REQUIRED = (*_IMAGE_SIZE, "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 # What is read of each slice's header, and of its pixel module besides what pydicom's decoder reads itself.
-_HEADER_ELEMENTS = (
-    *_REQUIRED,
-    "SeriesInstanceUID",
-    "NumberOfFrames",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "SpacingBetweenSlices",
-    "SliceThickness",
-    "Modality",
-    "StudyInstanceUID",
-)
-_RESCALE_ELEMENTS = ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept")
+_HEADER_TAGS = {
+    keyword: tag_for_keyword(keyword)
+    for keyword in (
+        *_REQUIRED,
+        "SeriesInstanceUID",
+        "NumberOfFrames",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "SpacingBetweenSlices",
+        "SliceThickness",
+        "Modality",
+        "StudyInstanceUID",
+    )
+}
+_RESCALE_TAGS = {
+    keyword: tag_for_keyword(keyword) for keyword in ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept")
+}
 _PIXEL_DATA_TAG = 0x7FE00010
 # Syntaxes whose pixel data is the stored values as they lie in memory on a little-endian host. Deflated data is
 # little-endian too, but compressed as a whole: pydicom inflates it.
@@ -242,15 +249,15 @@ def _parse_file(path: str) -> _ImageFile | None:
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
         return None
-    _decode(ds, _HEADER_ELEMENTS)
-    multi_frame = _integer(ds, "NumberOfFrames", 1) > 1
-    _check_image(ds, multi_frame)
-    size = (_integer(ds, "Rows"), _integer(ds, "Columns"))
+    values = _decoded(ds, _HEADER_TAGS)
+    multi_frame = _integer(values, "NumberOfFrames", 1) > 1
+    _check_image(ds, values, multi_frame)
+    size = (_integer(values, "Rows"), _integer(values, "Columns"))
     common = {
-        "series_instance_uid": _text(ds, "SeriesInstanceUID") or "",
+        "series_instance_uid": _text(values, "SeriesInstanceUID") or "",
         "size": size,
-        "modality": _text(ds, "Modality"),
-        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "modality": _text(values, "Modality"),
+        "study_instance_uid": _text(values, "StudyInstanceUID"),
     }
     if multi_frame:
         return _ImageFile(
@@ -267,10 +274,10 @@ def _parse_file(path: str) -> _ImageFile | None:
         **common,
         multi_frame=None,
         slice=_Slice(_rescale_of(ds), _native_layout(ds, size), path, _syntax_name(ds)),
-        orientation=_numbers(ds, "ImageOrientationPatient", 6),
-        position=_numbers(ds, "ImagePositionPatient", 3),
-        pixel_spacing=_numbers(ds, "PixelSpacing", 2),
-        thickness=_thickness(ds),
+        orientation=_numbers(values, "ImageOrientationPatient", 6),
+        position=_numbers(values, "ImagePositionPatient", 3),
+        pixel_spacing=_numbers(values, "PixelSpacing", 2),
+        thickness=_thickness(values),
         source=header_bytes(ds),
     )
 
@@ -283,28 +290,34 @@ def _read_file(path: Path | str, defer_size: int | None = None) -> pydicom.FileD
         raise InvalidStudy("a DICOM file is truncated or unreadable") from None
 
 
-def _decode(ds, keywords: tuple[str, ...]) -> None:
-    """Decode the values of ``keywords`` now, so that bytes pydicom cannot decode are a 422 naming the element:
-    pydicom decodes a value when it is first read, and raises one of several types (for a US of 3 bytes, say)."""
-    for keyword in keywords:
-        try:
-            ds.get(keyword)
-        except Exception:
-            raise InvalidStudy(f"a DICOM file's {keyword} cannot be decoded") from None
+def _decoded(ds, tags: dict[str, int]) -> dict[str, Any]:
+    """The values of the elements ``tags`` names that ``ds`` holds, by keyword, decoded now so that bytes pydicom
+    cannot decode are a 422 naming the element: pydicom decodes a value when it is first read, and raises one of
+    several types (for a US of 3 bytes, say). Read once into a dict: each read through the dataset looks the
+    keyword up again, and the header pass read its dozen elements 44 times a file."""
+    values = {}
+    for keyword, tag in tags.items():
+        if tag in ds:
+            try:
+                values[keyword] = ds[tag].value
+            except Exception:
+                raise InvalidStudy(f"a DICOM file's {keyword} cannot be decoded") from None
+    return values
 
 
-def _check_image(ds: pydicom.Dataset, multi_frame: bool) -> None:
-    """One grey-scale image with pixel data in a transfer syntax this server decodes (else a 415)."""
-    if "PixelData" not in ds:
+def _check_image(ds: pydicom.Dataset, values: dict[str, Any], multi_frame: bool) -> None:
+    """One grey-scale image with pixel data in a transfer syntax this server decodes (else a 415); ``values``: its
+    header elements (``_decoded``)."""
+    if _PIXEL_DATA_TAG not in ds:
         raise InvalidStudy("a DICOM file of the series has no pixel data")
-    _check_grey_scale(ds)  # first: a colour image (a photo, a screenshot) often lacks the geometry too
+    _check_grey_scale(values)  # first: a colour image (a photo, a screenshot) often lacks the geometry too
     # A multi-frame image places its frames in functional groups, not in these top-level elements.
-    missing = [tag for tag in (_IMAGE_SIZE if multi_frame else _REQUIRED) if tag not in ds]
+    missing = [keyword for keyword in (_IMAGE_SIZE if multi_frame else _REQUIRED) if keyword not in values]
     if missing:
         raise InvalidStudy(f"a DICOM image lacks {', '.join(missing)}")
     if syntax := str(ds.file_meta.get("TransferSyntaxUID", "")):
         require_decoder(syntax)  # a missing syntax is left to pydicom, whose failure to decode is a 422
-    rows, cols = _integer(ds, "Rows"), _integer(ds, "Columns")
+    rows, cols = _integer(values, "Rows"), _integer(values, "Columns")
     if min(rows, cols) < 1:
         raise InvalidStudy(f"a slice has {rows} rows and {cols} columns; an image needs at least one of each")
 
@@ -441,12 +454,12 @@ def _syntax_name(ds: pydicom.Dataset) -> str:
 
 def _rescale_of(item) -> _Rescale:
     """The Modality LUT, or RescaleSlope and RescaleIntercept, of ``item`` (a header or a functional group)."""
-    _decode(item, _RESCALE_ELEMENTS)
-    if "ModalityLUTSequence" in item:
+    values = _decoded(item, _RESCALE_TAGS)
+    if "ModalityLUTSequence" in values:
         return _Rescale(1.0, 0.0, lut=item)
     # Parsed here, not by pydicom: a header may hold text that is no number (and pydicom would multiply by it).
-    slope = _numbers(item, "RescaleSlope", 1, default=1)[0]
-    intercept = _numbers(item, "RescaleIntercept", 1, default=0)[0]
+    slope = _numbers(values, "RescaleSlope", 1, default=1)[0]
+    intercept = _numbers(values, "RescaleIntercept", 1, default=0)[0]
     if slope == 0:
         raise InvalidStudy("RescaleSlope is 0: every voxel would have one value")
     return _Rescale(slope, intercept)
