@@ -768,6 +768,7 @@ def run(
     fused_replicas: int = 4,
     gpus: int = 1,
     ingress_replicas: int = 8,
+    throughput_optimized: bool = False,
     http_concurrencies: tuple[int, ...] = (),
     requests: int | None = None,
 ) -> dict:
@@ -801,6 +802,7 @@ def run(
             fused_replicas=fused_replicas,
             gpus=gpus,
             ingress_replicas=ingress_replicas,
+            throughput_optimized=throughput_optimized,
         )
         for name in models:
             spec = ModelRepository(repository).get(name)
@@ -900,12 +902,14 @@ ALTERNATIVES = ("proxy", "time-slicing", "throughput-optimized")
 
 def alternatives(settings: ServeSettings, names: tuple[str, ...]) -> list[ServeSettings]:
     """The chosen settings with one thing changed at a time, for each of ``names`` (``ALTERNATIVES``) that applies:
-    Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's throughput-optimized data plane."""
+    Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's throughput-optimized data plane
+    turned on, or off where the chosen settings have it on (the compared session runs second either way: two runs
+    with the order swapped tell the setting from the order)."""
     mps = settings.gpu_sharing == "mps"
     changed = {
         "proxy": dataclasses.replace(settings, ingress="proxy"),
         "time-slicing": dataclasses.replace(settings, gpu_sharing="time-slicing") if mps else None,
-        "throughput-optimized": dataclasses.replace(settings, throughput_optimized=True),
+        "throughput-optimized": dataclasses.replace(settings, throughput_optimized=not settings.throughput_optimized),
     }
     return [changed[name] for name in names if changed[name] is not None]
 
@@ -1018,7 +1022,13 @@ def main(argv=None) -> None:
         const=",".join(ALTERNATIVES),
         default="",
         help="also serve d with one change at a time, comma-separated: proxy (Serve's Python proxy), time-slicing "
-        "(where MPS runs), throughput-optimized (http.throughput_optimized on); all three when none is named",
+        "(where MPS runs), throughput-optimized (http.throughput_optimized switched: on, or off with "
+        "--throughput-optimized); all three when none is named",
+    )
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="serve every phase with Serve's throughput-optimized data plane (http.throughput_optimized)",
     )
     parser.add_argument("--fused-replicas", type=int, default=4, help="fused replicas sharing the GPUs (default 4)")
     parser.add_argument(
@@ -1045,6 +1055,7 @@ def main(argv=None) -> None:
         http_concurrencies=tuple(int(c) for c in args.http_concurrency.split(",") if c),
         requests=args.requests,
         ingress_replicas=args.ingress_replicas,
+        throughput_optimized=args.throughput_optimized,
     )
 
 

@@ -47,6 +47,17 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     assert (tmp_path / report_path.name.replace(".json", ".md")).is_file()
 
 
+def test_compared_throughput_optimized_switches_the_chosen_settings_either_way():
+    from benchmarks.pipeline import ServeSettings, alternatives
+
+    for chosen in (False, True):
+        settings = ServeSettings(ingress="haproxy", gpu_sharing="mps", uploads_root=None, throughput_optimized=chosen)
+        (compared,) = alternatives(settings, ("throughput-optimized",))
+        assert compared == ServeSettings(
+            ingress="haproxy", gpu_sharing="mps", uploads_root=None, throughput_optimized=not chosen
+        )
+
+
 def test_upload_path_benchmark_compares_receiving_spooling_and_the_load_clients(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.upload_path", "--uploads", "2", "--out", str(tmp_path)],
