@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 
 import highdicom as hd
 import numpy as np
@@ -119,6 +120,39 @@ def test_an_empty_mask_is_a_seg_of_empty_frames(tmp_path, volume, spec):
     assert seg.NumberOfFrames == 2 * read.shape[2]  # every frame of both segments: a SEG holds at least one
     uids = [read.source.instances[part.instance].SOPInstanceUID for part in read.source.slices]
     assert not seg.get_pixels_by_source_instance(uids, combine_segments=True).any()
+
+
+def test_no_malformed_patient_value_reaches_a_log_or_a_warning(tmp_path, volume, spec, caplog, monkeypatch):
+    # Values other software writes against the standard; pydicom, by default, warns with the value itself
+    # ("Invalid value for VR DA: '1902-03-04'") as it reads them, and again as highdicom copies them into the SEG.
+    patient = {
+        "PatientName": "QXLEAK^PERSON",
+        "PatientID": "QXLEAKID-0001",
+        "PatientBirthDate": "1902-03-04",
+        "PatientSex": "qxleak sex",
+        "AccessionNumber": "QXLEAKACCESSION-LONGER-THAN-SH",
+    }
+    with monkeypatch.context() as writing:
+        writing.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+        paths = write_ct_series(volume, tmp_path / "series", patient=patient)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = read_dicom_series(paths, LimitsConfig())
+        mask = mask_of(read.shape)
+        seg = build_segmentation(mask, read.source, spec)
+        volumes = [
+            LabelVolume(label=3, name="liver", volume_ml=1.0),
+            LabelVolume(label=7, name="spleen", volume_ml=2.0),
+        ]
+        build_measurement_report(seg, volumes, read.source, spec).save_as(tmp_path / "sr.dcm")
+        seg.save_as(tmp_path / "seg.dcm")
+    # A date or a sex highdicom would refuse (a ValueError, once a 500 on download) is left empty; the rest is copied.
+    written = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert (written.PatientBirthDate, written.PatientSex) == ("", "")
+    assert (written.PatientName, written.PatientID) == ("QXLEAK^PERSON", "QXLEAKID-0001")
+    assert written.AccessionNumber == patient["AccessionNumber"]
+    shown = caplog.text + "\n".join(str(w.message) for w in caught)
+    assert not [value for value in ("1902-03-04", "qxleak sex", "QXLEAKACCESSION") if value in shown], shown
 
 
 def test_sr_reports_each_segments_volume_and_references_it(tmp_path, volume, spec):

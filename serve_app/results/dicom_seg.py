@@ -10,6 +10,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.valuerep import DA, TM
 
 from serve_app import __version__
 from serve_app.model_repository import ModelSpec
@@ -33,7 +34,8 @@ _DEVICE_SERIAL_NUMBER = "1"
 # Fixed and above a scanner's own series numbers, so that a PACS lists the result after the images.
 SEG_SERIES_NUMBER = 901
 # Patient and study attributes that highdicom copies from the source: Type 2 in every image IOD, so present even
-# when empty, but some writers leave them out and highdicom then fails.
+# when empty, but some writers leave them out, or write a date, a time or a sex in a form highdicom refuses
+# (ValueError), and it then fails.
 _COPIED_TYPE_2 = (
     "PatientName",
     "PatientID",
@@ -45,6 +47,9 @@ _COPIED_TYPE_2 = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+# The copied attributes whose values highdicom parses, by the parser it uses; PatientSex is one of these codes.
+_PARSED_AS = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}
+_PATIENT_SEX_CODES = ("M", "F", "O")
 
 
 def segment_numbers(spec: ModelSpec) -> dict[int, int]:
@@ -125,7 +130,7 @@ def _source_frames(source: DicomSource) -> tuple[list[pydicom.Dataset], list[int
     of the one multi-frame image: its frames keep the order the image stores them in, whatever the volume's.
     """
     if all(part.frame is None for part in source.slices):  # single-frame images, one per slice
-        images = [_with_copied_type_2(source.instances[part.instance]) for part in source.slices]
+        images = [_copyable(source.instances[part.instance]) for part in source.slices]
         return images, list(range(len(images)))
     if len(source.instances) != 1:
         raise ValueError(
@@ -137,15 +142,30 @@ def _source_frames(source: DicomSource) -> tuple[list[pydicom.Dataset], list[int
     frame_count = int(image.get("NumberOfFrames", 1))
     if sorted(slice_of_frame) != list(range(1, frame_count + 1)):
         raise ValueError(f"the volume's slices are not exactly the {frame_count} frames of its multi-frame image")
-    return [_with_copied_type_2(image)], [slice_of_frame[f] for f in range(1, frame_count + 1)]
+    return [_copyable(image)], [slice_of_frame[f] for f in range(1, frame_count + 1)]
 
 
-def _with_copied_type_2(image: pydicom.Dataset) -> pydicom.Dataset:
-    """``image``, or a shallow copy of it with its missing Type 2 patient and study attributes added empty."""
-    missing = [keyword for keyword in _COPIED_TYPE_2 if keyword not in image]
-    if not missing:
+def _copyable(image: pydicom.Dataset) -> pydicom.Dataset:
+    """``image``, or a shallow copy of it in which the patient and study attributes highdicom copies are fit to copy:
+    a missing one added empty (they are Type 2), one whose value highdicom would refuse emptied."""
+    unfit = [keyword for keyword in _COPIED_TYPE_2 if keyword not in image or not _fit_to_copy(keyword, image)]
+    if not unfit:
         return image
     image = pydicom.Dataset(image)
-    for keyword in missing:
+    for keyword in unfit:
         setattr(image, keyword, None)
     return image
+
+
+def _fit_to_copy(keyword: str, image: pydicom.Dataset) -> bool:
+    value = image[keyword].value
+    if value in (None, ""):
+        return True
+    if keyword == "PatientSex":
+        return value in _PATIENT_SEX_CODES
+    if parse := _PARSED_AS.get(keyword):
+        try:
+            parse(value)
+        except ValueError:
+            return False
+    return True
