@@ -860,7 +860,7 @@ def run(
             }
             if compare:
                 model["compared_settings"] = []
-                for alternative in alternatives(settings, compare):
+                for change, alternative in alternatives(settings, compare).items():
                     try:
                         compared = measure_alternative(
                             tuned, size, work, tuned_repository, uploads[0], fidelity, batch, served["faster_layout"],
@@ -868,7 +868,8 @@ def run(
                         )  # fmt: skip
                     except Exception as e:  # the run's other figures are still worth writing
                         compared = {"settings": alternative.label(), "error": repr(e)[:500]}
-                    progress(None, f"compared {alternative.label()}", compared)
+                    compared = {"change": change, **compared}
+                    progress(None, f"compared {change}: {alternative.label()}", compared)
                     model["compared_settings"].append(compared)
         # The issue's headline figures: the first model's.
         first = report["models"][models[0]]
@@ -898,20 +899,24 @@ def mps_if_it_runs(gpu: bool, report: dict) -> str:
 
 # What --compare changes, one at a time, in the chosen settings.
 ALTERNATIVES = ("proxy", "time-slicing", "throughput-optimized")
+# Named only: the chosen settings served again, unchanged, in a session of their own as every alternative is: the
+# control that tells a setting's effect from the effect of being measured in a later session.
+CONTROL = "again"
 
 
-def alternatives(settings: ServeSettings, names: tuple[str, ...]) -> list[ServeSettings]:
-    """The chosen settings with one thing changed at a time, for each of ``names`` (``ALTERNATIVES``) that applies:
-    Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's throughput-optimized data plane
-    turned on, or off where the chosen settings have it on (the compared session runs second either way: two runs
-    with the order swapped tell the setting from the order)."""
+def alternatives(settings: ServeSettings, names: tuple[str, ...]) -> dict[str, ServeSettings]:
+    """The chosen settings with one thing changed at a time, for each of ``names`` (``ALTERNATIVES`` and ``CONTROL``)
+    that applies: Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's throughput-optimized
+    data plane turned on, or off where the chosen settings have it on; nothing changed (``CONTROL``). A compared
+    session runs after the chosen one: the control measures what that order alone is worth."""
     mps = settings.gpu_sharing == "mps"
     changed = {
         "proxy": dataclasses.replace(settings, ingress="proxy"),
         "time-slicing": dataclasses.replace(settings, gpu_sharing="time-slicing") if mps else None,
         "throughput-optimized": dataclasses.replace(settings, throughput_optimized=not settings.throughput_optimized),
+        CONTROL: settings,
     }
-    return [changed[name] for name in names if changed[name] is not None]
+    return {name: changed[name] for name in names if changed[name] is not None}
 
 
 def ram_backed_folder(size: Size, work: Path) -> Path | None:
@@ -991,11 +996,11 @@ def write_report(report: dict, out: Path) -> None:
         ]
         for compared in m.get("compared_settings", []):
             if "error" in compared:
-                lines.append(f"- {compared['settings']}: failed: {compared['error']}")
+                lines.append(f"- {compared['change']}: {compared['settings']}: failed: {compared['error']}")
                 continue
             http, chosen = compared["http"], compared["settings"]
             lines.append(
-                f"- {chosen['ingress']} + {chosen['gpu_sharing']} + throughput-optimized "
+                f"- {compared['change']}: {chosen['ingress']} + {chosen['gpu_sharing']} + throughput-optimized "
                 f"{chosen['throughput_optimized']}: d {http['volumes_per_s']} volumes/s "
                 f"(p50 {http['p50_ms']}, p99 {http['p99_ms']} ms, GPU {http['gpu_util_percent']} %, "
                 f"Dice {http['dice_vs_reference']}, upload {http['breakdown_ms']['upload']} ms)"
@@ -1023,7 +1028,8 @@ def main(argv=None) -> None:
         default="",
         help="also serve d with one change at a time, comma-separated: proxy (Serve's Python proxy), time-slicing "
         "(where MPS runs), throughput-optimized (http.throughput_optimized switched: on, or off with "
-        "--throughput-optimized); all three when none is named",
+        "--throughput-optimized); all three when none is named; and again (nothing changed: the control for being "
+        "measured in a later session)",
     )
     parser.add_argument(
         "--throughput-optimized",
@@ -1061,8 +1067,8 @@ def main(argv=None) -> None:
 
 def _alternative_names(listed: str) -> tuple[str, ...]:
     names = tuple(name for name in listed.split(",") if name)
-    if unknown := sorted(set(names) - set(ALTERNATIVES)):
-        raise SystemExit(f"--compare: unknown {', '.join(unknown)}; choose from {', '.join(ALTERNATIVES)}")
+    if unknown := sorted(set(names) - {*ALTERNATIVES, CONTROL}):
+        raise SystemExit(f"--compare: unknown {', '.join(unknown)}; choose from {', '.join((*ALTERNATIVES, CONTROL))}")
     return names
 
 

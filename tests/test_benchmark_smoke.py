@@ -1,5 +1,6 @@
 """The benchmarks run end to end (the pipeline's at tiny size) and write the figures the README reads."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,6 +41,7 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     # --compare: d again with one change at a time (no MPS here, so no time-slicing alternative): Serve's Python
     # proxy; Serve's throughput-optimized data plane.
     proxy, optimized = model["compared_settings"]
+    assert (proxy["change"], optimized["change"]) == ("proxy", "throughput-optimized")
     assert (proxy["settings"]["ingress"], proxy["settings"]["throughput_optimized"]) == ("proxy", False)
     assert (optimized["settings"]["ingress"], optimized["settings"]["throughput_optimized"]) == ("haproxy", True)
     for compared in (proxy, optimized):
@@ -52,10 +54,11 @@ def test_compared_throughput_optimized_switches_the_chosen_settings_either_way()
 
     for chosen in (False, True):
         settings = ServeSettings(ingress="haproxy", gpu_sharing="mps", uploads_root=None, throughput_optimized=chosen)
-        (compared,) = alternatives(settings, ("throughput-optimized",))
-        assert compared == ServeSettings(
-            ingress="haproxy", gpu_sharing="mps", uploads_root=None, throughput_optimized=not chosen
-        )
+        compared = alternatives(settings, ("throughput-optimized", "again"))
+        assert compared == {
+            "throughput-optimized": dataclasses.replace(settings, throughput_optimized=not chosen),
+            "again": settings,
+        }
 
 
 def test_upload_path_benchmark_compares_receiving_spooling_and_the_load_clients(tmp_path):
