@@ -5,6 +5,7 @@ multi-frame CT/MR images placed by their functional groups. Real files throughou
 import copy
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,17 @@ def _upload(tmp_path: Path, *files: Path) -> Path:
     return folder
 
 
+def _zipped_upload(tmp_path: Path, *files: Path) -> Path:
+    """An upload folder holding one zip archive of ``files``, stored uncompressed (as a PACS exports): the server
+    reads them where they lie in it."""
+    folder = tmp_path / "zipped"
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "000000", "w", zipfile.ZIP_STORED) as zf:
+        for path in files:
+            zf.write(path, path.name)
+    return folder
+
+
 def _refusal(paths: list[Path]) -> RequestError:
     with pytest.raises(RequestError) as refused:
         read_dicom_series(paths, LimitsConfig())
@@ -77,6 +89,22 @@ def test_every_encoding_of_one_mr_slice_reads_to_the_same_volume(tmp_path, name)
     np.testing.assert_allclose(volume.affine, reference.affine)
     assert volume.modality == "MR"
     assert volume.source.slices == [SourceFrame(0)] and "PixelData" not in volume.source.instances[0]
+
+
+@pytest.mark.parametrize("name", MR_VARIANTS)
+def test_every_encoding_reads_alike_from_inside_a_stored_zip_without_unpacking(tmp_path, name):
+    from_file = read_study(_upload(tmp_path, _sample(name)), LimitsConfig())
+    folder = _zipped_upload(tmp_path, _sample("MR_small.dcm"), _sample(name))  # the entry read is not the first
+    with pytest.raises(InvalidStudy, match="2 different series|share one position"):
+        read_study(folder, LimitsConfig())  # both entries were read
+    (folder / "000000").unlink()
+    shutil.rmtree(folder / "000000.unzipped")
+    folder = _zipped_upload(tmp_path / "alone", _sample(name))
+    in_place = read_study(folder, LimitsConfig())
+    np.testing.assert_array_equal(in_place.array, from_file.array)
+    np.testing.assert_allclose(in_place.affine, from_file.affine)
+    assert in_place.source.headers == from_file.source.headers
+    assert not any((folder / "000000.unzipped").iterdir())
 
 
 def test_ct_slices_read_in_hounsfield_units():
@@ -332,6 +360,10 @@ def test_every_encoding_of_an_enhanced_mr_reads_to_the_same_volume(tmp_path, nam
     for k, i in enumerate(order):
         np.testing.assert_array_equal(volume.array[:, :, k], (pixels[i] * 2.0 - 100).T)
     np.testing.assert_allclose((np.diag([-1, -1, 1, 1]) @ volume.affine)[:3, 3], positions[order[0]])
+    # The same image inside a stored zip is read where it lies, whole (its deferred elements cannot be reopened).
+    in_place = read_study(_zipped_upload(tmp_path / "zip", tmp_path / "variant" / name), LimitsConfig())
+    np.testing.assert_array_equal(in_place.array, volume.array)
+    assert in_place.source.slices == volume.source.slices and in_place.source.headers == volume.source.headers
 
 
 @pytest.mark.parametrize(

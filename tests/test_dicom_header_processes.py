@@ -6,6 +6,7 @@ no Ray (tests/test_layouts.py reads series through replicas that have such proce
 import multiprocessing
 import os
 import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from serve_app.studies.dicom_source import DicomSource, header_bytes
 from serve_app.studies.header_processes import MIN_FILES_PER_PROCESS, HeaderProcesses
 from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.sample_data import write_ct_series
+from serve_app.studies.upload import sort_upload
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,23 @@ def test_series_parsed_in_processes_reads_as_in_one_process(series, parsers):
     np.testing.assert_allclose(parallel.affine, alone.affine)
     assert parallel.source.headers == alone.source.headers
     assert [ds.InstanceNumber for ds in parallel.source.instances] == list(range(1, len(series) + 1))
+
+
+def test_a_series_stored_in_a_zip_is_read_in_place_in_processes_as_its_files_are(series, parsers, tmp_path):
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "000000", "w", zipfile.ZIP_STORED) as zf:
+        for path in series[::-1]:
+            zf.write(path, path.name)
+    contents = sort_upload(folder, LimitsConfig())
+    assert {file.path for file in contents.dicom} == {folder / "000000"}
+    assert sorted(file.size for file in contents.dicom) == sorted(path.stat().st_size for path in series)
+    assert not any((folder / "000000.unzipped").iterdir())  # nothing unpacked
+    alone = read_dicom_series(series, LimitsConfig())
+    in_place = read_dicom_series(contents.dicom, LimitsConfig(), parsers)
+    np.testing.assert_array_equal(in_place.array, alone.array)
+    np.testing.assert_allclose(in_place.affine, alone.affine)
+    assert in_place.source.headers == alone.source.headers
 
 
 def test_a_bad_file_is_refused_with_its_reason_from_the_process_that_parsed_it(series, parsers, tmp_path):

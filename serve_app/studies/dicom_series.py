@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -38,6 +38,7 @@ from serve_app.studies.checks import (
 from serve_app.studies.dicom_source import DicomSource, SourceFrame, header_bytes
 from serve_app.studies.header_processes import HeaderProcesses
 from serve_app.studies.transfer_syntaxes import require_decoder
+from serve_app.studies.upload import DicomFile
 from serve_app.studies.volume import Volume
 
 __all__ = ["read_dicom_series"]
@@ -100,9 +101,9 @@ class _Slice:
 
     rescale: _Rescale
     native: _NativeLayout | None  # None: pydicom decodes the pixel data
-    # What pydicom decodes when the values cannot be read straight from the file: the path of a single-frame
-    # file, or the whole multi-frame dataset (read once, its frames then decoded in parallel).
-    pydicom_source: pydicom.Dataset | str
+    # What pydicom decodes when the values cannot be read straight from the file: a single-frame file, or the
+    # whole multi-frame dataset (read once, its frames then decoded in parallel).
+    pydicom_source: pydicom.Dataset | DicomFile
     syntax: str  # the transfer syntax's name, for errors
     frame: int | None = None  # 0-based frame of a multi-frame image; None for a single-frame one
 
@@ -115,6 +116,7 @@ class _ImageFile:
     its frames' geometry lies in functional groups (such an image is read alone, never in a parsing process).
     """
 
+    file: DicomFile
     series_instance_uid: str
     size: tuple[int, int]  # (rows, columns)
     multi_frame: pydicom.Dataset | None
@@ -128,22 +130,26 @@ class _ImageFile:
     source: bytes  # the header as a DICOM file without pixel data (``header_bytes``)
 
 
-def read_dicom_series(paths: list[Path], limits: LimitsConfig, parsers: HeaderProcesses | None = None) -> Volume:
+def read_dicom_series(
+    files: list[DicomFile | Path], limits: LimitsConfig, parsers: HeaderProcesses | None = None
+) -> Volume:
     """One DICOM image series as a ``Volume``: (columns, rows, slices) in modality units, RAS affine.
 
-    ``paths`` hold either single-frame images of one series, or one multi-frame image whose frames are the slices.
+    ``files`` (``sort_upload``'s, or paths) hold either single-frame images of one series, or one multi-frame image
+    whose frames are the slices.
     ``parsers``, when given, parse a long series' headers in their processes (pydicom's parser holds the GIL).
     Raises ``UnsupportedMediaType`` (415) for pixel data in a transfer syntax no installed decoder reads (judged
     from the headers), ``InvalidStudy`` (422) for anything that is not one grey-scale series on a real grid, and
     ``PayloadTooLarge`` (413) for one over ``limits.max_volume_voxels``, judged from headers alone.
     """
-    files = [f for f in _parse_headers([str(p) for p in paths], parsers) if f is not None]
-    if not files:
+    dicom_files = [f if isinstance(f, DicomFile) else DicomFile(Path(f)) for f in files]
+    images = [image for image in _parse_headers(dicom_files, parsers) if image is not None]
+    if not images:
         raise InvalidStudy("the upload holds no DICOM images")
-    _check_one_series(files)
-    if files[0].multi_frame is not None:
-        return _read_multi_frame(files[0].multi_frame, limits)
-    return _read_single_frames(files, limits)
+    _check_one_series(images)
+    if images[0].multi_frame is not None:
+        return _read_multi_frame(images[0], limits)
+    return _read_single_frames(images, limits)
 
 
 def _read_single_frames(files: list[_ImageFile], limits: LimitsConfig) -> Volume:
@@ -166,9 +172,10 @@ def _read_single_frames(files: list[_ImageFile], limits: LimitsConfig) -> Volume
     return _volume(array, affine, files[0].modality, files[0].study_instance_uid, source)
 
 
-def _read_multi_frame(header: pydicom.Dataset, limits: LimitsConfig) -> Volume:
+def _read_multi_frame(image: _ImageFile, limits: LimitsConfig) -> Volume:
     """An enhanced (or legacy-converted enhanced) multi-frame image whose frames are one stack of slices, placed
     by its Shared / Per-frame Functional Groups; ``Volume.source`` names each slice's frame."""
+    header, file = image.multi_frame, image.file
     frames = _integer(header, "NumberOfFrames")
     rows, cols = _integer(header, "Rows"), _integer(header, "Columns")
     _check_voxel_limit(rows, cols, frames, limits)
@@ -191,8 +198,8 @@ def _read_multi_frame(header: pydicom.Dataset, limits: LimitsConfig) -> Volume:
     check_pixel_spacing((row_spacing, col_spacing))
 
     # Uncompressed frames are read from the file where they lie; others decoded by pydicom from one full read of it.
-    native = _native_layout(header, (rows, cols))
-    pydicom_source = header if native else _read_file(header.filename)
+    native = _native_layout(header, (rows, cols), file)
+    pydicom_source = header if native else _read_dataset(file)
     syntax = _syntax_name(header)
     slices = [
         _Slice(
@@ -206,7 +213,7 @@ def _read_multi_frame(header: pydicom.Dataset, limits: LimitsConfig) -> Volume:
     ]
     array = _decode_slices(slices, (rows, cols))
     affine = _affine(row_dir * col_spacing, col_dir * row_spacing, step, positions[order[0]])
-    source = DicomSource(headers=[header_bytes(header)], slices=[SourceFrame(0, i + 1) for i in order])
+    source = DicomSource(headers=[image.source], slices=[SourceFrame(0, i + 1) for i in order])
     return _volume(array, affine, _text(header, "Modality"), _text(header, "StudyInstanceUID"), source)
 
 
@@ -232,60 +239,71 @@ def _check_voxel_limit(rows: int, cols: int, slices: int, limits: LimitsConfig) 
         )
 
 
-def _parse_headers(paths: list[str], parsers: HeaderProcesses | None) -> list[_ImageFile | None]:
-    """Each file's ``_ImageFile`` (None for a DICOMDIR), in ``paths``' order; in ``parsers``' processes when given."""
-    if parsers is None or len(paths) < 2:
-        return _parse_files(paths)
-    return parsers.map(_parse_files, paths)
+def _parse_headers(files: list[DicomFile], parsers: HeaderProcesses | None) -> list[_ImageFile | None]:
+    """Each file's ``_ImageFile`` (None for a DICOMDIR), in ``files``' order; in ``parsers``' processes when given."""
+    if parsers is None or len(files) < 2:
+        return _parse_files(files)
+    return parsers.map(_parse_files, files)
 
 
-def _parse_files(paths: list[str]) -> list[_ImageFile | None]:
-    return [_parse_file(path) for path in paths]
+def _parse_files(files: list[DicomFile]) -> list[_ImageFile | None]:
+    return [_parse_file(file) for file in files]
 
 
-def _parse_file(path: str) -> _ImageFile | None:
+def _parse_file(file: DicomFile) -> _ImageFile | None:
     """One file's header, checked on its own; None for a DICOMDIR. Runs in a parsing process too."""
-    ds = _read_file(path, defer_size=1024)  # pixel data left on disk, but whether it is there is known
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
-        return None
-    values = _decoded(ds, _HEADER_TAGS)
-    multi_frame = _integer(values, "NumberOfFrames", 1) > 1
-    _check_image(ds, values, multi_frame)
-    size = (_integer(values, "Rows"), _integer(values, "Columns"))
-    common = {
-        "series_instance_uid": _text(values, "SeriesInstanceUID") or "",
-        "size": size,
-        "modality": _text(values, "Modality"),
-        "study_instance_uid": _text(values, "StudyInstanceUID"),
-    }
-    if multi_frame:
+    with file.open() as stream:
+        ds = _read_file(stream, defer_size=1024)  # pixel data left on disk, but whether it is there is known
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
+            return None
+        values = _decoded(ds, _HEADER_TAGS)
+        multi_frame = _integer(values, "NumberOfFrames", 1) > 1
+        _check_image(ds, values, multi_frame)
+        size = (_integer(values, "Rows"), _integer(values, "Columns"))
+        common = {
+            "file": file,
+            "series_instance_uid": _text(values, "SeriesInstanceUID") or "",
+            "size": size,
+            "modality": _text(values, "Modality"),
+            "study_instance_uid": _text(values, "StudyInstanceUID"),
+        }
+        if multi_frame:
+            # Its header is read on after this file closes: an archive entry's, which cannot be reopened by name
+            # to read a deferred element, is read whole now.
+            return _ImageFile(
+                **common,
+                multi_frame=ds if file.size is None else _read_file(stream),
+                slice=None,
+                orientation=None,
+                position=None,
+                pixel_spacing=None,
+                thickness=None,
+                source=header_bytes(ds),
+            )
         return _ImageFile(
             **common,
-            multi_frame=ds,
-            slice=None,
-            orientation=None,
-            position=None,
-            pixel_spacing=None,
-            thickness=None,
-            source=b"",
+            multi_frame=None,
+            slice=_Slice(_rescale_of(ds), _native_layout(ds, size, file), file, _syntax_name(ds)),
+            orientation=_numbers(values, "ImageOrientationPatient", 6),
+            position=_numbers(values, "ImagePositionPatient", 3),
+            pixel_spacing=_numbers(values, "PixelSpacing", 2),
+            thickness=_thickness(values),
+            source=header_bytes(ds),
         )
-    return _ImageFile(
-        **common,
-        multi_frame=None,
-        slice=_Slice(_rescale_of(ds), _native_layout(ds, size), path, _syntax_name(ds)),
-        orientation=_numbers(values, "ImageOrientationPatient", 6),
-        position=_numbers(values, "ImagePositionPatient", 3),
-        pixel_spacing=_numbers(values, "PixelSpacing", 2),
-        thickness=_thickness(values),
-        source=header_bytes(ds),
-    )
 
 
-def _read_file(path: Path | str, defer_size: int | None = None) -> pydicom.FileDataset:
-    """``path`` as pydicom parses it; 422 for a file it cannot parse."""
+def _read_dataset(file: DicomFile) -> pydicom.FileDataset:
+    """``file`` read whole by pydicom; 422 for a file it cannot parse."""
+    with file.open() as stream:
+        return _read_file(stream)
+
+
+def _read_file(stream: BinaryIO, defer_size: int | None = None) -> pydicom.FileDataset:
+    """The DICOM file ``stream`` holds (from its start) as pydicom parses it; 422 for a file it cannot parse."""
     try:
-        return pydicom.dcmread(path, defer_size=defer_size)
+        stream.seek(0)
+        return pydicom.dcmread(stream, defer_size=defer_size)
     except Exception:  # pydicom raises many types for a cut or corrupt file (struct.error, EOFError, ValueError, ...)
         raise InvalidStudy("a DICOM file is truncated or unreadable") from None
 
@@ -517,10 +535,14 @@ def _stored_values(piece: _Slice, shape: tuple[int, int]) -> np.ndarray:
     pixels = _read_native(piece.native, piece.frame or 0, shape) if piece.native is not None else None
     if pixels is None:
         source = piece.pydicom_source
-        if isinstance(source, str) and piece.syntax == DeflatedExplicitVRLittleEndian.name:
-            source = _read_file(source)  # inflated as a whole: pydicom cannot read its pixels from an offset
+        if isinstance(source, DicomFile) and piece.syntax == DeflatedExplicitVRLittleEndian.name:
+            source = _read_dataset(source)  # inflated as a whole: pydicom cannot read its pixels from an offset
         try:
-            pixels = pixel_array(source, index=piece.frame)
+            if isinstance(source, DicomFile):
+                with source.open() as stream:
+                    pixels = pixel_array(stream, index=piece.frame)
+            else:
+                pixels = pixel_array(source, index=piece.frame)
         except Exception as e:  # pydicom raises many types for pixel data it cannot decode
             raise InvalidStudy(f"the pixel data cannot be decoded (transfer syntax {piece.syntax})") from e
     if pixels.shape != shape:
@@ -528,10 +550,10 @@ def _stored_values(piece: _Slice, shape: tuple[int, int]) -> np.ndarray:
     return pixels
 
 
-def _native_layout(header: pydicom.Dataset, shape: tuple[int, int]) -> _NativeLayout | None:
-    """Where ``header``'s pixel data lies in its file, when its values are uncompressed little-endian integers of 8,
-    16 or 32 bits, left on disk by the header pass and filling exactly the pixel data; None for anything else,
-    which pydicom's own decoder reads (and whose failures it words)."""
+def _native_layout(header: pydicom.Dataset, shape: tuple[int, int], file: DicomFile) -> _NativeLayout | None:
+    """Where ``header``'s pixel data, read from ``file``, lies on disk, when its values are uncompressed
+    little-endian integers of 8, 16 or 32 bits, left on disk by the header pass and filling exactly the pixel data;
+    None for anything else, which pydicom's own decoder reads (and whose failures it words)."""
     if header.file_meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN:
         return None
     try:
@@ -550,7 +572,7 @@ def _native_layout(header: pydicom.Dataset, shape: tuple[int, int]) -> _NativeLa
     if element.length not in (expected, expected + expected % 2):  # an odd length is padded to even
         return None
     dtype = f"<{'i' if signed else 'u'}{allocated // 8}"
-    return _NativeLayout(str(header.filename), element.value_tell, frame_bytes, dtype, allocated - stored)
+    return _NativeLayout(str(file.path), file.offset + element.value_tell, frame_bytes, dtype, allocated - stored)
 
 
 def _read_native(layout: _NativeLayout, frame: int, shape: tuple[int, int]) -> np.ndarray | None:
