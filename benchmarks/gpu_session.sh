@@ -4,9 +4,10 @@
 #     benchmark; OPTIONS go to it, e.g. --no-decode --layouts fused --fused-replicas 8 to fit one call
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh tests             # GPU tests, postprocess profile
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh http [OPTIONS]     # the HTTP path alone, in one
-#     call: the fused layout; raw NIfTI and the zipped DICOM series; d at concurrency 16 and 24, and again with Serve's
-#     throughput-optimized data plane; 96 requests a phase; each phase's CPU time by process (benchmarks/cpu_accounting.py);
-#     first, the upload path alone (benchmarks/upload_path.py: receiving against spooling, the load clients' cost)
+#     call: the fused layout; every upload phase (raw NIfTI, the zipped DICOM series, .nii.gz, gzip and zstd bodies);
+#     d at concurrency 16 and 24; 96 requests a phase; each phase's CPU time by process (benchmarks/cpu_accounting.py);
+#     first, the upload path alone (benchmarks/upload_path.py: receiving against spooling, the load clients' cost).
+#     OPTIONS go to the pipeline benchmark, e.g. --ingress-replicas 16, --compare again (a control session)
 #   source .device-bundle/setup.sh && bash benchmarks/gpu_session.sh noisy             # noisy neighbour, full-size
 #     studies on the GPU (3 rounds of alone / alone again / flood), then the GPU tests in the time left
 # Writes under $OUT (the device tool's folder) or benchmarks/results/.
@@ -33,7 +34,7 @@ http)
   timeout 40 python -m benchmarks.upload_path --out "$out" >"$out/upload-path.log" 2>&1
   grep -A4 '"ratios"' "$out/upload-path.log"
   timeout 540 python -m benchmarks.pipeline --size full --models msd-spleen-unet --no-decode --layouts fused \
-    --http-phases http,http_dicom_zip --http-concurrency 24 --requests 96 --compare throughput-optimized \
+    --http-phases http,http_dicom_zip,http_nii_gz,http_gzip,http_zstd --http-concurrency 24 --requests 96 \
     --out "$out" "${@:2}" >"$out/bench.log" 2>&1
   grep -E '^[a-z_0-9 +-]+: \{' "$out/bench.log" | cut -c1-3000
   grep -v '^\s*\x1b\|^ ' "$out/bench.log" | grep -E 'Error|Traceback' | head -5 || true  # none found: not a failure
