@@ -68,6 +68,22 @@ def test_a_series_stored_in_a_zip_is_read_in_place_in_processes_as_its_files_are
     assert in_place.source.headers == alone.source.headers
 
 
+def test_a_multi_frame_image_zipped_among_a_series_is_refused_from_the_processes(series, parsers, tmp_path):
+    # Parsed in a process, the multi-frame entry comes back as its dataset: unpacked to a file of its own first,
+    # as an archive entry cannot be reopened by name to read its deferred elements there.
+    enhanced = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    enhanced.SeriesInstanceUID = pydicom.dcmread(series[0]).SeriesInstanceUID  # one series: refused as multi-frame
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "000000", "w", zipfile.ZIP_STORED) as zf:
+        for path in [*series, tmp_path / "enhanced.dcm"]:
+            zf.write(path, path.name)
+    contents = sort_upload(folder, LimitsConfig())
+    with pytest.raises(InvalidStudy, match="multi-frame DICOM images are not supported in an upload of several"):
+        read_dicom_series(contents.dicom, LimitsConfig(), parsers)
+
+
 def test_a_bad_file_is_refused_with_its_reason_from_the_process_that_parsed_it(series, parsers, tmp_path):
     folder = tmp_path / "series"
     folder.mkdir()

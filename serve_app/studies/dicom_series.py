@@ -269,11 +269,13 @@ def _parse_file(file: DicomFile) -> _ImageFile | None:
             "study_instance_uid": _text(values, "StudyInstanceUID"),
         }
         if multi_frame:
-            # Its header is read on after this file closes: an archive entry's, which cannot be reopened by name
-            # to read a deferred element, is read whole now.
+            if file.size is not None:
+                # Its header is read on after this file closes, deferred elements and all, by name: an archive
+                # entry has none, so the image is unpacked first.
+                return _parse_file(file.unpacked())
             return _ImageFile(
                 **common,
-                multi_frame=ds if file.size is None else _read_file(stream),
+                multi_frame=ds,
                 slice=None,
                 orientation=None,
                 position=None,
