@@ -1,7 +1,8 @@
 """Read one DICOM image series into a ``Volume`` with pydicom: a series of single-frame images, or one enhanced
 (multi-frame) CT or MR image whose functional groups place each frame.
 
-Each file is parsed once, its pixel data left on disk; the slices are ordered by their position along the slice
+Each file (a file of its own, or an entry stored in the upload's zip archive: ``upload.DicomFile``) is parsed once,
+its pixel data left on disk; the slices are ordered by their position along the slice
 normal (not by file name, InstanceNumber or frame number) and the grid's spacing, origin and direction come from the
 headers. Only then are the pixels decoded, one thread a core (numpy and the compressed-data decoders release the
 GIL), and rescaled to modality units (HU for CT). Uncompressed little-endian integers are read straight from the file

@@ -21,6 +21,7 @@ __all__ = ["HeaderProcesses"]
 
 logger = logging.getLogger(__name__)
 
+File = TypeVar("File")
 Parsed = TypeVar("Parsed")
 
 # Fewer files than this a process are parsed where they are: sending them costs more than it saves.
@@ -47,24 +48,24 @@ class HeaderProcesses:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
 
-    def map(self, parse: Callable[[list[str]], list[Parsed]], paths: list[str]) -> list[Parsed]:
-        """``parse(paths)``, run on consecutive runs of ``paths`` in the processes; results in ``paths``' order.
+    def map(self, parse: Callable[[list[File]], list[Parsed]], files: list[File]) -> list[Parsed]:
+        """``parse(files)``, run on consecutive runs of ``files`` in the processes; results in ``files``' order.
 
         ``parse`` must be a module-level function (it is sent by name). Its errors are raised here.
         """
-        runs = min(self.processes, len(paths) // MIN_FILES_PER_PROCESS)
+        runs = min(self.processes, len(files) // MIN_FILES_PER_PROCESS)
         if runs < 2:
-            return parse(paths)
-        bounds = [len(paths) * i // runs for i in range(runs + 1)]
+            return parse(files)
+        bounds = [len(files) * i // runs for i in range(runs + 1)]
         pool = self._started()
         try:
-            futures = [pool.submit(parse, paths[a:b]) for a, b in itertools.pairwise(bounds)]
+            futures = [pool.submit(parse, files[a:b]) for a, b in itertools.pairwise(bounds)]
             return [item for future in futures for item in future.result()]
         except BrokenProcessPool:
             logger.warning("a DICOM header process died; parsing this series in the replica, restarting the pool")
             self._pool = None
             pool.shutdown(wait=False, cancel_futures=True)
-            return parse(paths)
+            return parse(files)
 
     def warm_up(self) -> None:
         """Start every process now (each imports pydicom once), so that the first series does not wait for them."""
