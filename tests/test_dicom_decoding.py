@@ -276,6 +276,29 @@ def test_a_series_whose_rescale_shifts_integers_reads_as_int16_else_float32(tmp_
         np.testing.assert_array_equal(volume.array[:, :, k], hu.T.astype(np.float32))
 
 
+@pytest.mark.parametrize(
+    "offset",
+    [
+        pytest.param(2000, id="unsigned values within int16"),
+        pytest.param(40000, id="unsigned values over 32767, an intercept outside int16"),
+    ],
+)
+def test_unsigned_values_that_their_intercept_brings_into_int16_read_as_int16(tmp_path, offset):
+    phantom = ct_phantom(np.random.default_rng(8), shape=(16, 12, 3), spacing=(1.0, 1.0, 2.0)).volume
+    paths = write_ct_series(phantom, tmp_path)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        stored = (ds.pixel_array.astype(np.int32) + offset).astype(np.uint16)
+        ds.PixelRepresentation, ds.RescaleIntercept = 0, float(ds.RescaleIntercept) - offset
+        ds.PixelData = stored.tobytes()
+        ds.save_as(path)
+    volume = read_dicom_series(paths, LimitsConfig())
+    assert volume.array.dtype == np.int16
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        np.testing.assert_array_equal(volume.array[:, :, k], (ds.pixel_array + float(ds.RescaleIntercept)).T)
+
+
 # Enhanced (multi-frame) images.
 
 

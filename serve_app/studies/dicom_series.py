@@ -603,11 +603,17 @@ def _to_modality_units(pixels: np.ndarray, rescale: _Rescale, out: np.ndarray) -
             raise InvalidStudy("the slice's Modality LUT cannot be applied to its pixels") from None
     elif out.dtype == np.int16:
         shift = int(rescale.intercept)
-        if pixels.dtype.kind not in "iu" or (
-            pixels.size and (int(pixels.min()) + shift < -32768 or int(pixels.max()) + shift > 32767)
-        ):
+        if pixels.dtype.kind not in "iu":
             raise _OutsideInt16
-        np.add(pixels, np.int32(shift), out=out, casting="unsafe")  # int32: a uint16 and a negative shift
+        low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+        if low + shift < -32768 or high + shift > 32767:
+            raise _OutsideInt16
+        if pixels.dtype.itemsize <= 2 and high <= 32767 and -32768 <= shift <= 32767:
+            # Added in int16 (the sums fit, as checked): a third of the time of widening each value to int32.
+            stored = pixels.view(np.int16) if pixels.dtype == np.uint16 else pixels
+            np.add(stored, np.int16(shift), out=out)
+        else:
+            np.add(pixels, np.int32(shift), out=out, casting="unsafe")  # int32: a uint32, or a uint16 over 32767
     elif (rescale.slope, rescale.intercept) == (1, 0):
         out[...] = pixels
     else:
