@@ -12,8 +12,9 @@ offset the header pass found; everything else goes through pydicom's pixel-data 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -282,7 +283,7 @@ def _parse_file(file: DicomFile) -> _ImageFile | None:
                 position=None,
                 pixel_spacing=None,
                 thickness=None,
-                source=header_bytes(ds),
+                source=header_bytes(ds, stream),
             )
         return _ImageFile(
             **common,
@@ -292,7 +293,7 @@ def _parse_file(file: DicomFile) -> _ImageFile | None:
             position=_numbers(values, "ImagePositionPatient", 3),
             pixel_spacing=_numbers(values, "PixelSpacing", 2),
             thickness=_thickness(values),
-            source=header_bytes(ds),
+            source=header_bytes(ds, stream),
         )
 
 
@@ -305,7 +306,6 @@ def _read_dataset(file: DicomFile) -> pydicom.FileDataset:
 def _read_file(stream: BinaryIO, defer_size: int | None = None) -> pydicom.FileDataset:
     """The DICOM file ``stream`` holds (from its start) as pydicom parses it; 422 for a file it cannot parse."""
     try:
-        stream.seek(0)
         return pydicom.dcmread(stream, defer_size=defer_size)
     except Exception:  # pydicom raises many types for a cut or corrupt file (struct.error, EOFError, ValueError, ...)
         raise InvalidStudy("a DICOM file is truncated or unreadable") from None
@@ -537,20 +537,28 @@ def _stored_values(piece: _Slice, shape: tuple[int, int]) -> np.ndarray:
     """One slice's (rows, columns) stored values, as pydicom's decoders give them."""
     pixels = _read_native(piece.native, piece.frame or 0, shape) if piece.native is not None else None
     if pixels is None:
-        source = piece.pydicom_source
-        if isinstance(source, DicomFile) and piece.syntax == DeflatedExplicitVRLittleEndian.name:
-            source = _read_dataset(source)  # inflated as a whole: pydicom cannot read its pixels from an offset
-        try:
-            if isinstance(source, DicomFile):
-                with source.open() as stream:
-                    pixels = pixel_array(stream, index=piece.frame)
-            else:
+        with _pydicom_source(piece) as source:
+            try:
                 pixels = pixel_array(source, index=piece.frame)
-        except Exception as e:  # pydicom raises many types for pixel data it cannot decode
-            raise InvalidStudy(f"the pixel data cannot be decoded (transfer syntax {piece.syntax})") from e
+            except Exception as e:  # pydicom raises many types for pixel data it cannot decode
+                raise InvalidStudy(f"the pixel data cannot be decoded (transfer syntax {piece.syntax})") from e
     if pixels.shape != shape:
         raise InvalidStudy(f"a slice's pixel data decodes to shape {pixels.shape}, not its Rows x Columns {shape}")
     return pixels
+
+
+@contextmanager
+def _pydicom_source(piece: _Slice) -> Iterator[pydicom.Dataset | BinaryIO]:
+    """What pydicom decodes ``piece``'s pixels from: the dataset read already, or the file, open; a deflated file is
+    read whole first (inflated as a whole, its pixels cannot be read from an offset)."""
+    source = piece.pydicom_source
+    if not isinstance(source, DicomFile):
+        yield source
+    elif piece.syntax == DeflatedExplicitVRLittleEndian.name:
+        yield _read_dataset(source)
+    else:
+        with source.open() as stream:
+            yield stream
 
 
 def _native_layout(header: pydicom.Dataset, shape: tuple[int, int], file: DicomFile) -> _NativeLayout | None:

@@ -7,6 +7,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -79,34 +80,23 @@ class DicomSource:
         return {"headers": self.headers, "slices": self.slices, "_parsed": None}
 
 
-def header_bytes(ds: pydicom.FileDataset) -> bytes:
-    """The DICOM file ``ds`` was read from, up to its pixel data: its header as the sender wrote it.
+def header_bytes(ds: pydicom.FileDataset, stream: BinaryIO) -> bytes:
+    """The DICOM file ``ds`` was read from (``stream``, still open), up to its pixel data: its header as the sender
+    wrote it.
 
     A file that cannot simply be cut there (a deflated or big-endian stream, an extended offset table before the
-    pixels, float pixels), or that is no longer at hand, is written anew from ``without_pixels(ds)`` instead.
+    pixels, float pixels) is written anew from ``without_pixels(ds)`` instead.
     """
     element = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True) if _PIXEL_DATA_TAG in ds else None
     others = any(tag in ds for tag in _DROPPED_TAGS - {_PIXEL_DATA_TAG})
     deflated = getattr(ds, "file_meta", {}).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     if isinstance(element, RawDataElement) and not (others or deflated):
         start = element.value_tell - (8 if element.is_implicit_VR else 12)  # tag, (VR,) value length
-        prefix = _first_bytes(ds, start + len(_PIXEL_DATA_TAG_BYTES))
+        stream.seek(0)
+        prefix = stream.read(start + len(_PIXEL_DATA_TAG_BYTES))
         if start > 0 and prefix[start:] == _PIXEL_DATA_TAG_BYTES:
             return prefix[:start]
     return _encoded(without_pixels(ds))
-
-
-def _first_bytes(ds: pydicom.FileDataset, count: int) -> bytes:
-    """The first ``count`` bytes of the file ``ds`` was read from, by name or from the open stream pydicom keeps
-    when it has none (an archive entry read in place); none when neither is at hand."""
-    if getattr(ds, "filename", None):
-        with open(ds.filename, "rb") as file:
-            return file.read(count)
-    stream = getattr(ds, "buffer", None)
-    if stream is None or getattr(stream, "closed", True):
-        return b""
-    stream.seek(0)
-    return stream.read(count)
 
 
 def without_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
