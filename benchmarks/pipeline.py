@@ -559,20 +559,26 @@ def measure_alternative(
     size: Size,
     work: Path,
     repository: Path,
-    upload: HttpUpload,
+    uploads: list[HttpUpload],
     fidelity: Fidelity,
     batch: int,
     layout: str,
     gpu: bool,
     settings: ServeSettings,
 ) -> dict:
-    """d alone under other settings, for the side-by-side table of settings."""
+    """d, and the DICOM phase where the run has it (``COMPARED_PHASES`` of ``uploads``), under other settings, for
+    the side-by-side table of settings."""
     port = 18600
     with serving(settings, port):
         config = serve_config(work / f"storage-{settings.label()}", repository, layout, gpu, batch, port, settings)
-        with deployed(config, upload.body) as app:
-            http = measure_http(f"http://127.0.0.1:{port}/{config.name}", spec, upload, size, fidelity, app.results)
-    return {"settings": settings_of(settings, config), "http": http}
+        url = f"http://127.0.0.1:{port}/{config.name}"
+        with deployed(config, uploads[0].body) as app:
+            phases = {
+                upload.name: measure_http(url, spec, upload, size, fidelity, app.results)
+                for upload in uploads
+                if upload.name in COMPARED_PHASES
+            }
+    return {"settings": settings_of(settings, config), **phases}
 
 
 def progress(out: dict | None, phase: str, figures: dict) -> None:
@@ -860,10 +866,10 @@ def run(
             }
             if compare:
                 model["compared_settings"] = []
-                for change, alternative in alternatives(settings, compare).items():
+                for change, alternative in alternatives(settings, compare, gpu=gpu).items():
                     try:
                         compared = measure_alternative(
-                            tuned, size, work, tuned_repository, uploads[0], fidelity, batch, served["faster_layout"],
+                            tuned, size, work, tuned_repository, uploads, fidelity, batch, served["faster_layout"],
                             gpu, alternative,
                         )  # fmt: skip
                     except Exception as e:  # the run's other figures are still worth writing
@@ -902,18 +908,24 @@ ALTERNATIVES = ("proxy", "time-slicing", "throughput-optimized")
 # Named only: the chosen settings served again, unchanged, in a session of their own as every alternative is: the
 # control that tells a setting's effect from the effect of being measured in a later session.
 CONTROL = "again"
+# Named only: the fused layout's replicas doubled on the GPU, each with half the share (8 x 0.125 for 4 x 0.25).
+TWICE_THE_REPLICAS = "twice-the-replicas"
+# What a compared session measures of the run's upload phases: d, and the DICOM series.
+COMPARED_PHASES = ("http", "http_dicom_zip")
 
 
-def alternatives(settings: ServeSettings, names: tuple[str, ...]) -> dict[str, ServeSettings]:
-    """The chosen settings with one thing changed at a time, for each of ``names`` (``ALTERNATIVES`` and ``CONTROL``)
-    that applies: Serve's Python proxy; time-slicing instead of MPS (where MPS runs); Serve's throughput-optimized
-    data plane turned on, or off where the chosen settings have it on; nothing changed (``CONTROL``). A compared
-    session runs after the chosen one: the control measures what that order alone is worth."""
+def alternatives(settings: ServeSettings, names: tuple[str, ...], *, gpu: bool) -> dict[str, ServeSettings]:
+    """The chosen settings with one thing changed at a time, for each of ``names`` (``ALTERNATIVES``,
+    ``TWICE_THE_REPLICAS`` and ``CONTROL``) that applies: Serve's Python proxy; time-slicing instead of MPS (where
+    MPS runs); Serve's throughput-optimized data plane turned on, or off where the chosen settings have it on; twice
+    the fused replicas (on a GPU); nothing changed (``CONTROL``). A compared session runs after the chosen one: the
+    control measures what that order alone is worth."""
     mps = settings.gpu_sharing == "mps"
     changed = {
         "proxy": dataclasses.replace(settings, ingress="proxy"),
         "time-slicing": dataclasses.replace(settings, gpu_sharing="time-slicing") if mps else None,
         "throughput-optimized": dataclasses.replace(settings, throughput_optimized=not settings.throughput_optimized),
+        TWICE_THE_REPLICAS: dataclasses.replace(settings, fused_replicas=2 * settings.fused_replicas) if gpu else None,
         CONTROL: settings,
     }
     return {name: changed[name] for name in names if changed[name] is not None}
@@ -999,11 +1011,14 @@ def write_report(report: dict, out: Path) -> None:
                 lines.append(f"- {compared['change']}: {compared['settings']}: failed: {compared['error']}")
                 continue
             http, chosen = compared["http"], compared["settings"]
+            dicom = compared.get("http_dicom_zip")
             lines.append(
                 f"- {compared['change']}: {chosen['ingress']} + {chosen['gpu_sharing']} + throughput-optimized "
-                f"{chosen['throughput_optimized']}: d {http['volumes_per_s']} volumes/s "
+                f"{chosen['throughput_optimized']}, {chosen['model_replicas']} model replicas: "
+                f"d {http['volumes_per_s']} volumes/s "
                 f"(p50 {http['p50_ms']}, p99 {http['p99_ms']} ms, GPU {http['gpu_util_percent']} %, "
                 f"Dice {http['dice_vs_reference']}, upload {http['breakdown_ms']['upload']} ms)"
+                + (f"; DICOM {dicom['volumes_per_s']} volumes/s (Dice {dicom['dice_vs_reference']})" if dicom else "")
             )
     (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -1026,10 +1041,11 @@ def main(argv=None) -> None:
         nargs="?",
         const=",".join(ALTERNATIVES),
         default="",
-        help="also serve d with one change at a time, comma-separated: proxy (Serve's Python proxy), time-slicing "
-        "(where MPS runs), throughput-optimized (http.throughput_optimized switched: on, or off with "
-        "--throughput-optimized); all three when none is named; and again (nothing changed: the control for being "
-        "measured in a later session)",
+        help="also serve d and the DICOM phase with one change at a time, comma-separated: proxy (Serve's Python "
+        "proxy), time-slicing (where MPS runs), throughput-optimized (http.throughput_optimized switched: on, or off "
+        "with --throughput-optimized); all three when none is named; twice-the-replicas (the fused replicas doubled "
+        "on a GPU, each with half the share); and again (nothing changed: the control for being measured in a later "
+        "session)",
     )
     parser.add_argument(
         "--throughput-optimized",
@@ -1067,8 +1083,9 @@ def main(argv=None) -> None:
 
 def _alternative_names(listed: str) -> tuple[str, ...]:
     names = tuple(name for name in listed.split(",") if name)
-    if unknown := sorted(set(names) - {*ALTERNATIVES, CONTROL}):
-        raise SystemExit(f"--compare: unknown {', '.join(unknown)}; choose from {', '.join((*ALTERNATIVES, CONTROL))}")
+    known = (*ALTERNATIVES, TWICE_THE_REPLICAS, CONTROL)
+    if unknown := sorted(set(names) - set(known)):
+        raise SystemExit(f"--compare: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     return names
 
 

@@ -38,14 +38,16 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     assert model["transport_ceiling_uploads_per_s"] > 0
     assert model["open_loop_http_80pct"]["p99_ms"] >= model["open_loop_http_80pct"]["p50_ms"] > 0
     assert (model["settings"]["ingress"], model["settings"]["throughput_optimized"]) == ("haproxy", False)
-    # --compare: d again with one change at a time (no MPS here, so no time-slicing alternative): Serve's Python
-    # proxy; Serve's throughput-optimized data plane.
+    # --compare: d and the DICOM phase again with one change at a time (no MPS here, so no time-slicing
+    # alternative): Serve's Python proxy; Serve's throughput-optimized data plane.
     proxy, optimized = model["compared_settings"]
     assert (proxy["change"], optimized["change"]) == ("proxy", "throughput-optimized")
     assert (proxy["settings"]["ingress"], proxy["settings"]["throughput_optimized"]) == ("proxy", False)
     assert (optimized["settings"]["ingress"], optimized["settings"]["throughput_optimized"]) == ("haproxy", True)
     for compared in (proxy, optimized):
-        assert compared["http"]["volumes_per_s"] > 0 and compared["http"]["dice_vs_reference"] >= 0.9
+        for phase in ("http", "http_dicom_zip"):
+            assert compared[phase]["volumes_per_s"] > 0 and compared[phase]["dice_vs_reference"] >= 0.9, phase
+        assert "http_nii_gz" not in compared
     assert (tmp_path / report_path.name.replace(".json", ".md")).is_file()
 
 
@@ -54,11 +56,21 @@ def test_compared_throughput_optimized_switches_the_chosen_settings_either_way()
 
     for chosen in (False, True):
         settings = ServeSettings(ingress="haproxy", gpu_sharing="mps", uploads_root=None, throughput_optimized=chosen)
-        compared = alternatives(settings, ("throughput-optimized", "again"))
+        compared = alternatives(settings, ("throughput-optimized", "again"), gpu=True)
         assert compared == {
             "throughput-optimized": dataclasses.replace(settings, throughput_optimized=not chosen),
             "again": settings,
         }
+
+
+def test_twice_the_replicas_doubles_the_fused_replicas_on_a_gpu_only():
+    from benchmarks.pipeline import ServeSettings, alternatives
+
+    settings = ServeSettings(ingress="haproxy", gpu_sharing="mps", uploads_root=None, fused_replicas=4)
+    assert alternatives(settings, ("twice-the-replicas",), gpu=True) == {
+        "twice-the-replicas": dataclasses.replace(settings, fused_replicas=8)
+    }
+    assert alternatives(settings, ("twice-the-replicas",), gpu=False) == {}
 
 
 def test_upload_path_benchmark_compares_receiving_spooling_and_the_load_clients(tmp_path):
