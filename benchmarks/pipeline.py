@@ -66,13 +66,14 @@ class Size:
     requests: int  # per measured phase
     concurrency: int
     reference_requests: int
-    open_loop_s: float  # full size: 20 s, about 500 requests over HTTP, so that p99 is not the third-worst of 250
+    open_loop_s: float  # each open loop's length
     client_processes: int  # HTTP load generators: one Python process cannot send 157 MB uploads fast enough
 
 
 SIZES = {
     "tiny": Size((96, 96, 32), (3.6, 3.6, 6.0), (48, 48, 48), 6, 2, 2, 3.0, 1),
     "small": Size((256, 256, 96), (1.4, 1.4, 3.0), (96, 96, 96), 16, 4, 3, 10.0, 2),
+    # Open loops of 20 s: about 500 requests over HTTP, so that p99 is not the third-worst latency of 250.
     "full": Size((512, 512, 300), (0.8, 0.8, 1.0), (224, 224, 224), 48, 16, 2, 20.0, 4),
 }
 ORGAN_FRACTION = 0.004  # of the volume: a 200 mL spleen in a 512x512x300 CT's 50 L field of view
