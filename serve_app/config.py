@@ -89,10 +89,14 @@ class DeploymentConfig(StrictModel):
         "it refuses new ones at once with a 503 and Retry-After; null: no bound (requests wait however long).",
     )
 
-    def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
+    def serve_options(self, *, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``; ``runtime_env``: the replicas' Ray runtime environment,
+        merged into the application's (its ``env_vars`` key by key)."""
+        actor_options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources}
+        if runtime_env is not None:
+            actor_options["runtime_env"] = runtime_env
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources},
+            "ray_actor_options": actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         if self.max_queued_requests is not None:

@@ -282,3 +282,21 @@ def test_content_encoding_on_a_multipart_upload_is_a_415(client):
     response = client.post(SEGMENT, files=files, headers={"content-encoding": "gzip"})
     assert response.status_code == 415
     assert "single-file bodies" in response.json()["error"]["reason"]
+
+
+@pytest.mark.parametrize("disconnect_handling", ["?1", "?0"])
+def test_serves_header_that_turns_off_disconnect_handling_gets_an_answer_not_a_hang(
+    client, app_config, disconnect_handling
+):
+    # Ray Serve reads `x-request-disconnect-disabled: ?1` from any client. With request code on a thread of its
+    # own, a replica then hands that code the server's receive from the other thread's loop: a body too large to
+    # arrive at once (zeros to the upload limit, no study) hung.
+    response = client.post(
+        SEGMENT,
+        content=bytes(app_config.limits.max_upload_bytes),
+        headers={**ZIP, "x-request-disconnect-disabled": disconnect_handling},
+        timeout=60,
+    )
+    assert response.status_code == 415, response.text
+    assert "not a zip archive" in response.json()["error"]["reason"]
+    assert client.get("/healthz").status_code == 200
