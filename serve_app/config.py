@@ -290,8 +290,9 @@ class HttpConfig(StrictModel):
     throughput_optimized: bool = Field(
         False,
         description="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED): replicas run request "
-        "code on their own event loop, not a second thread's, and call one another over gRPC. Off: it made a "
-        "replica that only receives 157 MB uploads a third cheaper, but not medserve's ingress, which spools them "
+        "code on their own event loop, not a second thread's (the ingress's does either way), and call one another "
+        "over gRPC. Off: it made a replica that only receives 157 MB uploads a third cheaper, but not medserve's "
+        "ingress, which spools them "
         "(HTTP raw NIfTI on the H200: 26.9/s with it, 28.5/s without, in one run; README: Ingress). Set where "
         "Ray starts, as ingress is; off is written out, so that a shell exporting it does not turn it on.",
     )
