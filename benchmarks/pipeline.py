@@ -503,7 +503,6 @@ def measure_serve(
     from ray import serve
 
     from benchmarks.transport import BodySink
-    from deployments.ingress import INGRESS_RUNTIME_ENV
 
     port, out = 18600, {}
     # The loop outlives Serve: serve.shutdown() shuts each handle's router down on the loop it routes on.
@@ -524,10 +523,10 @@ def measure_serve(
                 ))  # fmt: skip
         faster = max(layouts, key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
         config = serve_config(work / f"storage-{faster}", repository, faster, gpu, batch, port, settings)
-        # The sink's replicas are the ingress's, CPUs and event loop included (Serve's default, 1 CPU a replica,
-        # would leave eight fused replicas' app unschedulable on 16 cores beside it).
+        # The sink's replicas are the ingress's, CPUs included (Serve's default, 1 CPU a replica, would leave eight
+        # fused replicas' app unschedulable on 16 cores beside it).
         ingress = config.deployments.ingress
-        sink = BodySink.options(**ingress.serve_options(runtime_env=INGRESS_RUNTIME_ENV))
+        sink = BodySink.options(num_replicas=ingress.num_replicas, ray_actor_options={"num_cpus": ingress.num_cpus})
         serve.run(sink.bind(), name="sink", route_prefix="/sink", blocking=False)
         with deployed(config, uploads[0].body) as app:
             handle_loop.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up, as for c

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
+from starlette import types as asgi
 from starlette.exceptions import HTTPException
 
 from deployments.replica import Replica
@@ -94,9 +95,33 @@ def _shutting_down() -> JSONResponse:
     return _error_response(error.status_code, error.reason, error.headers)
 
 
+_DISCONNECT_OPT_OUT = b"x-request-disconnect-disabled"
+
+
+class RefuseDisconnectOptOut:
+    """ASGI middleware of the ingress: a request that asks Serve not to watch for its client going away
+    (``x-request-disconnect-disabled: ?1``) is answered 400 before any of its body is read.
+
+    Serve honours that header from any client, and then hands the request code its HTTP server's own receive, which
+    works only on the server's event loop. The ingress's code runs on a second thread's loop (Serve's default), where
+    an upload too large to arrive at once hung, holding its place.
+    """
+
+    def __init__(self, app: asgi.ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] == "http" and (_DISCONNECT_OPT_OUT, b"?1") in map(tuple, scope["headers"]):
+            error = BadRequest("the x-request-disconnect-disabled header is not accepted; send the request without it")
+            await _error_response(error.status_code, error.reason)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # While medserve down drains the application, a new POST is refused and what is in flight is counted until it is
-# done. Added first, so that the response counter (added next, outermost) counts the refusals too.
+# done. Added first, so that the response counter (added last, outermost) counts the refusals too.
 api.add_middleware(DrainGate, refusal=_shutting_down)
+api.add_middleware(RefuseDisconnectOptOut)
 metrics.instrument(api)
 
 
@@ -164,14 +189,6 @@ _SEGMENT_BODIES = {
         }
     }
 }
-
-
-# The ingress's request code runs on its replica's own event loop, where Serve receives each request, not on a
-# second thread's loop, Serve's default. A body then reaches the code without a hop between threads for each chunk
-# (receiving a 157 MB upload cost a replica 88 CPU-ms against 127, on 2 cores). It also keeps a client's
-# `x-request-disconnect-disabled: ?1` header (Serve honours it from anyone) from hanging the upload: Serve then
-# hands the code its server's receive as is, which only works on that server's loop.
-INGRESS_RUNTIME_ENV = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 
 
 # Serve serialises the class when it is decorated: everything it uses must be defined above it.

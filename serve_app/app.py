@@ -25,7 +25,7 @@ from ray.serve.deployment import Deployment
 
 from deployments.fused_pipeline import FusedPipelineDeployment
 from deployments.gate import TenantGateDeployment
-from deployments.ingress import INGRESS_RUNTIME_ENV, IngressDeployment
+from deployments.ingress import IngressDeployment
 from deployments.model import ModelDeployment
 from deployments.postprocess import PostprocessDeployment
 from deployments.preprocess import PreprocessDeployment
@@ -74,8 +74,7 @@ def build_app(config: AppConfig, repository: ModelRepository | None = None) -> A
             **resources.serve_options(),
         ).bind(spec, config)
     ingress_args = (config, repository, sorted(model_handles), sorted(tile_model_handles))
-    ingress_options = config.deployments.ingress.serve_options(runtime_env=INGRESS_RUNTIME_ENV)
-    ingress = _versioned(IngressDeployment, ingress_args, **graceful, **ingress_options)
+    ingress = _versioned(IngressDeployment, ingress_args, **graceful, **config.deployments.ingress.serve_options())
     # An open server has no quotas to count. The gate's counts live in it: it is redeployed only when config changes.
     gate = _versioned(TenantGateDeployment, (config,)).bind(config) if config.tenants else None
     if config.fused:

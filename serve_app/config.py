@@ -89,14 +89,10 @@ class DeploymentConfig(StrictModel):
         "it refuses new ones at once with a 503 and Retry-After; null: no bound (requests wait however long).",
     )
 
-    def serve_options(self, *, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``; ``runtime_env``: the replicas' Ray runtime environment,
-        merged into the application's (its ``env_vars`` key by key)."""
-        actor_options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources}
-        if runtime_env is not None:
-            actor_options["runtime_env"] = runtime_env
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
         options: dict[str, Any] = {
-            "ray_actor_options": actor_options,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources},
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         if self.max_queued_requests is not None:
@@ -290,9 +286,8 @@ class HttpConfig(StrictModel):
     throughput_optimized: bool = Field(
         False,
         description="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED): replicas run request "
-        "code on their own event loop, not a second thread's (the ingress's does either way), and call one another "
-        "over gRPC. Off: it made a replica that only receives 157 MB uploads a third cheaper, but not medserve's "
-        "ingress, which spools them "
+        "code on their own event loop, not a second thread's, and call one another over gRPC. Off: it made a "
+        "replica that only receives 157 MB uploads a third cheaper, but not medserve's ingress, which spools them "
         "(HTTP raw NIfTI on the H200: 26.9/s with it, 28.5/s without, in one run; README: Ingress). Set where "
         "Ray starts, as ingress is; off is written out, so that a shell exporting it does not turn it on.",
     )
