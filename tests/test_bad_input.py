@@ -232,19 +232,33 @@ def test_bad_upload_gets_a_4xx_with_a_reason_then_server_still_serves(
     assert good.status_code == 200, good.text
 
 
-def test_upload_over_the_byte_limit_is_refused_before_it_is_read(server_url, app_config):
-    # A raw connection: the client declares 2 GiB and sends 16 bytes; the answer must not wait for the rest.
+def _answer_to_an_upload_begun(
+    server_url: str, declared_bytes: int, sent: bytes, *, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """The status and body answering a zip upload that declares ``declared_bytes`` and sends only ``sent``, on a raw
+    connection: the answer must not wait for the rest."""
     host, port = server_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.putrequest("POST", SEGMENT)
-    connection.putheader("Content-Type", "application/zip")
-    connection.putheader("Content-Length", str(app_config.limits.max_upload_bytes + 1))
-    connection.endheaders()
-    connection.send(b"PK\x03\x04" + b"x" * 12)
-    response = connection.getresponse()
-    assert response.status == 413
-    assert b"over this server's limit" in response.read()
-    connection.close()
+    try:
+        connection.putrequest("POST", SEGMENT)
+        for name, value in {"Content-Type": "application/zip", **(headers or {})}.items():
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", str(declared_bytes))
+        connection.endheaders()
+        connection.send(sent)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_upload_over_the_byte_limit_is_refused_before_it_is_read(server_url, app_config):
+    # The client declares one byte over the limit and sends 16.
+    status, body = _answer_to_an_upload_begun(
+        server_url, app_config.limits.max_upload_bytes + 1, b"PK\x03\x04" + b"x" * 12
+    )
+    assert status == 413
+    assert b"over this server's limit" in body
 
 
 def test_multipart_without_a_file_part_is_refused(client):
@@ -286,20 +300,16 @@ def test_content_encoding_on_a_multipart_upload_is_a_415(client):
 
 def test_a_request_that_turns_off_the_disconnect_watch_is_refused_before_its_body_is_read(server_url, app_config):
     # Serve honours `x-request-disconnect-disabled: ?1` from any client, and then hands the ingress's code (on a
-    # thread of its own) the server's own receive: an upload too large to arrive at once hung. A raw connection
-    # declares the upload limit and sends 64 KiB; the answer must not wait for the rest.
-    host, port = server_url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.putrequest("POST", SEGMENT)
-    connection.putheader("Content-Type", "application/zip")
-    connection.putheader("Content-Length", str(app_config.limits.max_upload_bytes))
-    connection.putheader("X-Request-Disconnect-Disabled", "?1")
-    connection.endheaders()
-    connection.send(b"PK\x03\x04" + bytes(64 * 1024))
-    response = connection.getresponse()
-    assert response.status == 400
-    assert b"x-request-disconnect-disabled header is not accepted" in response.read()
-    connection.close()
+    # thread of its own) the server's own receive: an upload too large to arrive at once hung. This one declares
+    # the upload limit and sends 64 KiB.
+    status, body = _answer_to_an_upload_begun(
+        server_url,
+        app_config.limits.max_upload_bytes,
+        b"PK\x03\x04" + bytes(64 * 1024),
+        headers={"X-Request-Disconnect-Disabled": "?1"},
+    )
+    assert status == 400
+    assert b"x-request-disconnect-disabled header is not accepted" in body
 
 
 def test_the_disconnect_watch_header_saying_no_is_served(client, phantom_series):
