@@ -38,7 +38,7 @@ class LoadRun:
     latencies_s: list[float]
     start: float  # epoch seconds, when the timed part began
     wall_s: float
-    answers: list[dict]  # the JSON answers, in no particular order
+    answers: list[dict]  # a closed loop's JSON answers, the answer to latencies_s[i] at i; an open loop's: none
 
     @property
     def window(self) -> tuple[float, float]:
@@ -48,6 +48,10 @@ class LoadRun:
     @property
     def per_s(self) -> float:
         return len(self.latencies_s) / self.wall_s
+
+    def slowest(self, n: int) -> list[tuple[float, dict]]:
+        """A closed loop's ``n`` slowest requests, slowest first: each one's latency (s) and its answer."""
+        return sorted(zip(self.latencies_s, self.answers, strict=True), key=lambda pair: pair[0], reverse=True)[:n]
 
 
 @dataclass(frozen=True)

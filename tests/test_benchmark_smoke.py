@@ -31,6 +31,10 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     model = report["models"][MODEL]
     assert model["faster_layout"] in ("fused", "split")
     assert set(model["http"]["breakdown_ms"]) >= {"upload", "preprocess", "model_queue", "model", "postprocess"}
+    # The two slowest requests, slowest first, with where their time went at the server (within the client's time).
+    slowest = model["http"]["slowest_ms"]
+    assert len(slowest) == 2 and slowest[0]["latency"] >= slowest[1]["latency"] >= model["http"]["p50_ms"]
+    assert all(request["latency"] >= request["total"] > request["upload"] >= 0 for request in slowest)
     # The same study through every path, and every path's mask against the reference's: the phantom's organ.
     for phase in ("bare", "handles_fused", "handles_split", "http", "http_dicom_zip", "http_nii_gz", "http_zstd"):
         assert model[phase]["volumes_per_s"] > 0, phase
