@@ -8,7 +8,9 @@ body and counts it (the transport ceiling's sink), ``/spool`` writes it to a fol
 ingress's own ``spool_request``. Each answer carries the server's wall and CPU milliseconds for that body (one upload
 at a time, so that the process's CPU time is that upload's). This process sends the uploads, once through httpx's
 async client (what the load clients used) and once through ``benchmarks.http_load``'s ``http.client`` poster, and
-counts its own CPU time for each. Writes ``upload-path-<device>-<date>.json``.
+counts its own CPU time for each. Last, the machine's memory copy rate (``memory_copy_gb_per_s``: one thread, and
+eight at once): every layer of the HTTP path copies each upload at least once, and the GPU machines differ in it.
+Writes ``upload-path-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from benchmarks.http_load import BodyPoster
 
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         server.terminate()
         server.wait()
         shutil.rmtree(spool, ignore_errors=True)
+    report["memory_copy_gb_per_s"] = {"one_thread": _memory_copy_gb_per_s(1), "eight_threads": _memory_copy_gb_per_s(8)}
     server_side, client = report["server"], report["client_cpu_ms_per_upload"]
     report["ratios"] = {
         "spool_over_receive_wall": round(server_side["spool"]["wall_ms"] / server_side["receive"]["wall_ms"], 3),
@@ -89,6 +94,19 @@ def _server_side(base: str, route: str, body: bytes, uploads: int) -> dict:
     poster = BodyPoster(f"{base}/{route}", body, {"Content-Type": "application/octet-stream"})
     answers = [poster.post() for _ in range(uploads + 2)][2:]
     return {key: round(statistics.median(a[key] for a in answers), 1) for key in ("wall_ms", "cpu_ms")}
+
+
+def _memory_copy_gb_per_s(threads: int, mb: int = 256, rounds: int = 4) -> float:
+    """GB copied a second by ``threads`` threads at once, each copying its own ``mb`` MB buffer (numpy's copy
+    releases the GIL); the buffers' pages are touched first."""
+    sources = [np.ones(mb << 20, np.uint8) for _ in range(threads)]
+    targets = [np.zeros_like(source) for source in sources]
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            list(pool.map(np.copyto, targets, sources))
+        elapsed = time.perf_counter() - start
+    return round(threads * rounds * (mb << 20) / elapsed / 1e9, 1)
 
 
 def _client_cpu_ms(send) -> float:

@@ -94,3 +94,5 @@ def test_upload_path_benchmark_compares_receiving_spooling_and_the_load_clients(
     assert report["ratios"]["spool_over_receive_cpu"] > 1
     assert set(report["client_cpu_ms_per_upload"]) == {"httpx_async", "http_client"}
     assert all(v > 0 for v in report["client_cpu_ms_per_upload"].values())
+    assert set(report["memory_copy_gb_per_s"]) == {"one_thread", "eight_threads"}
+    assert all(v > 0 for v in report["memory_copy_gb_per_s"].values())
