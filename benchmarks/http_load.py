@@ -49,10 +49,6 @@ class LoadRun:
     def per_s(self) -> float:
         return len(self.latencies_s) / self.wall_s
 
-    def slowest(self, n: int) -> list[tuple[float, dict]]:
-        """A closed loop's ``n`` slowest requests, slowest first: each one's latency (s) and its answer."""
-        return sorted(zip(self.latencies_s, self.answers, strict=True), key=lambda pair: pair[0], reverse=True)[:n]
-
 
 @dataclass(frozen=True)
 class HttpLoad:

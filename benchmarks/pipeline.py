@@ -196,6 +196,13 @@ def percentiles(latencies_s: list[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
+def slowest_ms(latencies_s: list[float], timings_ms: list[dict], n: int = 2) -> list[dict]:
+    """A closed loop's ``n`` slowest requests, slowest first: each one's latency and where its time went at the server
+    (``timings_ms[i]`` is the request of ``latencies_s[i]``). Of 96 requests, the two slowest decide the p99."""
+    pairs = sorted(zip(latencies_s, timings_ms, strict=True), key=lambda pair: pair[0], reverse=True)[:n]
+    return [{"latency": round(s * 1000, 1), **{k: round(ms, 1) for k, ms in timings.items()}} for s, timings in pairs]
+
+
 def summarise(latencies_s: list[float], wall_s: float, gpu: GpuSampler, **extra) -> dict:
     return {
         "volumes_per_s": round(len(latencies_s) / wall_s, 3),
@@ -429,8 +436,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def breakdown(timings: list[dict]) -> dict:
-    return {k: round(statistics.fmean(t[k] for t in timings) * 1000, 1) for k in timings[0]}
+def breakdown(timings_ms: list[dict]) -> dict:
+    """Where the requests' time went at the server: each stage's mean of ``timings_ms``."""
+    return {k: round(statistics.fmean(t[k] for t in timings_ms), 1) for k in timings_ms[0]}
 
 
 class Fidelity:
@@ -500,6 +508,7 @@ def measure_serve(
     """c for each of ``layouts`` through DeploymentHandles; then, on the faster one, the open-loop run through handles,
     every HTTP upload phase (d first), d again at each of ``http_concurrencies``, the transport ceiling and the
     open-loop run over HTTP."""
+    import ray
     from ray import serve
 
     from benchmarks.transport import BodySink
@@ -507,22 +516,25 @@ def measure_serve(
     port, out = 18600, {}
     # The loop outlives Serve: serve.shutdown() shuts each handle's router down on the loop it routes on.
     with HandleLoop() as handle_loop, serving(settings, port):
-        for layout in layouts:
-            config = serve_config(work / f"storage-{layout}", repository, layout, gpu, batch, port, settings)
+        configs = [serve_config(work / f"storage-{k}", repository, k, gpu, batch, port, settings) for k in layouts]
+        _check_cpus(configs, ray.cluster_resources().get("CPU", 0))
+        for layout, config in zip(layouts, configs, strict=True):
             with deployed(config, uploads[0].body) as app:
                 handle_loop.run(closed_loop(app.call, size.concurrency, size.concurrency))  # warm-up
                 with GpuSampler() as gpu_sampler, CpuSampler() as cpu:
                     latencies, wall, outcomes = handle_loop.run(closed_loop(app.call, size.requests, size.concurrency))
+                timings_ms = [{k: s * 1000 for k, s in o.timings.model_dump().items()} for o in outcomes]
                 progress(out, f"handles_{layout}", summarise(
                     latencies,
                     wall,
                     gpu_sampler,
-                    breakdown_ms=breakdown([o.timings.model_dump() for o in outcomes]),
+                    breakdown_ms=breakdown(timings_ms),
+                    slowest_ms=slowest_ms(latencies, timings_ms),
                     dice_vs_reference=fidelity.of(app.results, app.result_ids[-1]),
                     cpu=cpu.per_request(len(latencies)),
                 ))  # fmt: skip
         faster = max(layouts, key=lambda k: out[f"handles_{k}"]["volumes_per_s"])
-        config = serve_config(work / f"storage-{faster}", repository, faster, gpu, batch, port, settings)
+        config = configs[layouts.index(faster)]
         # The sink's replicas are the ingress's, CPUs included (Serve's default, 1 CPU a replica, would leave eight
         # fused replicas' app unschedulable on 16 cores beside it).
         ingress = config.deployments.ingress
@@ -648,6 +660,30 @@ def deployed(config: AppConfig, study: bytes):
         serve.delete(config.name)
 
 
+def cpus_asked(config: AppConfig) -> float:
+    """The CPUs ``config``'s ingress and segmentation replicas ask Ray for, with the transport ceiling's sink beside
+    them (as many replicas as the ingress, each with its CPUs)."""
+    deployments = config.deployments
+    stages = (
+        [deployments.model] if config.fused else [deployments.preprocess, deployments.model, deployments.postprocess]
+    )
+    ingress = deployments.ingress
+    return sum(stage.num_replicas * stage.num_cpus for stage in stages) + 2 * ingress.num_replicas * ingress.num_cpus
+
+
+def _check_cpus(configs: list[AppConfig], cpus: float) -> None:
+    """Exit at once where a layout's replicas, with the sink beside them, ask for more CPUs than the Ray node has:
+    Serve would wait for the rest until the session's time ran out (32 ingress replicas did on an H200 node)."""
+    for config in configs:
+        if (asked := cpus_asked(config)) > cpus:
+            raise SystemExit(
+                f"the {config.name} layout and the transport ceiling's sink ask Ray for {asked:g} CPUs "
+                f"({config.deployments.ingress.num_replicas} ingress replicas and as many sink replicas at "
+                f"{config.deployments.ingress.num_cpus:g} each, besides the segmentation replicas); this node has "
+                f"{cpus:g}: ask for fewer --ingress-replicas or --fused-replicas"
+            )
+
+
 def measure_http(
     url: str,
     spec: ModelSpec,
@@ -659,7 +695,7 @@ def measure_http(
 ) -> dict:
     """``size.requests`` uploads at ``concurrency`` (``size.concurrency`` by default) in a closed loop: throughput,
     latency, GPU utilisation, where a request's time went at the server (on average, and for the two slowest
-    requests, which decide a p99 of 96) and the machine's CPU time by process."""
+    requests) and the machine's CPU time by process."""
     concurrency = concurrency or size.concurrency
     load = HttpLoad(f"{url}/v1/models/{spec.name}/segment", upload.body, upload.headers, size.client_processes)
     with GpuSampler() as gpu, CpuSampler() as cpu:
@@ -670,8 +706,8 @@ def measure_http(
         run.latencies_s,
         run.wall_s,
         gpu,
-        breakdown_ms={k: round(statistics.fmean(t[k] for t in timings), 1) for k in timings[0]},
-        slowest_ms=[{"latency": round(s * 1000, 1), **answer["timings_ms"]} for s, answer in run.slowest(2)],
+        breakdown_ms=breakdown(timings),
+        slowest_ms=slowest_ms(run.latencies_s, timings),
         upload_mb=round(len(upload.body) / 1e6, 1),
         dice_vs_reference=fidelity.of(results, run.answers[-1]["result_id"], via_ingress=True),
         concurrency=concurrency,

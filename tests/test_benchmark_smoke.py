@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import MODEL, medserve
 
 
@@ -35,6 +37,9 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     slowest = model["http"]["slowest_ms"]
     assert len(slowest) == 2 and slowest[0]["latency"] >= slowest[1]["latency"] >= model["http"]["p50_ms"]
     assert all(request["latency"] >= request["total"] > request["upload"] >= 0 for request in slowest)
+    slowest = model["handles_fused"]["slowest_ms"]
+    assert len(slowest) == 2 and slowest[0]["latency"] >= slowest[1]["latency"] >= model["handles_fused"]["p50_ms"]
+    assert all(request["latency"] >= request["model"] > 0 for request in slowest)
     # The same study through every path, and every path's mask against the reference's: the phantom's organ.
     for phase in ("bare", "handles_fused", "handles_split", "http", "http_dicom_zip", "http_nii_gz", "http_zstd"):
         assert model[phase]["volumes_per_s"] > 0, phase
@@ -75,6 +80,23 @@ def test_twice_the_replicas_doubles_the_fused_replicas_on_a_gpu_only():
         "twice-the-replicas": dataclasses.replace(settings, fused_replicas=8)
     }
     assert alternatives(settings, ("twice-the-replicas",), gpu=False) == {}
+
+
+def test_a_session_that_asks_for_more_cpus_than_the_node_has_exits_before_deploying(tmp_path):
+    from benchmarks.pipeline import ServeSettings, _check_cpus, cpus_asked, serve_config
+    from serve_app.config import EMBEDDED_MODEL_REPOSITORY
+
+    def fused(ingress_replicas: int):
+        settings = ServeSettings(
+            ingress="haproxy", gpu_sharing="mps", uploads_root=None, ingress_replicas=ingress_replicas
+        )
+        return serve_config(tmp_path, EMBEDDED_MODEL_REPOSITORY, "fused", True, 4, 18600, settings)
+
+    # Four fused replicas at 1 CPU; the ingress and the sink at 0.25 CPU a replica.
+    assert (cpus_asked(fused(16)), cpus_asked(fused(32))) == (12, 20)
+    _check_cpus([fused(16)], 16)
+    with pytest.raises(SystemExit, match="ask Ray for 20 CPUs .*this node has 16: ask for fewer --ingress-replicas"):
+        _check_cpus([fused(32)], 16)
 
 
 def test_upload_path_benchmark_compares_receiving_spooling_and_the_load_clients(tmp_path):
