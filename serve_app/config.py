@@ -6,6 +6,7 @@ YAML in, validated once at start; a bad field fails with a message that names it
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +33,11 @@ __all__ = [
     "LimitsConfig",
     "ModelDeploymentConfig",
     "NodeGroupConfig",
+    "RayConfig",
     "ReadingConfig",
     "StorageConfig",
     "WsiConfig",
+    "default_storage_root",
     "load_config",
 ]
 
@@ -196,6 +199,16 @@ class ReadingConfig(StrictModel):
         return min(8, (os.cpu_count() or 1) // 4)
 
 
+def default_storage_root() -> Path:
+    """A folder only medserve's user can claim: ``/var/lib/medserve`` as root, else ``$XDG_STATE_HOME/medserve``
+    (``~/.local/state/medserve``). Never a world-writable folder such as ``/tmp``, where another local user could
+    create it first and own what medserve writes there."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/medserve")
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "medserve"
+
+
 class StorageConfig(StrictModel):
     """Where uploads are spooled and results kept.
 
@@ -203,7 +216,12 @@ class StorageConfig(StrictModel):
     any ingress replica serves any result.
     """
 
-    root: Path = Field(Path("/tmp/medserve"), description="Folder of uploads/ and results/; shared on a cluster.")
+    root: Path = Field(
+        default_factory=default_storage_root,
+        description="Folder of uploads/, results/, audit/ and medserve's own state; shared on a cluster. Created 0700; "
+        "medserve refuses to start on one owned by another user or writable by others. Default: /var/lib/medserve "
+        "as root, else $XDG_STATE_HOME/medserve (~/.local/state/medserve).",
+    )
     uploads_root: Path | None = Field(
         None,
         description="Folder requests' bodies are spooled to until preprocessing has read them; default "
@@ -231,9 +249,10 @@ class WsiConfig(StrictModel):
     slide_roots: list[Path] = Field(
         [], description="Folders slides may be read from; none: only slides uploaded through the API."
     )
-    output_root: Path = Field(
-        Path("/tmp/medserve/wsi"),
-        description="Job records (jobs/), uploaded slides and each tenant's outputs (<tenant>/<out>/<slide>/).",
+    output_root: Path | None = Field(
+        None,
+        description="Job records (jobs/), uploaded slides and each tenant's outputs (<tenant>/<out>/<slide>/); "
+        "null: <storage.root>/wsi.",
     )
     max_upload_bytes: int = Field(20 * 1024**3, gt=0, description="Largest slide one upload may send.")
     chunk_tiles: int = Field(
@@ -276,6 +295,18 @@ class HttpConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    allow_open: bool = Field(
+        False,
+        description="Whether an application with no tenants (every request anonymous, no API key) may listen "
+        "beyond loopback. Off: `medserve up` and `medserve cluster render` refuse such a config, since anyone "
+        "who reaches the port could then send studies, list every WSI job and download every result.",
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header values (without port) the API answers; others get 400 (a DNS-rebinding page "
+        "cannot reach a loopback server). null: the configured host, localhost, 127.0.0.1 and ::1. '*' allows "
+        "any (behind a proxy that checks it).",
+    )
     ingress: Literal["haproxy", "proxy"] = Field(
         "haproxy",
         description="haproxy: Ray Serve's HAProxy ingress, which hands each request's bytes straight to an ingress "
@@ -297,6 +328,17 @@ class HttpConfig(StrictModel):
         "may use any; or on the head only. Several nodes on one machine share its address and need HeadOnly.",
     )
 
+    @property
+    def loopback(self) -> bool:
+        """Whether the API listens on a loopback address only."""
+        return _is_loopback(self.host)
+
+    def host_allow_list(self) -> list[str]:
+        """``allowed_hosts``, its default resolved: the Host header values the API answers."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return sorted({self.host, "localhost", "127.0.0.1", "::1"} - {"0.0.0.0", "::"})
+
     def serve_start_options(self) -> dict[str, Any]:
         """Keyword arguments for ``serve.start``: where the ingress listens, and on which nodes."""
         return {"http_options": {"host": self.host, "port": self.port}, "proxy_location": self.proxy_location}
@@ -308,6 +350,35 @@ class HttpConfig(StrictModel):
             "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
         }
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RayConfig(StrictModel):
+    """The Ray cluster `medserve up` starts on this node. Always with Ray's token authentication
+    (``RAY_AUTH_MODE=token``): the token is made once, kept 0600 in ``<storage.root>/state/ray-auth-token``
+    (or taken from ``RAY_AUTH_TOKEN``), and every medserve command that talks to Ray uses it."""
+
+    node_ip_address: str = Field(
+        "127.0.0.1",
+        description="Address Ray's own ports (GCS, raylet, object store, dashboard) bind to on a single node: "
+        "loopback, so that nothing of Ray is reachable from the network. A node of a multi-node cluster needs "
+        "its routable address (see docs: Security).",
+    )
+    client_server_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the Ray Client server (ray://); null: not started. It runs any code a token holder "
+        "sends: start it only where a remote driver needs it.",
+    )
 
 
 class NodeGroupConfig(StrictModel):
@@ -390,6 +461,7 @@ class AppConfig(StrictModel):
     reading: ReadingConfig = Field(ReadingConfig(), description="How preprocessing replicas read studies.")
     storage: StorageConfig = Field(StorageConfig(), description="Where uploads and results are kept.")
     http: HttpConfig = Field(HttpConfig(), description="Where the API listens.")
+    ray: RayConfig = Field(RayConfig(), description="The Ray cluster `medserve up` starts on this node.")
     gpu_sharing: Literal["time-slicing", "mps"] = Field(
         "time-slicing",
         description="How replicas with fractional num_gpus share a GPU. mps: `medserve up` starts NVIDIA's MPS "
@@ -433,6 +505,39 @@ class AppConfig(StrictModel):
             if unknown:
                 raise ValueError(f"pacs.{name}.tenants names tenants that are not configured: {', '.join(unknown)}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wsi_output_under_storage(cls, raw: Any) -> Any:
+        # wsi.output_root defaults to a folder of storage.root, whichever root is configured.
+        if not isinstance(raw, dict):
+            return raw
+        wsi, storage = raw.get("wsi") or {}, raw.get("storage") or {}
+        if not isinstance(wsi, dict) or not isinstance(storage, dict):
+            return raw
+        if "root" in storage and storage["root"] is None:  # null in the YAML: the default root
+            storage = {key: value for key, value in storage.items() if key != "root"}
+            raw = {**raw, "storage": storage}
+        if wsi.get("output_root") is None:
+            root = storage.get("root") or default_storage_root()
+            raw = {**raw, "wsi": {**wsi, "output_root": Path(root) / "wsi"}}
+        return raw
+
+    @property
+    def open_server(self) -> bool:
+        """No tenants: every request is anonymous and needs no key."""
+        return not self.tenants
+
+    def open_server_refusal(self) -> str | None:
+        """Why this config must not be served as it is (an open server reachable beyond loopback), or None."""
+        if self.open_server and not self.http.loopback and not self.http.allow_open:
+            return (
+                f"http.host is {self.http.host} but no tenants are configured: anyone who reaches port "
+                f"{self.http.port} could send studies, list every WSI job and download every result without a key. "
+                "Configure tenants (medserve tenant-key), listen on 127.0.0.1, or set http.allow_open: true to "
+                "accept that risk"
+            )
+        return None
 
     def model_deployment(self, model_name: str) -> ModelDeploymentConfig:
         return self.models.get(model_name, self.deployments.model)
