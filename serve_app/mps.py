@@ -19,9 +19,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from serve_app.config import default_storage_root
+from serve_app.storage import private_folder
+
 __all__ = ["MPS_ROOT", "MpsUnavailable", "control_binary", "start", "stop"]
 
-MPS_ROOT = Path("/tmp/medserve-mps")
+# Private to medserve's user: whoever can write the pipe folder controls the daemon every replica's kernels go through.
+MPS_ROOT = default_storage_root() / "state" / "mps"
 # Where NVIDIA's container images put the driver's tools when they are not on PATH.
 _NVIDIA_BIN = Path("/usr/local/nvidia/bin")
 
@@ -50,7 +54,7 @@ def start() -> dict[str, str]:
         raise MpsUnavailable("this node has no NVIDIA GPU tools (nvidia-smi, nvidia-cuda-mps-control)")
     env = _environment()
     for folder in env.values():
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        private_folder(Path(folder))
     if _answers(binary):
         return env  # already running
     started = subprocess.run([binary, "-d"], env={**os.environ, **env}, capture_output=True, text=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, TEST
 from orthanc_server import CuttingRelay, Orthanc, orthanc_executable
 from serve_app.cli.cluster import wait_until_ready
 from serve_app.config import AppConfig, load_config
+from serve_app.ray_security import apply_environment, haproxy_environment, token_environment
 from serve_app.studies.phantoms import Phantom, ct_phantom
 from serve_app.studies.sample_data import write_ct_series
 
@@ -75,10 +77,20 @@ def app_config(tmp_path_factory, slide_root, pacs_ports) -> AppConfig:
 def ray_cluster(app_config):
     import ray
 
-    # The ingress the config names (Ray's HAProxy by default), as `medserve up` starts it. HAProxy's stats and
-    # metrics ports on free ones: the benchmark's smoke test starts a second cluster beside this one.
+    # The ingress the config names (Ray's HAProxy by default), token authentication with a token of this session's
+    # own and HAProxy's sockets in a private folder, as `medserve up` starts Ray (its folder's path short enough
+    # for a socket's). HAProxy's stats and metrics ports on free ones: the benchmark's smoke test starts a second
+    # cluster beside this one.
+    haproxy_folder = Path(tempfile.mkdtemp(prefix="mshap-", dir="/tmp"))
     haproxy_ports = {"RAY_SERVE_HAPROXY_STATS_PORT": free_port(), "RAY_SERVE_HAPROXY_METRICS_PORT": free_port()}
-    os.environ.update({**app_config.http.ray_environment(), **{k: str(v) for k, v in haproxy_ports.items()}})
+    apply_environment(
+        {
+            **app_config.http.ray_environment(),
+            **token_environment(),
+            **haproxy_environment(haproxy_folder),
+            **{k: str(v) for k, v in haproxy_ports.items()},
+        }
+    )
     # "local": a fresh cluster even where `medserve up` left one running.
     # With its dashboard, which writes the Prometheus service-discovery file test_observability scrapes
     # through; metrics exported every 2 s rather than 10 so that test waits less.
@@ -93,6 +105,7 @@ def ray_cluster(app_config):
     )
     yield
     ray.shutdown()
+    shutil.rmtree(haproxy_folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +170,8 @@ TENANT_APP_PREFIX = "/tenants"
 def tenant_keys() -> dict[str, str]:
     from serve_app.tenancy.keys import new_api_key
 
-    return {tenant: new_api_key() for tenant in ("st-marys", "city-general", "rural-clinic", "research-lab")}
+    tenants = ("st-marys", "city-general", "rural-clinic", "research-lab", "path-lab")
+    return {tenant: new_api_key() for tenant in tenants}
 
 
 @pytest.fixture(scope="session")
@@ -173,11 +187,16 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root) -> AppC
             **more,
         }
 
+    # Each tenant reads slides from its own roots: st-marys from the servers' slide root, path-lab (whose slides and
+    # jobs only the storage isolation tests make) from one of its own.
     tenants = {
-        "st-marys": tenant(["*"], 100, 100, 16, stat=True),
+        "st-marys": tenant(["*"], 100, 100, 16, stat=True, wsi_slide_roots=[str(slide_root)]),
         "city-general": tenant(["*"], 0.01, 4, 100),  # four requests, then (nearly) nothing: the exact-rate test
-        "rural-clinic": tenant(["ct-phantom-organ"], 100, 100, 2, max_upload_bytes=80_000),
+        "rural-clinic": tenant(
+            ["ct-phantom-organ"], 100, 100, 2, max_upload_bytes=80_000, wsi_upload_quota_bytes=100_000
+        ),
         "research-lab": tenant(["mr-brain"], 100, 100, 4),
+        "path-lab": tenant(["*"], 100, 100, 4, wsi_slide_roots=[str(tmp_path_factory.mktemp("path-lab-slides"))]),
     }
     for tenant_id, fields in tenants.items():
         fields.update(name=tenant_id.replace("-", " ").title(), api_key_hashes=[hash_api_key(tenant_keys[tenant_id])])
@@ -194,7 +213,6 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root) -> AppC
             "tenants": tenants,
             "scheduling.lease_s": 5,  # short, so that the tests see requests outlive their first lease
             **TEST_WSI,
-            "wsi.slide_roots": [str(slide_root)],
             "wsi.output_root": str(storage / "wsi"),
             "wsi.max_running_jobs_per_tenant": 1,
         }

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -36,8 +35,9 @@ import psutil
 
 from helpers import free_port, medserve
 from serve_app.config import HttpConfig
+from serve_app.ray_security import haproxy_environment, token_environment
 
-__all__ = ["RayNode", "RayNodes", "Redis", "deploy", "ray_nodes", "replica_title"]
+__all__ = ["RayNode", "RayNodes", "Redis", "deploy", "ray_nodes", "ray_processes", "replica_title"]
 
 _RAY = str(Path(sys.executable).with_name("ray"))
 # Ray renames a Serve replica's worker process after its actor: "ray::ServeReplica:<app>:<deployment>".
@@ -125,8 +125,9 @@ class RayNodes:
             "RAY_USAGE_STATS_ENABLED": "0",
             # Ray's token authentication, with a token of this cluster's own: every node and client is given it
             # (without it, whether a node enables it depends on a ~/.ray/auth_token another cluster may have left).
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            **token_environment(),
+            # HAProxy's sockets private, in Ray's own folder: short enough for HAProxy's socket paths (97 bytes).
+            **haproxy_environment(self.ray_temp_dir),
             # GCS fault tolerance: the GCS keeps its tables in Redis, and a raylet waits this long for a
             # restarted GCS before it gives up.
             "RAY_REDIS_ADDRESS": redis.address,
@@ -215,14 +216,7 @@ class RayNodes:
 
     def shutdown(self) -> None:
         """Every process of this cluster, and nothing of another Ray cluster on this machine."""
-        ours = str(self.ray_temp_dir)
-        stray = []
-        for process in psutil.process_iter(["cmdline"]):
-            try:
-                if any(ours in part for part in process.info["cmdline"] or []):
-                    stray.append(process)
-            except psutil.Error:
-                continue
+        stray = ray_processes(self.ray_temp_dir)
         for node in list(self.nodes.values()):
             stray.extend(node.processes())
         for process in stray:
@@ -246,6 +240,22 @@ def ray_nodes(workdir: Path) -> Iterator[RayNodes]:
     finally:
         cluster.shutdown()
         redis.stop()
+
+
+def ray_processes(temp_dir: Path) -> list[psutil.Process]:
+    """The processes of the Ray cluster whose temporary folder is ``temp_dir`` (``--temp-dir``, ``RAY_TMPDIR``):
+    those that name it on their command line, and what they started (workers rename themselves ``ray::…``, and
+    HAProxy names only its own config)."""
+    ours = str(temp_dir)
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if process.pid != os.getpid() and any(ours in part for part in process.info["cmdline"] or []):
+                found[process.pid] = process
+                found.update((child.pid, child) for child in process.children(recursive=True))
+        except psutil.Error:
+            continue
+    return list(found.values())
 
 
 def deploy(nodes: RayNodes, config_path: Path) -> None:

@@ -23,6 +23,7 @@ from serve_app.cli import cluster, models, segment, tools, wsi
 from serve_app.cli.cluster import wait_until_ready
 from serve_app.cli.errors import CommandError, describe_http_error
 from serve_app.config import ConfigError
+from serve_app.storage import set_private_umask
 
 __all__ = ["CommandError", "main", "wait_until_ready"]
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for module in (cluster, models, segment, tools, wsi):
         module.add_commands(commands)
+    # What any command writes (a drain order, rendered manifests, sample studies) may identify a patient or hold a
+    # credential: its user's alone.
+    set_private_umask()
     args, unknown_args = parser.parse_known_args(argv)
     if getattr(args, "passes_unknown_args", False):
         args.unknown_args = unknown_args

@@ -1,7 +1,10 @@
 """``medserve up`` and ``medserve down``: start (or join) a Ray cluster and deploy medserve; take it down.
 ``medserve reload``: deploy again on the running cluster, so that models added to or changed in the repository are
 served; Serve restarts only the deployments that changed (serve_app/app.py), the others keep serving.
-``medserve cluster render``: the manifests of a multi-node deployment, from the same config."""
+``medserve cluster render``: the manifests of a multi-node deployment, from the same config.
+
+The Ray cluster `medserve up` starts is token-authenticated, on loopback, without a Ray Client server
+(serve_app/ray_security.py); every command here that talks to Ray authenticates with that token."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import httpx
 from serve_app import mps
 from serve_app.cli.errors import CommandError
 from serve_app.config import AppConfig, load_config
+from serve_app.ray_security import authenticate_this_process, cluster_environment, ray_start_command
+from serve_app.storage import UnsafeStorage, secure_storage, set_private_umask
 
 __all__ = ["add_commands", "wait_until_ready"]
 
@@ -27,6 +32,7 @@ def add_commands(commands) -> None:
     up = commands.add_parser("up", help="start (or join) a Ray cluster and deploy medserve")
     up.add_argument("--config", type=Path, help="application YAML (default: the packaged one)")
     up.add_argument("--address", help="Ray cluster to join (default: the local one, started if absent)")
+    up.add_argument("--host", help="address the API listens on (overrides http.host)")
     up.add_argument(
         "--monitoring",
         action="store_true",
@@ -66,16 +72,47 @@ def add_commands(commands) -> None:
 def _render(args) -> int:
     from serve_app.manifests import render_manifests
 
-    files = render_manifests(load_config(args.config), args.config)
+    config = load_config(args.config)
+    # The cluster's pods serve the API on their own addresses (0.0.0.0), whatever http.host says.
+    in_pods = config.model_copy(update={"http": config.http.model_copy(update={"host": "0.0.0.0"})})
+    if in_pods.open_server_refusal():
+        raise CommandError(
+            "no tenants are configured, and a cluster's pods serve the API on their own addresses (0.0.0.0, "
+            f"whatever http.host says): anyone who reaches port {config.http.port} could send studies, list every "
+            "WSI job and download every result without a key. Configure tenants (medserve tenant-key), or set "
+            "http.allow_open: true to accept that risk"
+        )
+    if config.http.allowed_hosts is None:
+        # Left to its default, the allow-list names only loopback names, which no client of a cluster uses.
+        raise CommandError(
+            "http.allowed_hosts is not set: the API answers only requests whose Host header it names, and a "
+            "cluster's clients reach it by your Service's or ingress's name. Set it to those names "
+            '(allowed_hosts: [medserve.hospital.example]), or ["*"] behind a proxy that checks the Host'
+        )
+    files = render_manifests(config, args.config)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        (args.out / name).write_text(text)
+        # 0600, whatever the file was: medserve.yaml and rayservice.yaml may hold PACS credentials.
+        descriptor = os.open(args.out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)
+        with open(descriptor, "w") as file:
+            file.write(text)
         print(args.out / name)
     return 0
 
 
 def _up(args) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, overrides={"http.host": args.host} if args.host else None)
+    refusal = config.open_server_refusal()
+    if refusal:
+        raise CommandError(refusal)
+    # Before Ray starts: its processes and the replicas inherit the umask, so what they write is 0600/0700.
+    set_private_umask()
+    try:
+        secure_storage(config)
+    except UnsafeStorage as e:
+        raise CommandError(str(e)) from None
+    _authenticate(config, args.address, create=True)
     if _connected(args.address):
         _note_joined_cluster(config)
     elif args.address:
@@ -92,20 +129,41 @@ def _up(args) -> int:
 
 def _reload(args) -> int:
     config = load_config(args.config)
+    _authenticate(config, args.address)
     if not _connected(args.address):
         raise CommandError("no Ray cluster is running: start medserve with medserve up")
     _deploy(config)
     return 0
 
 
-def _connected(address: str | None) -> bool:
-    """Connect this process to the Ray cluster at ``address`` (the local one when None); False where none answers."""
-    import ray
-
+def _authenticate(config: AppConfig, address: str | None, create: bool = False) -> None:
+    """This process given the token of the cluster (made, with ``create``, if there is none yet)."""
     try:
-        ray.init(address=address or "auto", logging_level="ERROR")
+        authenticate_this_process(config, local=not address, create=create)
+    except UnsafeStorage as e:
+        raise CommandError(str(e)) from None
+
+
+def _connected(address: str | None) -> bool:
+    """Connect this process to the Ray cluster at ``address`` (when None, the one `ray start` last started here,
+    not any other Ray found running on this machine); False where none answers."""
+    import ray
+    from ray._private.services import get_ray_address_from_environment
+    from ray.exceptions import AuthenticationError
+
+    address = address or get_ray_address_from_environment(None, None)
+    if address is None:
+        return False
+    try:
+        # The cluster's own logs stay in its log files: a command prints what it did, not every replica's lines.
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except ConnectionError:
         return False
+    except AuthenticationError:
+        raise CommandError(
+            f"the Ray cluster at {address} refused medserve's Ray token: it was started with another token (set "
+            "RAY_AUTH_TOKEN to its token, or use the storage.root it was started with)"
+        ) from None
     return True
 
 
@@ -167,11 +225,8 @@ def _start_local_ray(config: AppConfig, dashboard: bool = False) -> None:
     # Deployments ask for fractions of a CPU; advertising at least 4 lets the whole graph fit on 2 cores.
     cpus = max(4, os.cpu_count() or 1)
     # Ray's dashboard writes the service-discovery file Prometheus reads: only worth its memory when monitored.
-    command = [
-        _RAY, "start", "--head", f"--num-cpus={cpus}", "--disable-usage-stats",
-        f"--include-dashboard={str(dashboard).lower()}",
-    ]  # fmt: skip
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **config.http.ray_environment()}
+    command = ray_start_command(config, cpus=cpus, dashboard=dashboard)
+    env = {**os.environ, **cluster_environment(config)}
     if config.gpu_sharing == "mps":
         try:
             env.update(mps.start())
@@ -215,14 +270,15 @@ def _drain(config: AppConfig, grace_s: float) -> None:
 
 
 def _down(args) -> int:
-    import ray
-    from ray import serve
-
     from serve_app.observability import monitoring
 
     for name in monitoring.stop():
         print(f"stopped {name}")
     config = load_config(args.config)
+    _authenticate(config, args.address)  # before Ray is imported: it reads its single-machine mode once
+    import ray
+    from ray import serve
+
     if not _connected(args.address):
         print("medserve: no Ray cluster is running", file=sys.stderr)
     else:

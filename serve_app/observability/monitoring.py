@@ -19,8 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from serve_app.config import default_storage_root
+from serve_app.storage import private_folder
+
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
-STATE_DIR = Path(os.environ.get("MEDSERVE_MONITORING_DIR", "/tmp/medserve-monitoring"))
+# The processes' ids, configs and logs: a private folder, never one in /tmp that another user could create first
+# and fill with ids for `stop` to kill.
+STATE_DIR = Path(os.environ.get("MEDSERVE_MONITORING_DIR") or default_storage_root() / "state" / "monitoring")
 RAY_SERVICE_DISCOVERY_FILE = Path("/tmp/ray/prom_metrics_service_discovery.json")
 
 
@@ -57,7 +62,7 @@ def start_prometheus(config: dict, port: int, state_dir: Path) -> subprocess.Pop
     binary = find_binary("prometheus")
     if binary is None:
         raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(state_dir)
     config_file = state_dir / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [
@@ -113,6 +118,9 @@ def stop(state_dir: Path = STATE_DIR, grace_s: float = 10.0) -> list[str]:
     """Stop the processes ``start`` left running, each killed if it is still there after ``grace_s``; return their
     names once they are gone (their ports free)."""
     stopped = []
+    if not state_dir.is_dir():
+        return stopped
+    private_folder(state_dir)  # process ids to kill are read only from a folder no one else can write
     for pid_file in sorted(state_dir.glob("*.pid")):
         try:
             group = int(pid_file.read_text())
@@ -139,7 +147,7 @@ def _wait_gone(group: int, grace_s: float) -> None:
 
 
 def _spawn(name: str, command: list[str], state_dir: Path, env: dict | None = None) -> subprocess.Popen:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(state_dir)
     with open(state_dir / f"{name}.log", "ab") as log:
         # A session of its own: the process outlives `medserve up`, and `stop` ends it with its children.
         process = subprocess.Popen(
