@@ -2,9 +2,16 @@
 from one AppConfig. No Kubernetes cluster, KubeRay operator or SSH-reachable nodes can run here, so the manifests are
 checked with every schema that can: Serve's own (``ServeDeploySchema``), Kubernetes' (kubernetes-validate, for the
 version below), Ray's cluster-launcher schema; and the RayService against the KubeRay ``ray.io/v1`` field names it
-relies on. The files in cluster/ must be the rendered defaults."""
+relies on. The files in cluster/ must be what cluster/example-config.yaml renders to.
+
+What a hospital's security review asks of them is checked too: every Ray process authenticates with Ray's token
+from a Secret; the dashboard is off loopback only where KubeRay's operator must reach it, and then only for it; a
+NetworkPolicy admits only the API's port from outside; pods run non-root without privileges; no secret is on a
+command line; the rendered files are 0600; and an open server (no tenants) is not rendered at all."""
 
 import json
+import re
+import stat
 from pathlib import Path
 
 import jsonschema
@@ -18,7 +25,10 @@ from serve_app.cli import main
 from serve_app.config import ConfigError, load_config
 from serve_app.manifests import MANIFEST_FILES, render_manifests
 
-CLUSTER_FOLDER = Path(__file__).resolve().parents[1] / "cluster"
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_FOLDER = ROOT / "cluster"
+# As `medserve cluster render --config cluster/example-config.yaml --out cluster` names it, from the checkout's root.
+EXAMPLE_CONFIG = Path("cluster") / "example-config.yaml"
 KUBERNETES_VERSION = "1.33.0"
 # The RayService fields this project relies on, as KubeRay's ray.io/v1 API reference names them
 # (https://ray-project.github.io/kuberay/reference/api/): a renamed or misspelt one is silently ignored by the
@@ -33,10 +43,14 @@ KUBERAY_V1_FIELDS = {
     "spec.serveConfigV2",
     "spec.rayClusterConfig",
     "spec.rayClusterConfig.rayVersion",
+    "spec.rayClusterConfig.authOptions",
+    "spec.rayClusterConfig.authOptions.mode",
+    "spec.rayClusterConfig.authOptions.secretName",
     "spec.rayClusterConfig.enableInTreeAutoscaling",
     "spec.rayClusterConfig.autoscalerOptions",
     "spec.rayClusterConfig.autoscalerOptions.upscalingMode",
     "spec.rayClusterConfig.autoscalerOptions.idleTimeoutSeconds",
+    "spec.rayClusterConfig.autoscalerOptions.securityContext",
     "spec.rayClusterConfig.gcsFaultToleranceOptions",
     "spec.rayClusterConfig.gcsFaultToleranceOptions.redisAddress",
     "spec.rayClusterConfig.gcsFaultToleranceOptions.redisPassword",
@@ -52,7 +66,7 @@ KUBERAY_V1_FIELDS = {
     "spec.rayClusterConfig.workerGroupSpecs.template",
 }
 # Below these the values are Kubernetes' own types (checked with its schema) or free-form maps.
-OPAQUE = ("template", "rayStartParams", "redisPassword", "labels")
+OPAQUE = ("template", "rayStartParams", "redisPassword", "labels", "securityContext")
 
 
 def documents(text: str) -> list[dict]:
@@ -63,16 +77,47 @@ def objects_of(files: dict[str, str]) -> dict[str, dict]:
     return {doc["kind"]: doc for doc in documents(files["rayservice.yaml"])}
 
 
+def pod_templates(files: dict[str, str]) -> list[dict]:
+    cluster = objects_of(files)["RayService"]["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"], *(group["template"] for group in cluster["workerGroupSpecs"])]
+
+
+def pod_template_object(template: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+
+
+def rule_ports(rule: dict) -> set:
+    """The ports a NetworkPolicy ingress rule admits (empty: every port)."""
+    return {port["port"] for port in rule.get("ports", [])}
+
+
+TENANT = {
+    "name": "St Mary's",
+    "api_key_hashes": ["sha256:" + "ab" * 32],
+    "models": ["*"],
+    "rate": {"per_second": 2, "burst": 10},
+    "max_concurrent": 4,
+}
+
+
 @pytest.fixture
 def configured(tmp_path) -> Path:
-    """A hospital's config: its own models' resources, a PACS with a token, a bigger GPU group."""
+    """A hospital's config: a tenant, its own models' resources, a PACS with a token, a bigger GPU group."""
     path = tmp_path / "hospital.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "name": "medserve-stmarys",
+                "http": {"allowed_hosts": ["medserve.stmarys.example"]},
+                "tenants": {"st-marys": TENANT},
                 "deployments": {"model": {"num_gpus": 0.25, "num_replicas": 4}},
-                "pacs": {"main": {"url": "https://pacs.example.org/dicom-web", "bearer_token": "s3cr3t-token"}},
+                "pacs": {
+                    "main": {
+                        "url": "https://pacs.example.org/dicom-web",
+                        "bearer_token": "s3cr3t-token",
+                        "tenants": ["st-marys"],
+                    }
+                },
                 "gpu_sharing": "mps",
                 "cluster": {
                     "image": "registry.example.org/medserve:0.1.0",
@@ -85,11 +130,12 @@ def configured(tmp_path) -> Path:
     return path
 
 
-def test_the_cluster_folder_holds_the_rendered_defaults():
-    for name, text in render_manifests(load_config(), None).items():
+def test_the_cluster_folder_holds_what_the_example_config_renders_to():
+    for name, text in render_manifests(load_config(ROOT / EXAMPLE_CONFIG), EXAMPLE_CONFIG).items():
         path = CLUSTER_FOLDER / name
         assert path.is_file() and path.read_text() == text, (
-            f"cluster/{name} is not what `medserve cluster render` writes now: run it and commit the result"
+            f"cluster/{name} is not what `medserve cluster render --config {EXAMPLE_CONFIG} --out cluster` writes "
+            "now: run it from the checkout's root and commit the result"
         )
 
 
@@ -113,20 +159,24 @@ def test_serve_configs_pass_serves_own_schema(configured):
 
 def test_kubernetes_objects_pass_kubernetes_schema(configured):
     objects = objects_of(render_manifests(load_config(configured), configured))
-    for kind in ("Secret", "PersistentVolumeClaim"):
+    for kind in ("Secret", "PersistentVolumeClaim", "NetworkPolicy"):
         kubernetes_validate.validate(objects[kind], KUBERNETES_VERSION, strict=True)
-    cluster = objects["RayService"]["spec"]["rayClusterConfig"]
-    templates = [cluster["headGroupSpec"]["template"], *(group["template"] for group in cluster["workerGroupSpecs"])]
-    for k, template in enumerate(templates):
-        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{k}"}, "template": template}
-        kubernetes_validate.validate(pod_template, KUBERNETES_VERSION, strict=True)
+    templates = pod_templates(render_manifests(load_config(configured), configured))
+    for template in templates:
+        kubernetes_validate.validate(pod_template_object(template), KUBERNETES_VERSION, strict=True)
+    # The autoscaler's container, which KubeRay adds to the head pod, takes this securityContext.
+    autoscaler = objects["RayService"]["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"]
+    sidecar = json.loads(json.dumps(templates[0]))
+    sidecar["spec"]["containers"][0]["securityContext"] = autoscaler
+    kubernetes_validate.validate(pod_template_object(sidecar), KUBERNETES_VERSION, strict=True)
     broken = json.loads(json.dumps(templates[0]))
     broken["spec"]["containers"][0]["resources"]["limits"]["cpu"] = ["four"]
     with pytest.raises(kubernetes_validate.ValidationError):  # the schema really checks
+        kubernetes_validate.validate(pod_template_object(broken), KUBERNETES_VERSION, strict=True)
+    policy = objects["NetworkPolicy"]
+    with pytest.raises(kubernetes_validate.ValidationError):  # NetworkPolicy's too
         kubernetes_validate.validate(
-            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": broken},
-            KUBERNETES_VERSION,
-            strict=True,
+            {**policy, "spec": {**policy["spec"], "policyTypes": "Ingress"}}, KUBERNETES_VERSION, strict=True
         )
 
 
@@ -220,3 +270,143 @@ def test_app_builder_reads_the_config_medserve_config_names(tmp_path, monkeypatc
     monkeypatch.setenv("MEDSERVE_CONFIG", str(bad))
     with pytest.raises(ConfigError, match="named-by-environment.yaml"):
         app_builder({})
+
+
+def test_every_ray_container_takes_rays_token_from_a_secret(configured):
+    files = render_manifests(load_config(configured), configured)
+    reference = {"secretKeyRef": {"name": "medserve-ray-token", "key": "auth_token"}}
+    for template in pod_templates(files):
+        for container in template["spec"]["containers"]:
+            environment = {variable["name"]: variable for variable in container["env"]}
+            assert environment["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}
+            assert environment["RAY_AUTH_TOKEN"] == {"name": "RAY_AUTH_TOKEN", "valueFrom": reference}
+    # KubeRay's operator sends the token to the dashboard, and gives it to the containers it adds, only from here.
+    cluster = objects_of(files)["RayService"]["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "medserve-ray-token"}
+    assert "medserve-ray-token" not in {obj["metadata"]["name"] for obj in objects_of(files).values()}
+
+
+def test_the_dashboard_is_off_loopback_only_where_kuberays_operator_needs_it(configured):
+    files = render_manifests(load_config(configured), configured)
+    launcher = yaml.safe_load(files["cluster-launcher.yaml"])
+    (head_start,) = [command for command in launcher["head_start_ray_commands"] if "ray start" in command]
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in files["cluster-launcher.yaml"]
+    objects = objects_of(files)
+    head = objects["RayService"]["spec"]["rayClusterConfig"]["headGroupSpec"]
+    # Only the head's own rayStartParams put it on the pod network, for the operator ...
+    hosts = re.findall(r"dashboard-host\W+(\S+)", "\n".join(files.values()))
+    assert sorted(hosts) == ["0.0.0.0", "127.0.0.1"] and head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    # ... and only the operator's pods (and the cluster's own) may reach it.
+    outside = [rule for rule in objects["NetworkPolicy"]["spec"]["ingress"] if 8265 in rule_ports(rule)]
+    assert [rule["from"] for rule in outside] == [
+        [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "default"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}},
+            }
+        ]
+    ]
+    # The head Service has the head container's ports: not the Ray Client server's.
+    ports = {port["containerPort"] for port in head["template"]["spec"]["containers"][0]["ports"]}
+    assert ports == {6379, 8265, 8000, 8080}
+
+
+def test_the_network_policy_admits_only_the_api_port_from_outside_the_cluster(tmp_path, configured):
+    changed = tmp_path / "port.yaml"
+    tree = yaml.safe_load(configured.read_text())
+    changed.write_text(yaml.safe_dump({**tree, "http": {"port": 8443}}))
+    files = render_manifests(load_config(changed), changed)
+    policy = objects_of(files)["NetworkPolicy"]
+    kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)
+    labels = policy["spec"]["podSelector"]["matchLabels"]
+    for template in pod_templates(files):  # it selects every pod of the cluster
+        assert labels.items() <= template["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    from_anywhere = set()
+    for rule in policy["spec"]["ingress"]:
+        peers = rule.get("from")
+        if peers == [{"podSelector": {"matchLabels": labels}}]:
+            continue  # the cluster's own pods, of its namespace: every port (Ray's)
+        if peers is None:
+            from_anywhere |= rule_ports(rule)
+        else:
+            assert rule_ports(rule) == {8265}, rule  # the operator's, above
+    assert from_anywhere == {8443}
+    # Prometheus, when a namespace is named for it: Ray's metrics port and nothing else.
+    tree["cluster"]["metrics_scrape_namespace"] = "monitoring"
+    changed.write_text(yaml.safe_dump(tree))
+    rules = objects_of(render_manifests(load_config(changed), changed))["NetworkPolicy"]["spec"]["ingress"]
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert [rule_ports(rule) for rule in rules if rule.get("from") == [monitoring]] == [{8080}]
+
+
+def test_pods_run_as_rays_user_without_privileges(configured):
+    files = render_manifests(load_config(configured), configured)
+    autoscaler = objects_of(files)["RayService"]["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    for template in pod_templates(files):
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 1000 and pod["fsGroup"] == 100
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        for context in [container["securityContext"] for container in template["spec"]["containers"]]:
+            assert context["runAsNonRoot"] is True and context["runAsUser"] == 1000
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+            assert "privileged" not in context and "readOnlyRootFilesystem" not in context  # Ray writes /tmp/ray
+        assert autoscaler["securityContext"] == template["spec"]["containers"][0]["securityContext"]
+
+
+def test_no_secret_is_on_a_command_line_of_the_launcher(configured):
+    files = render_manifests(load_config(configured), configured)
+    launcher = yaml.safe_load(files["cluster-launcher.yaml"])
+    commands = [*launcher["head_start_ray_commands"], *launcher["worker_start_ray_commands"]]
+    starts = [command for command in commands if "ray start" in command]
+    assert len(starts) == 2
+    for command in starts:
+        assert "RAY_AUTH_MODE=token" in command and "RAY_AUTH_TOKEN_PATH=/etc/medserve/ray-auth-token" in command
+        assert "RAY_AUTH_TOKEN=" not in command
+    # Redis's password: read from the node's private file as Ray starts (Ray takes it no other way).
+    assert " ".join(commands).count("--redis-password") == 1
+    assert '--redis-password="$(cat /etc/medserve/redis-password)"' in starts[0]
+    mounts = launcher["file_mounts"]
+    assert mounts["/etc/medserve/ray-auth-token"] == "./ray-auth-token"
+    assert mounts["/etc/medserve/redis-password"] == "./redis-password"
+    private = {"/etc/medserve/ray-auth-token", "/etc/medserve/redis-password", "/etc/medserve/medserve.yaml"}
+    for node_commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
+        (chmod,) = [command for command in node_commands if command.startswith("chmod 600 ")]
+        (start,) = [command for command in node_commands if "ray start" in command]
+        assert private <= set(chmod.split()) and node_commands.index(chmod) < node_commands.index(start)
+    assert "s3cr3t-token" not in files["cluster-launcher.yaml"] + files["serve_config.yaml"]
+
+
+def test_render_refuses_an_open_server(tmp_path, capsys):
+    assert main(["cluster", "render", "--out", str(tmp_path / "out")]) == 2  # the packaged config: no tenants
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "http.allow_open: true" in line and "no tenants" in line and "0.0.0.0" in line
+    assert not (tmp_path / "out").exists()
+    loopback = tmp_path / "loopback.yaml"
+    loopback.write_text("http: {host: 127.0.0.1}\n")  # the pods listen on 0.0.0.0 all the same
+    assert main(["cluster", "render", "--config", str(loopback), "--out", str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+    accepted = tmp_path / "open.yaml"
+    accepted.write_text("http: {allow_open: true, allowed_hosts: [medserve.example]}\n")
+    assert main(["cluster", "render", "--config", str(accepted), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_render_asks_for_the_names_clients_use(tmp_path, configured, capsys):
+    """Left to its default, the Host allow-list names only loopback names, which no client of a cluster uses."""
+    config = yaml.safe_load(configured.read_text())
+    del config["http"]["allowed_hosts"]
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text(yaml.safe_dump(config))
+    assert main(["cluster", "render", "--config", str(unnamed), "--out", str(tmp_path / "out")]) == 2
+    assert "http.allowed_hosts is not set" in capsys.readouterr().err
+
+
+def test_rendered_files_are_readable_by_their_owner_only(tmp_path, configured):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "medserve.yaml").write_text("left by an earlier render\n")
+    (out / "medserve.yaml").chmod(0o644)
+    assert main(["cluster", "render", "--config", str(configured), "--out", str(out)]) == 0
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert modes == dict.fromkeys(MANIFEST_FILES, 0o600)
+    assert "s3cr3t-token" in (out / "medserve.yaml").read_text()

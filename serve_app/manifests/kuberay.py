@@ -1,9 +1,13 @@
-"""A KubeRay ``RayService`` (API ``ray.io/v1``) for medserve, with the two objects it needs: the Secret that holds
-the application's YAML and the PersistentVolumeClaim of the shared volume.
+"""A KubeRay ``RayService`` (API ``ray.io/v1``) for medserve, with the objects it needs: the Secret that holds the
+application's YAML, the PersistentVolumeClaim of the shared volume and the NetworkPolicy of its pods.
 
 KubeRay's operator turns the RayService into a Ray cluster (a head pod and an autoscaled GPU worker group), deploys
 ``serveConfigV2`` on it with Serve, and routes its Service to the pods whose Serve ingress is ready; with
 ``gcsFaultToleranceOptions`` the head's GCS keeps its state in Redis, so a restarted head takes the cluster back.
+
+Every Ray process authenticates with Ray's token (``RAY_AUTH_MODE=token``), read from the Secret
+``cluster.ray_auth_token_secret``; only the API's port is open to other namespaces; pods run as Ray's image user,
+without privileges.
 """
 
 from __future__ import annotations
@@ -17,12 +21,27 @@ from serve_app.manifests.serve_config import APP_CONFIG_PATH, SHARED_ROOT, app_c
 __all__ = ["kuberay_manifests"]
 
 _METRICS_PORT = 8080  # Ray's metrics export port in KubeRay's pods, which Prometheus scrapes
-_HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": _METRICS_PORT}
-_WORKER_PORTS = {"serve": 8000, "metrics": _METRICS_PORT}
+_GCS_PORT = 6379
+_DASHBOARD_PORT = 8265
+_TOKEN_KEY = "auth_token"  # the key KubeRay's operator reads the token from (authOptions.secretName)
+# The user and group of Ray's images (rayproject/ray): medserve's image is built on them.
+_RAY_USER, _RAY_GROUP = 1000, 100
+_CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": _RAY_USER,
+    "runAsGroup": _RAY_GROUP,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    # Not readOnlyRootFilesystem: Ray writes its sessions, logs and sockets under /tmp/ray, and pip's and Ray's
+    # caches under the user's home, on the container's own filesystem.
+}
+_KUBERAY_OPERATOR = {"app.kubernetes.io/component": "kuberay-operator"}  # its pods' label, Helm chart or kustomize
 
 
 def kuberay_manifests(config: AppConfig) -> list[dict]:
-    """The Secret, the PersistentVolumeClaim and the RayService, in the order ``kubectl apply`` wants them."""
+    """The Secret, the PersistentVolumeClaim, the NetworkPolicy and the RayService, in the order ``kubectl apply``
+    wants them. The Secret of Ray's token (``cluster.ray_auth_token_secret``) is not among them: it is made once in
+    the namespace, never written into a file."""
     cluster = config.cluster
     secret_name = f"{config.name}-config"
     secret = {
@@ -42,14 +61,29 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
             **({"storageClassName": cluster.storage_class} if cluster.storage_class else {}),
         },
     }
+    serve_port = config.http.port
+    # The head Service KubeRay makes has the head container's ports: the GCS (workers join through it), the
+    # dashboard (the operator deploys the Serve config through it) and the API. Not the Ray Client server's 10001.
+    head_ports = {"gcs-server": _GCS_PORT, "dashboard": _DASHBOARD_PORT, "serve": serve_port, "metrics": _METRICS_PORT}
+    worker_ports = {"serve": serve_port, "metrics": _METRICS_PORT}
     ray_cluster = {
         "rayVersion": ray.__version__,
+        # KubeRay sends the token to the dashboard only when it knows it from here; it also gives the containers
+        # it adds (the autoscaler, the workers' wait for the GCS) RAY_AUTH_MODE and the token.
+        "authOptions": {"mode": "token", "secretName": cluster.ray_auth_token_secret},
         "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+        "autoscalerOptions": {
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": 300,
+            "securityContext": _CONTAINER_SECURITY,
+        },
         "headGroupSpec": {
-            # No tasks or replicas on the head: it keeps the GCS, Serve's controller and an ingress.
+            # No tasks or replicas on the head: it keeps the GCS, Serve's controller and an ingress. The dashboard
+            # listens on the pod's network, not loopback: KubeRay's operator deploys serveConfigV2 and reads Serve's
+            # status through it (port 8265 of the head Service). The token guards it, and the NetworkPolicy lets
+            # only the operator and the cluster's own pods reach it.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": _pod_template(config, "ray-head", cluster.head, _HEAD_PORTS, secret_name),
+            "template": _pod_template(config, "ray-head", cluster.head, head_ports, secret_name),
         },
         "workerGroupSpecs": [
             {
@@ -58,7 +92,7 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
                 "minReplicas": cluster.gpu_workers.min_nodes,
                 "maxReplicas": cluster.gpu_workers.max_nodes,
                 "rayStartParams": {},
-                "template": _pod_template(config, "ray-worker", cluster.gpu_workers, _WORKER_PORTS, secret_name),
+                "template": _pod_template(config, "ray-worker", cluster.gpu_workers, worker_ports, secret_name),
             }
         ],
     }
@@ -77,27 +111,70 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
             "rayClusterConfig": ray_cluster,
         },
     }
-    return [secret, claim, service]
+    return [secret, claim, _network_policy(config), service]
+
+
+def _network_policy(config: AppConfig) -> dict:
+    """Ingress to the cluster's pods: the API's port from anywhere; every port (Ray's GCS, raylets, object
+    transfers, workers) only from the cluster's own pods; the dashboard from KubeRay's operator; metrics from
+    ``cluster.metrics_scrape_namespace``. Pods are selected by the labels of medserve's pod templates, which every
+    RayCluster of the RayService keeps (KubeRay's ``ray.io/cluster`` label changes with each new cluster)."""
+    cluster = config.cluster
+    own_pods = {"matchLabels": _labels(config)}
+    rules = [
+        {"ports": [{"protocol": "TCP", "port": config.http.port}]},
+        {"from": [{"podSelector": own_pods}]},
+        {
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": _namespace(cluster.kuberay_operator_namespace)},
+                    "podSelector": {"matchLabels": _KUBERAY_OPERATOR},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": _DASHBOARD_PORT}],
+        },
+    ]
+    if cluster.metrics_scrape_namespace:
+        rules.append(
+            {
+                "from": [{"namespaceSelector": {"matchLabels": _namespace(cluster.metrics_scrape_namespace)}}],
+                "ports": [{"protocol": "TCP", "port": _METRICS_PORT}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{config.name}-ray", "labels": _labels(config)},
+        "spec": {"podSelector": own_pods, "policyTypes": ["Ingress"], "ingress": rules},
+    }
 
 
 def _pod_template(config: AppConfig, name: str, node: NodeGroupConfig, ports: dict[str, int], secret: str) -> dict:
     """A Ray node's pod: medserve's image, the node's resources (its GPUs as ``nvidia.com/gpu``), the shared volume
-    at ``storage.root``, the application's YAML, the ingress mode Ray starts with, probes and scrape annotations."""
+    at ``storage.root``, the application's YAML, Ray's token, the ingress mode Ray starts with, probes, scrape
+    annotations, and no privileges."""
     resources = {"cpu": str(node.cpus), "memory": node.memory}
     if node.gpus:
         resources["nvidia.com/gpu"] = str(node.gpus)
-    environment = [{"name": key, "value": value} for key, value in config.http.ray_environment().items()]
+    token = {"secretKeyRef": {"name": config.cluster.ray_auth_token_secret, "key": _TOKEN_KEY}}
+    environment = [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": token},
+        *({"name": key, "value": value} for key, value in config.http.ray_environment().items()),
+    ]
     container = {
         "name": name,
         "image": config.cluster.image,
         "env": environment,
         "ports": [{"name": port_name, "containerPort": port} for port_name, port in ports.items()],
         "resources": {"requests": resources, "limits": resources},
+        "securityContext": _CONTAINER_SECURITY,
         "volumeMounts": [
             {"name": "shared", "mountPath": str(SHARED_ROOT)},
             {"name": "app-config", "mountPath": str(APP_CONFIG_PATH.parent), "readOnly": True},
         ],
-        # Ready once this node's Serve ingress answers (Serve's and HAProxy's health route); alive while its raylet is.
+        # Ready once this node's Serve ingress answers (Serve's and HAProxy's health route); alive while its raylet
+        # is. Ray answers both health routes without the token.
         "readinessProbe": {
             "httpGet": {"path": "/-/healthz", "port": ports["serve"]},
             "periodSeconds": 5,
@@ -116,6 +193,16 @@ def _pod_template(config: AppConfig, name: str, node: NodeGroupConfig, ports: di
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(_METRICS_PORT)},
         },
         "spec": {
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": _RAY_USER,
+                "runAsGroup": _RAY_GROUP,
+                "fsGroup": _RAY_GROUP,
+                # Only when the volume's root is not already the group's: no walk over a shared volume of
+                # results at every start.
+                "fsGroupChangePolicy": "OnRootMismatch",
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
             "containers": [container],
             "volumes": [
                 {"name": "shared", "persistentVolumeClaim": {"claimName": config.cluster.shared_volume_claim}},
@@ -127,3 +214,8 @@ def _pod_template(config: AppConfig, name: str, node: NodeGroupConfig, ports: di
 
 def _labels(config: AppConfig) -> dict[str, str]:
     return {"app.kubernetes.io/name": "medserve", "app.kubernetes.io/instance": config.name}
+
+
+def _namespace(name: str) -> dict[str, str]:
+    # Every namespace carries its own name in this label (Kubernetes >= 1.22).
+    return {"kubernetes.io/metadata.name": name}

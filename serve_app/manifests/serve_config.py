@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 from pydantic import SecretStr
 
-from serve_app.config import AppConfig, ConfigError, WsiConfig
+from serve_app.config import AppConfig, ConfigError
 
 __all__ = [
     "APP_CONFIG_PATH",
@@ -58,7 +58,7 @@ def cluster_app_config(config: AppConfig) -> dict:
     tree = _plain(config.model_dump(exclude_defaults=True, exclude={"cluster"}))
     tree.setdefault("http", {})["host"] = "0.0.0.0"
     tree.setdefault("storage", {})["root"] = str(SHARED_ROOT)
-    if config.wsi.output_root == WsiConfig().output_root:
+    if config.wsi.output_root == config.storage.root / "wsi":  # its default: under the storage root, so shared too
         tree.setdefault("wsi", {})["output_root"] = str(SHARED_ROOT / "wsi")
     return tree
 
