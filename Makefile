@@ -4,10 +4,12 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= demo-data
 
-.PHONY: demo demo-wsi test test-fast fuzz lint format bench bench-wsi bench-tenants venv clean niivue
+.PHONY: demo demo-wsi test test-fast fuzz lint format bench bench-wsi bench-tenants venv clean niivue swagger-ui
 
 # The browser viewer's niivue, pinned; `make niivue` refreshes the vendored bundle from npm.
 NIIVUE_VERSION ?= 0.69.0
+# /docs's Swagger UI, pinned; `make swagger-ui` refreshes the vendored files from npm.
+SWAGGER_UI_VERSION ?= 5.36.0
 
 $(BIN)/medserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +70,9 @@ bench-tenants: venv
 
 niivue:
 	scripts/vendor_niivue.sh $(NIIVUE_VERSION)
+
+swagger-ui:
+	scripts/vendor_swagger_ui.sh $(SWAGGER_UI_VERSION)
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

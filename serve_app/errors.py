@@ -18,6 +18,7 @@ __all__ = [
     "Conflict",
     "DeadlineExceeded",
     "Forbidden",
+    "HostNotAllowed",
     "ImageNotKept",
     "InvalidRequestBody",
     "InvalidSlide",
@@ -61,6 +62,11 @@ class BadRequest(RequestError):
     """The request itself is malformed: a query parameter of the wrong type, a broken multipart body."""
 
     status_code = 400
+
+
+class HostNotAllowed(BadRequest):
+    """The request's Host header names a host the server does not answer for (``http.allowed_hosts``): a page of
+    another site reaching it through DNS rebinding, or a proxy in front that does not pass the Host on."""
 
 
 class Conflict(RequestError):

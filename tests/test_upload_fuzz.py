@@ -8,6 +8,7 @@ Examples per test: ``MEDSERVE_FUZZ_PROFILE=ci`` (the default, deterministic) or 
 import asyncio
 import io
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from starlette.requests import Request
 
 from serve_app.config import LimitsConfig
-from serve_app.errors import RequestError, UnsupportedMediaType
+from serve_app.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
 from serve_app.studies.upload import UploadBudget, sort_upload, spool_request
 
 # Generated names repeat: a zip with two entries of one name is a case worth sending, not a warning.
@@ -148,3 +149,54 @@ def test_a_stored_entry_changed_after_zipping_fails_its_crc_and_nothing_is_unpac
     with pytest.raises(UnsupportedMediaType, match="corrupt or truncated"):
         sort_upload(tmp_path, LimitsConfig())
     assert not list((tmp_path / "000000.unzipped").iterdir())
+
+
+def _listing_zip(listed: int, claimed: int, zip64: bool, name: bytes = b"") -> bytes:
+    """One empty stored entry, its central directory entry (named ``name``) repeated ``listed`` times; the end
+    record (ZIP64 with ``zip64``) claims ``claimed`` entries."""
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0) + name
+    entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 45, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0, 0, 0)
+    directory = (entry + name) * listed
+    if not zip64:
+        end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, claimed, claimed, len(directory), len(local), 0)
+        return local + directory + end
+    end64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, claimed, claimed, len(directory), len(local))
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(local) + len(directory), 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return local + directory + end64 + locator + end
+
+
+@pytest.mark.parametrize(
+    "archive, reason",
+    [
+        pytest.param(_listing_zip(1, 10**6, zip64=True), "more than 12 files", id="ZIP64 record claims 10**6"),
+        pytest.param(_listing_zip(1, 13, zip64=False), "more than 12 files", id="end record claims one too many"),
+        pytest.param(_listing_zip(40, 1, zip64=False), "more than 12 files", id="directory holds more than claimed"),
+        pytest.param(_listing_zip(1, 1, zip64=True, name=b"n" * 20_000), "directory is over", id="long directory"),
+    ],
+)
+def test_an_archive_over_the_file_budget_is_refused_from_its_end_records_before_zipfile_reads_it(
+    tmp_path, monkeypatch, archive, reason
+):
+    def never(*args, **kwargs):
+        raise AssertionError("zipfile parsed the central directory")
+
+    monkeypatch.setattr(zipfile, "ZipFile", never)
+    (tmp_path / "000000").write_bytes(archive)
+    with pytest.raises(PayloadTooLarge, match=reason):
+        sort_upload(tmp_path, LIMITS)
+
+
+def test_archives_within_the_budget_still_open_zip64_and_commented_ones_included(tmp_path):
+    dicom = b"\0" * 128 + b"DICM" + bytes(100)
+    for n, (zip64, comment) in enumerate([(True, b""), (False, b"an archive comment")]):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", allowZip64=True) as zf:
+            for k in range(3):
+                with zf.open(f"{k}.dcm", "w", force_zip64=zip64) as entry:
+                    entry.write(dicom)
+            zf.comment = comment
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        (folder / "000000").write_bytes(buffer.getvalue())
+        assert len(sort_upload(folder, LIMITS).dicom) == 3

@@ -9,11 +9,10 @@ answer (Orthanc's) ends the same way either way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
-from serve_app.studies.upload import UploadBudget
+from serve_app.studies.upload import PartFiles, UploadBudget
 
 __all__ = ["DicomPartFiles", "multipart_related_boundary"]
 
@@ -30,9 +29,10 @@ def multipart_related_boundary(content_type: str) -> bytes | None:
     return options.get(b"boundary", b"")
 
 
-class DicomPartFiles:
-    """The parts of one multipart body, each written to a file of ``folder`` (``000000``, ``000001``, ...) as
-    the body streams in through ``write``; bytes and files counted against ``budget``.
+class DicomPartFiles(PartFiles):
+    """The parts of one ``multipart/related`` body of DICOM instances, every part a file of ``folder``
+    (``000000``, ``000001``, ...), written as the body streams in through ``write``; the body's bytes, and the
+    parts' bytes and files, counted against ``budget`` as they arrive (``PartFiles``).
 
     ``write`` raises python-multipart's ``MultipartParseError`` for a malformed body and ``PayloadTooLarge``
     over the budget; the caller translates the first and deletes ``folder`` on either.
@@ -46,37 +46,4 @@ class DicomPartFiles:
     """
 
     def __init__(self, boundary: bytes, folder: Path, budget: UploadBudget):
-        self.folder, self.budget = Path(folder), budget
-        self.paths: list[Path] = []
-        self.complete = False
-        self._file: BinaryIO | None = None
-        callbacks = {"on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end_part}
-        self._parser = MultipartParser(boundary, {**callbacks, "on_end": self._end})
-
-    def write(self, chunk: bytes) -> None:
-        self._parser.write(chunk)
-
-    def __enter__(self) -> DicomPartFiles:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._end_part()
-
-    def _begin(self) -> None:
-        self._end_part()
-        self.budget.spend_files(1)
-        path = self.folder / f"{len(self.paths):06d}"
-        self.paths.append(path)
-        self._file = open(path, "wb")  # closed at the part's end, or when the body is left
-
-    def _data(self, data: bytes, start: int, end: int) -> None:
-        self.budget.spend_bytes(end - start)
-        self._file.write(data[start:end])
-
-    def _end_part(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def _end(self) -> None:
-        self.complete = True
+        super().__init__(boundary, folder, budget)

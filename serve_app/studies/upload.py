@@ -3,8 +3,11 @@
 ``spool_request`` (in the ingress) streams the body to files in the request's upload folder;
 ``sort_upload`` (in preprocessing) unpacks zip archives safely and sorts the files. One
 ``UploadBudget`` bounds the whole upload across both: bytes written and files, over every
-part and every archive of the request. A DICOM file stored uncompressed in an archive (what a PACS export or a
-``zip -0`` holds) is not unpacked: its CRC-32 checked, it is read where it lies (``DicomFile``).
+part and every archive of the request. Every byte is counted as it arrives, whether the body declares its length
+or comes chunked: a multipart body is parsed as it streams (``PartFiles``), each part written to its own file, never
+spooled whole anywhere first. An archive's entry count and directory size are read from its end record and
+refused over the budget before its directory is parsed. A DICOM file stored uncompressed in an archive (what a
+PACS export or a ``zip -0`` holds) is not unpacked: its CRC-32 checked, it is read where it lies (``DicomFile``).
 
 Files are told apart by their bytes, not their names: hospital exports name files anything.
 
@@ -20,19 +23,20 @@ import io
 import itertools
 import mmap
 import os
+import struct
 import threading
 import zipfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import zstandard
 from isal import igzip, isal_zlib
-from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from serve_app.config import LimitsConfig
@@ -45,7 +49,7 @@ from serve_app.errors import (
     UnsupportedMediaType,
 )
 
-__all__ = ["DicomFile", "UploadBudget", "UploadContents", "sniff", "sort_upload", "spool_request"]
+__all__ = ["DicomFile", "PartFiles", "UploadBudget", "UploadContents", "sniff", "sort_upload", "spool_request"]
 
 _CHUNK = 1 << 20
 # An archive's entries are opened by this many threads at most (the CRC checks and copies release the GIL: a
@@ -56,11 +60,29 @@ _MIN_ENTRIES_PER_THREAD = 16
 
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _LOCAL_HEADER = 30  # bytes of a zip entry's local header before its name and extra field (APPNOTE 4.3.7)
+# The end of a zip's central directory (APPNOTE 4.3.16): 22 bytes, then a comment of up to 64 KiB. With ZIP64, the
+# ZIP64 end record (4.3.14, 56 bytes) and its locator (4.3.15, 20 bytes) lie just before it, and hold the counts and
+# sizes that do not fit the first; zipfile takes them wherever the locator is found.
+_END_RECORD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END_RECORD = struct.Struct("<4sQ2H2L4Q")
+_END_MAGIC, _ZIP64_LOCATOR_MAGIC, _ZIP64_END_MAGIC = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
+# A central directory entry (4.3.12): 46 bytes, then its name, extra field and comment, their lengths at 28, 30, 32.
+_DIRECTORY_ENTRY = struct.Struct("<4s24x3H12x")
+_DIRECTORY_MAGIC = b"PK\x01\x02"
+# zipfile reads the whole directory into memory and makes an object of each entry: the directory may take at most
+# this much per file the budget allows (names a hospital's export gives are tens of bytes).
+_DIRECTORY_BYTES_PER_FILE = 1024
 _ENCRYPTED = 0x1  # general purpose flag bit 0
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI1_MAGIC = b"n+1\x00"  # at byte 344
 _NIFTI2_MAGIC = b"n+2\x00"  # at byte 4
 _DICOM_MAGIC = b"DICM"
+# multipart/form-data fields that are not files (a browser's form may send a few) are read and dropped, up to this
+# many; a part's headers are kept, to find its Content-Disposition, up to this many bytes.
+_MAX_FORM_FIELDS = 1000
+_MAX_PART_HEADER_BYTES = 16 * 1024
+_FORM_DATA = b"multipart/form-data"
 # Content-Encoding values a body may be sent with (x-gzip: RFC 9110's alias of gzip), as UnsupportedContentEncoding
 # lists them.
 _CONTENT_ENCODINGS = ("gzip", "x-gzip", "zstd")
@@ -103,14 +125,15 @@ async def spool_request(request: Request, folder: Path, budget: UploadBudget) ->
     holding it in memory; return the bytes written.
 
     Raises ``PayloadTooLarge`` over the budget (a declared ``Content-Length`` over it before reading
-    anything), ``InvalidStudy`` for an empty body or a multipart body with no file part, ``BadRequest``
-    for a malformed multipart body.
+    anything, else the moment the bytes received pass it), ``InvalidStudy`` for an empty body or a multipart body
+    with no file part, ``BadRequest`` for a malformed or truncated multipart body.
     """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > budget.max_bytes:
         raise PayloadTooLarge(f"the upload is {declared} bytes, over this server's limit of {budget.max_bytes}")
     encoding = _content_encoding(request)
-    multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+    media_type, options = parse_options_header(request.headers.get("content-type", ""))
+    multipart = media_type == _FORM_DATA
     if multipart and encoding:
         raise UnsupportedMediaType(
             "Content-Encoding applies to single-file bodies; compress a multipart upload's files instead (.nii.gz, zip)"
@@ -124,17 +147,126 @@ async def spool_request(request: Request, folder: Path, budget: UploadBudget) ->
         if budget.bytes == 0:
             raise InvalidStudy("the request body is empty; send a zip, DICOM files or a NIfTI image")
         return budget.bytes
-    form = await _multipart_form(request, budget.max_files)
-    try:
-        parts = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        if not parts:
-            raise InvalidStudy("the multipart upload has no file parts")
-        budget.spend_files(len(parts))
-        for n, part in enumerate(parts):
-            await _write(_chunks_of(part), folder / f"{n:06d}", budget)
-    finally:
-        await form.close()
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadRequest("the multipart/form-data content type has no boundary")
+    with PartFiles(boundary, folder, budget, fields=True) as parts:
+        try:
+            async for chunk in request.stream():
+                parts.write(chunk)
+        except MultipartParseError:
+            raise BadRequest("the multipart body is malformed") from None
+    if not parts.complete:
+        raise BadRequest("the multipart body ends before its closing boundary")
+    if not parts.paths:
+        raise InvalidStudy("the multipart upload has no file parts")
     return budget.bytes
+
+
+class PartFiles:
+    """The parts of one multipart body (``multipart/form-data`` or ``multipart/related``) each written to a file of
+    ``folder`` (``000000``, ``000001``, ...) as the body streams in through ``write``, with python-multipart's
+    parser: never held in memory, never spooled anywhere first.
+
+    Every byte is counted as it arrives: the body's own bytes (boundaries, part headers and dropped fields
+    included) against ``budget.max_bytes``, as a declared Content-Length is; each part's bytes and files against
+    ``budget`` before they are written, so that the folder never holds more than the budget. With ``fields``
+    (``multipart/form-data``), a part whose Content-Disposition names no filename is a form field: read and
+    dropped (at most ``_MAX_FORM_FIELDS``); else every part is a file.
+
+    ``write`` raises python-multipart's ``MultipartParseError`` for a malformed body, ``PayloadTooLarge`` over the
+    budget, ``BadRequest`` for too many fields or overlong part headers; the caller translates the first and
+    deletes ``folder`` on any. Whether the body ended with its closing boundary is kept (``complete``): a body cut
+    short is told apart from a whole one only by it.
+
+    Usage::
+
+        with PartFiles(boundary, folder, budget) as parts:
+            for chunk in body:
+                parts.write(chunk)
+        if not parts.complete: ...  # cut short
+    """
+
+    def __init__(self, boundary: bytes, folder: Path, budget: UploadBudget, *, fields: bool = False):
+        self.folder, self.budget, self.fields = Path(folder), budget, fields
+        self.paths: list[Path] = []
+        self.complete = False
+        self.received = 0  # bytes of the body so far
+        self._skipped_fields = 0
+        self._file: BinaryIO | None = None
+        # The part's header being read (name, value), its headers' bytes so far, and its Content-Disposition.
+        self._name, self._value = bytearray(), bytearray()
+        self._header_bytes = 0
+        self._disposition = b""
+        callbacks = {
+            "on_part_begin": self._begin_part,
+            "on_header_field": partial(self._header, self._name),
+            "on_header_value": partial(self._header, self._value),
+            "on_header_end": self._end_header,
+            "on_headers_finished": self._open_part,
+            "on_part_data": self._data,
+            "on_part_end": self._end_part,
+            "on_end": self._end,
+        }
+        self._parser = MultipartParser(boundary, callbacks)
+
+    def write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.budget.max_bytes:
+            raise PayloadTooLarge(f"the upload is over this server's limit of {self.budget.max_bytes} bytes")
+        self._parser.write(chunk)
+
+    def __enter__(self) -> PartFiles:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._end_part()
+
+    def _begin_part(self) -> None:
+        self._end_part()
+        self._header_bytes, self._disposition = 0, b""
+
+    def _header(self, into: bytearray, data: bytes, start: int, end: int) -> None:
+        self._header_bytes += end - start
+        if self._header_bytes > _MAX_PART_HEADER_BYTES:
+            raise BadRequest(f"a part of the multipart body has over {_MAX_PART_HEADER_BYTES} bytes of headers")
+        into += data[start:end]
+
+    def _end_header(self) -> None:
+        if self._name.strip().lower() == b"content-disposition":
+            self._disposition = bytes(self._value).strip()
+        self._name.clear()
+        self._value.clear()
+
+    def _open_part(self) -> None:
+        if self.fields and not self._is_file():
+            self._skipped_fields += 1
+            if self._skipped_fields > _MAX_FORM_FIELDS:
+                raise BadRequest(f"the multipart body has more than {_MAX_FORM_FIELDS} fields that are not files")
+            return
+        if self.budget.files >= self.budget.max_files:
+            raise PayloadTooLarge(f"the multipart upload has more than {self.budget.max_files} file parts")
+        self.budget.spend_files(1)
+        path = self.folder / f"{len(self.paths):06d}"
+        self.paths.append(path)
+        self._file = open(path, "wb")  # closed at the part's end, or when the body is left
+
+    def _is_file(self) -> bool:
+        """Whether the part's Content-Disposition names a filename (as Starlette's form parser tells a file)."""
+        return b"filename" in parse_options_header(self._disposition)[1]
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._file is not None:
+            self.budget.spend_bytes(end - start)
+            self._file.write(data[start:end])
+
+    def _end_part(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _end(self) -> None:
+        self.complete = True
 
 
 def _content_encoding(request: Request) -> str | None:
@@ -176,22 +308,6 @@ def _decode_file(sent: Path, path: Path, encoding: str, budget: UploadBudget, co
                     out.write(chunk)
         except (OSError, EOFError, zstandard.ZstdError):
             raise corrupt from None
-
-
-async def _multipart_form(request: Request, max_files: int) -> FormData:
-    """``request.form``, with Starlette's multipart errors translated into ours (inside an app Starlette
-    raises them as its own 400 ``HTTPException``, elsewhere as ``MultiPartException``)."""
-    try:
-        return await request.form(max_files=max_files)
-    except (HTTPException, MultiPartException) as e:
-        if "Too many files" in str(getattr(e, "detail", None) or getattr(e, "message", "")):
-            raise PayloadTooLarge(f"the multipart upload has more than {max_files} file parts") from None
-        raise BadRequest("the multipart body is malformed or has too many fields") from None
-
-
-async def _chunks_of(part: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await part.read(_CHUNK):
-        yield chunk
 
 
 async def _write(chunks: AsyncIterator[bytes], path: Path, budget: UploadBudget) -> None:
@@ -353,8 +469,10 @@ def _add_file(path: Path, kind: str, contents: UploadContents, budget: UploadBud
 
 def _add_zip(archive: Path, into: Path, budget: UploadBudget, contents: UploadContents) -> None:
     try:
+        _check_directory(archive, budget)
         with zipfile.ZipFile(archive) as zf:
-            entries = [e for e in zf.infolist() if not e.is_dir()]
+            # Not ZipInfo.is_dir: on Python 3.11 it fails on an entry with an empty name.
+            entries = [e for e in zf.infolist() if not e.filename.endswith("/")]
         _check_entries(entries, budget)
         into.mkdir()
         # Entries unpacked are written under a plain counter: their names are untrusted and may carry patient
@@ -433,6 +551,72 @@ def _copy_range(source, start: int, size: int, target) -> None:
         if sent == 0:  # the archive ended early: it shrank since it was mapped
             raise zipfile.BadZipFile
         copied += sent
+
+
+def _check_directory(archive: Path, budget: UploadBudget) -> None:
+    """Refuse (413), before zipfile parses an archive's central directory, one that lists more entries than the
+    budget has files left (directories included) or is larger than they could need: zipfile reads the directory
+    whole and keeps an object of each entry (200,000 entries took 70 MiB and 7.8 s). The count the end record
+    claims is checked, then the entries the directory really holds are counted, header by header, up to the limit.
+    ``zipfile.BadZipFile`` for an archive whose end records or directory do not add up."""
+    files_left = budget.max_files - budget.files
+    too_many = PayloadTooLarge(f"the upload holds more than {budget.max_files} files, unpacked archives included")
+    with open(archive, "rb") as f:
+        end, entries, directory_size = _end_of_directory(f)
+        if entries > files_left:
+            raise too_many
+        if directory_size > files_left * _DIRECTORY_BYTES_PER_FILE:
+            raise PayloadTooLarge(f"the zip archive's directory is over {_DIRECTORY_BYTES_PER_FILE} bytes a file")
+        # Where zipfile reads it: just before the end records (data prepended to the archive shifts its offsets).
+        start = end - directory_size
+        if start < 0:
+            raise zipfile.BadZipFile
+        f.seek(start)
+        listed = 0
+        while f.tell() < end:
+            header = f.read(_DIRECTORY_ENTRY.size)
+            if len(header) < _DIRECTORY_ENTRY.size or header[:4] != _DIRECTORY_MAGIC:
+                raise zipfile.BadZipFile
+            listed += 1
+            if listed > files_left:
+                raise too_many
+            f.seek(sum(_DIRECTORY_ENTRY.unpack(header)[1:]), os.SEEK_CUR)
+
+
+def _end_of_directory(f: BinaryIO) -> tuple[int, int, int]:
+    """Of the open archive ``f``: where its central directory ends (where its end records begin), how many entries
+    the records say it has, and its size in bytes; found as zipfile finds them, ``zipfile.BadZipFile`` where it
+    would not. Reads the last 64 KiB and a few bytes at most."""
+    size = f.seek(0, os.SEEK_END)
+    tail_start = max(0, size - _END_RECORD.size - 0xFFFF)  # the record, and a comment of at most 64 KiB
+    f.seek(tail_start)
+    tail = f.read()
+    if tail[-_END_RECORD.size : -_END_RECORD.size + 4] == _END_MAGIC and tail.endswith(b"\0\0"):
+        at = len(tail) - _END_RECORD.size  # no comment: the common case, which zipfile tries first
+    else:
+        at = tail.rfind(_END_MAGIC)
+    if at < 0 or len(tail) - at < _END_RECORD.size:
+        raise zipfile.BadZipFile
+    end = tail_start + at
+    _, _, _, _, entries, directory_size, _, _ = _END_RECORD.unpack_from(tail, at)
+    # A ZIP64 locator just before the end record: zipfile takes the counts and sizes of the ZIP64 record before it.
+    locator_at = end - _ZIP64_LOCATOR.size
+    record_at = locator_at - _ZIP64_END_RECORD.size
+    if locator_at < 0:
+        return end, entries, directory_size
+    f.seek(locator_at)
+    magic, disk, _, disks = _ZIP64_LOCATOR.unpack(f.read(_ZIP64_LOCATOR.size))
+    if magic != _ZIP64_LOCATOR_MAGIC:
+        return end, entries, directory_size
+    if disk != 0 or disks > 1:  # an archive split over several disks, which zipfile does not read either
+        raise zipfile.BadZipFile
+    if record_at < 0:
+        return end, entries, directory_size
+    f.seek(record_at)
+    magic, _, _, _, _, _, _, entries64, directory_size64, _ = _ZIP64_END_RECORD.unpack(f.read(_ZIP64_END_RECORD.size))
+    if magic != _ZIP64_END_MAGIC:
+        return end, entries, directory_size
+    return record_at, entries64, directory_size64
 
 
 def _check_entries(entries: list[zipfile.ZipInfo], budget: UploadBudget) -> None:
