@@ -1,12 +1,15 @@
+import json
 import os
 import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from serve_app.errors import NoDicomResult, ResultNotFound
-from serve_app.results import ResultStore
+from serve_app.results import SUMMARY_FILE, ResultStore
 
 RESULT_ID = "0123456789abcdef0123456789abcdef"
 
@@ -16,6 +19,14 @@ def save_result(store: ResultStore) -> None:
     store.save(RESULT_ID, np.ones((2, 2, 2), np.uint8), (0, 0, 0), (2, 2, 2), np.eye(4), {"labels": []})
 
 
+def made_two_hours_ago(folder: Path) -> None:
+    """The result in ``folder`` as if it had been made two hours ago: its summary's creation time."""
+    summary_path = folder / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text())
+    summary["created"] = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    summary_path.write_text(json.dumps(summary))
+
+
 def test_saved_result_reads_back_until_it_expires(tmp_path):
     store = ResultStore(tmp_path, retention_hours=1)
     save_result(store)
@@ -23,9 +34,7 @@ def test_saved_result_reads_back_until_it_expires(tmp_path):
     assert store.mask_path(RESULT_ID, "st-marys").is_file()
     assert store.summary(RESULT_ID, "st-marys") == {"labels": []}
 
-    two_hours_ago = time.time() - 7200
-    for path in [store.root / RESULT_ID, *(store.root / RESULT_ID).iterdir()]:
-        os.utime(path, (two_hours_ago, two_hours_ago))
+    made_two_hours_ago(store.root / RESULT_ID)
     with pytest.raises(ResultNotFound, match="expired"):
         store.mask_path(RESULT_ID, "st-marys")
     store.sweep()

@@ -6,14 +6,16 @@ never by an address (no server-side request forgery).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, StringConstraints, model_validator
 
 from serve_app.strict_model import StrictModel
 from serve_app.tenancy.config import TenantId
 
-__all__ = ["PacsConfig", "PacsName"]
+__all__ = ["ALL_TENANTS", "PacsConfig", "PacsName"]
+
+ALL_TENANTS = "*"
 
 PacsName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
@@ -30,10 +32,11 @@ class PacsConfig(StrictModel):
     bearer_token: SecretStr | None = Field(
         None, description="Sent as `Authorization: Bearer <token>` (instead of basic authentication)."
     )
-    tenants: list[TenantId] | None = Field(
+    tenants: list[TenantId | Literal["*"]] | None = Field(
         None,
-        description="Tenants that may use this server; null: every tenant (a single hospital's server). "
-        "Another tenant naming it gets a 403.",
+        description='Tenants that may use this server, or ["*"] to share it with every tenant; another tenant '
+        "naming it gets a 403. Required when tenants are configured (a PACS holds patients of its own hospital); "
+        "null is allowed only on an open server (no tenants).",
     )
     store_results: bool = Field(
         False, description="Store each result's DICOM SEG and SR back to this server unless a request says otherwise."
@@ -45,6 +48,10 @@ class PacsConfig(StrictModel):
     retry_after_s: int = Field(
         30, ge=1, description="What a 502/503 tells a client to wait (Retry-After) when this server fails."
     )
+
+    def allows(self, tenant_id: str) -> bool:
+        """Whether ``tenant_id`` may retrieve from and store to this server."""
+        return self.tenants is None or ALL_TENANTS in self.tenants or tenant_id in self.tenants
 
     @model_validator(mode="after")
     def _one_kind_of_auth(self) -> PacsConfig:

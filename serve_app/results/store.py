@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +33,7 @@ from serve_app.model_repository import ModelSpec
 from serve_app.results.dicom_seg import build_segmentation
 from serve_app.results.dicom_sr import build_measurement_report
 from serve_app.segmentation.messages import LabelVolume
+from serve_app.storage import private_folder
 from serve_app.studies.dicom_source import DicomSource
 from serve_app.studies.volume import box_slices, shifted_affine
 
@@ -45,6 +47,7 @@ MASK_FILE = "mask.nii.gz"
 _BOX_FILE = "mask-box.nii"
 _GRID_FILE = "grid.json"
 SUMMARY_FILE = "result.json"
+_CREATED = "created"  # the summary's key of when the result was made (UTC, ISO 8601): its retention counts from then
 _MODEL_FILE = "model.json"  # the model's spec as it was when it made the result: names and codes of the segments
 _SOURCE_FILE = "source.json"  # the DICOM source's headers (DICOM JSON); absent for a NIfTI study
 # The SEG and SR are built together into one folder, renamed into place: the SR references the SEG by its UID,
@@ -52,10 +55,10 @@ _SOURCE_FILE = "source.json"  # the DICOM source's headers (DICOM JSON); absent 
 _DICOM_FOLDER = "dicom"
 SEG_FILE = "seg.dcm"
 SR_FILE = "sr.dcm"
-_SWEEP_INTERVAL_S = 600
 # Beside a result's folder, under its id and a suffix: the folder being written, the whole result waiting for its
 # request to commit it, and the mark of a request that gave up on it. A request commits or discards within
-# moments of its result being staged, so any of these older than a sweep interval was abandoned.
+# moments of its result being staged, so any of these older than this was abandoned.
+_ABANDONED_AFTER_S = 600
 _PARTIAL = ".partial"
 _STAGED = ".staged"
 _DISCARDED = ".discarded"
@@ -70,16 +73,21 @@ _NIFTI_STUDY = (
 
 
 class ResultStore:
-    """Results under ``root``, each readable by its tenant for ``retention_hours``."""
+    """Results under ``root``, each readable by its tenant for ``retention_hours`` from when it was made; ``sweep``
+    deletes them then (``serve_app.retention.RetentionSweeper`` calls it on a timer).
+
+    ``root`` is created 0700, and refused (``UnsafeStorage``) if another user owns it or others may write it.
+    """
 
     def __init__(self, root: Path, retention_hours: float):
-        self.root = Path(root)
+        self.root = private_folder(root)
         self.retention_s = retention_hours * 3600
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._next_sweep = 0.0
 
     @classmethod
     def of(cls, storage: StorageConfig) -> ResultStore:
+        """The results of ``storage``; its root and upload folder checked private as well (``private_folder``)."""
+        private_folder(storage.root)
+        private_folder(storage.uploads)
         return cls(storage.results, storage.result_retention_hours)
 
     def save(
@@ -97,13 +105,9 @@ class ResultStore:
         ``grid_shape`` with ``affine``; outside it the mask is 0.
 
         ``spec`` is the model that made it and ``source`` the DICOM instances of the grid's slices (None for a
-        NIfTI study); with both, the result has a DICOM SEG and SR.
+        NIfTI study); with both, the result has a DICOM SEG and SR. The summary keeps the time it was made
+        (``created``): its retention counts from then, whatever is added to its folder later.
         """
-        # Expired results are already unreadable (_existing checks their age); deleting them needs a
-        # scan of every result, so it runs once in a while rather than on every request's hot path.
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
-            self.sweep()
         folder = self._folder(result_id)
         # Written under a temporary name and renamed, so a reader never sees half a result. A save whose replica
         # died half-way left its partial folder: the request's second attempt (StageHandles) writes it anew.
@@ -118,7 +122,7 @@ class ResultStore:
             "box_start": [int(a) for a in box_start],
         }
         (partial / _GRID_FILE).write_text(json.dumps(grid))
-        (partial / SUMMARY_FILE).write_text(json.dumps(summary))
+        (partial / SUMMARY_FILE).write_text(json.dumps({**summary, _CREATED: datetime.now(UTC).isoformat()}))
         if spec is not None:
             (partial / _MODEL_FILE).write_text(spec.model_dump_json())
         if source is not None:
@@ -169,7 +173,10 @@ class ResultStore:
             raise
 
     def summary(self, result_id: str, tenant_id: str) -> dict:
-        return json.loads(self._existing(result_id, SUMMARY_FILE, tenant_id).read_text())
+        """The summary the result was saved with."""
+        summary = json.loads(self._existing(result_id, SUMMARY_FILE, tenant_id).read_text())
+        summary.pop(_CREATED, None)
+        return summary
 
     def folder_of(self, result_id: str, tenant_id: str) -> Path:
         """The folder of the tenant's unexpired result; ``ResultNotFound`` (404) for another tenant's or none."""
@@ -237,13 +244,15 @@ class ResultStore:
         return [pydicom.dcmread(folder / SEG_FILE), pydicom.dcmread(folder / SR_FILE)]
 
     def sweep(self) -> None:
-        """Delete results older than the retention period, and what was left of abandoned ones."""
+        """Delete results past the retention period, judged by when each was made (a review written into its
+        folder does not keep it), and what was left of abandoned ones."""
         now = time.time()
         for path in self.root.iterdir():
-            abandoned = not _RESULT_ID.match(path.name)  # partial, staged or discarded
-            cutoff = now - (_SWEEP_INTERVAL_S if abandoned else self.retention_s)
             try:
-                expired = path.stat().st_mtime < cutoff
+                if _RESULT_ID.match(path.name):
+                    expired = self._expired(path, now)
+                else:  # partial, staged or discarded: its folder's time is when it was written
+                    expired = path.stat().st_mtime < now - _ABANDONED_AFTER_S
             except FileNotFoundError:  # a concurrent save renamed its .partial folder, or another sweep won
                 continue
             if expired and path.is_dir():
@@ -261,9 +270,21 @@ class ResultStore:
         owner = path.with_name(OWNER_FILE)
         # Another tenant's result is "not found", not "forbidden": its existence is not theirs to learn.
         mine = owner.is_file() and owner.read_text() == tenant_id
-        if not mine or not path.is_file() or path.stat().st_mtime < time.time() - self.retention_s:
+        if not mine or not path.is_file() or self._expired(path.parent, time.time()):
             raise ResultNotFound("no such result, or it has expired")
         return path
+
+    def _expired(self, folder: Path, now: float) -> bool:
+        """Whether the result in ``folder`` was made longer than the retention period before ``now``."""
+        summary = folder / SUMMARY_FILE
+        try:
+            created = json.loads(summary.read_text()).get(_CREATED)
+        except ValueError:
+            created = None
+        # A summary without the time (stored by an earlier medserve, or unreadable): its file, written once and
+        # never rewritten, says when.
+        made = datetime.fromisoformat(created).timestamp() if created else summary.stat().st_mtime
+        return made < now - self.retention_s
 
     def _whole_mask(self, folder: Path) -> np.ndarray:
         """The (I, J, K) uint8 mask on the study's whole grid, from its stored box."""

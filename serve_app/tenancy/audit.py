@@ -23,6 +23,7 @@ import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
+from serve_app.storage import private_folder
 from serve_app.tenancy.config import AuditConfig
 
 SALT_ENV = "MEDSERVE_AUDIT_SALT"
@@ -36,8 +37,9 @@ def audit_salt(directory: Path) -> bytes:
         # Written aside then hard-linked into place: link fails if another replica won the race,
         # and a reader never sees a half-written salt.
         draft = directory / f".salt.{os.getpid()}"
-        draft.write_text(secrets.token_hex(32))
-        draft.chmod(0o600)
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # 0600 from its first byte
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32))
         try:
             os.link(draft, path)
         except FileExistsError:
@@ -49,8 +51,7 @@ def audit_salt(directory: Path) -> bytes:
 
 class AuditLog:
     def __init__(self, settings: AuditConfig, storage_root: Path, writer: str):
-        directory = settings.directory or storage_root / "audit"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = private_folder(settings.directory or storage_root / "audit")
         self.salt = audit_salt(directory)
         self.writer = writer
         self.path = directory / f"audit-{writer}.log"

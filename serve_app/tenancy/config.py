@@ -5,14 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
 from serve_app.strict_model import StrictModel
 
-__all__ = ["ALL_MODELS", "AuditConfig", "KeyHash", "RateLimitConfig", "SchedulingConfig", "TenantConfig", "TenantId"]
+__all__ = [
+    "ALL_MODELS",
+    "RESERVED_TENANT_IDS",
+    "AuditConfig",
+    "KeyHash",
+    "RateLimitConfig",
+    "SchedulingConfig",
+    "TenantConfig",
+    "TenantId",
+]
 
 ALL_MODELS = "*"
-TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+# A tenant's outputs and uploads live in <wsi.output_root>/<tenant id>/, beside the job records (jobs/); the open
+# server's tenant is "anonymous"; wsi.output_root may be storage.root itself, whose folders are the rest. A tenant
+# with one of these ids would share that folder.
+RESERVED_TENANT_IDS = frozenset(
+    {"anonymous", "jobs", "uploads", "results", "audit", "state", "drain", "wsi", "engine-cache"}
+)
+
+
+def _not_reserved(tenant_id: str) -> str:
+    if tenant_id in RESERVED_TENANT_IDS:
+        raise ValueError(
+            f"tenant id {tenant_id!r} is reserved (one of {', '.join(sorted(RESERVED_TENANT_IDS))}): it names a "
+            "folder of medserve's own storage; choose another id"
+        )
+    return tenant_id
+
+
+TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$"), AfterValidator(_not_reserved)]
 KeyHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 
 
@@ -40,6 +66,18 @@ class TenantConfig(StrictModel):
         None, gt=0, description="Seconds the tenant's segment requests may take; null: limits.request_deadline_s."
     )
     stat: bool = Field(False, description="Whether the tenant may send STAT (emergency) requests.")
+    wsi_slide_roots: list[Path] = Field(
+        [],
+        description="Folders the tenant's WSI jobs may read slides from (besides its own uploads); none: uploaded "
+        "slides only. Apart from every other tenant's roots and from medserve's storage, so that no tenant reads "
+        "another's slides.",
+    )
+    wsi_upload_quota_bytes: int | None = Field(
+        200 * 1024**3,
+        gt=0,
+        description="Bytes of slides the tenant may keep uploaded at once (POST /v1/wsi/slides); past it an upload "
+        "gets 413. Uploads are deleted after wsi.retention_days. null: no quota.",
+    )
 
     def may_use(self, model: str) -> bool:
         return ALL_MODELS in self.models or model in self.models

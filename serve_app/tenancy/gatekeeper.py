@@ -158,6 +158,12 @@ class Gatekeeper:
         request.state.tenant_id = visit.tenant_id  # the metrics label requests by it
         return tenant
 
+    def authorise_model(self, visit: Visit, model: str) -> None:
+        """For a model a request's body names, checked once the visit has authenticated it (a route that reads its
+        body only then): 404 for an unknown model, 403 for one the visit's tenant may not use. The visit names it
+        for the audit line once it is known to exist."""
+        self._authorise(visit, self.tenants.get(visit.tenant_id), model, None)
+
     def _authorise(self, visit: Visit, tenant: TenantConfig | None, model: str | None, version: str | None) -> None:
         """404 for an unknown model or version (None: the newest); 403 for a model or a STAT request the tenant may
         not send."""

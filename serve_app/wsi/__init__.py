@@ -5,7 +5,7 @@ The job's path, by file (README: Whole-slide-image jobs):
 jobs.py              the API's side: check slides and quotas, record the job, start its driver
 job_status.py        the job's request, status record and per-slide summary (pydantic), kept as JSON
 job_driver.py        WsiJobDriver, a Ray actor per job: plan each slide, send its work units, write results
-slide_paths.py       which slide files a tenant may name (wsi.slide_roots, its uploads)
+slide_paths.py       which slide files a tenant may name (its wsi_slide_roots, its uploads)
 slides.py            open a slide (tifffile parses and checks; tifffile or cuCIM decode), its levels and mpp
 tiling.py            the model's tile grid on the right level; blocks of tiles read in one aligned region
 tissue.py            tissue detection on a low-resolution level
@@ -14,6 +14,7 @@ tile_classifier.py   a tile model on one device (deployments/tile_model.py runs 
 cuda_regions.py      regions decoded on the GPU (nvJPEG), for replicas with one
 heatmaps.py          the Zarr heatmap, chunk by chunk, with its ledger of finished chunks
 renderings.py        overlay PNG, tissue PNG, QuPath GeoJSON
+retention.py         uploaded slides and ended jobs' outputs deleted after wsi.retention_days
 
 synthetic_tissue.py  H&E-like tissue laid out in microns: slide canvases with ground truth, training tiles
 synthetic_slides.py  pyramidal, tiled, JPEG-compressed TIFF slides (Aperio SVS layout), written tile by tile

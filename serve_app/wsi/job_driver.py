@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from serve_app.errors import RequestError, unwrap
 from serve_app.model_repository import ModelRepository, TilePreprocessingSpec
 from serve_app.observability.metrics import WsiJobMetrics
 from serve_app.stopwatch import Stopwatch
+from serve_app.storage import set_private_umask, write_atomic
 from serve_app.wsi.heatmaps import HeatmapStore
 from serve_app.wsi.job_status import (
     JobRecords,
@@ -102,6 +104,7 @@ class WsiJobDriver:
     def __init__(
         self, config: AppConfig, status: WsiJobStatus, slide_paths: list[str | None], tile_model: DeploymentHandle
     ):
+        set_private_umask()  # the heatmaps, renderings and records it writes are the patient's: 0600, 0700
         self.config, self.wsi = config, config.wsi
         self.status, self.slide_paths = status, slide_paths
         self.spec = ModelRepository(config.model_repository).get(status.model, status.model_version)
@@ -122,7 +125,9 @@ class WsiJobDriver:
             await asyncio.gather(*(self._run_slide(i) for i, s in enumerate(self.status.slides) if not _ended(s)))
             self.status.state = self._final_state()
         except Exception as e:  # a bug of the driver itself: the record says so rather than "running" forever
-            logger.exception("WSI job %s failed", self.status.job_id)
+            # Where it failed, without the error's message: an OSError's names the slide's file.
+            frames = "".join(traceback.format_tb(e.__traceback__))
+            logger.error("WSI job %s: its driver failed (%s)\n%s", self.status.job_id, type(e).__name__, frames)
             self.status.state, self.status.error = JobState.failed, f"the job's driver failed ({type(e).__name__})"
         self.status.finished = utc_now()
         self.status.eta_s = None
@@ -307,7 +312,7 @@ class WsiJobDriver:
             seconds=PhaseSeconds(**{k: round(v, 3) for k, v in plan.seconds.model_dump().items()}),
             classify_wall_s=round(plan.classify_wall_s, 3),
         )
-        (folder / "summary.json").write_text(summary.model_dump_json(indent=1))
+        write_atomic(folder / "summary.json", summary.model_dump_json(indent=1))  # the API may serve it meanwhile
         return summary
 
     def _count_planned(self) -> None:

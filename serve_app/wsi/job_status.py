@@ -8,18 +8,19 @@ metrics or audit lines.
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.errors import ResultNotFound
+from serve_app.storage import write_atomic
 
 __all__ = [
     "OUT_PATTERN",
+    "UPLOADS_FOLDER",
     "JobRecords",
     "JobState",
     "PhaseSeconds",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 OUT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+UPLOADS_FOLDER = "uploads"  # a tenant's uploaded slides, beside its jobs' out folders
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -58,14 +60,18 @@ class SlideState(StrEnum):
 
 
 class WsiJobRequest(BaseModel):
-    """``POST /v1/wsi/jobs``: slides to run through a tile classifier."""
+    """``POST /v1/wsi/jobs``: slides to run through a tile classifier. A misspelt key is refused (422), not ignored;
+    the body is at most 64 KiB, like every JSON body (about 500 slide paths: split a larger night into jobs)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A tile_classification model of GET /v1/models.")
     slides: list[str] = Field(
         min_length=1,
-        max_length=10_000,
-        description="Slide paths on shared storage, inside the server's wsi.slide_roots (or returned by "
-        "POST /v1/wsi/slides). A slide that cannot be read fails alone; the others run.",
+        max_length=1_000,
+        description="Slide paths on shared storage, inside the tenant's wsi_slide_roots (an open server's "
+        "wsi.slide_roots), or returned by POST /v1/wsi/slides. A slide that cannot be read fails alone; the others "
+        "run. The body holding them is at most 64 KiB.",
     )
     out: str | None = Field(
         None,
@@ -76,6 +82,13 @@ class WsiJobRequest(BaseModel):
     mpp: float | None = Field(
         None, gt=0, le=100, description="Microns per pixel of level 0, for slides whose files do not say."
     )
+
+    @field_validator("out")
+    @classmethod
+    def _not_the_uploads(cls, out: str | None) -> str | None:
+        if out == UPLOADS_FOLDER:
+            raise ValueError(f"out {out!r} is the tenant's folder of uploaded slides; choose another name")
+        return out
 
 
 class PhaseSeconds(BaseModel):
@@ -171,10 +184,8 @@ class JobRecords:
         return self.folder / f"{job_id}.json"
 
     def save(self, status: WsiJobStatus) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.folder / f".{status.job_id}.{os.getpid()}.partial"
-        partial.write_text(status.model_dump_json(indent=1))
-        os.replace(partial, self.path(status.job_id))  # readers never see half a record
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.path(status.job_id), status.model_dump_json(indent=1))  # readers never see half a record
 
     def load(self, job_id: str, tenant_id: str) -> WsiJobStatus:
         """The tenant's job; another tenant's, or none, is a 404 (not a 403: ids are not to be probed)."""
@@ -189,12 +200,15 @@ class JobRecords:
         return status
 
     def of_tenant(self, tenant_id: str) -> list[WsiJobStatus]:
+        jobs = [status for status in self.every() if status.tenant == tenant_id]
+        return sorted(jobs, key=lambda s: s.created, reverse=True)
+
+    def every(self) -> list[WsiJobStatus]:
+        """Every tenant's job records."""
         jobs = []
         for path in self.folder.glob("*.json"):
             try:
-                status = WsiJobStatus.model_validate_json(path.read_text())
+                jobs.append(WsiJobStatus.model_validate_json(path.read_text()))
             except (OSError, ValueError):
                 continue  # being replaced, or not ours
-            if status.tenant == tenant_id:
-                jobs.append(status)
-        return sorted(jobs, key=lambda s: s.created, reverse=True)
+        return jobs

@@ -4,13 +4,19 @@ driver), report, cancel, list, serve result files, and take slide uploads.
 The ingress calls it once the gatekeeper has authenticated the tenant; every route is a few lines there.
 A job runs in its own detached Ray actor (``serve_app.wsi.job_driver.WsiJobDriver``), named after the job,
 so any ingress replica finds it, and it keeps running whichever replica took the request.
+
+A tenant's jobs read slides from its own roots (``tenants.<id>.wsi_slide_roots``; on an open server
+``wsi.slide_roots``) and its own uploads, never another tenant's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import ray
@@ -27,7 +33,8 @@ from serve_app.errors import (
     ResultNotFound,
     TooManyRequests,
 )
-from serve_app.model_repository import ModelRepository
+from serve_app.model_repository import ModelRepository, ModelSpec
+from serve_app.storage import private_folder
 from serve_app.wsi.job_driver import DRIVER_NAMESPACE, WsiJobDriver, driver_name
 from serve_app.wsi.job_status import (
     JobRecords,
@@ -53,6 +60,10 @@ SLIDE_OUTPUTS = {
 }
 _SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"}
 _RETRY_AFTER_S = 60.0
+# Held while a submit checks the tenant's running jobs and records its own: two submits into one `out` (or past the
+# running-job limit) at once are serialised, whichever ingress replica takes them (on NFS, Linux makes flock an NFS
+# lock, which holds across nodes).
+_SUBMIT_LOCK = ".submit.lock"
 
 
 class WsiJobs:
@@ -66,6 +77,7 @@ class WsiJobs:
     def __init__(self, config: AppConfig, repository: ModelRepository, tile_model_handles: dict[str, DeploymentHandle]):
         self.config, self.wsi, self.repository = config, config.wsi, repository
         self.tile_model_handles = tile_model_handles
+        private_folder(config.wsi.output_root)
         self.records = JobRecords(config.wsi.jobs)
 
     def submit(self, request: WsiJobRequest, job_id: str, tenant_id: str) -> WsiJobStatus:
@@ -76,6 +88,10 @@ class WsiJobs:
             raise ModelTaskMismatch(
                 f"model {spec.name} is a {spec.task} model; WSI jobs need a tile_classification one"
             )
+        with _submitting(self.wsi.tenant_folder(tenant_id)):
+            return self._submit(request, spec, job_id, tenant_id)
+
+    def _submit(self, request: WsiJobRequest, spec: ModelSpec, job_id: str, tenant_id: str) -> WsiJobStatus:
         active = [job for job in self.records.of_tenant(tenant_id) if self._refresh(job).state.active]
         limit = self.wsi.max_running_jobs_per_tenant
         if len(active) >= limit:
@@ -85,7 +101,7 @@ class WsiJobs:
         out = request.out or job_id
         if any(job.out == out for job in active):
             raise Conflict(f"a running job of this tenant writes into out {out!r}; wait for it or cancel it")
-        policy = SlidePolicy(self.wsi.slide_roots, self.wsi.uploads(tenant_id))
+        policy = SlidePolicy(self._slide_roots(tenant_id), self.wsi.uploads(tenant_id))
         slides, paths, refusals = [], [], []
         for raw in request.slides:
             try:
@@ -111,7 +127,7 @@ class WsiJobs:
             created=utc_now(),
             slides=slides,
         )
-        out_path.mkdir(parents=True, exist_ok=True)
+        out_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         driver = WsiJobDriver.options(name=driver_name(job_id), namespace=DRIVER_NAMESPACE, lifetime="detached").remote(
             self.config, status, paths, self.tile_model_handles[spec.key]
         )
@@ -153,17 +169,29 @@ class WsiJobs:
         return path
 
     async def upload(self, request: Request, tenant_id: str, name: str) -> SlideUpload:
-        """Stream the request's body into the tenant's upload folder, at most ``wsi.max_upload_bytes``."""
+        """Stream the request's body into the tenant's upload folder, at most ``wsi.max_upload_bytes``, and within
+        the tenant's ``wsi_upload_quota_bytes`` with what it keeps uploaded already (413 past either)."""
         suffix = PurePosixPath(name).suffix.lower()
         if suffix not in _SLIDE_SUFFIXES:
             raise BadRequest(f"a slide's name must end in one of {', '.join(sorted(_SLIDE_SUFFIXES))}")
+        folder = self.wsi.uploads(tenant_id)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         limit = self.wsi.max_upload_bytes
         too_large = PayloadTooLarge(f"the slide is over this server's limit of {limit} bytes (wsi.max_upload_bytes)")
+        tenant = self.config.tenants.get(tenant_id)
+        quota = tenant.wsi_upload_quota_bytes if tenant else None
+        # Uploads in progress count as far as they got, so concurrent ones mostly see one another.
+        kept = sum(_size(path) for path in folder.iterdir()) if quota is not None else 0
+        if quota is not None and quota - kept < limit:
+            limit = max(quota - kept, 0)
+            too_large = PayloadTooLarge(
+                f"the slide would take tenant {tenant_id}'s uploads past its quota of {quota} bytes "
+                f"(wsi_upload_quota_bytes; {kept} bytes are kept): wait for older uploads to expire "
+                "(wsi.retention_days) or ask for a larger quota"
+            )
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_large
-        folder = self.wsi.uploads(tenant_id)
-        folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{uuid.uuid4().hex}{suffix}"
         partial = target.with_name(f".{target.name}.partial")
         received = 0
@@ -181,11 +209,37 @@ class WsiJobs:
             partial.unlink(missing_ok=True)
         return SlideUpload(slide=str(target), bytes=received)
 
+    def _slide_roots(self, tenant_id: str) -> list[Path]:
+        """The folders the tenant's slides may come from, besides its uploads: its own with tenants configured, the
+        server's on an open server."""
+        if self.config.tenants:
+            return self.config.tenants[tenant_id].wsi_slide_roots
+        return self.wsi.slide_roots
+
     def _refresh(self, status: WsiJobStatus) -> WsiJobStatus:
         """A record that says active while its driver is gone was interrupted (the driver or its node died)."""
         if status.state.active and _driver(status.job_id) is None:
             status.state = JobState.interrupted
         return status
+
+
+@contextmanager
+def _submitting(tenant_folder: Path) -> Iterator[None]:
+    """Hold the tenant's submit lock (an exclusive ``flock``) for the block."""
+    tenant_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(tenant_folder / _SUBMIT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, also if this process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # a partial upload that was just renamed, or swept
+        return 0
 
 
 def _driver(job_id: str):

@@ -18,12 +18,12 @@ class SlidePolicy:
     """The folders one tenant's slides may come from.
 
     Args:
-        roots: the configured ``wsi.slide_roots``.
+        roots: the tenant's ``tenants.<id>.wsi_slide_roots`` (on an open server, ``wsi.slide_roots``).
         uploads: the tenant's upload folder (``WsiConfig.uploads(tenant)``), readable by that tenant only.
 
     Usage::
 
-        policy = SlidePolicy(config.wsi.slide_roots, config.wsi.uploads(tenant_id))
+        policy = SlidePolicy(config.tenants[tenant_id].wsi_slide_roots, config.wsi.uploads(tenant_id))
         path = policy.resolve("/mnt/slides/2026/case-1.svs")   # Forbidden (403) outside the roots
     """
 
@@ -46,5 +46,8 @@ class SlidePolicy:
         real_paths = (candidate.resolve() for candidate in candidates)  # follows every symlink on the way
         inside = [real for real in real_paths if any(real.is_relative_to(root) for root in self.roots)]
         if not inside:
-            raise Forbidden("a slide is outside the server's slide roots (wsi.slide_roots) and the tenant's uploads")
+            raise Forbidden(
+                "a slide is outside the folders this tenant may read slides from (tenants.<id>.wsi_slide_roots, or "
+                "wsi.slide_roots on an open server) and its uploads"
+            )
         return next((real for real in inside if real.exists()), inside[0])

@@ -86,7 +86,8 @@ class SlideLevel:
 def _slide_errors(doing: str) -> Iterator[None]:
     """The one place library errors become ``InvalidSlide``: ``doing`` says what failed ("opening the slide").
 
-    The library's message is logged, not returned: it may name the file.
+    Only the error's class is logged and returned: a library's message may name the file, and a file's name
+    may hold a patient's.
     """
     try:
         yield
@@ -95,7 +96,7 @@ def _slide_errors(doing: str) -> Iterator[None]:
     except MemoryError:
         raise
     except Exception as error:
-        logger.info("slide unusable while %s: %r", doing, error)
+        logger.info("slide unusable while %s (%s)", doing, type(error).__name__)
         raise InvalidSlide(
             f"the slide could not be read while {doing} ({type(error).__name__}): the file is corrupt, truncated "
             f"or in a layout this server does not read; re-export it as a tiled pyramidal TIFF, e.g. {_CONVERT_HINT}"
@@ -199,7 +200,7 @@ def open_slide(path: Path, *, mpp: float | None = None, reader: Reader = "auto")
             raise InvalidSlide(
                 f"cuCIM cannot read this slide ({type(error).__name__}); read it with the tifffile reader"
             ) from error
-        logger.debug("cuCIM not used for a slide, tifffile reads it: %r", error)
+        logger.debug("cuCIM not used for a slide, tifffile reads it (%s)", type(error).__name__)  # never its message
         return TiffSlide(path, tif, parsed)
 
 
