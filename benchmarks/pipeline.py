@@ -880,6 +880,7 @@ def run(
                 "batch_size": batch,
                 "engine_volumes_per_s": engines,
                 "network_only_volumes_per_s": max(engines.values(), default=None),
+                "network_only_best_of": sorted(engines),
                 "reference": reference,
                 "bare": bare,
                 **served,
@@ -890,6 +891,9 @@ def run(
                     "c_handles": handles["p50_ms"],
                     "d_http": http["p50_ms"],
                 },
+                # a's few requests make no p99: its figure is interpolated between them (nearly their slowest), and
+                # the next field says how few they were.
+                "a_reference_requests": size.reference_requests,
                 "p99_ms": {
                     "a_reference": reference["p99_ms"],
                     "b_bare": bare["p99_ms"],

@@ -46,6 +46,7 @@ from serve_app.errors import (
     status_of,
     unwrap,
 )
+from serve_app.http_security import SECURITY_HEADERS, HostAllowList, SecurityHeaders
 from serve_app.model_repository import ModelRepository
 from serve_app.observability import metrics
 from serve_app.responses import (
@@ -64,12 +65,14 @@ from serve_app.responses import (
 )
 from serve_app.results import ResultStore
 from serve_app.results.reviews import Review, ReviewList, ReviewRequest, ReviewStore, reviews_csv
+from serve_app.retention import RetentionSweeper
 from serve_app.segmentation.stage_handles import StageHandles
 from serve_app.stopwatch import Stopwatch
+from serve_app.storage import private_folder
 from serve_app.studies.upload import UploadBudget, spool_request
 from serve_app.studies.volume import spacing_of
 from serve_app.tenancy.gatekeeper import Gatekeeper, Visit
-from serve_app.viewer import VIEWER_PATH, viewer_files
+from serve_app.viewer import DOCS_ASSETS_PATH, DOCS_PATH, VIEWER_PATH, docs_assets, docs_page, viewer_files
 from serve_app.wsi.job_status import SlideUpload, WsiJobList, WsiJobRequest, WsiJobStatus
 from serve_app.wsi.jobs import SLIDE_OUTPUTS, WsiJobs
 
@@ -80,9 +83,17 @@ _MAX_JSON_BODY = 64 * 1024
 Receive = Callable[[Path, UploadBudget], Awaitable[int]]
 # Sent to a preprocessing stage asked to keep the study's image: it writes it here, in the upload folder.
 _KEPT_IMAGE = "kept-image.nii.gz"
-api = FastAPI(title="medserve", description="Segmentation of CT/MR studies on a Ray Serve cluster.")
-# The browser viewer's page and scripts: static, no key needed to load them (the page asks for one).
+# /docs is served from vendored Swagger UI files (below), not FastAPI's page, which loads them from a CDN and runs an
+# inline script the Content-Security-Policy refuses; no ReDoc.
+api = FastAPI(
+    title="medserve",
+    description="Segmentation of CT/MR studies on a Ray Serve cluster.",
+    docs_url=None,
+    redoc_url=None,
+)
+# The browser viewer's page and scripts, and /docs's: static, no key needed to load them (the pages ask for one).
 api.mount(VIEWER_PATH, viewer_files(), name="viewer")
+api.mount(DOCS_ASSETS_PATH, docs_assets(), name="docs-assets")
 
 
 def _error_response(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
@@ -90,9 +101,13 @@ def _error_response(status: int, reason: str, headers: dict | None = None) -> JS
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def _shutting_down() -> JSONResponse:
-    error = ShuttingDown("medserve is shutting down; retry shortly", SHUTDOWN_RETRY_S)
+def _refusal(error: RequestError) -> JSONResponse:
+    """The answer to a request a middleware refuses before any route runs."""
     return _error_response(error.status_code, error.reason, error.headers)
+
+
+def _shutting_down() -> JSONResponse:
+    return _refusal(ShuttingDown("medserve is shutting down; retry shortly", SHUTDOWN_RETRY_S))
 
 
 _DISCONNECT_OPT_OUT = b"x-request-disconnect-disabled"
@@ -113,16 +128,19 @@ class RefuseDisconnectOptOut:
     async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] == "http" and (_DISCONNECT_OPT_OUT, b"?1") in map(tuple, scope["headers"]):
             error = BadRequest("the x-request-disconnect-disabled header is not accepted; send the request without it")
-            await _error_response(error.status_code, error.reason)(scope, receive, send)
+            await _refusal(error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-# While medserve down drains the application, a new POST is refused and what is in flight is counted until it is
-# done. Added first, so that the response counter (added last, outermost) counts the refusals too.
+# Outermost last. While medserve down drains the application, a new POST is refused and what is in flight is counted
+# until it is done. A request for a host the application does not answer for is refused before anything else reads
+# it. The response counter counts every refusal; the web headers go on every answer, refusals included.
 api.add_middleware(DrainGate, refusal=_shutting_down)
 api.add_middleware(RefuseDisconnectOptOut)
+api.add_middleware(HostAllowList, refusal=_refusal)
 metrics.instrument(api)
+api.add_middleware(SecurityHeaders, cacheable=(f"{VIEWER_PATH}/", f"{DOCS_ASSETS_PATH}/"))
 
 
 # Every error leaves in one format, {"error": {"status", "reason"}}, whoever raised it: medserve, a stage
@@ -136,7 +154,8 @@ async def _any_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(error, RequestError):
         return _error_response(error.status_code, error.reason, error.headers)
     logger.error("request failed: %s", type(error).__name__)  # the class only: a message may quote what was sent
-    return _error_response(status_of(error), "internal error in a processing stage")
+    # Starlette answers an error no other handler takes outside every middleware: the web headers go on here.
+    return _error_response(status_of(error), "internal error in a processing stage", SECURITY_HEADERS)
 
 
 @api.exception_handler(HTTPException)
@@ -191,6 +210,13 @@ _SEGMENT_BODIES = {
 }
 
 
+# What the WSI job route's body is, for /docs: it is read (``_json_body``) once the request is authenticated, not by
+# FastAPI before the route runs.
+_WSI_JOB_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": WsiJobRequest.model_json_schema()}}}
+}
+
+
 # Serve serialises the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -213,8 +239,16 @@ class IngressDeployment(Replica):
         self.gatekeeper = Gatekeeper(config, self.repository, gate)
         self.wsi_jobs = WsiJobs(config, self.repository, tile_model_handles)
         self.pacs = {name: PacsClient(name, pacs) for name, pacs in config.pacs.items()}
-        config.storage.uploads.mkdir(parents=True, exist_ok=True)
+        private_folder(config.storage.uploads)
+        # Expired results and WSI files deleted on a timer, whether requests come or not (every replica sweeps).
+        self.sweeper = RetentionSweeper(config).start()
         api.state.drain = DrainWatch(config, serve.get_replica_context().replica_id.unique_id)
+        api.state.allowed_hosts = config.http.host_allow_list()
+
+    @api.get(DOCS_PATH, include_in_schema=False)
+    async def docs(self) -> FileResponse:
+        """Swagger UI on /openapi.json, from the vendored files under /docs/assets."""
+        return docs_page()
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
@@ -416,7 +450,7 @@ class IngressDeployment(Replica):
         if pacs is None:
             configured = ", ".join(sorted(self.pacs)) or "none"
             raise InvalidRequestBody(f"the request names a PACS this server does not have (configured: {configured})")
-        if pacs.config.tenants is not None and visit.tenant_id not in pacs.config.tenants:
+        if not pacs.config.allows(visit.tenant_id):
             raise Forbidden(f"tenant {visit.tenant_id} may not use PACS {name}")
         return pacs
 
@@ -551,11 +585,20 @@ class IngressDeployment(Replica):
             order = await _json_body(request, StoreRequest)
             return await self._store_results(self._pacs_of(order.pacs, visit), result_id, visit)
 
-    @api.post("/v1/wsi/jobs", response_model=WsiJobStatus, status_code=202, responses=ERROR_RESPONSES)
-    async def submit_wsi_job(self, job: WsiJobRequest, request: Request) -> WsiJobStatus:
-        """Start a job: slides on shared storage through a tile classifier (see the README, WSI jobs)."""
+    @api.post(
+        "/v1/wsi/jobs",
+        response_model=WsiJobStatus,
+        status_code=202,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_WSI_JOB_BODY,
+    )
+    async def submit_wsi_job(self, request: Request) -> WsiJobStatus:
+        """Start a job (``WsiJobRequest``): slides on shared storage through a tile classifier (see the README, WSI
+        jobs)."""
         job_id = uuid.uuid4().hex
-        async with self.gatekeeper.visit(request, "wsi-submit", model=job.model, result_id=job_id) as visit:
+        async with self.gatekeeper.visit(request, "wsi-submit", result_id=job_id) as visit:
+            job = await _json_body(request, WsiJobRequest)
+            self.gatekeeper.authorise_model(visit, job.model)
             return await asyncio.to_thread(self.wsi_jobs.submit, job, job_id, visit.tenant_id)
 
     @api.get("/v1/wsi/jobs", response_model=WsiJobList, responses=ERROR_RESPONSES)

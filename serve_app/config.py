@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from serve_app.dicomweb.config import PacsConfig, PacsName
+from serve_app.dicomweb.config import ALL_TENANTS, PacsConfig, PacsName
 from serve_app.strict_model import StrictModel
 from serve_app.tenancy.config import AuditConfig, SchedulingConfig, TenantConfig, TenantId
 
@@ -38,6 +38,7 @@ __all__ = [
     "StorageConfig",
     "WsiConfig",
     "default_storage_root",
+    "is_loopback",
     "load_config",
 ]
 
@@ -228,7 +229,19 @@ class StorageConfig(StrictModel):
         "<root>/uploads. On one node a RAM-backed folder (a tmpfs such as /dev/shm/medserve) spares the disk "
         "gigabytes a second of writes under load; on a cluster it must be shared like root.",
     )
-    result_retention_hours: float = Field(24.0, gt=0, description="Hours a result stays downloadable.")
+    result_retention_hours: float = Field(
+        24.0,
+        gt=0,
+        description="Hours a result stays downloadable, counted from when it was made (reviews do not extend it); "
+        "then it is deleted.",
+    )
+    sweep_interval_s: float = Field(
+        600.0,
+        gt=0,
+        le=86400,
+        description="Seconds between sweeps that delete what is past its retention (results, WSI uploads and "
+        "outputs) and the upload folders of requests whose ingress died. Each ingress replica sweeps, idle or not.",
+    )
 
     @property
     def uploads(self) -> Path:
@@ -247,7 +260,9 @@ class WsiConfig(StrictModel):
     """
 
     slide_roots: list[Path] = Field(
-        [], description="Folders slides may be read from; none: only slides uploaded through the API."
+        [],
+        description="Folders slides may be read from on an open server (no tenants); none: only slides uploaded "
+        "through the API. With tenants, each has its own (tenants.<id>.wsi_slide_roots) and this must be empty.",
     )
     output_root: Path | None = Field(
         None,
@@ -255,6 +270,13 @@ class WsiConfig(StrictModel):
         "null: <storage.root>/wsi.",
     )
     max_upload_bytes: int = Field(20 * 1024**3, gt=0, description="Largest slide one upload may send.")
+    retention_days: float = Field(
+        30.0,
+        gt=0,
+        description="Days an uploaded slide, and a job's record and outputs, are kept: an upload from when it was "
+        "received, a job from when it ended (a job resumed into the same out keeps the folder for the newest). "
+        "Then they are deleted.",
+    )
     chunk_tiles: int = Field(
         16,
         ge=1,
@@ -331,7 +353,7 @@ class HttpConfig(StrictModel):
     @property
     def loopback(self) -> bool:
         """Whether the API listens on a loopback address only."""
-        return _is_loopback(self.host)
+        return is_loopback(self.host)
 
     def host_allow_list(self) -> list[str]:
         """``allowed_hosts``, its default resolved: the Host header values the API answers."""
@@ -352,7 +374,8 @@ class HttpConfig(StrictModel):
         }
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is a loopback address."""
     if host == "localhost":
         return True
     try:
@@ -371,6 +394,12 @@ class RayConfig(StrictModel):
         description="Address Ray's own ports (GCS, raylet, object store, dashboard) bind to on a single node: "
         "loopback, so that nothing of Ray is reachable from the network. A node of a multi-node cluster needs "
         "its routable address (see docs: Security).",
+    )
+    port: int = Field(
+        6379,
+        ge=1024,
+        le=65535,
+        description="Port of the head's GCS: the address other nodes and medserve's commands join (Ray's default).",
     )
     client_server_port: int | None = Field(
         None,
@@ -422,7 +451,30 @@ class ClusterConfig(StrictModel):
         "cluster is lost with its head.",
     )
     redis_password_secret: str | None = Field(
-        "medserve-redis", description="Kubernetes Secret holding Redis's password under the key 'password'."
+        "medserve-redis",
+        description="Kubernetes Secret holding Redis's password under the key 'password'; the cluster launcher "
+        "copies it from a file redis-password beside its own file instead. null: Redis without a password.",
+    )
+    ray_auth_token_secret: str = Field(
+        "medserve-ray-token",
+        description="Kubernetes Secret holding Ray's authentication token under the key 'auth_token' (the key "
+        "KubeRay reads): every Ray container starts with RAY_AUTH_MODE=token and this token, and KubeRay's "
+        "operator sends it to the head's dashboard. Create it once, with a random token: kubectl create secret "
+        "generic medserve-ray-token --from-literal=auth_token=$(openssl rand -hex 32). The cluster launcher "
+        "copies the token from a file ray-auth-token beside its own file instead.",
+    )
+    kuberay_operator_namespace: str = Field(
+        "default",
+        description="Namespace of KubeRay's operator (where its Helm chart or kustomization installed it, "
+        "'default' unless told otherwise): the NetworkPolicy lets its pods, and no others from outside the "
+        "cluster's own, reach the head's dashboard port, through which it deploys the Serve config. An operator "
+        "that reaches the dashboard through the API server's proxy (useKubernetesProxy) needs that proxy's "
+        "address allowed instead.",
+    )
+    metrics_scrape_namespace: str | None = Field(
+        None,
+        description="Namespace whose pods (Prometheus) may scrape Ray's metrics port (8080) of every pod; null: "
+        "none from outside the cluster's own pods.",
     )
     shared_volume_claim: str = Field(
         "medserve-shared", description="PersistentVolumeClaim (ReadWriteMany) mounted by every pod at storage.root."
@@ -501,9 +553,50 @@ class AppConfig(StrictModel):
     @model_validator(mode="after")
     def _pacs_tenants_exist(self) -> AppConfig:
         for name, pacs in self.pacs.items():
-            unknown = sorted(set(pacs.tenants or ()) - set(self.tenants))
+            if self.tenants and pacs.tenants is None:
+                raise ValueError(
+                    f"pacs.{name}.tenants is not set, but tenants are configured: list the tenants that may use this "
+                    f'PACS (tenants: [{next(iter(self.tenants))}]), or tenants: ["*"] to share it with every tenant'
+                )
+            unknown = sorted(set(pacs.tenants or ()) - set(self.tenants) - {ALL_TENANTS})
             if unknown:
                 raise ValueError(f"pacs.{name}.tenants names tenants that are not configured: {', '.join(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _slide_roots_per_tenant(self) -> AppConfig:
+        # One list for all would let any tenant read every slide in it, another hospital's included.
+        if self.tenants and self.wsi.slide_roots:
+            raise ValueError(
+                f"wsi.slide_roots ({', '.join(str(r) for r in self.wsi.slide_roots)}) is for an open server only: "
+                "with tenants configured, move each folder to tenants.<id>.wsi_slide_roots of the tenants that may "
+                "read it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _slide_roots_apart(self) -> AppConfig:
+        # A job reads any file under its tenant's roots: a root holding medserve's storage would give it other
+        # tenants' uploads and outputs, and two tenants' overlapping roots each other's slides.
+        storage = {  # the innermost first: a root inside the outputs is named as such
+            "wsi.output_root": self.wsi.output_root,
+            "storage.uploads_root": self.storage.uploads,
+            "storage.root": self.storage.root,
+        }
+        if self.audit.directory is not None:
+            storage["audit.directory"] = self.audit.directory
+        owned = [("wsi.slide_roots", root) for root in self.wsi.slide_roots] + [
+            (f"tenants.{tenant_id}.wsi_slide_roots", root)
+            for tenant_id, tenant in self.tenants.items()
+            for root in tenant.wsi_slide_roots
+        ]
+        for i, (field, root) in enumerate(owned):
+            for other_field, other in [*storage.items(), *owned[i + 1 :]]:
+                if other_field != field and _overlap(root, other):
+                    raise ValueError(
+                        f"{field}: {root} overlaps {other_field} ({other}): a slide root may not hold, or lie "
+                        "inside, medserve's storage or another tenant's slide root"
+                    )
         return self
 
     @model_validator(mode="before")
@@ -547,6 +640,12 @@ class AppConfig(StrictModel):
         if self.layout != "auto":
             return self.layout == "fused"
         return any(m.num_gpus > 0 for m in (self.deployments.model, *self.models.values()))
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether one folder is the other or holds it, symlinks followed."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 class ConfigError(ValueError):

@@ -218,3 +218,17 @@ def make_room_for_an_app(main_app: str) -> None:
     for name in serve.status().applications:
         if name != main_app:
             serve.delete(name)
+
+
+WSI_JOBS = "/v1/wsi/jobs"
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300) -> dict:
+    """A WSI job's record once it has ended (neither queued nor running); AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"{WSI_JOBS}/{job_id}").json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}")

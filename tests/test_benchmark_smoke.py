@@ -40,10 +40,14 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     slowest = model["handles_fused"]["slowest_ms"]
     assert len(slowest) == 2 and slowest[0]["latency"] >= slowest[1]["latency"] >= model["handles_fused"]["p50_ms"]
     assert all(request["latency"] >= request["model"] > 0 for request in slowest)
-    # The same study through every path, and every path's mask against the reference's: the phantom's organ.
-    for phase in ("bare", "handles_fused", "handles_split", "http", "http_dicom_zip", "http_nii_gz", "http_zstd"):
+    # The same study through every path, and every path's mask against the reference's. Here every path is fp32 on
+    # the CPU, so each gives the reference's mask exactly; the DICOM phase too (the series holds the same int16
+    # voxels), within 0.999 should its rescale round a voxel.
+    for phase in ("bare", "handles_fused", "handles_split", "http", "http_nii_gz", "http_zstd"):
         assert model[phase]["volumes_per_s"] > 0, phase
-        assert model[phase]["dice_vs_reference"] >= 0.9, phase
+        assert model[phase]["dice_vs_reference"] == 1.0, phase
+    assert model["http_dicom_zip"]["volumes_per_s"] > 0
+    assert model["http_dicom_zip"]["dice_vs_reference"] >= 0.999
     assert model["transport_ceiling_uploads_per_s"] > 0
     assert model["open_loop_http_80pct"]["p99_ms"] >= model["open_loop_http_80pct"]["p50_ms"] > 0
     assert (model["settings"]["ingress"], model["settings"]["throughput_optimized"]) == ("haproxy", False)
@@ -55,7 +59,7 @@ def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     assert (optimized["settings"]["ingress"], optimized["settings"]["throughput_optimized"]) == ("haproxy", True)
     for compared in (proxy, optimized):
         for phase in ("http", "http_dicom_zip"):
-            assert compared[phase]["volumes_per_s"] > 0 and compared[phase]["dice_vs_reference"] >= 0.9, phase
+            assert compared[phase]["volumes_per_s"] > 0 and compared[phase]["dice_vs_reference"] >= 0.999, phase
         assert "http_nii_gz" not in compared
     assert (tmp_path / report_path.name.replace(".json", ".md")).is_file()
 

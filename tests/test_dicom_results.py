@@ -1,11 +1,11 @@
 """DICOM results of real series: the SEG decodes to the mask on the source's own frames, the SR reports the
 volumes and references the SEG, dciodvfy finds no error in either; and the store builds them on first download."""
 
-import os
+import json
 import shutil
 import subprocess
-import time
 import warnings
+from datetime import UTC, datetime, timedelta
 
 import highdicom as hd
 import numpy as np
@@ -18,7 +18,7 @@ from helpers import skip_unless_installed
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, LimitsConfig
 from serve_app.errors import NoDicomResult, ResultNotFound
 from serve_app.model_repository import ModelRepository, ModelSpec
-from serve_app.results import ResultStore
+from serve_app.results import SUMMARY_FILE, ResultStore
 from serve_app.results.dicom_seg import build_segmentation
 from serve_app.results.dicom_sr import build_measurement_report
 from serve_app.segmentation.messages import LabelVolume
@@ -242,11 +242,18 @@ def test_seg_of_an_enhanced_image_read_by_the_reader_follows_its_frames(tmp_path
         assert np.array_equal(pixels[index], expected[:, :, slice_of_frame[frame]].T), frame
 
 
-def dciodvfy_errors(path) -> list[str]:
+def dciodvfy_errors(path, iod: str) -> list[str]:
+    """dciodvfy's errors for the file at ``path``, once it has recognised the file as the IOD named ``iod`` (its
+    first line): a crash, an empty output or a file it could not read is no "0 errors"."""
     if shutil.which("dciodvfy") is None:
         skip_unless_installed("dciodvfy", "dciodvfy (Debian's dicom3tools) is not installed")
     checked = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    assert checked.returncode >= 0, f"dciodvfy was killed by signal {-checked.returncode}"
+    lines = (checked.stdout + checked.stderr).splitlines()
+    # The IOD's name stands alone on a line among the warnings and errors.
+    recognised = [line for line in lines if not line.startswith(("Warning", "Error"))]
+    assert recognised == [iod], f"dciodvfy did not recognise {path.name} as {iod}: {lines[:3]}"
+    return [line for line in lines if line.startswith("Error")]
 
 
 @pytest.mark.parametrize("study", ["series", "empty series", "multi-frame"])
@@ -263,8 +270,8 @@ def test_seg_and_sr_pass_dciodvfy(tmp_path, volume, spec, study):
     volumes = [LabelVolume(label=3, name="liver", volume_ml=12.5), LabelVolume(label=7, name="spleen", volume_ml=0.0)]
     seg.save_as(tmp_path / "seg.dcm")
     build_measurement_report(seg, volumes, source, spec).save_as(tmp_path / "sr.dcm")
-    assert dciodvfy_errors(tmp_path / "seg.dcm") == []
-    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    assert dciodvfy_errors(tmp_path / "seg.dcm", "Segmentation") == []
+    assert dciodvfy_errors(tmp_path / "sr.dcm", "Comprehensive3DSR") == []
 
 
 def stored_result(tmp_path, volume: Volume, spec: ModelSpec, dicom: bool = True) -> ResultStore:
@@ -311,9 +318,9 @@ def test_the_store_builds_seg_and_sr_once_for_their_tenant(tmp_path, volume, spe
         store.seg_path(RESULT_ID, "city-general")
     with pytest.raises(ResultNotFound):
         store.dicom_results(RESULT_ID, "city-general")
-    two_hours_ago = time.time() - 7200
-    for path in [store.root / RESULT_ID, *(store.root / RESULT_ID).iterdir()]:
-        os.utime(path, (two_hours_ago, two_hours_ago))
+    summary_path = store.root / RESULT_ID / SUMMARY_FILE  # the result as if made two hours ago
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "created": two_hours_ago}))
     with pytest.raises(ResultNotFound, match="expired"):
         store.sr_path(RESULT_ID, "st-marys")
 

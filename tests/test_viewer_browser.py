@@ -137,6 +137,19 @@ def test_upload_shows_the_mask_over_the_organ_and_a_review_reaches_the_api(
     organ = ndimage.binary_dilation(phantom.label > 0, iterations=2)
     on_organ = organ[tuple(voxels.T)].mean()
     assert on_organ > 0.9, f"only {on_organ:.0%} of mask-coloured pixels lie on the organ"
+    # And the organ is drawn whole, not a speck of it: of the canvas pixels over the organ's core (two voxels in
+    # from its edge, in whichever view and slice niivue shows), most are mask-coloured.
+    every = np.argwhere(np.ones(pixels.shape[:2], bool))
+    grid = every[:: max(1, len(every) // 20_000)]
+    voxels = voxels_under(browser, grid, affine)
+    inside_grid = np.all((voxels >= 0) & (voxels < phantom.label.shape), axis=1)
+    core = ndimage.binary_erosion(phantom.label > 0, iterations=2)
+    over_core = grid[inside_grid][core[tuple(voxels[inside_grid].T)]]
+    drawn = np.zeros(pixels.shape[:2], bool)
+    drawn[tuple(coloured.T)] = True
+    assert len(over_core) > 50, f"only {len(over_core)} sampled canvas pixels lie over the organ's core"
+    covered = drawn[tuple(over_core.T)].mean()
+    assert covered > 0.8, f"only {covered:.0%} of the organ's core is drawn with the mask"
 
     # The slider takes the mask away: those pixels were the mask, not the image.
     set_opacity(browser, 0)

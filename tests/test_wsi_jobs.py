@@ -15,7 +15,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from helpers import medserve
+from helpers import exported_total, medserve, wait_for_job
 from serve_app.wsi.job_driver import DRIVER_NAMESPACE, driver_name
 from serve_app.wsi.synthetic_slides import write_slide
 
@@ -44,16 +44,6 @@ def slides(slide_root: Path) -> dict[str, Path]:
     return paths
 
 
-def _wait(client, job_id: str, timeout_s: float = 300) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"{JOBS}/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}")
-
-
 def _submit(client, slides: list, **more) -> dict:
     response = client.post(JOBS, json={"model": TILE_MODEL, "slides": [str(s) for s in slides], **more})
     assert response.status_code == 202, response.text
@@ -66,7 +56,7 @@ def _heatmap(job: dict, slide_index: int = 0) -> np.ndarray:
 
 def test_a_job_classifies_each_good_slide_and_fails_each_bad_one_alone(client, slides):
     names = ["tumour", "blank", "nompp", "corrupt", "truncated", "flat"]
-    job = _wait(client, _submit(client, [slides[n] for n in names] + ["/etc/hostname"])["job_id"])
+    job = wait_for_job(client, _submit(client, [slides[n] for n in names] + ["/etc/hostname"])["job_id"])
     by_name = dict(zip([*names, "forbidden"], job["slides"], strict=True))
     assert job["state"] == "done"
     assert by_name["tumour"]["state"] == "done" and by_name["blank"]["state"] == "done"
@@ -113,7 +103,7 @@ def test_a_job_classifies_each_good_slide_and_fails_each_bad_one_alone(client, s
 
 
 def test_mpp_given_with_a_job_opens_a_slide_whose_file_has_no_resolution(client, slides):
-    job = _wait(client, _submit(client, [slides["nompp"]], mpp=0.5)["job_id"])
+    job = wait_for_job(client, _submit(client, [slides["nompp"]], mpp=0.5)["job_id"])
     assert job["state"] == "done" and job["slides"][0]["summary"]["tiles_tissue"] > 20
 
 
@@ -126,7 +116,7 @@ def test_slide_paths_outside_the_roots_or_with_dot_dot_are_refused(client, slide
         response = client.post(JOBS, json={"model": TILE_MODEL, "slides": [path]})
         assert response.status_code == status, (path, response.text)
         assert "passwd" not in response.text
-    assert client.post(JOBS, json={"model": TILE_MODEL, "slides": ["x"], "out": "../up"}).status_code == 400
+    assert client.post(JOBS, json={"model": TILE_MODEL, "slides": ["x"], "out": "../up"}).status_code == 422
 
 
 def test_a_job_needs_a_tile_classifier_and_segmentation_needs_a_segmentation_model(client, slides):
@@ -143,9 +133,21 @@ def test_an_uploaded_slide_can_be_named_in_a_job(client, slides):
     upload = client.post("/v1/wsi/slides", params={"name": "case.svs"}, content=body)
     assert upload.status_code == 201, upload.text
     assert upload.json()["bytes"] == len(body)
-    job = _wait(client, _submit(client, [upload.json()["slide"]])["job_id"])
+    job = wait_for_job(client, _submit(client, [upload.json()["slide"]])["job_id"])
     assert job["state"] == "done" and job["slides"][0]["summary"]["tiles_tissue"] > 20
     assert client.post("/v1/wsi/slides", params={"name": "notes.txt"}, content=b"x").status_code == 400
+
+
+def _settled(read, timeout_s: float = 60) -> float:
+    """``read()`` once it is unchanged over more than one of the test cluster's 2 s metric export intervals."""
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while time.monotonic() < deadline:
+        time.sleep(2.5)
+        value, previous = read(), value
+        if value == previous:
+            break
+    return value
 
 
 def _tile_model_replicas(app: str = "medserve") -> int:
@@ -164,7 +166,11 @@ def big_slide(slides) -> Path:
 
 def test_the_tile_model_scales_up_with_a_backlog_and_back_down_when_it_drains(client, big_slide):
     """Recorded every half second: 0 replicas idle, 2 (the max) while the job's units queue, 0 again after."""
-    replicas_over_time = []
+    # Idle first (an earlier test's job may have left replicas to scale down): the record starts at 0.
+    deadline = time.monotonic() + 120
+    while (idle := _tile_model_replicas()) != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    replicas_over_time = [idle]
     job_id = _submit(client, [big_slide], out="autoscaling")["job_id"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -174,12 +180,13 @@ def test_the_tile_model_scales_up_with_a_backlog_and_back_down_when_it_drains(cl
             break
         time.sleep(0.5)
     assert job["state"] == "done"
+    assert replicas_over_time[0] == 0, replicas_over_time
     assert max(replicas_over_time) == 2, replicas_over_time
     assert replicas_over_time[-1] == 0, replicas_over_time
 
 
 def test_a_killed_job_resumed_into_the_same_folder_redoes_nothing_finished_and_ends_identical(client, big_slide):
-    reference = _wait(client, _submit(client, [big_slide], out="uninterrupted")["job_id"])
+    reference = wait_for_job(client, _submit(client, [big_slide], out="uninterrupted")["job_id"])
     first = _submit(client, [big_slide], out="resumed")
     deadline = time.monotonic() + 120
     while (job := client.get(f"{JOBS}/{first['job_id']}").json())["tiles_done"] < 0.3 * max(job["tiles_total"], 1):
@@ -189,13 +196,20 @@ def test_a_killed_job_resumed_into_the_same_folder_redoes_nothing_finished_and_e
     ray.kill(ray.get_actor(driver_name(first["job_id"]), namespace=DRIVER_NAMESPACE), no_restart=True)
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if f"TileModel:{TILE_MODEL}" in a["name"])
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
-    assert client.get(f"{JOBS}/{first['job_id']}").json()["state"] == "interrupted"
+    interrupted = client.get(f"{JOBS}/{first['job_id']}").json()
+    assert interrupted["state"] == "interrupted"
 
-    resumed = _wait(client, _submit(client, [big_slide], out="resumed")["job_id"])
+    classified_before = _settled(lambda: exported_total("ray_medserve_wsi_tiles_total", model=TILE_MODEL))
+    resumed = wait_for_job(client, _submit(client, [big_slide], out="resumed")["job_id"])
     summary = resumed["slides"][0]["summary"]
     assert resumed["state"] == "done"
     assert resumed["tiles_done"] == resumed["tiles_total"] == summary["tiles_tissue"]  # the head start counts
     assert 0 < summary["chunks_resumed"] < summary["chunks_total"], summary
+    # Counted apart from the job's records: the tiles the resumed run had classified. At most those the killed run
+    # had not recorded as done (its record may lag what it wrote, never lead it), so nothing finished was redone.
+    classified_after = _settled(lambda: exported_total("ray_medserve_wsi_tiles_total", model=TILE_MODEL))
+    classified = classified_after - classified_before
+    assert 0 < classified <= summary["tiles_tissue"] - interrupted["tiles_done"], (classified, interrupted)
     np.testing.assert_array_equal(_heatmap(resumed), _heatmap(reference))
 
 
@@ -203,7 +217,7 @@ def test_cancel_stops_a_job_and_the_cli_follows_one_to_its_end(server_url, clien
     job = _submit(client, [big_slide, slides["tumour"]], out="cancelled")
     cancel = client.delete(f"{JOBS}/{job['job_id']}")
     assert cancel.status_code == 200
-    assert _wait(client, job["job_id"])["state"] == "cancelled"
+    assert wait_for_job(client, job["job_id"])["state"] == "cancelled"
 
     env = {**os.environ, "MEDSERVE_URL": server_url}
     run = medserve("wsi", "submit", str(slides["tumour"]), "--model", TILE_MODEL, "--out", "cli", env=env)
@@ -237,7 +251,7 @@ def test_tenancy_applies_to_wsi_jobs(tenant_url, tenant_keys, tenant_config, sli
         with client_of("city-general") as other:
             assert other.get(f"{JOBS}/{job_id}").status_code == 404
             assert other.get(JOBS).json()["jobs"] == []
-        assert _wait(marys, job_id)["state"] == "done"
+        assert wait_for_job(marys, job_id)["state"] == "done"
         assert [j["job_id"] for j in marys.get(JOBS).json()["jobs"]] == [job_id]
     audit = "\n".join(p.read_text() for p in (tenant_config.storage.root / "audit").glob("audit-*.log*"))
     lines = [json.loads(line) for line in audit.splitlines() if '"wsi-submit"' in line]
