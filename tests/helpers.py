@@ -139,18 +139,23 @@ def requests_counted(code: int) -> float:
     return exported_total("ray_medserve_requests_total", code=str(code))
 
 
-def settled_counts(*codes: int, timeout_s: float = 60) -> list[float]:
-    """``requests_counted`` of each code once earlier requests' counts have all been exported: unchanged over
-    more than one of Ray's export intervals. A count read while an earlier test's request is still on its way
-    would make the next request's count look one too many."""
+def settled(read, timeout_s: float = 60):
+    """``read()`` once it is unchanged over more than one of Ray's export intervals (the test cluster exports metrics
+    every 2 s). A count read while an earlier request's is still on its way would make the next one look one too
+    many."""
     deadline = time.monotonic() + timeout_s
-    counted = [requests_counted(code) for code in codes]
+    value = read()
     while time.monotonic() < deadline:
-        time.sleep(2.5)  # the test cluster exports metrics every 2 s
-        counted, previous = [requests_counted(code) for code in codes], counted
-        if counted == previous:
+        time.sleep(2.5)
+        value, previous = read(), value
+        if value == previous:
             break
-    return counted
+    return value
+
+
+def settled_counts(*codes: int, timeout_s: float = 60) -> list[float]:
+    """``requests_counted`` of each code, ``settled``."""
+    return settled(lambda: [requests_counted(code) for code in codes], timeout_s)
 
 
 def wait_until_counted(code: int, count: float, timeout_s: float = 60) -> float:

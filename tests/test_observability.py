@@ -21,7 +21,17 @@ import yaml
 from fastapi import FastAPI, HTTPException, Request
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import MODEL, SEGMENT, ZIP, free_port, skip_unless_installed, zip_bytes
+from helpers import (
+    MODEL,
+    SEGMENT,
+    ZIP,
+    auth,
+    exported_total,
+    free_port,
+    settled,
+    skip_unless_installed,
+    zip_bytes,
+)
 from serve_app.observability import gpu_exporter, monitoring
 from serve_app.observability.metrics import STAGES, ResponseCounter
 from serve_app.wsi.synthetic_slides import write_slide
@@ -221,8 +231,25 @@ def test_no_label_value_carries_what_a_hospital_sent(scraped):
         assert not any(PATIENT_MARKER in value for value in series["metric"].values()), series["metric"]
 
 
-def test_response_counter_counts_exception_handled_rejections_per_tenant():
-    """The ingress's middleware on a plain FastAPI app (no Ray): 429s raised by a tenancy check count."""
+def test_the_live_response_counter_counts_refusals_by_route_template_and_tenant(tenant_url, tenant_keys):
+    """On the live tenant app: a tenancy refusal and a route that does not exist are counted as they were answered,
+    by route template (never the raw path, which may carry what was sent), status and tenant."""
+    refused = {"route": "/v1/models/{name}/segment", "method": "POST", "code": "403", "tenant": "research-lab"}
+    unmatched = {"route": "unmatched", "method": "GET", "code": "404", "tenant": "anonymous"}
+
+    def counts() -> list[float]:
+        return [exported_total("ray_medserve_requests_total", **labels) for labels in (refused, unmatched)]
+
+    before = settled(counts)
+    forbidden = httpx.post(f"{tenant_url}{SEGMENT}", content=b"", headers={**ZIP, **auth(tenant_keys["research-lab"])})
+    missing = httpx.get(f"{tenant_url}/v1/{PATIENT_MARKER}")
+    assert (forbidden.status_code, missing.status_code) == (403, 404)
+    assert settled(counts) == [before[0] + 1, before[1] + 1]
+
+
+def test_response_counter_counts_an_unhandled_error_as_a_500_in_process():
+    """In process, on a plain FastAPI app (no Ray): what the live server cannot be made to do on purpose, a bug
+    raising an unhandled exception, is counted as a 500; the other codes as the live test above counts them."""
     recorded = []
     api = FastAPI()
     api.add_middleware(ResponseCounter, record=lambda *row: recorded.append(row))

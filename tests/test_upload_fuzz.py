@@ -5,18 +5,25 @@ request's budget of bytes or files.
 Examples per test: ``MEDSERVE_FUZZ_PROFILE=ci`` (the default, deterministic) or ``fuzz`` (``make fuzz``).
 """
 
-import asyncio
 import io
 import os
 import struct
+import threading
+import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from helpers import free_port
 from serve_app.config import LimitsConfig
 from serve_app.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
 from serve_app.studies.upload import UploadBudget, sort_upload, spool_request
@@ -94,30 +101,55 @@ def _multipart(parts: list[bytes], boundary: str = "fuzzboundary") -> bytes:
     return body + f"--{boundary}--\r\n".encode()
 
 
-def _request(body: bytes, content_type: str) -> Request:
-    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)] or [b""]
+class SpoolServer:
+    """``spool_request`` behind a real uvicorn on loopback, as the ingress runs it: each example's body reaches it as
+    an HTTP client sends it (chunked, in the pieces the socket delivers), not as a hand-built ASGI request. One
+    example at a time: ``post`` names the folder the next body is spooled to."""
 
-    async def receive():
-        chunk = chunks.pop(0) if chunks else b""
-        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+    def __init__(self):
+        self.folder: Path | None = None
+        api = Starlette(routes=[Route("/", self._spool, methods=["POST"])])
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-type", content_type.encode())]}
-    return Request(scope, receive)
+    async def _spool(self, request: Request) -> Response:
+        try:
+            await spool_request(request, self.folder, UploadBudget.of(LIMITS))
+        except RequestError as e:
+            return Response(status_code=e.status_code)
+        return Response(status_code=200)
+
+    def post(self, folder: Path, body: bytes, content_type: str) -> int:
+        self.folder = folder
+
+        def pieces():  # no Content-Length: sent chunked, so only counting as it streams can bound it
+            yield from (body[i : i + 1000] for i in range(0, len(body), 1000))
+
+        return httpx.post(
+            f"http://127.0.0.1:{self.port}/", content=pieces(), headers={"content-type": content_type}, timeout=60
+        ).status_code
+
+
+@pytest.fixture(scope="module")
+def spool_server():
+    server = SpoolServer()
+    server.thread.start()
+    while not server.server.started:
+        time.sleep(0.05)
+    yield server
+    server.server.should_exit = True
+    server.thread.join(timeout=10)
 
 
 @given(parts=parts, multipart=st.booleans())
-def test_spooling_then_unpacking_never_exceeds_the_request_budget(tmp_path_factory, parts, multipart):
+def test_spooling_then_unpacking_never_exceeds_the_request_budget(tmp_path_factory, spool_server, parts, multipart):
     folder = tmp_path_factory.mktemp("spool")
-    request = (
-        _request(_multipart(parts), "multipart/form-data; boundary=fuzzboundary")
-        if multipart
-        else _request(parts[0], "application/zip")
-    )
-    budget = UploadBudget.of(LIMITS)
-    try:
-        asyncio.run(spool_request(request, folder, budget))
-    except RequestError:
-        pass
+    if multipart:
+        status = spool_server.post(folder, _multipart(parts), "multipart/form-data; boundary=fuzzboundary")
+    else:
+        status = spool_server.post(folder, parts[0], "application/zip")
+    assert status == 200 or 400 <= status < 500, status  # spooled, or refused with a reason: never a 500
     spooled, spooled_files = _disk_usage(folder)
     assert spooled <= MAX_BYTES and spooled_files <= MAX_FILES
     _sort(folder)

@@ -15,7 +15,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from helpers import exported_total, medserve, wait_for_job
+from helpers import exported_total, medserve, settled, wait_for_job
 from serve_app.wsi.job_driver import DRIVER_NAMESPACE, driver_name
 from serve_app.wsi.synthetic_slides import write_slide
 
@@ -138,18 +138,6 @@ def test_an_uploaded_slide_can_be_named_in_a_job(client, slides):
     assert client.post("/v1/wsi/slides", params={"name": "notes.txt"}, content=b"x").status_code == 400
 
 
-def _settled(read, timeout_s: float = 60) -> float:
-    """``read()`` once it is unchanged over more than one of the test cluster's 2 s metric export intervals."""
-    deadline = time.monotonic() + timeout_s
-    value = read()
-    while time.monotonic() < deadline:
-        time.sleep(2.5)
-        value, previous = read(), value
-        if value == previous:
-            break
-    return value
-
-
 def _tile_model_replicas(app: str = "medserve") -> int:
     from ray import serve
 
@@ -199,7 +187,7 @@ def test_a_killed_job_resumed_into_the_same_folder_redoes_nothing_finished_and_e
     interrupted = client.get(f"{JOBS}/{first['job_id']}").json()
     assert interrupted["state"] == "interrupted"
 
-    classified_before = _settled(lambda: exported_total("ray_medserve_wsi_tiles_total", model=TILE_MODEL))
+    classified_before = settled(lambda: exported_total("ray_medserve_wsi_tiles_total", model=TILE_MODEL))
     resumed = wait_for_job(client, _submit(client, [big_slide], out="resumed")["job_id"])
     summary = resumed["slides"][0]["summary"]
     assert resumed["state"] == "done"
@@ -207,7 +195,7 @@ def test_a_killed_job_resumed_into_the_same_folder_redoes_nothing_finished_and_e
     assert 0 < summary["chunks_resumed"] < summary["chunks_total"], summary
     # Counted apart from the job's records: the tiles the resumed run had classified. At most those the killed run
     # had not recorded as done (its record may lag what it wrote, never lead it), so nothing finished was redone.
-    classified_after = _settled(lambda: exported_total("ray_medserve_wsi_tiles_total", model=TILE_MODEL))
+    classified_after = settled(lambda: exported_total("ray_medserve_wsi_tiles_total", model=TILE_MODEL))
     classified = classified_after - classified_before
     assert 0 < classified <= summary["tiles_tissue"] - interrupted["tiles_done"], (classified, interrupted)
     np.testing.assert_array_equal(_heatmap(resumed), _heatmap(reference))
