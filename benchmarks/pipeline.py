@@ -43,6 +43,7 @@ from benchmarks.cpu_accounting import CpuSampler
 from benchmarks.http_load import HttpLoad, closed_loop, open_loop
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, HttpConfig, LimitsConfig, load_config
 from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
+from serve_app.ray_security import apply_environment, haproxy_environment, token_environment
 from serve_app.results import ResultStore
 from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
 from serve_app.segmentation.transforms import to_model_input
@@ -378,11 +379,14 @@ def serving(settings: ServeSettings, port: int):
 
     saved = dict(os.environ)
     env = settings.http(port).ray_environment()
-    # HAProxy's stats and metrics ports: free ones, beside any other cluster on this machine.
+    # HAProxy's stats and metrics ports free ones, and its sockets and config in a folder of this cluster's own, beside
+    # any other cluster on this machine (a test session's among them, whose environment this process may inherit);
+    # token authentication with a token of its own, as every cluster medserve starts.
     env |= {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    env |= haproxy_environment(Path(tempfile.mkdtemp(prefix="mshap-", dir="/tmp"))) | token_environment()
     if settings.gpu_sharing == "mps":
         env |= mps.start()
-    os.environ.update(env)
+    apply_environment(env)  # Ray's cached config and token reloaded too
     try:
         ray.init(
             address="local",

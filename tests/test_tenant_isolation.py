@@ -19,7 +19,8 @@ from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.sample_data import write_ct_series
 from serve_app.wsi.synthetic_slides import write_slide
 
-OWNER = "st-marys"
+# An owner whose job list no other test counts exactly (test_wsi_jobs counts st-marys's).
+OWNER = "path-lab"
 # Another tenant that may use every result route; research-lab's requests take nothing of the quotas the tenant
 # tests count (city-general's rate, rural-clinic's slots).
 OTHER = "research-lab"
