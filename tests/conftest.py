@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from fault_load import SUMMARY
 
-from helpers import TEST_MAX_FILES, TEST_MAX_UPLOAD_BYTES, TEST_MAX_VOXELS, TEST_WSI, free_port, skip_unless_installed
+from helpers import (
+    TEST_MAX_FILES,
+    TEST_MAX_UPLOAD_BYTES,
+    TEST_MAX_VOXELS,
+    TEST_RAY_ENVIRONMENT,
+    TEST_WSI,
+    free_port,
+    skip_unless_installed,
+)
 from orthanc_server import CuttingRelay, Orthanc, orthanc_executable
 from serve_app.cli.cluster import wait_until_ready
 from serve_app.config import AppConfig, load_config
@@ -89,6 +97,7 @@ def ray_cluster(app_config):
             **token_environment(),
             **haproxy_environment(haproxy_folder),
             **{k: str(v) for k, v in haproxy_ports.items()},
+            **TEST_RAY_ENVIRONMENT,
         }
     )
     # "local": a fresh cluster even where `medserve up` left one running.

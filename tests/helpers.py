@@ -166,6 +166,12 @@ def wait_until_counted(code: int, count: float, timeout_s: float = 60) -> float:
     return counted
 
 
+# Every test cluster's: an ingress replica being removed stops taking requests after 2 s, not Serve's 30 s, which it
+# waits so that an external load balancer deregisters it. Here the one load balancer is HAProxy on the same machine,
+# which Serve reconfigures at once; each app a test deletes would otherwise cost half a minute.
+TEST_RAY_ENVIRONMENT = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
 # WSI jobs on the test cluster: small work units (tiny slides still have several), the tile model scaled
 # from 0 to 2 replicas within seconds (Serve's defaults wait 30 s and 10 min) on a sliver of a CPU each.
 TEST_WSI = {

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from helpers import free_port, medserve
+from helpers import TEST_RAY_ENVIRONMENT, free_port, medserve
 from serve_app.config import HttpConfig
 from serve_app.ray_security import haproxy_environment, token_environment
 
@@ -133,6 +133,7 @@ class RayNodes:
             "RAY_REDIS_ADDRESS": redis.address,
             "RAY_external_storage_namespace": f"medserve-{self.gcs_port}",
             "RAY_gcs_rpc_server_reconnect_timeout_s": "120",
+            **TEST_RAY_ENVIRONMENT,
             **environment,
         }
         self._gcs_command: tuple[list[str], str, dict[str, str]] | None = None

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from ray_nodes import ray_processes
 
-from helpers import SEGMENT, ZIP, free_port, medserve, zip_files
+from helpers import SEGMENT, TEST_RAY_ENVIRONMENT, ZIP, free_port, medserve, zip_files
 from serve_app.ray_security import TOKEN_FILE_NAME
 
 pytestmark = [pytest.mark.cluster]
@@ -59,6 +59,7 @@ def live(tmp_path_factory) -> LiveServer:
         **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
         "RAY_TMPDIR": str(ray_temp_dir),
         **{k: str(v) for k, v in haproxy_ports.items()},
+        **TEST_RAY_ENVIRONMENT,
     }
     try:
         up = medserve("up", "--config", str(config_path), env=environment)
