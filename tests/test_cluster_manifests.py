@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import pydantic
 import pytest
 import ray
 import yaml
@@ -153,7 +154,8 @@ def test_serve_configs_pass_serves_own_schema(configured):
         (application,) = schema.applications
         assert application.import_path == "serve_app.app:app_builder" and application.name == "medserve-stmarys"
     assert yaml.safe_load(embedded)["applications"][0]["args"] == {"config": "/etc/medserve/medserve.yaml"}
-    with pytest.raises(Exception, match="port"):  # the schema really checks: a port that is no number fails
+    # The schema really checks: a port that is no number fails.
+    with pytest.raises(pydantic.ValidationError, match="port"):
         ServeDeploySchema.model_validate({**yaml.safe_load(embedded), "http_options": {"port": "eighty"}})
 
 
