@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from python_multipart.exceptions import MultipartParseError
 from starlette.requests import Request
 
 from serve_app.dicomweb.multipart import DicomPartFiles, multipart_related_boundary
@@ -49,17 +48,10 @@ async def spool_stow_request(request: Request, folder: Path, budget: UploadBudge
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > budget.max_bytes:
         raise PayloadTooLarge(f"the upload is {declared} bytes, over this server's limit of {budget.max_bytes}")
-    try:
-        with DicomPartFiles(boundary, folder, budget) as parts:
-            async for chunk in request.stream():
-                parts.write(chunk)
-    except MultipartParseError:
-        raise BadRequest("the multipart/related body is malformed") from None
-    if not parts.complete:
-        raise BadRequest("the multipart/related body ends before its closing boundary")
-    if not parts.paths:
+    paths = await DicomPartFiles(boundary, folder, budget).receive(request.stream(), "the multipart/related body")
+    if not paths:
         raise InvalidStudy("the STOW-RS body has no parts")
-    for number, path in enumerate(parts.paths, start=1):
+    for number, path in enumerate(paths, start=1):
         if sniff(path) != "dicom":
             raise UnsupportedMediaType(f"part {number} of the STOW-RS body is not a DICOM Part-10 file")
     return budget.bytes

@@ -150,14 +150,8 @@ async def spool_request(request: Request, folder: Path, budget: UploadBudget) ->
     boundary = options.get(b"boundary")
     if not boundary:
         raise BadRequest("the multipart/form-data content type has no boundary")
-    with PartFiles(boundary, folder, budget, fields=True) as parts:
-        try:
-            async for chunk in request.stream():
-                parts.write(chunk)
-        except MultipartParseError:
-            raise BadRequest("the multipart body is malformed") from None
-    if not parts.complete:
-        raise BadRequest("the multipart body ends before its closing boundary")
+    parts = PartFiles(boundary, folder, budget, fields=True)
+    await parts.receive(request.stream(), "the multipart body")
     if not parts.paths:
         raise InvalidStudy("the multipart upload has no file parts")
     return budget.bytes
@@ -181,7 +175,9 @@ class PartFiles:
 
     Usage::
 
-        with PartFiles(boundary, folder, budget) as parts:
+        paths = await PartFiles(boundary, folder, budget).receive(request.stream(), "the multipart body")
+
+        with PartFiles(boundary, folder, budget) as parts:  # a body that arrives otherwise (a client's answer)
             for chunk in body:
                 parts.write(chunk)
         if not parts.complete: ...  # cut short
@@ -209,6 +205,19 @@ class PartFiles:
             "on_end": self._end,
         }
         self._parser = MultipartParser(boundary, callbacks)
+
+    async def receive(self, stream: AsyncIterator[bytes], body: str) -> list[Path]:
+        """Every chunk of ``stream`` written and the last part closed; the parts' paths. ``BadRequest`` naming
+        ``body`` (e.g. "the multipart body") for one that is malformed or ends before its closing boundary."""
+        try:
+            with self:
+                async for chunk in stream:
+                    self.write(chunk)
+        except MultipartParseError:
+            raise BadRequest(f"{body} is malformed") from None
+        if not self.complete:
+            raise BadRequest(f"{body} ends before its closing boundary")
+        return self.paths
 
     def write(self, chunk: bytes) -> None:
         self.received += len(chunk)
