@@ -68,7 +68,6 @@ from serve_app.results.reviews import Review, ReviewList, ReviewRequest, ReviewS
 from serve_app.retention import RetentionSweeper
 from serve_app.segmentation.stage_handles import StageHandles
 from serve_app.stopwatch import Stopwatch
-from serve_app.storage import private_folder
 from serve_app.studies.upload import UploadBudget, spool_request
 from serve_app.studies.volume import spacing_of
 from serve_app.tenancy.gatekeeper import Gatekeeper, Visit
@@ -239,7 +238,6 @@ class IngressDeployment(Replica):
         self.gatekeeper = Gatekeeper(config, self.repository, gate)
         self.wsi_jobs = WsiJobs(config, self.repository, tile_model_handles)
         self.pacs = {name: PacsClient(name, pacs) for name, pacs in config.pacs.items()}
-        private_folder(config.storage.uploads)
         # Expired results and WSI files deleted on a timer, whether requests come or not (every replica sweeps).
         self.sweeper = RetentionSweeper(config).start()
         api.state.drain = DrainWatch(config, serve.get_replica_context().replica_id.unique_id)

@@ -29,6 +29,7 @@ from serve_app.config import AppConfig, is_loopback
 from serve_app.storage import UnsafeStorage, private_folder
 
 __all__ = [
+    "RAY_CLI",
     "TOKEN_FILE_NAME",
     "apply_environment",
     "authenticate_this_process",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 TOKEN_FILE_NAME = "ray-auth-token"
+# Ray's own CLI, installed beside this interpreter: found even where the venv is not activated.
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
 # Ray's HAProxy manager puts its sockets at <folder>/<node id: 56 hex digits>/<name> (serve/_private/haproxy.py),
 # and HAProxy 2.8 takes socket paths of up to 97 bytes: the longest name is "metrics.sock".
 _MAX_HAPROXY_FOLDER_LENGTH = 97 - len("/") - 56 - len("/metrics.sock")
@@ -162,7 +165,7 @@ def ray_start_command(config: AppConfig, cpus: int, dashboard: bool) -> list[str
         "--dashboard-host=127.0.0.1",
     ]  # fmt: skip
     if config.ray.client_server_port is not None:
-        return [str(Path(sys.executable).with_name("ray")), *options,
+        return [RAY_CLI, *options,
                 f"--ray-client-server-port={config.ray.client_server_port}"]  # fmt: skip
     # Ray 2.60's `ray start --head` starts the Ray Client server on 10001 whenever grpc is importable, and has no
     # option to leave it out (scripts.py; port 0 is refused). This runs Ray's own `ray start` with that check

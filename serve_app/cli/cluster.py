@@ -19,13 +19,10 @@ import httpx
 from serve_app import mps
 from serve_app.cli.errors import CommandError
 from serve_app.config import AppConfig, load_config
-from serve_app.ray_security import authenticate_this_process, cluster_environment, ray_start_command
+from serve_app.ray_security import RAY_CLI, authenticate_this_process, cluster_environment, ray_start_command
 from serve_app.storage import UnsafeStorage, secure_storage, set_private_umask
 
 __all__ = ["add_commands", "wait_until_ready"]
-
-# Ray's own CLI, installed beside this interpreter: found even where the venv is not activated.
-_RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def add_commands(commands) -> None:
@@ -286,7 +283,7 @@ def _down(args) -> int:
         serve.shutdown()
         ray.shutdown()
     if not args.keep_ray:
-        subprocess.run([_RAY, "stop"], check=False, stdout=subprocess.DEVNULL)
+        subprocess.run([RAY_CLI, "stop"], check=False, stdout=subprocess.DEVNULL)
         if mps.stop():
             print("stopped the MPS control daemon")
     print("medserve is down")
