@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= demo-data
 
-.PHONY: demo demo-wsi test test-fast fuzz lint format bench bench-wsi bench-tenants venv clean niivue swagger-ui
+.PHONY: demo demo-wsi test test-fast fuzz lint format docs bench bench-wsi bench-tenants venv clean niivue swagger-ui
 
 # The browser viewer's niivue, pinned; `make niivue` refreshes the vendored bundle from npm.
 NIIVUE_VERSION ?= 0.69.0
@@ -16,7 +16,7 @@ $(BIN)/medserve: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: the range in pyproject admits the local CPU wheel, not a multi-GB CUDA build.
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,docs]"
 	# cuCIM's CuImage reads slides on a CPU too; without --no-deps pip would add GBs of CUDA libraries.
 	$(BIN)/pip install --quiet --no-deps "cucim-cu13==26.10.0"
 	touch $@
@@ -54,16 +54,23 @@ fuzz: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The documentation site (docs/, mkdocs.yml), rebuilt on every save; 8000 is medserve's own port.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The benchmarks run from a checkout (benchmarks/ is not installed): `python -m benchmarks.pipeline --help`.
 bench: venv
-	$(BIN)/medserve bench --size small
+	$(BIN)/python -m benchmarks.pipeline --size small
 
 bench-wsi: venv
-	$(BIN)/medserve bench-wsi --size small
+	$(BIN)/python -m benchmarks.wsi --size small
 
 bench-tenants: venv
 	$(BIN)/python -m benchmarks.noisy_neighbour

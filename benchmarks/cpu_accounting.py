@@ -42,7 +42,7 @@ def kind_of(name: str, cmdline: list[str]) -> str:
         return "HAProxy"
     if name in ("raylet", "gcs_server") or title.startswith("ray::") or "ray/" in title:
         return "Ray (raylet, GCS, controller, proxy, workers)"
-    if "benchmarks.pipeline" in title or "medserve bench" in title:
+    if "benchmarks.pipeline" in title:
         return "benchmark driver"
     return "other"
 

@@ -30,7 +30,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["BodyPoster", "HttpLoad", "LoadRun", "closed_loop", "open_loop"]
+__all__ = ["BodyPoster", "HttpLoad", "LoadRun", "closed_loop", "open_loop", "wait_until_ready"]
+
+
+def wait_until_ready(url: str, timeout_s: float) -> None:
+    """Poll the application's ``/readyz`` at ``url`` until it answers 200; SystemExit if it does not in time."""
+    address = urlsplit(url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=5)
+        try:
+            connection.request("GET", f"{address.path.rstrip('/')}/readyz")
+            if connection.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass  # not listening yet
+        finally:
+            connection.close()
+        time.sleep(1)
+    raise SystemExit(f"medserve did not become ready at {url} within {timeout_s:.0f} s")
 
 
 @dataclass

@@ -32,9 +32,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.http_load import wait_until_ready
 from serve_app.config import AppConfig, load_config
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.tenancy.keys import hash_api_key, new_api_key
 
 RESULTS = Path(__file__).with_name("results") / "noisy_neighbour.json"
@@ -136,15 +137,8 @@ def _deploy(config: AppConfig) -> str:
     serve.start(**config.http.serve_start_options())
     serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
     url = f"http://{config.http.host}:{config.http.port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("medserve did not become ready in 300 s")
+    wait_until_ready(url, timeout_s=300)
+    return url
 
 
 STUDY_SHAPES = {"small": (64, 64, 12), "full": (512, 512, 300)}

@@ -42,14 +42,15 @@ import yaml
 from benchmarks.cpu_accounting import CpuSampler
 from benchmarks.http_load import HttpLoad, closed_loop, open_loop
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, HttpConfig, LimitsConfig, load_config
-from serve_app.model_repository import EngineSpec, ModelRepository, ModelSpec, read_model_spec
+from serve_app.model_repository import ModelRepository
+from serve_app.model_spec import EngineSpec, ModelSpec, read_model_spec
 from serve_app.ray_security import apply_environment, haproxy_environment, token_environment
 from serve_app.results import ResultStore
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
 from serve_app.segmentation.transforms import to_model_input
 from serve_app.studies.nifti import read_nifti
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
 from serve_app.studies.volume import Volume
 from serve_app.tenancy.gatekeeper import ANONYMOUS
 

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import yaml
 
+from benchmarks.http_load import wait_until_ready
 from serve_app.engines.devices import replica_device
-from serve_app.model_repository import read_model_spec
-from serve_app.wsi.synthetic_slides import write_slide_from_region
-from serve_app.wsi.synthetic_tissue import make_slide_canvas
+from serve_app.model_spec import read_model_spec
+from serve_app.samples.synthetic_slides import write_slide_from_region
+from serve_app.samples.synthetic_tissue import make_slide_canvas
 from serve_app.wsi.tile_classifier import TileClassifier
 
 MODEL = "bench-resnet18"
@@ -169,7 +170,6 @@ def end_to_end(
     from ray import serve
 
     from serve_app.app import build_app
-    from serve_app.cli.cluster import wait_until_ready
     from serve_app.config import load_config
 
     port = _free_port()
@@ -263,7 +263,7 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="medserve bench-wsi", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.wsi", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument(

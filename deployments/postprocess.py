@@ -10,7 +10,8 @@ from serve_app.engines.devices import replica_device, to_device
 from serve_app.model_repository import ModelSpec
 from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.results import ResultStore
-from serve_app.segmentation.messages import Grid, LabelVolume, Prediction
+from serve_app.results.measurements import LabelVolume
+from serve_app.segmentation.messages import Grid, Prediction
 from serve_app.segmentation.stages import Postprocessor
 from serve_app.studies.volume import Affine
 

@@ -17,9 +17,9 @@ from monai.losses import DiceCELoss
 
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines.torch_engine import monai_network
-from serve_app.model_repository import IntensityWindowSpec, read_model_spec
+from serve_app.model_spec import IntensityWindowSpec, read_model_spec
+from serve_app.samples.phantoms import Phantom, ct_phantom
 from serve_app.segmentation.transforms import to_model_input
-from serve_app.studies.phantoms import Phantom, ct_phantom
 from serve_app.studies.volume import Volume
 
 MODEL = "ct-phantom-organ"

@@ -2,7 +2,7 @@
 
     python scripts/train_tile_model.py            # ~10-15 min on 2 CPU cores
 
-Tiles come from ``serve_app.wsi.synthetic_tissue`` in groups, each group from its own seed (its own
+Tiles come from ``serve_app.samples.synthetic_tissue`` in groups, each group from its own seed (its own
 nucleus shapes, fibre directions and stains), so that the network learns the classes rather than one
 seed's look. On top, every batch is flipped, turned and stain-jittered in haematoxylin / eosin / residual
 space (Tellez et al., 2018), with brightness and contrast jitter, for real slides' colours.
@@ -16,9 +16,9 @@ import time
 import numpy as np
 import torch
 
-from serve_app.wsi.synthetic_slides import he_region
-from serve_app.wsi.synthetic_tissue import REFERENCE_STAIN, make_training_tiles
-from serve_app.wsi.tile_model import (
+from serve_app.samples.synthetic_slides import he_region
+from serve_app.samples.synthetic_tissue import REFERENCE_STAIN, make_training_tiles
+from serve_app.samples.tile_network import (
     TILE_SIZE,
     WEIGHTS_PATH,
     normalise,

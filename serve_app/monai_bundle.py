@@ -46,12 +46,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from serve_app.model_repository import ModelRepositoryError, ModelSpec, WeightsFormat, validation_problems
+from serve_app.model_spec import ModelRepositoryError, ModelSpec, WeightsFormat, validation_problems
 
-__all__ = ["INFERENCE_CONFIG_NAMES", "InvalidBundle", "read_bundle", "write_bundle"]
+__all__ = ["INFERENCE_CONFIG_NAMES", "STATE_DICT_FILE", "TORCHSCRIPT_FILE", "InvalidBundle", "read_bundle"]
 
 INFERENCE_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
-_STATE_DICT, _TORCHSCRIPT = "models/model.pt", "models/model.ts"
+# Where a bundle keeps its weights, relative to its folder.
+STATE_DICT_FILE, TORCHSCRIPT_FILE = "models/model.pt", "models/model.ts"
 # ConfigParser's keys of a component that are not its constructor's arguments.
 _SPECIAL_KEYS = {"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"}
 # What medserve's study readers already do: loading, channel first, float32 tensors.
@@ -335,11 +336,11 @@ class _Bundle:
         return {"name": class_name, "args": self._arguments("network_def", network_def)}
 
     def _weights(self, network: dict[str, Any] | None) -> dict[str, str]:
-        state_dict, torchscript = (self.folder / _STATE_DICT).is_file(), (self.folder / _TORCHSCRIPT).is_file()
+        state_dict, torchscript = (self.folder / STATE_DICT_FILE).is_file(), (self.folder / TORCHSCRIPT_FILE).is_file()
         if state_dict and network is not None:
-            return {"file": _STATE_DICT, "format": WeightsFormat.monai_state_dict}
+            return {"file": STATE_DICT_FILE, "format": WeightsFormat.monai_state_dict}
         if torchscript:
-            return {"file": _TORCHSCRIPT, "format": WeightsFormat.torchscript}
+            return {"file": TORCHSCRIPT_FILE, "format": WeightsFormat.torchscript}
         if state_dict:
             target = self.parser.get("network_def", {}).get("_target_") if "network_def" in self.parser else None
             raise InvalidBundle(
@@ -416,96 +417,3 @@ def _mapped(file: Path, where: str, mapping: _Mapping, args: dict[str, Any]) -> 
         section, _, name = field_name.rpartition(".")
         (fields.setdefault(section, {}) if section else fields)[name] = args[option]
     return fields
-
-
-def write_bundle(spec: ModelSpec, out: Path, config_format: str = "json", weights: str = "pt") -> Path:
-    """Write a model.yaml model (state-dict weights of a monai.networks.nets class) as a MONAI bundle in ``out``:
-    ``configs/metadata.json``, ``configs/inference.json`` (or ``.yaml``), ``models/model.pt`` and/or
-    ``models/model.ts`` (``weights``: ``pt``, ``ts`` or ``both``); written with MONAI's own writers. Returns ``out``.
-
-    The inverse of ``read_bundle`` for what it maps: ``medserve sample-bundle`` and the tests use it.
-
-        write_bundle(ModelRepository(EMBEDDED_MODEL_REPOSITORY).get("ct-phantom-organ"), Path("bundle"))
-    """
-    import monai
-    import torch
-    from monai.bundle import ConfigParser
-    from monai.data.torchscript_utils import save_net_with_metadata
-
-    from serve_app.engines.torch_engine import build_network
-    from serve_app.model_repository import PreprocessingSpec
-
-    pre = spec.preprocessing
-    if spec.network is None or not isinstance(pre, PreprocessingSpec):
-        raise ValueError(f"model {spec.name}: only a 3D model with a MONAI network can be written as a bundle")
-    out = Path(out)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "models").mkdir(exist_ok=True)
-    grid = list(pre.spatial_size or pre.roi_size)
-    channel_def = {str(k): label.name for k, label in sorted(spec.labels.items())}
-    metadata = {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
-        "version": spec.version,
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "task": "segmentation",
-        "description": spec.description,
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image", "format": "hounsfield" if spec.modality == "CT" else "magnitude",
-                    "modality": spec.modality, "num_channels": 1, "spatial_shape": grid, "dtype": "float32",
-                    "value_range": [pre.intensity_window.b_min, pre.intensity_window.b_max],
-                    "is_patch_data": pre.roi_size is not None, "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "image", "format": "segmentation", "num_channels": len(channel_def),
-                    "spatial_shape": grid, "dtype": "float32", "value_range": [0, 1],
-                    "is_patch_data": pre.roi_size is not None, "channel_def": channel_def,
-                }
-            },
-        },
-    }  # fmt: skip
-    window = pre.intensity_window
-    transforms = [
-        {"_target_": "LoadImaged", "keys": "image"},
-        {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": pre.orientation},
-        *([{"_target_": "Spacingd", "keys": "image", "pixdim": list(pre.target_spacing), "mode": "bilinear"}]
-          if pre.target_spacing else []),
-        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": window.a_min, "a_max": window.a_max,
-         "b_min": window.b_min, "b_max": window.b_max, "clip": True},
-        *([{"_target_": "Resized", "keys": "image", "spatial_size": grid, "mode": "area"}] if pre.spatial_size else []),
-        {"_target_": "EnsureTyped", "keys": "image"},
-    ]  # fmt: skip
-    inferer = (
-        {"_target_": "SlidingWindowInferer", "roi_size": grid, "sw_batch_size": spec.inference.sw_batch_size,
-         "overlap": spec.inference.overlap}
-        if pre.roi_size else {"_target_": "SimpleInferer"}
-    )  # fmt: skip
-    inference = {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": spec.network.name, **spec.network.args},
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": transforms},
-        "inferer": inferer,
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            ],
-        },
-    }
-    ConfigParser.export_config_file(metadata, str(out / "configs" / "metadata.json"), fmt="json", indent=2)
-    ConfigParser.export_config_file(inference, str(out / "configs" / f"inference.{config_format}"), fmt=config_format)
-    network = build_network(spec).eval()
-    if weights in ("pt", "both"):
-        torch.save(network.state_dict(), out / _STATE_DICT)
-    if weights in ("ts", "both"):
-        save_net_with_metadata(torch.jit.script(network), str(out / "models" / "model"), meta_values=metadata)
-    return out

@@ -7,25 +7,17 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from serve_app.dicomweb.messages import PacsStoreOutcome
 from serve_app.model_repository import ModelSpec, RefusedModel
-from serve_app.results.reviews import Review
-from serve_app.segmentation.messages import LabelVolume, StageTimings
 
 __all__ = [
     "ERROR_RESPONSES",
-    "NIFTI_ONLY_NOTE",
     "ErrorDetail",
     "ErrorResponse",
     "Health",
     "ModelList",
-    "ModelRef",
     "ModelSummary",
     "ModelVersionSummary",
     "Readiness",
-    "ResultSummary",
-    "SegmentResponse",
-    "SegmentTimings",
 ]
 
 
@@ -119,70 +111,3 @@ class ModelList(BaseModel):
     refused: list[RefusedModel] = Field(
         description="Models of the repository that are not served, each with the file and field at fault."
     )
-
-
-class ModelRef(BaseModel):
-    name: str = Field(description="The model's name.")
-    version: str = Field(description="The model's version.")
-
-
-NIFTI_ONLY_NOTE = (
-    "the study was NIfTI: its result is NIfTI only (a DICOM SEG and SR reference their source instances, and "
-    "a NIfTI image has none)"
-)
-
-
-class SegmentTimings(BaseModel):
-    """Milliseconds the request spent in each stage, as the ingress saw it."""
-
-    upload: float = Field(description="Receiving the study: the upload spooled to storage, or the PACS retrieval.")
-    preprocess: float = Field(description="Reading the study and the model's preprocessing.")
-    model_queue: float = Field(description="Waiting for a model batch to fill, and transfers.")
-    model: float = Field(description="The model batch's compute.")
-    postprocess: float = Field(description="Mask onto the study's grid, components, volumes, storing the result.")
-    total: float = Field(description="The whole request, from its first byte to the answer.")
-
-    @classmethod
-    def of(cls, upload_s: float, stages: StageTimings, total_s: float) -> SegmentTimings:
-        seconds = {"upload": upload_s, **stages.model_dump(), "total": total_s}
-        return cls(**{stage: round(s * 1000, 1) for stage, s in seconds.items()})
-
-
-class SegmentResponse(BaseModel):
-    """A finished segmentation: labels and volumes now, the mask at ``mask_url``."""
-
-    result_id: str = Field(description="The result's id: 32 hex digits; also the audit line's request_id.")
-    model: ModelRef = Field(description="The model that made it.")
-    labels: list[LabelVolume] = Field(description="Each foreground label and its volume.")
-    shape: list[int] = Field(description="The mask's shape: the study's voxel grid (I, J, K).")
-    spacing: list[float] = Field(description="Voxel spacing along I, J, K in mm.")
-    orientation: str = Field(description="Axis codes of I, J, K (nibabel's aff2axcodes), e.g. LPS for axial DICOM.")
-    affine: list[list[float]] = Field(description="4x4: the study's voxel index -> RAS mm, as NIfTI's.")
-    mask_url: str = Field(description="Where to GET the mask (gzipped NIfTI, uint8 labels, on the study's grid).")
-    seg_url: str | None = Field(
-        description="Where to GET the mask as a DICOM Segmentation on the source series' frames; null for NIfTI."
-    )
-    sr_url: str | None = Field(
-        description="Where to GET the volumes as a DICOM Structured Report (TID 1500); null for NIfTI."
-    )
-    notes: list[str] = Field(description="What a client should know about this result, in words.")
-    pacs_store: PacsStoreOutcome | None = Field(
-        None, description="Whether the SEG and SR were stored back to the PACS, when the request asked for it."
-    )
-    batch_size: int = Field(description="Studies in the model batch that computed this one.")
-    uploaded_bytes: int = Field(description="Bytes received.")
-    timings_ms: SegmentTimings = Field(description="Milliseconds per stage.")
-
-
-class ResultSummary(BaseModel):
-    """A result as it is reopened: what it measured, where its files are, and its reviews."""
-
-    result_id: str = Field(description="The result's id.")
-    labels: list[LabelVolume] = Field(description="Each foreground label and its volume.")
-    model: ModelRef | None = Field(None, description="The model that made it; null for a result stored without it.")
-    mask_url: str = Field(description="Where to GET the mask (gzipped NIfTI, uint8 labels, on the study's grid).")
-    image_url: str | None = Field(
-        description="Where to GET the study's image on the mask's grid (gzipped NIfTI); null unless the segment "
-        "request asked to keep it (keep_image=true)."
-    )
-    reviews: list[Review] = Field(description="Its reviews, oldest first.")

@@ -24,8 +24,8 @@ from orthanc_server import CuttingRelay, Orthanc, orthanc_executable
 from serve_app.cli.cluster import wait_until_ready
 from serve_app.config import AppConfig, load_config
 from serve_app.ray_security import apply_environment, haproxy_environment, token_environment
-from serve_app.studies.phantoms import Phantom, ct_phantom
-from serve_app.studies.sample_data import write_ct_series
+from serve_app.samples.phantoms import Phantom, ct_phantom
+from serve_app.samples.study_files import write_ct_series
 
 
 def pytest_collection_modifyitems(items):

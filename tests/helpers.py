@@ -10,6 +10,7 @@ import io
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -71,11 +72,27 @@ def load_mask(client: httpx.Client, result: dict) -> nib.Nifti1Image:
     return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
 
 
-def medserve(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """The ``medserve`` command, as a user runs it."""
+def medserve(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """The ``medserve`` command, as a user runs it. What ``medserve up`` records (serve_app/cli/up_record.py) goes
+    to this test run's own state folder, never the user's, unless the test's ``env`` names one (XDG_STATE_HOME)."""
+    import os
+
+    if env is None:
+        env = {**os.environ, "XDG_STATE_HOME": _TEST_STATE_HOME}
+    env = {"XDG_STATE_HOME": _TEST_STATE_HOME, **env}
     return subprocess.run(
-        [sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+        [sys.executable, "-m", "serve_app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
     )
+
+
+_TEST_STATE_HOME = tempfile.mkdtemp(prefix="medserve-test-state-")
 
 
 def properties_without_description(schema: dict) -> list[str]:
@@ -200,7 +217,7 @@ def write_organ_bundle(folder: Path, config_format: str = "json", weights: str =
     metadata; ``weights``: pt (state dict), ts (TorchScript) or both."""
     from serve_app.config import EMBEDDED_MODEL_REPOSITORY
     from serve_app.model_repository import ModelRepository
-    from serve_app.monai_bundle import write_bundle
+    from serve_app.samples.bundles import write_bundle
 
     embedded = ModelRepository(EMBEDDED_MODEL_REPOSITORY).get(MODEL)
     return write_bundle(embedded.model_copy(update={"version": version}), folder, config_format, weights)

@@ -20,8 +20,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 
 odd_floats = st.one_of(
     st.floats(-1e3, 1e3, allow_nan=False),

@@ -75,7 +75,7 @@ def test_openapi_gives_every_json_answer_its_model_and_errors_their_format(opena
 def test_segment_answer_matches_its_documented_model(client, phantom_series):
     response = client.post(SEGMENT, content=zip_files(phantom_series[:8]), headers={"content-type": "application/zip"})
     assert response.status_code == 200, response.text
-    from serve_app.responses import SegmentResponse
+    from serve_app.segmentation.responses import SegmentResponse
 
     SegmentResponse.model_validate(response.json())  # every field there, of its type, and no other
     assert set(response.json()) == set(SegmentResponse.model_fields)

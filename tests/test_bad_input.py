@@ -12,8 +12,8 @@ import pytest
 import zstandard
 
 from helpers import SEGMENT, TEST_MAX_VOXELS, ZIP, zip_bytes, zip_files
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 
 
 def _dicom_bytes(ds) -> bytes:

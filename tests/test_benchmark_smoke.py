@@ -8,15 +8,20 @@ import sys
 
 import pytest
 
-from helpers import MODEL, medserve
+from helpers import MODEL
 
 
 def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     # Run from a shell that exports RAY_SERVE_THROUGHPUT_OPTIMIZED=1, as Ray's docs suggest beside HAProxy: the
     # benchmark's own handles then run in that mode (each bound to the event loop it was first called from).
     environment = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-    run = medserve(
-        "bench", "--size", "tiny", "--models", MODEL, "--compare", "--out", str(tmp_path), timeout=900, env=environment
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pipeline", "--size", "tiny", "--models", MODEL, "--compare"]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=environment,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     (report_path,) = tmp_path.glob("pipeline-tiny-*.json")

@@ -2,6 +2,7 @@
 
 import http.server
 import json
+import os
 import socket
 import threading
 
@@ -40,6 +41,22 @@ def test_bad_config_fails_naming_the_field(tmp_path):
     result = medserve("up", "--config", str(config))
     assert result.returncode == 2
     assert "http.port" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["reload", "down"])
+def test_a_dead_cluster_that_ray_still_names_is_found_dead_within_seconds(command, tmp_path):
+    # Ray's current-cluster file names a GCS that is gone (its processes killed): nothing listens on its port.
+    ray_temp_dir = tmp_path / "ray-tmp"
+    (ray_temp_dir / "ray").mkdir(parents=True)
+    (ray_temp_dir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    config = tmp_path / "site.yaml"
+    config.write_text(f"storage: {{root: {tmp_path / 'storage'}}}\n")
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_TMPDIR": str(ray_temp_dir)}
+    arguments = ["--keep-ray"] if command == "down" else []
+    result = medserve(command, "--config", str(config), *arguments, env=environment, timeout=90)
+    assert "does not answer" in result.stderr and "ray_current_cluster" in result.stderr, result.stderr
+    assert "no Ray cluster is running" in result.stderr
+    assert result.returncode == (0 if command == "down" else 2)
 
 
 def test_segment_with_no_server_says_so_in_one_line_and_exits_2(tmp_path):

@@ -8,8 +8,8 @@ from helpers import dice
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
 from serve_app.model_repository import ModelRepository
+from serve_app.samples.phantoms import ct_phantom
 from serve_app.segmentation.transforms import mask_on_grid, to_model_input
-from serve_app.studies.phantoms import ct_phantom
 
 # Seeds from 10_000 on are never drawn by the training script; shapes and spacings vary like its data.
 FRESH = [

@@ -19,11 +19,11 @@ from pydicom.uid import MPEG2MPML, JPEGExtended12Bit, JPEGLosslessSV1, RLELossle
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy, RequestError, UnsupportedMediaType
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.studies.dicom_series import read_dicom_series
 from serve_app.studies.dicom_source import SourceFrame
-from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.reader import read_study
-from serve_app.studies.sample_data import write_ct_series
 from serve_app.studies.volume import Volume
 
 # pydicom warns about odd values in its own samples (a DS with too many digits, say): what is tested is the outcome.

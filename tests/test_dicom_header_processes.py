@@ -16,11 +16,11 @@ from pydicom.data import get_testdata_file
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.studies.dicom_series import read_dicom_series
 from serve_app.studies.dicom_source import DicomSource, header_bytes
 from serve_app.studies.header_processes import MIN_FILES_PER_PROCESS, HeaderProcesses
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
 from serve_app.studies.upload import sort_upload
 
 

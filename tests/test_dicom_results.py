@@ -17,15 +17,16 @@ from pydicom.sr.codedict import codes
 from helpers import skip_unless_installed
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, LimitsConfig
 from serve_app.errors import NoDicomResult, ResultNotFound
-from serve_app.model_repository import ModelRepository, ModelSpec
+from serve_app.model_repository import ModelRepository
+from serve_app.model_spec import ModelSpec
 from serve_app.results import SUMMARY_FILE, ResultStore
 from serve_app.results.dicom_seg import build_segmentation
 from serve_app.results.dicom_sr import build_measurement_report
-from serve_app.segmentation.messages import LabelVolume
+from serve_app.results.measurements import LabelVolume
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.studies.dicom_series import read_dicom_series
 from serve_app.studies.dicom_source import DicomSource, SourceFrame
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
 from serve_app.studies.volume import Volume
 
 RESULT_ID = "0123456789abcdef0123456789abcdef"

@@ -20,7 +20,7 @@ from serve_app.engines import load_engine
 from serve_app.engines.base import PaddedBatches
 from serve_app.engines.onnx_export import FP32_TOLERANCE, cached_onnx_path, compare_with_torch, input_shape, onnx_for
 from serve_app.engines.torch_engine import build_network
-from serve_app.model_repository import ModelSpec, read_model_spec
+from serve_app.model_spec import ModelSpec, read_model_spec
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_tensorrt_parse_errors_are_reported_with_mocked_tensorrt(monkeypatch):
 
 
 def test_tensorrt_calibration_batches_are_preprocessed_ct_volumes(spec):
-    from serve_app.engines.tensorrt_engine import CALIBRATION_BATCH_SIZE, CALIBRATION_VOLUMES, calibration_batches
+    from serve_app.samples.calibration import CALIBRATION_BATCH_SIZE, CALIBRATION_VOLUMES, calibration_batches
 
     batches = calibration_batches(spec, "cpu")
     assert len(batches) == CALIBRATION_VOLUMES // CALIBRATION_BATCH_SIZE

@@ -8,9 +8,10 @@ import torch
 from helpers import dice
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.engines import load_engine
-from serve_app.model_repository import EngineSpec, ModelRepository
+from serve_app.model_repository import ModelRepository
+from serve_app.model_spec import EngineSpec
+from serve_app.samples.phantoms import ct_phantom
 from serve_app.segmentation.transforms import mask_on_grid, to_model_input
-from serve_app.studies.phantoms import ct_phantom
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine runs these)")
 

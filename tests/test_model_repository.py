@@ -6,14 +6,8 @@ from pydantic import ValidationError
 from helpers import properties_without_description
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.errors import ModelNotFound
-from serve_app.model_repository import (
-    ANATOMICAL_STRUCTURE,
-    CodeSpec,
-    InferenceSpec,
-    LabelSpec,
-    ModelRepository,
-    ModelRepositoryError,
-)
+from serve_app.model_repository import ModelRepository
+from serve_app.model_spec import ANATOMICAL_STRUCTURE, CodeSpec, InferenceSpec, LabelSpec, ModelRepositoryError
 
 
 def test_embedded_repository_lists_the_default_model():
@@ -56,7 +50,7 @@ def test_folder_and_name_must_agree(repo_copy):
 
 
 def test_every_model_yaml_field_documents_itself_in_the_schema():
-    from serve_app.model_repository import ModelSpec
+    from serve_app.model_spec import ModelSpec
 
     assert properties_without_description(ModelSpec.model_json_schema()) == []
 

@@ -15,8 +15,10 @@ from serve_app.app import read_checked_repository
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, load_config
 from serve_app.engines.torch_engine import build_network, check_network
 from serve_app.errors import ModelNotFound
-from serve_app.model_repository import ModelRepository, ModelRepositoryError
-from serve_app.monai_bundle import InvalidBundle, read_bundle, write_bundle
+from serve_app.model_repository import ModelRepository
+from serve_app.model_spec import ModelRepositoryError
+from serve_app.monai_bundle import InvalidBundle, read_bundle
+from serve_app.samples.bundles import write_bundle
 
 EMBEDDED = ModelRepository(EMBEDDED_MODEL_REPOSITORY).get(MODEL)
 

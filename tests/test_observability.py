@@ -34,7 +34,7 @@ from helpers import (
 )
 from serve_app.observability import gpu_exporter, monitoring
 from serve_app.observability.metrics import STAGES, ResponseCounter
-from serve_app.wsi.synthetic_slides import write_slide
+from serve_app.samples.synthetic_slides import write_slide
 
 DASHBOARD_FILES = sorted((monitoring.DASHBOARDS / "grafana" / "dashboards").glob("*.json"))
 RATE_INTERVAL = "5m"  # what Grafana's $__rate_interval stands for in these queries
@@ -362,13 +362,13 @@ def test_prometheus_config_is_valid(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_readme_documents_every_metric():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_the_docs_document_every_metric():
+    docs = "\n".join(page.read_text() for page in (Path(__file__).parent.parent / "docs").glob("*.md"))
     source = (Path(__file__).parent.parent / "serve_app" / "observability" / "metrics.py").read_text()
     names = re.findall(r'\(\s*"(medserve_\w+)"', source) + ["medserve_gpu_count", *gpu_exporter.PER_GPU_GAUGES]
     assert len(names) >= 12
-    missing = [n for n in names if n not in readme]
-    assert not missing, f"README.md does not document {missing}"
+    missing = [n for n in names if n not in docs]
+    assert not missing, f"the docs do not document {missing}"
 
 
 def test_monitoring_start_serves_prometheus_and_the_gpu_exporter_until_stopped(tmp_path):

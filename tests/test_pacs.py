@@ -20,8 +20,8 @@ import pytest
 from dicomweb_client import DICOMwebClient
 
 from helpers import MODEL, SEGMENT, assert_no_markers_in_logs, load_mask
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 
 STOW = f"/dicomweb/{MODEL}/studies"
 PATIENT = {

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from serve_app.tenancy.config import RateLimitConfig, TenantConfig
+from serve_app.config.tenancy import RateLimitConfig, TenantConfig
 from serve_app.tenancy.quota import FairQueue, Quotas, TokenBucket
 
 

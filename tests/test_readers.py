@@ -11,10 +11,10 @@ from pydicom.pixels import apply_rescale
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.studies.dicom_series import read_dicom_series
-from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.reader import read_study
-from serve_app.studies.sample_data import write_ct_series
 from serve_app.studies.volume import Volume
 
 

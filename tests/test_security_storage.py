@@ -24,6 +24,7 @@ from serve_app.model_repository import ModelRepository
 from serve_app.results import SUMMARY_FILE, ResultStore
 from serve_app.results.reviews import ReviewRequest, ReviewStore
 from serve_app.retention import RetentionSweeper
+from serve_app.samples.synthetic_slides import write_slide
 from serve_app.storage import UnsafeStorage, secure_storage
 from serve_app.tenancy.audit import AuditLog
 from serve_app.tenancy.keys import hash_api_key, new_api_key
@@ -32,7 +33,6 @@ from serve_app.wsi.job_status import JobRecords, WsiJobStatus
 from serve_app.wsi.jobs import WsiJobs
 from serve_app.wsi.retention import sweep_wsi
 from serve_app.wsi.slides import InvalidSlide, open_slide
-from serve_app.wsi.synthetic_slides import write_slide
 
 RESULT_ID = "0123456789abcdef0123456789abcdef"
 TILE_MODEL = "he-tile-tumour"

@@ -17,10 +17,10 @@ from pydicom.uid import ExplicitVRBigEndian, RLELossless
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, LimitsConfig
 from serve_app.errors import InvalidStudy, PayloadTooLarge
 from serve_app.model_repository import ModelRepository
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.segmentation.transforms import to_model_input
-from serve_app.studies.phantoms import ct_phantom
 from serve_app.studies.reader import read_study
-from serve_app.studies.sample_data import write_ct_series
 from serve_app.studies.volume import Volume
 
 SPEC = ModelRepository(EMBEDDED_MODEL_REPOSITORY).get("ct-phantom-organ")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from helpers import SEGMENT, ZIP, auth, wait_for_job, zip_files
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
-from serve_app.wsi.synthetic_slides import write_slide
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
+from serve_app.samples.synthetic_slides import write_slide
 
 # An owner whose job list no other test counts exactly (test_wsi_jobs counts st-marys's).
 OWNER = "path-lab"

@@ -15,8 +15,8 @@ import pytest
 
 from helpers import SEGMENT, ZIP, assert_no_markers_in_logs, audit_lines, auth, medserve, zip_files
 from serve_app.config import ConfigError, load_config
-from serve_app.studies.phantoms import ct_phantom
-from serve_app.studies.sample_data import write_ct_series
+from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.study_files import write_ct_series
 from serve_app.tenancy.keys import hash_api_key
 
 
@@ -289,8 +289,8 @@ def test_a_bad_tenant_config_names_the_field(tmp_path):
         load_config(config)
 
 
-def test_the_readme_tenant_example_is_a_valid_config(tmp_path):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def test_the_docs_tenant_example_is_a_valid_config(tmp_path):
+    readme = (Path(__file__).parents[1] / "docs" / "tenants.md").read_text()
     example = readme.split("<!-- the block below is loaded by tests/test_tenants.py: keep it valid -->")[1]
     example = example.split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "tenants.yaml").write_text(example)

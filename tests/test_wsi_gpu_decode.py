@@ -9,9 +9,9 @@ import torch
 
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 from serve_app.model_repository import ModelRepository
+from serve_app.samples.synthetic_slides import write_slide
 from serve_app.wsi.cuda_regions import CudaRegions
 from serve_app.wsi.slides import open_slide
-from serve_app.wsi.synthetic_slides import write_slide
 from serve_app.wsi.tile_classifier import TileClassifier
 from serve_app.wsi.tiling import plan_grid, read_tile_block
 

@@ -16,8 +16,8 @@ import zarr
 from PIL import Image
 
 from helpers import exported_total, medserve, settled, wait_for_job
+from serve_app.samples.synthetic_slides import write_slide
 from serve_app.wsi.job_driver import DRIVER_NAMESPACE, driver_name
-from serve_app.wsi.synthetic_slides import write_slide
 
 TILE_MODEL = "he-tile-tumour"
 JOBS = "/v1/wsi/jobs"
@@ -96,7 +96,10 @@ def test_a_job_classifies_each_good_slide_and_fails_each_bad_one_alone(client, s
     assert {f["properties"]["classification"]["name"] for f in features} <= {"Tumor", "Normal"}
     overlay = client.get(f"{outputs}/overlay.png")
     assert overlay.status_code == 200 and overlay.content.startswith(b"\x89PNG")
-    assert client.get(f"{outputs}/summary.json").json()["tiles_positive"] == summary["tiles_positive"]
+    written_summary = client.get(f"{outputs}/summary.json").json()
+    assert written_summary["tiles_positive"] == summary["tiles_positive"]
+    assert [level["index"] for level in written_summary["levels"]] == list(range(len(written_summary["levels"])))
+    assert written_summary["levels"][0]["width"] == 3000 and written_summary["levels"][0]["mpp"] == 0.5
     assert client.get(f"{outputs}/tissue.png").status_code == 200
     assert client.get(f"{outputs}/secrets.txt").status_code == 404
     assert client.get(f"{JOBS}/{job['job_id']}/slides/2/overlay.png").status_code == 404  # failed: no output
@@ -112,7 +115,13 @@ def test_slide_paths_outside_the_roots_or_with_dot_dot_are_refused(client, slide
     outside = tmp_path / "outside.tiff"
     outside.write_bytes(slides["tumour"].read_bytes())
     escape.symlink_to(outside)
-    for path, status in (("/etc/passwd", 403), (str(escape), 403), (f"{slide_root}/jobs/../jobs/tumour.tiff", 400)):
+    refusals = (
+        ("/etc/passwd", 403),
+        (str(escape), 403),
+        ("escape.tiff", 403),  # relative to the root it links out of: not taken for a missing upload of that name
+        (f"{slide_root}/jobs/../jobs/tumour.tiff", 400),
+    )
+    for path, status in refusals:
         response = client.post(JOBS, json={"model": TILE_MODEL, "slides": [path]})
         assert response.status_code == status, (path, response.text)
         assert "passwd" not in response.text

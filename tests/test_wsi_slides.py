@@ -10,8 +10,8 @@ import pytest
 import tifffile
 
 from serve_app.errors import InvalidSlide
+from serve_app.samples.synthetic_slides import WrittenSlide, write_slide
 from serve_app.wsi.slides import SlideLevel, open_slide
-from serve_app.wsi.synthetic_slides import WrittenSlide, write_slide
 
 WIDTH, HEIGHT, MPP, TILE, LEVELS = 3000, 2200, 0.5, 256, 3
 READERS = ("tifffile", "cucim")
@@ -197,6 +197,14 @@ def test_sixteen_bit_slide_is_refused_as_not_8_bit(tmp_path):
 def test_missing_file_is_refused(tmp_path):
     with pytest.raises(InvalidSlide, match="does not exist"):
         open_slide(tmp_path / "absent.svs")
+
+
+def test_an_empty_file_is_refused_as_empty_not_as_another_format(tmp_path):
+    path = tmp_path / "copy-failed.svs"
+    path.touch()
+    with pytest.raises(InvalidSlide, match="empty") as refused:
+        open_slide(path)
+    assert "vips" not in refused.value.reason
 
 
 def test_refusals_never_name_the_file(tmp_path):

@@ -8,14 +8,14 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from serve_app.wsi.synthetic_slides import (
+from serve_app.samples.synthetic_slides import (
     THUMBNAIL_MAX_SIDE,
     WrittenSlide,
     he_region,
     write_slide,
     write_slide_from_region,
 )
-from serve_app.wsi.synthetic_tissue import GroundTruth, make_slide_canvas
+from serve_app.samples.synthetic_tissue import GroundTruth, make_slide_canvas
 
 WIDTH, HEIGHT, MPP, TILE, LEVELS = 3000, 2200, 0.5, 256, 3
 

@@ -8,9 +8,9 @@ import tifffile
 import torch
 from monai.transforms import NormalizeIntensity
 
-from serve_app.wsi.synthetic_slides import write_slide_from_region
-from serve_app.wsi.synthetic_tissue import make_training_tiles
-from serve_app.wsi.tile_model import (
+from serve_app.samples.synthetic_slides import write_slide_from_region
+from serve_app.samples.synthetic_tissue import make_training_tiles
+from serve_app.samples.tile_network import (
     TILE_MEAN,
     TILE_MPP,
     TILE_SIZE,

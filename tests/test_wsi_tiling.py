@@ -8,8 +8,8 @@ import tifffile
 import torch
 
 from serve_app.errors import InvalidSlide
+from serve_app.samples.synthetic_slides import WrittenSlide, write_slide
 from serve_app.wsi.slides import open_slide
-from serve_app.wsi.synthetic_slides import WrittenSlide, write_slide
 from serve_app.wsi.tiling import plan_grid, read_tile_block
 
 TILE_SIZE, MODEL_MPP = 224, 0.5

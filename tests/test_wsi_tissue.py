@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from serve_app.samples.synthetic_slides import WrittenSlide, write_slide, write_slide_from_region
 from serve_app.wsi.slides import SlideLevel, open_slide
-from serve_app.wsi.synthetic_slides import WrittenSlide, write_slide, write_slide_from_region
 from serve_app.wsi.tiling import TileGrid, plan_grid
 from serve_app.wsi.tissue import TissueMask, detect_tissue
 

@@ -4,11 +4,18 @@ served; Serve restarts only the deployments that changed (serve_app/app.py), the
 ``medserve cluster render``: the manifests of a multi-node deployment, from the same config.
 
 The Ray cluster `medserve up` starts is token-authenticated, on loopback, without a Ray Client server
-(serve_app/ray_security.py); every command here that talks to Ray authenticates with that token."""
+(serve_app/ray_security.py); every command here that talks to Ray authenticates with that token.
+
+These commands print medserve's own progress; Ray's output stays in its log files (`up` prints their folder once),
+and ``--verbose`` shows it. `up` records what it started (serve_app/cli/up_record.py): `down` and `reload` act on
+that application when given no --config or --address. A local cluster Ray still names in its current-cluster file
+whose processes died (killed by the OOM killer, say) is found dead within seconds, and `up` starts a fresh one."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +25,20 @@ import httpx
 
 from serve_app import mps
 from serve_app.cli.errors import CommandError
+from serve_app.cli.up_record import UpRecord
 from serve_app.config import AppConfig, load_config
-from serve_app.ray_security import RAY_CLI, authenticate_this_process, cluster_environment, ray_start_command
+from serve_app.ray_security import (
+    RAY_CLI,
+    authenticate_this_process,
+    cluster_environment,
+    ray_start_command,
+    state_folder,
+)
 from serve_app.storage import UnsafeStorage, secure_storage, set_private_umask
+
+# How long a Ray GCS address may take to accept a connection before its cluster is taken for dead: Ray's own
+# `ray.init` would retry a dead one for many minutes.
+_GCS_PROBE_TIMEOUT_S = 3
 
 __all__ = ["add_commands", "wait_until_ready"]
 
@@ -35,25 +53,28 @@ def add_commands(commands) -> None:
         action="store_true",
         help="also start Prometheus, the GPU exporter and Grafana (where installed) on loopback",
     )
+    _add_verbose(up)
     up.set_defaults(run=_up)
 
     reload = commands.add_parser(
         "reload",
         help="deploy medserve again on the running cluster: new or changed models served, the others untouched",
     )
-    reload.add_argument("--config", type=Path, help="application YAML (default: the packaged one)")
-    reload.add_argument("--address", help="Ray cluster (default: the local one)")
+    reload.add_argument("--config", type=Path, help="application YAML (default: the one medserve up was given)")
+    reload.add_argument("--address", help="Ray cluster (default: the one medserve up started or joined)")
+    _add_verbose(reload)
     reload.set_defaults(run=_reload)
 
     down = commands.add_parser(
         "down", help="drain medserve (new work refused, work in flight finished), remove it, stop the local Ray cluster"
     )
-    down.add_argument("--config", type=Path, help="application YAML it was started with (default: the packaged one)")
-    down.add_argument("--address", help="Ray cluster it runs on (default: the local one)")
+    down.add_argument("--config", type=Path, help="application YAML it was started with (default: medserve up's)")
+    down.add_argument("--address", help="Ray cluster it runs on (default: the one medserve up started or joined)")
     down.add_argument(
         "--grace-s", type=float, help="seconds requests in flight may take to finish (default: limits.drain_grace_s)"
     )
     down.add_argument("--keep-ray", action="store_true", help="leave the Ray cluster running")
+    _add_verbose(down)
     down.set_defaults(run=_down)
 
     cluster = commands.add_parser("cluster", help="multi-node deployments")
@@ -64,6 +85,10 @@ def add_commands(commands) -> None:
     render.add_argument("--config", type=Path, help="application YAML (default: the packaged one)")
     render.add_argument("--out", type=Path, default=Path("cluster"), help="folder to write into (default: cluster)")
     render.set_defaults(run=_render)
+
+
+def _add_verbose(parser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own output too")
 
 
 def _render(args) -> int:
@@ -110,27 +135,42 @@ def _up(args) -> int:
     except UnsafeStorage as e:
         raise CommandError(str(e)) from None
     _authenticate(config, args.address, create=True)
-    if _connected(args.address):
+    if _connected(args.address, args.verbose):
         _note_joined_cluster(config)
     elif args.address:
         raise CommandError(f"no Ray cluster answers at {args.address}")
     else:
-        _start_local_ray(config, dashboard=args.monitoring)
-        if not _connected(None):
+        _start_local_ray(config, dashboard=args.monitoring, verbose=args.verbose)
+        if not _connected(None, args.verbose):
             raise CommandError("the local Ray cluster medserve started does not answer; see `ray status`")
-    _deploy(config)
+    _print_ray_logs_folder()
+    url = _deploy(config)
+    UpRecord.of(config, args.config, args.host, args.address, url).write()
     if args.monitoring:
         _start_monitoring()
     return 0
 
 
 def _reload(args) -> int:
-    config = load_config(args.config)
-    _authenticate(config, args.address)
-    if not _connected(args.address):
+    config, address, record = _started_application(args)
+    _authenticate(config, address)
+    if not _connected(address, args.verbose):
         raise CommandError("no Ray cluster is running: start medserve with medserve up")
-    _deploy(config)
+    url = _deploy(config)
+    if args.config is not None or record is None:
+        UpRecord.of(config, args.config, None, address, url).write()
     return 0
+
+
+def _started_application(args) -> tuple[AppConfig, str | None, UpRecord | None]:
+    """The config and Ray address a command acts on: those given, else those `medserve up` recorded, else the
+    packaged config on the local cluster; and the record, if any."""
+    record = UpRecord.read()
+    address = args.address or (record.address if record else None)
+    if args.config is not None or record is None:
+        return load_config(args.config), address, record
+    print(f"medserve: {record.name} as medserve up started it, from {record.config or 'the packaged config'}")
+    return record.load_config(), address, record
 
 
 def _authenticate(config: AppConfig, address: str | None, create: bool = False) -> None:
@@ -141,19 +181,28 @@ def _authenticate(config: AppConfig, address: str | None, create: bool = False) 
         raise CommandError(str(e)) from None
 
 
-def _connected(address: str | None) -> bool:
+def _connected(address: str | None, verbose: bool) -> bool:
     """Connect this process to the Ray cluster at ``address`` (when None, the one `ray start` last started here,
     not any other Ray found running on this machine); False where none answers."""
     import ray
     from ray._private.services import get_ray_address_from_environment
     from ray.exceptions import AuthenticationError
 
-    address = address or get_ray_address_from_environment(None, None)
+    recorded = None if address else get_ray_address_from_environment(None, None)
+    address = address or recorded
     if address is None:
+        return False
+    if not _gcs_answers(address):
+        if recorded:
+            print(
+                f"medserve: the Ray cluster last started here ({address}, named in {_current_cluster_source()}) "
+                "does not answer: its processes have died",
+                file=sys.stderr,
+            )
         return False
     try:
         # The cluster's own logs stay in its log files: a command prints what it did, not every replica's lines.
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level="INFO" if verbose else "ERROR", log_to_driver=verbose)
     except ConnectionError:
         return False
     except AuthenticationError:
@@ -161,12 +210,43 @@ def _connected(address: str | None) -> bool:
             f"the Ray cluster at {address} refused medserve's Ray token: it was started with another token (set "
             "RAY_AUTH_TOKEN to its token, or use the storage.root it was started with)"
         ) from None
+    # Serve's logger in this process ("Deploying app…", "Deleting app…"): its warnings and errors only. Set once
+    # Serve is imported: its import sets the logger to INFO.
+    from ray import serve  # noqa: F401
+
+    logging.getLogger("ray.serve").setLevel(logging.INFO if verbose else logging.WARNING)
     return True
 
 
-def _deploy(config: AppConfig) -> None:
+def _gcs_answers(address: str) -> bool:
+    """Whether the Ray GCS at ``address`` (host:port) accepts a connection within seconds. A cluster whose
+    processes were killed leaves its address behind, and ``ray.init`` would retry it for many minutes."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():  # not host:port: left to ray.init
+        return True
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_GCS_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _current_cluster_source() -> str:
+    from ray._private.utils import get_ray_address_file
+
+    return "$RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else get_ray_address_file(None)
+
+
+def _print_ray_logs_folder() -> None:
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()  # Ray has no public call for it
+    print(f"medserve: Ray's logs: {Path(session) / 'logs'}")
+
+
+def _deploy(config: AppConfig) -> str:
     """Deploy (or deploy again) the application on the connected cluster and wait until it is ready; say which
-    models are served and which were refused."""
+    models are served and which were refused. Returns the API's URL."""
     from ray import serve
 
     from serve_app.app import build_app, read_checked_repository
@@ -176,6 +256,7 @@ def _deploy(config: AppConfig) -> None:
     DrainOrder(config).clear()
     serve.start(**config.http.serve_start_options())
     repository = read_checked_repository(config)
+    print(f"medserve: deploying {config.name}, waiting until it is ready")
     serve.run(build_app(config, repository), name=config.name, route_prefix="/", blocking=False)
     url = f"http://{config.http.host}:{config.http.port}"
     wait_until_ready(url, timeout_s=300)
@@ -184,6 +265,7 @@ def _deploy(config: AppConfig) -> None:
         print(f"  {spec.name} {spec.version} ({spec.source})")
     for refused in repository.refused:
         print(f"  refused {refused.path}: {refused.reason}", file=sys.stderr)
+    return url
 
 
 def _start_monitoring() -> None:
@@ -218,7 +300,7 @@ def _note_joined_cluster(config: AppConfig) -> None:
     )
 
 
-def _start_local_ray(config: AppConfig, dashboard: bool = False) -> None:
+def _start_local_ray(config: AppConfig, dashboard: bool, verbose: bool) -> None:
     # Deployments ask for fractions of a CPU; advertising at least 4 lets the whole graph fit on 2 cores.
     cpus = max(4, os.cpu_count() or 1)
     # Ray's dashboard writes the service-discovery file Prometheus reads: only worth its memory when monitored.
@@ -229,7 +311,17 @@ def _start_local_ray(config: AppConfig, dashboard: bool = False) -> None:
             env.update(mps.start())
         except mps.MpsUnavailable as e:
             print(f"medserve: gpu_sharing mps: {e}; the GPU is time-sliced", file=sys.stderr)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    print(f"medserve: starting a local Ray cluster on {config.ray.node_ip_address}:{config.ray.port}")
+    if verbose:
+        subprocess.run(command, check=True, env=env)
+        return
+    # Into a file, not a pipe: Ray's daemons inherit `ray start`'s output and outlive it.
+    log = state_folder(config) / "ray-start.log"
+    with log.open("w") as out:
+        started = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if started.returncode != 0:
+        last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+        raise CommandError(f"ray start failed ({last}); its output is in {log}")
 
 
 def wait_until_ready(url: str, timeout_s: float) -> None:
@@ -260,6 +352,13 @@ def _drain(config: AppConfig, grace_s: float) -> None:
     order.start(grace_s)
     print(f"draining {config.name}: new work refused, requests in flight finish (up to {grace_s:g} s)")
     left = order.wait(replicas)
+    if len(left) < replicas:
+        print(
+            f"medserve: {replicas - len(left)} of {replicas} ingress replicas did not answer the drain order within "
+            f"{grace_s:g} s: the order is under {config.storage.root}; give --config the file {config.name} was "
+            "started with",
+            file=sys.stderr,
+        )
     if any(left.values()):
         print(f"medserve: {sum(left.values())} requests still in flight after {grace_s:g} s", file=sys.stderr)
     serve.delete(config.name)
@@ -271,20 +370,23 @@ def _down(args) -> int:
 
     for name in monitoring.stop():
         print(f"stopped {name}")
-    config = load_config(args.config)
-    _authenticate(config, args.address)  # before Ray is imported: it reads its single-machine mode once
+    config, address, record = _started_application(args)
+    _authenticate(config, address)  # before Ray is imported: it reads its single-machine mode once
     import ray
     from ray import serve
 
-    if not _connected(args.address):
+    if not _connected(address, args.verbose):
         print("medserve: no Ray cluster is running", file=sys.stderr)
     else:
         _drain(config, config.limits.drain_grace_s if args.grace_s is None else args.grace_s)
         serve.shutdown()
         ray.shutdown()
     if not args.keep_ray:
-        subprocess.run([RAY_CLI, "stop"], check=False, stdout=subprocess.DEVNULL)
+        quiet = {} if args.verbose else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        subprocess.run([RAY_CLI, "stop"], check=False, **quiet)
         if mps.stop():
             print("stopped the MPS control daemon")
+    if record is not None and record.describes(config):
+        UpRecord.forget()
     print("medserve is down")
     return 0

@@ -47,7 +47,7 @@ def add_commands(commands) -> None:
 
 def _import_bundle(args) -> int:
     from serve_app.engines.torch_engine import check_network
-    from serve_app.model_repository import ModelRepositoryError
+    from serve_app.model_spec import ModelRepositoryError
     from serve_app.monai_bundle import read_bundle
 
     source = args.bundle.resolve()
@@ -92,7 +92,7 @@ def _import_bundle(args) -> int:
 
 def _sample_bundle(args) -> int:
     from serve_app.model_repository import ModelRepository
-    from serve_app.monai_bundle import write_bundle
+    from serve_app.samples.bundles import write_bundle
 
     if args.out.exists() and any(args.out.iterdir()):
         raise CommandError(f"{args.out} exists and is not empty")

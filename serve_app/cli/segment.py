@@ -18,10 +18,20 @@ from typing import BinaryIO
 import httpx
 
 from serve_app.cli.errors import CommandError, json_answer, reason_of
+from serve_app.cli.up_record import UpRecord
 
 __all__ = ["API_KEY_ENV", "DEFAULT_URL", "add_commands", "file_chunks"]
 
-DEFAULT_URL = os.environ.get("MEDSERVE_URL", "http://127.0.0.1:8000")
+
+def _default_url() -> str:
+    """$MEDSERVE_URL, else the URL of the application `medserve up` last started, else the packaged config's."""
+    if os.environ.get("MEDSERVE_URL"):
+        return os.environ["MEDSERVE_URL"]
+    record = UpRecord.read()
+    return record.url if record else "http://127.0.0.1:8000"
+
+
+DEFAULT_URL = _default_url()
 API_KEY_ENV = "MEDSERVE_API_KEY"
 _CHUNK = 1 << 20
 

@@ -1,4 +1,7 @@
-"""The other commands: ``tenant-key``, ``sample-ct``, ``sample-slide``, ``export-onnx``, ``bench`` and ``bench-wsi``."""
+"""The other commands: ``tenant-key``, ``sample-ct``, ``sample-slide``, ``export-onnx`` and ``build-tensorrt``.
+
+The benchmarks are no command of the installed package: they run from a checkout (``python -m benchmarks.pipeline``,
+``make bench``)."""
 
 from __future__ import annotations
 
@@ -33,13 +36,6 @@ def add_commands(commands) -> None:
     slide.add_argument("--seed", type=int, default=0)
     slide.set_defaults(run=_sample_slide)
 
-    bench_wsi = commands.add_parser("bench-wsi", help="the side-by-side WSI benchmark (benchmarks/wsi.py)")
-    bench_wsi.set_defaults(run=_bench_wsi, passes_unknown_args=True)
-
-    # Its options (--size tiny|small|full, --models, --out) are benchmarks/pipeline.py's own, passed through.
-    bench = commands.add_parser("bench", help="the side-by-side pipeline benchmark (benchmarks/pipeline.py)")
-    bench.set_defaults(run=_bench, passes_unknown_args=True)
-
     export = commands.add_parser("export-onnx", help="export a model to ONNX and check it against torch")
     export.add_argument("model", help="model name in the config's model repository")
     export.add_argument(
@@ -55,23 +51,20 @@ def add_commands(commands) -> None:
     )
     export.set_defaults(run=_export_onnx)
 
-
-def _bench(args) -> int:
-    from benchmarks.pipeline import main as bench_main
-
-    bench_main(args.unknown_args)
-    return 0
-
-
-def _bench_wsi(args) -> int:
-    from benchmarks.wsi import main as bench_main
-
-    bench_main(args.unknown_args)
-    return 0
+    tensorrt = commands.add_parser(
+        "build-tensorrt",
+        help="build a tensorrt model's engine for this node's GPU into the engine cache (int8: calibrated on "
+        "synthetic CT phantoms); replicas load it from there",
+    )
+    tensorrt.add_argument("model", help="model name in the config's model repository")
+    tensorrt.add_argument(
+        "--config", type=Path, help="application YAML whose model repository to use (default: the packaged one)"
+    )
+    tensorrt.set_defaults(run=_build_tensorrt)
 
 
 def _sample_slide(args) -> int:
-    from serve_app.wsi.synthetic_slides import write_slide
+    from serve_app.samples.synthetic_slides import write_slide
 
     if args.width < 256 or args.height < 256:
         raise CommandError(f"a slide needs at least 256 x 256 pixels (got {args.width} x {args.height})")
@@ -100,8 +93,8 @@ def _sample_ct(args) -> int:
     import numpy as np
     from pydicom.uid import generate_uid
 
-    from serve_app.studies.phantoms import ct_phantom
-    from serve_app.studies.sample_data import write_ct_series, write_nifti
+    from serve_app.samples.phantoms import ct_phantom
+    from serve_app.samples.study_files import write_ct_series, write_nifti
 
     phantom = ct_phantom(np.random.default_rng(args.seed))
     study_uid, series_uid = generate_uid(), generate_uid()
@@ -118,15 +111,22 @@ def _sample_ct(args) -> int:
     return 0
 
 
-def _export_onnx(args) -> int:
-    from serve_app.engines.onnx_export import FP32_TOLERANCE, OnnxCheckFailed, cached_onnx_path, export_checked
+def _model(args):
+    """The model ``args.model`` of the config's repository; CommandError naming why not."""
     from serve_app.errors import ModelNotFound
-    from serve_app.model_repository import ModelRepository, ModelRepositoryError
+    from serve_app.model_repository import ModelRepository
+    from serve_app.model_spec import ModelRepositoryError
 
     try:
-        spec = ModelRepository(load_config(args.config).model_repository).get(args.model)
+        return ModelRepository(load_config(args.config).model_repository).get(args.model)
     except (ModelNotFound, ModelRepositoryError) as e:
         raise CommandError(e) from None
+
+
+def _export_onnx(args) -> int:
+    from serve_app.engines.onnx_export import FP32_TOLERANCE, OnnxCheckFailed, cached_onnx_path, export_checked
+
+    spec = _model(args)
     out = args.out or cached_onnx_path(spec)
     try:
         check = export_checked(spec, out, FP32_TOLERANCE if args.tolerance is None else args.tolerance)
@@ -134,4 +134,26 @@ def _export_onnx(args) -> int:
         raise CommandError(f"the ONNX export of {args.model} does not match torch, nothing written: {e}") from None
     print(check)
     print(f"wrote {out}")
+    return 0
+
+
+def _build_tensorrt(args) -> int:
+    import torch
+
+    from serve_app.engines.devices import replica_device
+    from serve_app.engines.tensorrt_engine import cached_plan
+    from serve_app.samples.calibration import calibration_batches
+
+    spec = _model(args)
+    if spec.engine.backend != "tensorrt":
+        raise CommandError(f"model {spec.name} runs on backend {spec.engine.backend}, not tensorrt: nothing to build")
+    device = replica_device()
+    if device.type != "cuda":
+        raise CommandError("a TensorRT engine is built on the GPU it runs on: this node has none")
+    try:
+        calibration = calibration_batches(spec, device) if spec.engine.precision == "int8" else None
+        plan = cached_plan(spec, device, calibration)
+    except (ImportError, ValueError) as e:
+        raise CommandError(e) from None
+    print(f"{spec.name}: {spec.engine.precision} engine for {torch.cuda.get_device_name(device)} in {plan}")
     return 0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import Field, StringConstraints
 
 from serve_app.strict_model import StrictModel
 
-__all__ = ["PacsSegmentRequest", "PacsStoreOutcome", "StoreRequest", "Uid"]
+__all__ = ["PacsSegmentRequest", "StoreRequest", "Uid"]
 
 # PS3.5 9.1: digits and dots, at most 64 characters.
 Uid = Annotated[str, StringConstraints(pattern=r"^[0-9][0-9.]{0,63}$")]
@@ -29,17 +29,3 @@ class StoreRequest(StrictModel):
     """``POST /v1/results/{id}/store``: store a result's DICOM SEG and SR to a PACS (again)."""
 
     pacs: str = Field(description="A PACS of the server's `pacs` config section, by name.")
-
-
-class PacsStoreOutcome(BaseModel):
-    """What became of storing a result's DICOM SEG and SR to a PACS."""
-
-    pacs: str = Field(description="The PACS, by name.")
-    stored: bool = Field(description="Whether the PACS took both objects.")
-    attempts: int = Field(
-        description="Tries it took; a store-back is retried while the PACS is down or busy. 0 when it failed."
-    )
-    sop_instance_uids: list[str] = Field(description="The SOPInstanceUIDs of the SEG and the SR sent.")
-    reason: str | None = Field(
-        None, description="Why the store failed, when it did; the result stays downloadable from medserve."
-    )

@@ -18,7 +18,7 @@ from dicomweb_client import DICOMwebClient
 from pydicom.errors import InvalidDicomError
 from python_multipart.exceptions import MultipartParseError
 
-from serve_app.dicomweb.config import PacsConfig
+from serve_app.config.pacs import PacsConfig
 from serve_app.dicomweb.multipart import DicomPartFiles, multipart_related_boundary
 from serve_app.errors import NotFoundAtPacs, PacsFailed
 from serve_app.studies.upload import UploadBudget

@@ -4,7 +4,7 @@ from typing import Protocol
 
 import torch
 
-from serve_app.model_repository import ModelSpec
+from serve_app.model_spec import ModelSpec
 
 
 class Engine(Protocol):

@@ -17,7 +17,7 @@ import torch
 
 from serve_app.config import StorageConfig
 from serve_app.engines.torch_engine import build_network
-from serve_app.model_repository import ModelSpec, WeightsFormat
+from serve_app.model_spec import ModelSpec, WeightsFormat
 
 OPSET = 18
 FP32_TOLERANCE = 1e-3

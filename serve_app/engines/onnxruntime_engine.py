@@ -6,7 +6,7 @@ import onnxruntime
 import torch
 
 from serve_app.engines.onnx_export import onnx_for
-from serve_app.model_repository import ModelSpec
+from serve_app.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from serve_app.engines.onnx_export import engine_cache_root, input_shape, onnx_for
-from serve_app.model_repository import ModelSpec
+from serve_app.engines.onnx_export import engine_cache_root, onnx_for
+from serve_app.model_spec import ModelSpec
 
-CALIBRATION_VOLUMES = 16
-CALIBRATION_BATCH_SIZE = 4  # divides CALIBRATION_VOLUMES: every calibration batch has the calibration profile's shape
+__all__ = ["TensorRTEngine", "build_plan", "cached_plan", "engine_cache_key", "tensorrt_module"]
 
 
 def tensorrt_module():
@@ -60,19 +58,7 @@ class TensorRTEngine:
         if device.type != "cuda":
             raise RuntimeError(f"backend tensorrt needs a CUDA device; model {spec.name} was given {device}")
         self.device = device
-        options = spec.engine
-        onnx_bytes = onnx_for(spec).read_bytes()
-        gpu = torch.cuda.get_device_properties(device)
-        key = engine_cache_key(
-            gpu.name, (gpu.major, gpu.minor), trt.__version__, options.precision, options.batch_sizes, onnx_bytes
-        )
-        plan_path = engine_cache_root() / "tensorrt" / f"{spec.name}-{key}.plan"
-        if not plan_path.is_file():
-            calibration = calibration_batches(spec, device) if options.precision == "int8" else None
-            plan = build_plan(
-                onnx_bytes, options.precision, options.batch_sizes, calibration, plan_path.with_suffix(".calibration")
-            )
-            _write_atomically(plan_path, plan)
+        plan_path = cached_plan(spec, device)
         logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(logger)  # kept: the engine must not outlive its runtime
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
@@ -96,6 +82,35 @@ class TensorRTEngine:
         if not self._context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         return logits
+
+
+def cached_plan(spec: ModelSpec, device: torch.device, calibration: list[torch.Tensor] | None = None) -> Path:
+    """The model's serialized engine for ``device``'s kind of GPU, built into the engine cache if it is not there.
+
+    An int8 engine is calibrated on ``calibration`` (device tensors of one shape, preprocessed as the model sees
+    them in serving), which only its caller can make: a replica given none finds the plan built or fails, naming
+    the command that builds it (``medserve build-tensorrt``).
+    """
+    trt = tensorrt_module()
+    options = spec.engine
+    onnx_bytes = onnx_for(spec).read_bytes()
+    gpu = torch.cuda.get_device_properties(device)
+    key = engine_cache_key(
+        gpu.name, (gpu.major, gpu.minor), trt.__version__, options.precision, options.batch_sizes, onnx_bytes
+    )
+    plan_path = engine_cache_root() / "tensorrt" / f"{spec.name}-{key}.plan"
+    if plan_path.is_file():
+        return plan_path
+    if options.precision == "int8" and calibration is None:
+        raise RuntimeError(
+            f"model {spec.name} runs TensorRT int8 and no engine for a {gpu.name} is built yet: build it first, on a "
+            f"node with this GPU, with `medserve build-tensorrt {spec.name}`"
+        )
+    plan = build_plan(
+        onnx_bytes, options.precision, options.batch_sizes, calibration, plan_path.with_suffix(".calibration")
+    )
+    _write_atomically(plan_path, plan)
+    return plan_path
 
 
 def build_plan(
@@ -162,25 +177,6 @@ def entropy_calibrator(batches: list[torch.Tensor], cache_path: Path):
             _write_atomically(cache_path, bytes(cache))
 
     return EntropyCalibrator()
-
-
-def calibration_batches(spec: ModelSpec, device: torch.device | str) -> list[torch.Tensor]:
-    """Preprocessed synthetic CT volumes, as the model sees them in serving, in fixed-size batches."""
-    from monai.transforms import ResizeWithPadOrCrop
-
-    from serve_app.segmentation.transforms import to_model_input
-    from serve_app.studies.phantoms import ct_phantom
-
-    if spec.modality != "CT":
-        raise ValueError(f"int8 calibrates on CT phantoms; model {spec.name} is {spec.modality}: use precision fp16")
-    fit = ResizeWithPadOrCrop(input_shape(spec, 1)[2:])  # a sliding-window model sees ROI-sized patches
-    # Fixed seeds: every node calibrates on the same volumes, so a cache key needs no calibration data in it.
-    volumes = [
-        fit(to_model_input(ct_phantom(np.random.default_rng(20_000 + i)).volume, spec.preprocessing)).as_tensor()
-        for i in range(CALIBRATION_VOLUMES)
-    ]
-    stacked = torch.stack(volumes).to(device, torch.float32)
-    return list(stacked.split(CALIBRATION_BATCH_SIZE))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import monai.networks.nets
 import torch
 
-from serve_app.model_repository import ModelRepositoryError, ModelSpec, WeightsFormat
+from serve_app.model_spec import ModelRepositoryError, ModelSpec, WeightsFormat
 
 __all__ = ["TorchEngine", "build_network", "check_network", "monai_network"]
 

@@ -22,13 +22,9 @@ import functools
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 from serve_app.errors import status_of
-
-if TYPE_CHECKING:
-    from serve_app.responses import SegmentTimings
 
 # Ingress timings (``timings_ms`` keys) -> the ``stage`` label.
 STAGES = {
@@ -70,12 +66,12 @@ def record_response(route: str, method: str, code: int, tenant: str) -> None:
     _request_metrics()[0].inc(tags={"route": route, "method": method, "code": str(code), "tenant": tenant})
 
 
-def observe_segment(request, model: str, timings_ms: SegmentTimings) -> None:
-    """Called by the ingress once a segment request succeeded, with the timings it returns."""
+def observe_segment(request, model: str, timings_ms: Mapping[str, float]) -> None:
+    """Called by the ingress once a segment request succeeded, with the timings it returns (stage -> ms)."""
     latency = _request_metrics()[1]
     tenant = tenant_of(request.scope)
     for key, stage in STAGES.items():
-        latency.observe(getattr(timings_ms, key) / 1000.0, tags={"stage": stage, "model": model, "tenant": tenant})
+        latency.observe(timings_ms[key] / 1000.0, tags={"stage": stage, "model": model, "tenant": tenant})
 
 
 def tenant_of(scope: dict) -> str:
@@ -236,3 +232,66 @@ def _wsi_metrics():
         tag_keys=("model", "tenant", "status"),
     )
     return progress, tiles, jobs
+
+
+@functools.cache
+def _dicom_network_metrics():
+    from ray.util import metrics
+
+    instances = metrics.Counter(
+        "medserve_dicom_instances",
+        description="C-STOREs the DICOM listener answered, by tenant and outcome (stored, duplicate: a re-send "
+        "already on disk, refused).",
+        tag_keys=("tenant", "outcome"),
+    )
+    series = metrics.Counter(
+        "medserve_dicom_series",
+        description="Series the DICOM node found complete, by tenant and outcome (routed, unrouted: no route took it).",
+        tag_keys=("tenant", "outcome"),
+    )
+    inbox = metrics.Gauge(
+        "medserve_dicom_inbox_instances",
+        description="Instances received by the DICOM listener and not yet processed, per tenant.",
+        tag_keys=("tenant",),
+    )
+    deliveries = metrics.Counter(
+        "medserve_dicom_deliveries",
+        description="Tries of result deliveries, by destination and outcome (delivered, retried: to be tried again, "
+        "failed: given up).",
+        tag_keys=("destination", "outcome"),
+    )
+    pending = metrics.Gauge(
+        "medserve_dicom_deliveries_pending",
+        description="Result deliveries waiting for their destination.",
+        tag_keys=("destination",),
+    )
+    oldest = metrics.Gauge(
+        "medserve_dicom_oldest_pending_delivery_seconds",
+        description="Age of the oldest result delivery waiting for its destination (0 when none waits).",
+        tag_keys=("destination",),
+    )
+    return instances, series, inbox, deliveries, pending, oldest
+
+
+def count_dicom_instance(tenant: str, outcome: str) -> None:
+    """``outcome``: stored, duplicate or refused."""
+    _dicom_network_metrics()[0].inc(tags={"tenant": tenant, "outcome": outcome})
+
+
+def count_dicom_series(tenant: str, routed: bool) -> None:
+    _dicom_network_metrics()[1].inc(tags={"tenant": tenant, "outcome": "routed" if routed else "unrouted"})
+
+
+def set_dicom_inbox_depth(tenant: str, instances: int) -> None:
+    _dicom_network_metrics()[2].set(instances, tags={"tenant": tenant})
+
+
+def count_delivery(destination: str, outcome: str) -> None:
+    """``destination`` is its name in the config; ``outcome``: delivered, retried or failed."""
+    _dicom_network_metrics()[3].inc(tags={"destination": destination, "outcome": outcome})
+
+
+def set_delivery_backlog(destination: str, pending: int, oldest_age_s: float) -> None:
+    _, _, _, _, pending_gauge, oldest_gauge = _dicom_network_metrics()
+    pending_gauge.set(pending, tags={"destination": destination})
+    oldest_gauge.set(oldest_age_s, tags={"destination": destination})

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from serve_app.model_repository import ModelSpec
 from serve_app.results.codes import MILLILITRE, VOLUME, coded, procedure_reported
 from serve_app.results.dicom_seg import MANUFACTURER, new_series, segment_numbers
-from serve_app.segmentation.messages import LabelVolume
+from serve_app.results.measurements import LabelVolume
 from serve_app.studies.dicom_source import DicomSource
 
 __all__ = ["SR_SERIES_NUMBER", "build_measurement_report"]

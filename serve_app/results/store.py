@@ -32,7 +32,7 @@ from serve_app.errors import ImageNotKept, NoDicomResult, ResultNotFound
 from serve_app.model_repository import ModelSpec
 from serve_app.results.dicom_seg import build_segmentation
 from serve_app.results.dicom_sr import build_measurement_report
-from serve_app.segmentation.messages import LabelVolume
+from serve_app.results.measurements import LabelVolume
 from serve_app.storage import private_folder
 from serve_app.studies.dicom_source import DicomSource
 from serve_app.studies.volume import box_slices, shifted_affine

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+from serve_app.results.measurements import LabelVolume
 from serve_app.studies.dicom_source import DicomSource
 from serve_app.studies.volume import Affine
 
-__all__ = ["Grid", "LabelVolume", "Prediction", "PreparedStudy", "Segmentation", "StageTimings"]
+__all__ = ["Grid", "Prediction", "PreparedStudy", "Segmentation", "StageTimings"]
 
 Array = torch.Tensor | np.ndarray
 
@@ -30,14 +31,6 @@ class Grid:
     affine: Affine  # image voxel -> RAS mm
     # The DICOM instances of the grid's slices (a DICOM SEG references them); None for a NIfTI study.
     source: DicomSource | None = None
-
-
-class LabelVolume(BaseModel):
-    """One foreground label of a segmentation and how much of the study it fills."""
-
-    label: int = Field(description="The label's value in the mask.")
-    name: str = Field(description="The label's name in the model's model.yaml.")
-    volume_ml: float = Field(description="Volume of the label's voxels in millilitres (cm³), on the study's grid.")
 
 
 @dataclass

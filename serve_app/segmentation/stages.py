@@ -21,15 +21,8 @@ from serve_app.engines.devices import to_device
 from serve_app.errors import InvalidStudy
 from serve_app.model_repository import ModelSpec
 from serve_app.results import ResultStore
-from serve_app.segmentation.messages import (
-    Array,
-    Grid,
-    LabelVolume,
-    Prediction,
-    PreparedStudy,
-    Segmentation,
-    StageTimings,
-)
+from serve_app.results.measurements import LabelVolume
+from serve_app.segmentation.messages import Array, Grid, Prediction, PreparedStudy, Segmentation, StageTimings
 from serve_app.segmentation.transforms import label_volumes_ml, mask_on_grid, to_model_input
 from serve_app.stopwatch import Stopwatch
 from serve_app.studies.header_processes import HeaderProcesses

@@ -13,13 +13,16 @@ import numpy as np
 if TYPE_CHECKING:
     from serve_app.studies.dicom_source import DicomSource
 
-__all__ = ["Affine", "Volume", "box_slices", "shifted_affine", "spacing_of", "voxel_volume_ml"]
+__all__ = ["LPS_TO_RAS", "Affine", "Volume", "box_slices", "shifted_affine", "spacing_of", "voxel_volume_ml"]
 
 Affine: TypeAlias = np.ndarray
 """A (4, 4) float64 matrix from voxel indices to RAS millimetres (NIfTI's and MONAI's convention).
 
 Which voxel grid it maps is said where it is used: ``grid_affine`` (the study's own image grid) or
 ``model_affine`` (the grid of the model's input, after preprocessing)."""
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""DICOM's patient frame (LPS: x to the patient's left, y to the back) onto RAS: x and y flipped; its own inverse."""
 
 
 @dataclass

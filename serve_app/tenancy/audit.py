@@ -23,8 +23,8 @@ import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
+from serve_app.config.tenancy import AuditConfig
 from serve_app.storage import private_folder
-from serve_app.tenancy.config import AuditConfig
 
 SALT_ENV = "MEDSERVE_AUDIT_SALT"
 

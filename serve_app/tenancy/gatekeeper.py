@@ -1,4 +1,4 @@
-"""What the ingress asks for each request: who sends it, may they, is there room; then the audit line.
+"""What the API asks for each request: who sends it, may they, is there room; then the audit line.
 
 Without a ``tenants`` section the server is open: every request is tenant "anonymous" and nothing is
 refused here (the audit line is still written).
@@ -23,11 +23,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 
 from serve_app.config import AppConfig
+from serve_app.config.tenancy import TenantConfig
 from serve_app.errors import CLIENT_CLOSED, Forbidden, TooManyRequests, Unauthorized, status_of, unwrap
 from serve_app.model_repository import ModelRepository
 from serve_app.stopwatch import Stopwatch
 from serve_app.tenancy.audit import AuditLog
-from serve_app.tenancy.config import TenantConfig
 from serve_app.tenancy.keys import hash_api_key
 
 __all__ = ["ANONYMOUS", "Gatekeeper", "Visit"]
@@ -37,9 +37,27 @@ ANONYMOUS = "anonymous"
 _RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Visit:
-    """One request as tenancy sees it; the ingress fills in what only it learns."""
+    """One request the gatekeeper let in, as its route and the services see it. What they learn that the audit line
+    tells (a study, a review) they hand to the gatekeeper (``Gatekeeper.segmented``, ``Gatekeeper.reviewed``), which
+    alone writes the line."""
+
+    request_id: str
+    tenant_id: str
+    model_version: str | None  # of the model the route names: the version it names, else the newest
+    max_upload_bytes: int
+    deadline_s: float  # seconds the request may take from its arrival (the tenant's, else the server's)
+    _record: _VisitRecord = field(repr=False)
+
+    def seconds_left(self) -> float:
+        """Of the request's deadline, counted from its arrival."""
+        return self.deadline_s - (time.monotonic() - self._record.arrived)
+
+
+@dataclass
+class _VisitRecord:
+    """What the audit line says of one request beyond how it ended, filled in by the gatekeeper as it learns it."""
 
     request_id: str
     route: str
@@ -47,26 +65,12 @@ class Visit:
     tenant_id: str = ANONYMOUS
     model: str | None = None  # set only once the model is known to exist: never echo a client's string
     model_version: str | None = None
-    max_upload_bytes: int = 0
-    deadline_s: float = 0.0  # seconds the request may take from its arrival (the tenant's, else the server's)
     arrived: float = field(default_factory=time.monotonic)
     admitted: bool = False  # the gate counts it in: it must be let out (gate.leave)
     slot_wait_s: float = 0.0
     study_instance_uid: str | None = None  # hashed before it is written anywhere
     verdict: str | None = None  # a review's verdict, audited; never its reviewer or comment (free text)
     timings_ms: dict = field(default_factory=dict)
-    gate: DeploymentHandle | None = None
-
-    def seconds_left(self) -> float:
-        """Of the request's deadline, counted from its arrival."""
-        return self.deadline_s - (time.monotonic() - self.arrived)
-
-    async def wait_for_slot(self) -> None:
-        """Queue for a processing slot (STAT first, then tenants in turn); at once on an open server."""
-        if self.admitted:
-            watch = Stopwatch()
-            await self.gate.acquire_slot.remote(self.request_id, self.stat)
-            self.slot_wait_s = watch.total_s
 
 
 class Gatekeeper:
@@ -109,30 +113,64 @@ class Gatekeeper:
         """Authenticate and authorise the request (and with ``admit``, count it against its quotas);
         whatever happens, release what it held and write its audit line."""
         watch = Stopwatch()
-        visit = Visit(request_id=result_id or uuid.uuid4().hex, route=route, stat=stat, gate=self.gate)
+        record = _VisitRecord(request_id=result_id or uuid.uuid4().hex, route=route, stat=stat)
         status, error = 200, None
         try:
-            tenant = self._authenticate(visit, request)
-            self._authorise(visit, tenant, model, version)
-            visit.max_upload_bytes = self._upload_limit(tenant)
-            visit.deadline_s = (tenant.request_deadline_s if tenant else None) or self.server_deadline_s
+            tenant = self._authenticate(record, request)
+            self._authorise(record, tenant, model, version)
+            deadline_s = (tenant.request_deadline_s if tenant else None) or self.server_deadline_s
             if admit and self.gate is not None:
-                await self._admit(visit)
-            yield visit
+                await self._admit(record)
+            yield Visit(
+                request_id=record.request_id,
+                tenant_id=record.tenant_id,
+                model_version=record.model_version,
+                max_upload_bytes=self._upload_limit(tenant),
+                deadline_s=deadline_s,
+                _record=record,
+            )
         except BaseException as e:
             status, error = status_of(e), type(unwrap(e)).__name__
             raise
         finally:
             try:
-                if visit.admitted:
+                if record.admitted:
                     # A client that hangs up cancels this request, and Serve then cancels the request's
                     # calls still waiting to be routed: a `leave` among them would never reach the gate
                     # and the tenant's count would leak until its lease ran out. Detached, the call is
                     # not this request's child; shielded, it outlives the cancellation.
-                    self.held.discard(visit.request_id)
-                    await asyncio.shield(_detached(self.gate.leave.remote, visit.request_id))
+                    self.held.discard(record.request_id)
+                    await asyncio.shield(_detached(self.gate.leave.remote, record.request_id))
             finally:
-                self.audit.write(self._record(visit, status, error, watch.total_s))
+                self.audit.write(self._audit_line(record, status, error, watch.total_s))
+
+    async def wait_for_slot(self, visit: Visit) -> None:
+        """Queue for a processing slot (STAT first, then tenants in turn); at once on an open server. The wait is
+        audited as the request's queue time."""
+        record = visit._record
+        if record.admitted:
+            watch = Stopwatch()
+            await self.gate.acquire_slot.remote(record.request_id, record.stat)
+            record.slot_wait_s = watch.total_s
+
+    def authorise_model(self, visit: Visit, model: str) -> None:
+        """For a model a request's body names, checked once the visit has authenticated it (a route that reads its
+        body only then): 404 for an unknown model, 403 for one the visit's tenant may not use. The audit line names
+        it once it is known to exist."""
+        self._authorise(visit._record, self.tenants.get(visit.tenant_id), model, None)
+
+    def segmented(self, visit: Visit, study_instance_uid: str | None, timings_ms: dict[str, float]) -> None:
+        """For the audit line of a visit that segmented a study: the study (hashed when written) and the
+        milliseconds of each stage; the queue's, waited in ``wait_for_slot``, is added here."""
+        record = visit._record
+        record.study_instance_uid = study_instance_uid
+        record.timings_ms = {**timings_ms, "queue": round(record.slot_wait_s * 1000, 1)}
+
+    def reviewed(self, visit: Visit, model: str | None, model_version: str | None, verdict: str) -> None:
+        """For the audit line of a visit that reviewed a result: the result's model and version (its own record of
+        them, never what the client sent) and the verdict; never the reviewer or the comment."""
+        record = visit._record
+        record.model, record.model_version, record.verdict = model, model_version, verdict
 
     async def _renew_held(self) -> None:
         """While this replica lives, tell the gate that its requests still run (see SchedulingConfig.lease_s)."""
@@ -144,7 +182,7 @@ class Gatekeeper:
                 except Exception as e:  # the gate restarting: its counts start afresh anyway
                     logger.warning("could not renew the gate's leases: %s", type(e).__name__)
 
-    def _authenticate(self, visit: Visit, request: Request) -> TenantConfig | None:
+    def _authenticate(self, record: _VisitRecord, request: Request) -> TenantConfig | None:
         """The tenant whose API key the request carries (None on an open server); 401 without a valid one."""
         tenant = None
         if self.tenants:
@@ -154,45 +192,43 @@ class Gatekeeper:
             tenant_id = self.tenant_by_key.get(hash_api_key(key))
             if tenant_id is None:
                 raise Unauthorized("the API key is not valid")
-            visit.tenant_id, tenant = tenant_id, self.tenants[tenant_id]
-        request.state.tenant_id = visit.tenant_id  # the metrics label requests by it
+            record.tenant_id, tenant = tenant_id, self.tenants[tenant_id]
+        request.state.tenant_id = record.tenant_id  # the metrics label requests by it
         return tenant
 
-    def authorise_model(self, visit: Visit, model: str) -> None:
-        """For a model a request's body names, checked once the visit has authenticated it (a route that reads its
-        body only then): 404 for an unknown model, 403 for one the visit's tenant may not use. The visit names it
-        for the audit line once it is known to exist."""
-        self._authorise(visit, self.tenants.get(visit.tenant_id), model, None)
-
-    def _authorise(self, visit: Visit, tenant: TenantConfig | None, model: str | None, version: str | None) -> None:
+    def _authorise(
+        self, record: _VisitRecord, tenant: TenantConfig | None, model: str | None, version: str | None
+    ) -> None:
         """404 for an unknown model or version (None: the newest); 403 for a model or a STAT request the tenant may
         not send."""
         if model is not None:
-            visit.model_version = self.repository.get(model, version).version
-            visit.model = model
+            record.model_version = self.repository.get(model, version).version
+            record.model = model
             if tenant and not tenant.may_use(model):
-                raise Forbidden(f"tenant {visit.tenant_id} may not use model {model}")
-        if visit.stat and tenant and not tenant.stat:
-            raise Forbidden(f"tenant {visit.tenant_id} may not send STAT requests")
+                raise Forbidden(f"tenant {record.tenant_id} may not use model {model}")
+        if record.stat and tenant and not tenant.stat:
+            raise Forbidden(f"tenant {record.tenant_id} may not send STAT requests")
 
     def _upload_limit(self, tenant: TenantConfig | None) -> int:
         """The tenant's upload limit, never above the server's."""
         tenant_limit = tenant.max_upload_bytes if tenant else None
         return min(self.server_upload_limit, tenant_limit or self.server_upload_limit)
 
-    async def _admit(self, visit: Visit) -> None:
+    async def _admit(self, record: _VisitRecord) -> None:
         """Count the request in at the gate, against its tenant's rate and concurrency; 429 if over."""
         if self._renewing is None:
             self._renewing = _detached(self._renew_held)
-        visit.admitted = True  # set before the call: if it is cancelled, the gate may still have counted it in
-        self.held.add(visit.request_id)
-        refusal = await self.gate.admit.remote(visit.tenant_id, visit.request_id)
+        record.admitted = True  # set before the call: if it is cancelled, the gate may still have counted it in
+        self.held.add(record.request_id)
+        refusal = await self.gate.admit.remote(record.tenant_id, record.request_id)
         if refusal is not None:
-            visit.admitted = False
-            self.held.discard(visit.request_id)
-            raise TooManyRequests(f"tenant {visit.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s)
+            record.admitted = False
+            self.held.discard(record.request_id)
+            raise TooManyRequests(
+                f"tenant {record.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s
+            )
 
-    def _record(self, visit: Visit, status: int, error: str | None, total_s: float) -> dict:
+    def _audit_line(self, record: _VisitRecord, status: int, error: str | None, total_s: float) -> dict:
         outcome = (
             "ok"
             if status < 400
@@ -203,19 +239,19 @@ class Gatekeeper:
             else "failed"
         )
         return {
-            "request_id": visit.request_id if _RESULT_ID.match(visit.request_id) else None,
-            "tenant": visit.tenant_id,
-            "route": visit.route,
-            "model": visit.model,
-            "model_version": visit.model_version,
-            "stat": visit.stat,
-            "study_hash": self.audit.study_hash(visit.study_instance_uid),
+            "request_id": record.request_id if _RESULT_ID.match(record.request_id) else None,
+            "tenant": record.tenant_id,
+            "route": record.route,
+            "model": record.model,
+            "model_version": record.model_version,
+            "stat": record.stat,
+            "study_hash": self.audit.study_hash(record.study_instance_uid),
             "outcome": outcome,
             "status": status,
             "error": error,
-            "timings_ms": {**visit.timings_ms, "total": round(total_s * 1000, 1)},
+            "timings_ms": {**record.timings_ms, "total": round(total_s * 1000, 1)},
             "replica": self.audit.writer,
-            **({"verdict": visit.verdict} if visit.verdict else {}),
+            **({"verdict": record.verdict} if record.verdict else {}),
         }
 
 

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from serve_app.tenancy.config import RateLimitConfig, TenantConfig
+from serve_app.config.tenancy import RateLimitConfig, TenantConfig
 
 # No request leaves before another ends, so "retry in a second" is a hint, not a promise.
 CONCURRENCY_RETRY_AFTER_S = 1.0

@@ -21,11 +21,12 @@ again into the same ``out`` folder redoes nothing that was finished and ends wit
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
 from serve_app.errors import RequestError, unwrap
-from serve_app.model_repository import ModelRepository, TilePreprocessingSpec
+from serve_app.model_repository import ModelRepository
+from serve_app.model_spec import TilePreprocessingSpec
 from serve_app.observability.metrics import WsiJobMetrics
 from serve_app.stopwatch import Stopwatch
 from serve_app.storage import set_private_umask, write_atomic
@@ -312,7 +314,10 @@ class WsiJobDriver:
             seconds=PhaseSeconds(**{k: round(v, 3) for k, v in plan.seconds.model_dump().items()}),
             classify_wall_s=round(plan.classify_wall_s, 3),
         )
-        write_atomic(folder / "summary.json", summary.model_dump_json(indent=1))  # the API may serve it meanwhile
+        # summary.json adds the pyramid levels the slide was read as; the job's status, which carries every slide's
+        # summary, leaves them out. Written whole: the API may serve it meanwhile.
+        written = {**summary.model_dump(mode="json"), "levels": [asdict(level) for level in plan.slide.levels]}
+        write_atomic(folder / "summary.json", json.dumps(written, indent=1))
         return summary
 
     def _count_planned(self) -> None:

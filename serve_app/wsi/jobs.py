@@ -1,7 +1,8 @@
 """WsiJobs: the API's side of WSI jobs. Submit (check slides and quotas, write the record, start the
 driver), report, cancel, list, serve result files, and take slide uploads.
 
-The ingress calls it once the gatekeeper has authenticated the tenant; every route is a few lines there.
+The API's router calls it once the gatekeeper has authenticated the tenant (``serve_app.api.wsi``); every route is a
+few lines there.
 A job runs in its own detached Ray actor (``serve_app.wsi.job_driver.WsiJobDriver``), named after the job,
 so any ingress replica finds it, and it keeps running whichever replica took the request.
 
@@ -15,13 +16,12 @@ import fcntl
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import ray
 from ray.serve.handle import DeploymentHandle
-from starlette.requests import Request
 
 from serve_app.config import AppConfig
 from serve_app.errors import (
@@ -33,7 +33,8 @@ from serve_app.errors import (
     ResultNotFound,
     TooManyRequests,
 )
-from serve_app.model_repository import ModelRepository, ModelSpec
+from serve_app.model_repository import ModelRepository
+from serve_app.model_spec import ModelSpec
 from serve_app.storage import private_folder
 from serve_app.wsi.job_driver import DRIVER_NAMESPACE, WsiJobDriver, driver_name
 from serve_app.wsi.job_status import (
@@ -168,9 +169,12 @@ class WsiJobs:
             raise ResultNotFound(f"slide {slide_index} of job {job_id} has no {name} (yet)")
         return path
 
-    async def upload(self, request: Request, tenant_id: str, name: str) -> SlideUpload:
-        """Stream the request's body into the tenant's upload folder, at most ``wsi.max_upload_bytes``, and within
-        the tenant's ``wsi_upload_quota_bytes`` with what it keeps uploaded already (413 past either)."""
+    async def upload(
+        self, chunks: AsyncIterator[bytes], declared_bytes: int | None, tenant_id: str, name: str
+    ) -> SlideUpload:
+        """Stream a slide, ``chunks`` as they arrive (``declared_bytes`` in all, when the request says), into the
+        tenant's upload folder, at most ``wsi.max_upload_bytes``, and within the tenant's ``wsi_upload_quota_bytes``
+        with what it keeps uploaded already (413 past either); ``name`` gives its suffix."""
         suffix = PurePosixPath(name).suffix.lower()
         if suffix not in _SLIDE_SUFFIXES:
             raise BadRequest(f"a slide's name must end in one of {', '.join(sorted(_SLIDE_SUFFIXES))}")
@@ -189,15 +193,14 @@ class WsiJobs:
                 f"(wsi_upload_quota_bytes; {kept} bytes are kept): wait for older uploads to expire "
                 "(wsi.retention_days) or ask for a larger quota"
             )
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared_bytes is not None and declared_bytes > limit:
             raise too_large
         target = folder / f"{uuid.uuid4().hex}{suffix}"
         partial = target.with_name(f".{target.name}.partial")
         received = 0
         try:
             with open(partial, "wb") as file:
-                async for chunk in request.stream():
+                async for chunk in chunks:
                     received += len(chunk)
                     if received > limit:
                         raise too_large

@@ -7,6 +7,7 @@ whether a refused path exists.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 from serve_app.errors import BadRequest, Forbidden
@@ -43,7 +44,10 @@ class SlidePolicy:
         if ".." in raw.parts:
             raise BadRequest(f"slide paths may not contain '..' (got {slide!r})")
         candidates = [Path(raw)] if raw.is_absolute() else [root / raw for root in self.roots]
-        real_paths = (candidate.resolve() for candidate in candidates)  # follows every symlink on the way
+        # A relative name is judged by the roots where it is there (a file or a link, dangling or not): a link out of
+        # one root is refused, not passed over for the same name missing from another root.
+        present = [candidate for candidate in candidates if os.path.lexists(candidate)] or candidates
+        real_paths = (candidate.resolve() for candidate in present)  # follows every symlink on the way
         inside = [real for real in real_paths if any(real.is_relative_to(root) for root in self.roots)]
         if not inside:
             raise Forbidden(

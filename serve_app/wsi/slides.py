@@ -187,6 +187,8 @@ def open_slide(path: Path, *, mpp: float | None = None, reader: Reader = "auto")
     path = Path(path)
     if not path.is_file():
         raise InvalidSlide("the slide file does not exist or is not a regular file")
+    if path.stat().st_size == 0:  # a copy that failed, not a slide in another format: no converting helps
+        raise InvalidSlide("the slide file is empty (0 bytes): copy the slide again")
     tif, parsed = _parse(path, mpp)
     if reader == "tifffile" or (reader == "auto" and AUTO_READERS[0] == "tifffile"):
         return TiffSlide(path, tif, parsed)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from serve_app.engines.base import load_engine
-from serve_app.model_repository import ModelSpec, TilePreprocessingSpec
+from serve_app.model_spec import ModelSpec, TilePreprocessingSpec
 
 __all__ = ["TileClassifier"]
 

@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, StringConstraints, model_validator
 
+from serve_app.config.tenancy import TenantId
 from serve_app.strict_model import StrictModel
-from serve_app.tenancy.config import TenantId
 
 __all__ = ["ALL_TENANTS", "PacsConfig", "PacsName"]
 

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.studies.volume import Volume
-
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from serve_app.studies.volume import LPS_TO_RAS, Volume
 
 
 @dataclass
@@ -74,7 +72,7 @@ def ct_phantom(
     hu += rng.normal(0, rng.uniform(8, 18), shape).astype(np.float32)
     affine_lps = np.diag([sx, sy, sz, 1.0])
     affine_lps[:3, 3] = (x[0], y[0], z[0])
-    volume = Volume(array=hu, affine=_LPS_TO_RAS @ affine_lps, modality="CT")
+    volume = Volume(array=hu, affine=LPS_TO_RAS @ affine_lps, modality="CT")
     return Phantom(volume=volume, label=organ.astype(np.uint8))
 
 

@@ -10,9 +10,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from serve_app.studies.volume import Volume, spacing_of
+from serve_app.studies.volume import LPS_TO_RAS, Volume, spacing_of
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _INTERCEPT = -1024.0
 
 # What a scanner writes about the patient; tests set real-looking values to prove none leaks.
@@ -35,7 +34,7 @@ def write_ct_series(
     """One CT Image Storage file per slice, int16 stored values with a rescale to HU."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    affine_lps = _LPS_TO_RAS @ np.asarray(volume.affine, dtype=float)
+    affine_lps = LPS_TO_RAS @ np.asarray(volume.affine, dtype=float)
     sx, sy, sz = spacing_of(volume.affine)
     row_dir, col_dir = affine_lps[:3, 0] / sx, affine_lps[:3, 1] / sy
     study_uid = study_instance_uid or generate_uid()

@@ -14,9 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from serve_app.dicomweb.config import ALL_TENANTS, PacsConfig, PacsName
+from serve_app.config.dicom_network import (
+    DestinationConfig,
+    DestinationName,
+    DicomNetworkConfig,
+    RouteConfig,
+    RouteName,
+    check_against,
+)
+from serve_app.config.pacs import ALL_TENANTS, PacsConfig, PacsName
+from serve_app.config.tenancy import AuditConfig, SchedulingConfig, TenantConfig, TenantId
 from serve_app.strict_model import StrictModel
-from serve_app.tenancy.config import AuditConfig, SchedulingConfig, TenantConfig, TenantId
 
 __all__ = [
     "CONFIG_ENVIRONMENT_VARIABLE",
@@ -45,7 +53,7 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 # Names the application's YAML where no path is given to Serve's app builder (nodes of a launched cluster).
 CONFIG_ENVIRONMENT_VARIABLE = "MEDSERVE_CONFIG"
-EMBEDDED_MODEL_REPOSITORY = Path(__file__).with_name("models")
+EMBEDDED_MODEL_REPOSITORY = Path(__file__).parent.parent / "models"
 
 
 class AutoscalingConfig(StrictModel):
@@ -252,6 +260,10 @@ class StorageConfig(StrictModel):
         return self.root / "results"
 
 
+# What decodes a slide's JPEG tiles on a GPU (``serve_app.wsi.cuda_regions``).
+GpuJpegDecoder = Literal["hardware", "cuda", "hardware_cuda", "hybrid", "torchvision"]
+
+
 class WsiConfig(StrictModel):
     """Whole-slide-image jobs: which slides may be read, where results go, how a job paces itself.
 
@@ -296,6 +308,14 @@ class WsiConfig(StrictModel):
     read_threads: int = Field(4, ge=1, le=256, description="Threads of a tile-model replica that read and decode.")
     gpu_decode: bool = Field(
         True, description="A tile-model replica with a GPU decodes the slides' JPEG tiles there (nvJPEG), not on CPUs."
+    )
+    gpu_jpeg_decoder: GpuJpegDecoder = Field(
+        "torchvision",
+        description="What decodes the JPEG tiles on a replica's GPU (with gpu_decode): 'hardware' (nvImageCodec on "
+        "the GPU's JPEG engines), 'cuda' (nvImageCodec's CUDA decoder), 'hardware_cuda' (both, sharing each batch), "
+        "'hybrid' (nvImageCodec, Huffman decoding on the CPU) or 'torchvision' (torchvision's nvJPEG). The "
+        "nvImageCodec ones need the gpu extra; benchmarks/decode.py measures them (in one process on an H100, "
+        "torchvision's was the fastest: 22k tiles/s against the engines' 18k).",
     )
     max_running_jobs_per_tenant: int = Field(
         4, ge=1, description="Jobs of one tenant queued or running at once; more get a 429."
@@ -533,6 +553,15 @@ class AppConfig(StrictModel):
         "name requests use (see README, PACS).",
     )
     audit: AuditConfig = Field(AuditConfig(), description="The audit log's files.")
+    dicom_network: DicomNetworkConfig | None = Field(
+        None, description="medserve as a DICOM node (C-STORE listener); null: nothing listens (docs/dicom-network.md)."
+    )
+    routes: dict[RouteName, RouteConfig] = Field(
+        {}, description="Rules that pick the model of a series received without one, and where its results go."
+    )
+    destinations: dict[DestinationName, DestinationConfig] = Field(
+        {}, description="Where routed series' results are delivered: a PACS by C-STORE, or a pacs server by STOW-RS."
+    )
     cluster: ClusterConfig = Field(
         ClusterConfig(), description="Multi-node deployments: what `medserve cluster render` writes manifests from."
     )
@@ -548,6 +577,11 @@ class AppConfig(StrictModel):
             raise ValueError(
                 f"tenants: one API key hash is listed twice (by {'; '.join(shared)}); a key names one tenant"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _dicom_network_refers_to_what_exists(self) -> AppConfig:
+        check_against(self)
         return self
 
     @model_validator(mode="after")

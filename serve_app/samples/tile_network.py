@@ -22,7 +22,7 @@ import torch
 from monai.networks.nets import ResNet
 
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
-from serve_app.model_repository import TilePreprocessingSpec, read_model_spec
+from serve_app.model_spec import TilePreprocessingSpec, read_model_spec
 
 __all__ = [
     "LABELS",

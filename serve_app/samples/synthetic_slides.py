@@ -35,7 +35,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from serve_app.wsi.synthetic_tissue import GroundTruth, make_slide_canvas
+from serve_app.samples.synthetic_tissue import GroundTruth, make_slide_canvas
 
 __all__ = [
     "THUMBNAIL_MAX_SIDE",
@@ -96,7 +96,7 @@ def write_slide(
     """A synthetic H&E slide of ``width`` x ``height`` pixels at ``mpp``, and its ground truth.
 
     Tissue pieces cover ``tissue_fraction`` of the slide and tumour ``tumour_fraction`` of the tissue
-    (``serve_app.wsi.synthetic_tissue``), all from ``seed``. The ground truth is also written beside the
+    (``serve_app.samples.synthetic_tissue``), all from ``seed``. The ground truth is also written beside the
     slide, as ``<stem>.truth.png``.
     """
     canvas = make_slide_canvas(

@@ -1,0 +1,154 @@
+"""The results' routes: a result reopened, its files, its reviews, and its DICOM SEG and SR stored to a PACS. The
+work is ``ResultsService``'s (and ``DicomwebService``'s for a store)."""
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from serve_app.api.dependencies import DicomwebDep, GatekeeperDep, ResultsDep, json_body, result_path
+from serve_app.dicomweb.messages import StoreRequest
+from serve_app.responses import ERROR_RESPONSES
+from serve_app.results.reviews import Review, ReviewList, ReviewRequest, reviews_csv
+from serve_app.results.service import ResultFile, ResultsService
+from serve_app.results.summary import ResultSummary
+from serve_app.segmentation.responses import PacsStoreOutcome
+from serve_app.tenancy.gatekeeper import Gatekeeper
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+def _file_responses(media_type: str, description: str) -> dict:
+    return {200: {"content": {media_type: {}}, "description": description}, **ERROR_RESPONSES}
+
+
+@router.get("/v1/results/{result_id}", response_model=ResultSummary, responses=ERROR_RESPONSES)
+async def result_summary(
+    result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep
+) -> ResultSummary:
+    """A result reopened: its labels and volumes, model, files and reviews."""
+    async with gatekeeper.visit(request, "result", result_id=result_id) as visit:
+        return await results.summary(result_id, visit.tenant_id, result_path(request, result_id))
+
+
+@router.get(
+    "/v1/results/{result_id}/image",
+    response_class=FileResponse,
+    responses=_file_responses("application/gzip", "The study's image, gzipped NIfTI."),
+)
+async def result_image(
+    result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep
+) -> FileResponse:
+    """The study's image on the mask's grid (same shape and affine), kept when the segment request asked
+    (``keep_image=true``); 404 saying so when it did not."""
+    return await _result_file(request, result_id, "image", "application/gzip", gatekeeper, results)
+
+
+@router.post(
+    "/v1/results/{result_id}/reviews",
+    response_model=Review,
+    status_code=201,
+    responses=ERROR_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ReviewRequest.model_json_schema()}},
+        }
+    },
+)
+async def review_result(result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep) -> Review:
+    """Accept or reject a result, or comment on it (``ReviewRequest``); stored with the result, audited (the
+    verdict, never the reviewer or comment) and counted by model, version and verdict."""
+    async with gatekeeper.visit(request, "review", result_id=result_id) as visit:
+        results.require(result_id, visit.tenant_id)  # 404 before reading a body for no result
+        order = await json_body(request, ReviewRequest)
+        review = await results.review(result_id, visit.tenant_id, order)
+        gatekeeper.reviewed(visit, review.model, review.model_version, review.verdict)
+        return review
+
+
+@router.get("/v1/results/{result_id}/reviews", response_model=ReviewList, responses=ERROR_RESPONSES)
+async def result_reviews(
+    result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep
+) -> ReviewList:
+    async with gatekeeper.visit(request, "reviews", result_id=result_id) as visit:
+        return ReviewList(reviews=await results.reviews_of_result(result_id, visit.tenant_id))
+
+
+@router.get(
+    "/v1/reviews",
+    response_model=ReviewList,
+    responses={200: {"content": {"text/csv": {}}, "description": "With format=csv."}, **ERROR_RESPONSES},
+)
+async def list_reviews(
+    request: Request,
+    gatekeeper: GatekeeperDep,
+    results: ResultsDep,
+    model: str | None = None,
+    version: str | None = None,
+    format: Literal["json", "csv"] = "json",
+):
+    """The tenant's reviews of its unexpired results, of one model (and version) when given, oldest first;
+    ``format=csv`` for a spreadsheet."""
+    async with gatekeeper.visit(request, "reviews") as visit:
+        reviews = await results.reviews_of_tenant(visit.tenant_id, model, version)
+    if format == "csv":
+        headers = {"Content-Disposition": 'attachment; filename="reviews.csv"'}
+        return Response(reviews_csv(reviews), media_type="text/csv; charset=utf-8", headers=headers)
+    return ReviewList(reviews=reviews)
+
+
+@router.get(
+    "/v1/results/{result_id}/mask.nii.gz",
+    response_class=FileResponse,
+    responses=_file_responses("application/gzip", "The mask, gzipped NIfTI."),
+)
+async def result_mask(result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep) -> FileResponse:
+    return await _result_file(request, result_id, "mask", "application/gzip", gatekeeper, results)
+
+
+@router.get(
+    "/v1/results/{result_id}/seg.dcm",
+    response_class=FileResponse,
+    responses=_file_responses("application/dicom", "The mask as a DICOM Segmentation."),
+)
+async def result_seg(result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep) -> FileResponse:
+    """The result as a DICOM Segmentation on its source series' frames (DICOM studies only)."""
+    return await _result_file(request, result_id, "seg", "application/dicom", gatekeeper, results)
+
+
+@router.get(
+    "/v1/results/{result_id}/sr.dcm",
+    response_class=FileResponse,
+    responses=_file_responses("application/dicom", "Each label's volume, a TID 1500 report."),
+)
+async def result_sr(result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep) -> FileResponse:
+    """Each label's volume as a DICOM Structured Report (TID 1500) referencing the SEG (DICOM studies only)."""
+    return await _result_file(request, result_id, "sr", "application/dicom", gatekeeper, results)
+
+
+@router.post("/v1/results/{result_id}/store", response_model=PacsStoreOutcome, responses=ERROR_RESPONSES)
+async def store_result(
+    result_id: str, request: Request, gatekeeper: GatekeeperDep, dicomweb: DicomwebDep
+) -> PacsStoreOutcome:
+    """Store a result's DICOM SEG and SR to a configured PACS (``StoreRequest``), e.g. after a failed store-back."""
+    async with gatekeeper.visit(request, "store", result_id=result_id) as visit:
+        order = await json_body(request, StoreRequest)
+        pacs = dicomweb.pacs_of(order.pacs, visit.tenant_id)
+        return await dicomweb.store_results(pacs, result_id, visit.tenant_id)
+
+
+async def _result_file(
+    request: Request,
+    result_id: str,
+    name: ResultFile,
+    media_type: str,
+    gatekeeper: Gatekeeper,
+    results: ResultsService,
+) -> FileResponse:
+    """One file of the result, its download audited as the route ``name``."""
+    async with gatekeeper.visit(request, name, result_id=result_id) as visit:
+        path = await results.file(result_id, visit.tenant_id, name)
+    return FileResponse(path, media_type=media_type, filename=path.name)
