@@ -1,0 +1,15 @@
+"""medserve as a DICOM node: series received by C-STORE, routed to models by their tags, results delivered back.
+
+The listener's path, file by file:
+
+config.py     the ``dicom_network``, ``routes`` and ``destinations`` config sections, checked against the rest
+listener.py   ``DicomListener``: the pynetdicom SCP (C-ECHO, C-STORE), association control, TCP_NODELAY
+inbox.py      ``Inbox``: each instance on disk (fsynced) before Success, one folder per series, re-sends idempotent
+series.py     ``SeriesBook``: series complete after ``stable_after_s``; their state, kept across restarts
+routing.py    ``match_routes``: which routes (models) take a complete series
+node.py       ``DicomNode``: all of it together, calling a ``SeriesProcessor`` per routed series
+outbox.py     ``Outbox``: results waiting for their destinations, retried with backoff, never sent twice
+delivery.py   ``Destinations``: C-STORE to a PACS's AE, or STOW-RS to a server of the ``pacs`` section
+durable.py    writes that are on disk when they return
+errors.py     refused C-STOREs and their DIMSE statuses; failed deliveries
+"""

@@ -1,0 +1,242 @@
+"""The DICOM listener: a pynetdicom SCP answering C-ECHO and C-STORE on the configured AE titles.
+
+Association control: an association names a called AE title of ``dicom_network.ae_titles`` and a calling AE
+title (and address) that title allows, or it is rejected (PS3.8 A-ASSOCIATE-RJ: called or calling AE title not
+recognised) and audited: AE titles and the peer's address only, nothing of a patient. More than
+``limits.max_associations`` at once are rejected as transient (local limit exceeded).
+
+A C-STORE of a SOP class medserve stores (``STORED_SOP_CLASSES``: what the segmentation path reads) is handed,
+as the bytes the sender encoded, to ``receive``, which stores it durably before the listener answers Success;
+another SOP class is answered 0122 (SOP class not supported), a data set that is not DICOM C000 (cannot
+understand), one without its UIDs A900 (data set does not match SOP class), and whatever ``receive`` refuses with
+its status (A700 when the tenant's inbox is full).
+
+Every accepted connection gets TCP_NODELAY: a C-STORE answer is a small segment that Nagle's algorithm would hold
+back until the sender's delayed ACK (about 40 ms an instance).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom import uid
+from pydicom.pixels import get_decoder
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+import serve_app.studies.transfer_syntaxes  # noqa: F401  (registers the JPEG decoder plugin the reader uses)
+from serve_app.config.dicom_network import DicomNetworkConfig
+from serve_app.dicom_network.errors import InstanceRefused, Status
+from serve_app.observability import metrics
+from serve_app.tenancy.audit import AuditLog
+
+__all__ = ["ANONYMOUS_TENANT", "STORED_SOP_CLASSES", "Arrival", "DicomListener"]
+
+ANONYMOUS_TENANT = "anonymous"  # the tenant of an open server (no tenants configured)
+# pynetdicom's INFO lines name the instances received (UIDs) and peers: kept out of the logs.
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+LOGGER = logging.getLogger(__name__)
+
+# The SOP classes the segmentation path reads: CT and MR, single-frame and (enhanced, legacy converted) multi-frame.
+STORED_SOP_CLASSES = frozenset(
+    {
+        uid.CTImageStorage,
+        uid.EnhancedCTImageStorage,
+        uid.LegacyConvertedEnhancedCTImageStorage,
+        uid.MRImageStorage,
+        uid.EnhancedMRImageStorage,
+        uid.LegacyConvertedEnhancedMRImageStorage,
+    }
+)
+_UNCOMPRESSED = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian]
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# The largest PDU a sender may send: pynetdicom's default (16 kB) cuts a 512x512 slice into 32 PDUs, each a pass
+# through its reactor (a fifth more time per instance); 1 MiB takes one in one, and bounds what one read holds.
+_MAX_PDU_BYTES = 1 << 20
+# A-ASSOCIATE-RJ (result, source, reason): permanent, by the service user.
+_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+_CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+
+
+def _decodable_syntaxes() -> list[str]:
+    """The transfer syntaxes whose pixel data medserve's reader decodes here: uncompressed, and each compressed
+    syntax one of the installed pydicom plugins decodes."""
+    compressed = []
+    for syntax in uid.AllTransferSyntaxes:
+        if syntax in _UNCOMPRESSED or not uid.UID(syntax).is_compressed:
+            continue
+        try:
+            if get_decoder(syntax).is_available:
+                compressed.append(syntax)
+        except NotImplementedError:
+            continue
+    return [*_UNCOMPRESSED, *compressed]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One instance a C-STORE brought, accepted by association control and parsed enough to be filed.
+
+    Args:
+        tenant: the tenant of the called AE title.
+        called_ae_title, calling_ae_title: the association's.
+        header: its data set without pixel data (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID present).
+        encoded: the Part-10 file, the data set as the sender encoded it.
+    """
+
+    tenant: str
+    called_ae_title: str
+    calling_ae_title: str
+    header: pydicom.Dataset
+    encoded: bytes
+
+
+@dataclass
+class _Session:
+    """One accepted association: who sent, and what came of its C-STOREs (audited when it closes)."""
+
+    tenant: str
+    called_ae_title: str
+    calling_ae_title: str
+    peer: str
+    outcomes: Counter = field(default_factory=Counter)
+
+
+class DicomListener:
+    """The SCP of ``config``: ``start`` binds and serves in background threads, ``stop`` closes.
+
+    Args:
+        config: the ``dicom_network`` section.
+        receive: stores an ``Arrival`` durably, or raises ``InstanceRefused``; True if it was new, False if it was
+            on disk already (a re-send).
+        audit: where rejected associations and each association's outcome are recorded.
+    """
+
+    def __init__(self, config: DicomNetworkConfig, receive: Callable[[Arrival], bool], audit: AuditLog):
+        self.config, self._receive, self._audit = config, receive, audit
+        self._sessions: dict[int, _Session] = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self._ae = AE()
+        self._ae.maximum_associations = config.limits.max_associations
+        self._ae.maximum_pdu_size = _MAX_PDU_BYTES
+        self._ae.require_called_aet = False  # checked per title in _on_requested
+        self._ae.network_timeout = self._ae.dimse_timeout = self._ae.acse_timeout = config.network_timeout_s
+        self._ae.add_supported_context(Verification)
+        decodable = _decodable_syntaxes()
+        for context in AllStoragePresentationContexts:
+            stored = context.abstract_syntax in STORED_SOP_CLASSES
+            # A class not stored is still negotiated, so that its C-STORE gets its status (0122), not a refusal of
+            # the whole association that would stop a PACS sending the rest of a study.
+            self._ae.add_supported_context(context.abstract_syntax, decodable if stored else _UNCOMPRESSED)
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one the system chose when ``config.port`` is 0)."""
+        return self._server.server_address[1]
+
+    def start(self) -> int:
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, lambda event: Status.SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        address = (self.config.host, self.config.port)
+        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_connection(self, event) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        called, calling = request.called_ae_title.strip(), request.calling_ae_title.strip()
+        peer = assoc.requestor.address
+        title = self.config.ae_titles.get(called)
+        rejection = None
+        if title is None:
+            rejection, reason = _CALLED_AE_NOT_RECOGNISED, "called AE title not recognised"
+        elif not title.allows(calling, peer):
+            rejection, reason = _CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed from this address"
+        if rejection is not None:
+            self._audit.write(
+                {
+                    "event": "dicom-association",
+                    "outcome": "rejected",
+                    "reason": reason,
+                    "called_ae_title": called,
+                    "calling_ae_title": calling,
+                    "peer": peer,
+                }
+            )
+            assoc.acse.send_reject(*rejection)
+            assoc.kill()
+            return
+        assoc.acceptor.ae_title = called
+        with self._lock:
+            self._sessions[id(assoc)] = _Session(title.tenant or ANONYMOUS_TENANT, called, calling, peer)
+
+    def _on_store(self, event) -> int:
+        session = self._sessions[id(event.assoc)]
+        try:
+            arrival = self._arrival(event, session)
+            outcome = "stored" if self._receive(arrival) else "duplicate"
+            status = Status.SUCCESS
+        except InstanceRefused as refusal:
+            outcome, status = refusal.reason, refusal.status
+        except Exception:  # a fault of medserve's own, not the sender's: it may send again
+            LOGGER.exception("storing a received instance failed")
+            outcome, status = "processing failure", Status.PROCESSING_FAILURE
+        session.outcomes[outcome] += 1
+        metrics.count_dicom_instance(session.tenant, outcome if status == Status.SUCCESS else "refused")
+        return status
+
+    def _arrival(self, event, session: _Session) -> Arrival:
+        sop_class = event.request.AffectedSOPClassUID
+        if sop_class not in STORED_SOP_CLASSES:
+            raise InstanceRefused("SOP class not stored", Status.SOP_CLASS_NOT_SUPPORTED)
+        encoded = event.encoded_dataset()
+        try:
+            header = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            uids = [str(header.get(keyword) or "").strip() for keyword in _REQUIRED_UIDS]
+            header_sop_class = header.get("SOPClassUID")
+        except Exception:  # pydicom raises anything on a stream that is not DICOM
+            raise InstanceRefused("data set is not DICOM", Status.CANNOT_UNDERSTAND) from None
+        if not all(uids) or any(len(value) > 64 for value in uids):
+            raise InstanceRefused(
+                "data set lacks a study, series or instance UID", Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+            )
+        if header_sop_class != sop_class:
+            raise InstanceRefused("data set is not of the SOP class sent", Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+        return Arrival(session.tenant, session.called_ae_title, session.calling_ae_title, header, encoded)
+
+    def _on_closed(self, event) -> None:
+        with self._lock:
+            session = self._sessions.pop(id(event.assoc), None)
+        if session is not None:
+            self._audit.write(
+                {
+                    "event": "dicom-association",
+                    "outcome": "closed",
+                    "tenant": session.tenant,
+                    "called_ae_title": session.called_ae_title,
+                    "calling_ae_title": session.calling_ae_title,
+                    "peer": session.peer,
+                    "instances": dict(session.outcomes),
+                }  # fmt: skip
+            )
