@@ -6,8 +6,9 @@ its pixel data left on disk; the slices are ordered by their position along the 
 normal (not by file name, InstanceNumber or frame number) and the grid's spacing, origin and direction come from the
 headers. Only then are the pixels decoded and rescaled to modality units (HU for CT). Uncompressed little-endian
 integers are read straight from the file offset the header pass found, into the volume itself, in one thread;
-everything else goes through pydicom's pixel-data plugins (``transfer_syntaxes``), one thread a core (they release
-the GIL).
+compressed frames of one syntax and layout are decoded as one batch (``frame_decoders``: the GPU, the header
+processes or threads); anything else goes through pydicom's pixel-data plugins (``transfer_syntaxes``), one thread a
+core.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_rescale, pixel_array
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy, PayloadTooLarge
@@ -39,10 +41,11 @@ from serve_app.studies.checks import (
     finite_numbers,
 )
 from serve_app.studies.dicom_source import DicomSource, SourceFrame, header_bytes
+from serve_app.studies.frame_decoders import GPU_SYNTAXES, FramePixels, decode_frames
 from serve_app.studies.header_processes import HeaderProcesses
 from serve_app.studies.transfer_syntaxes import require_decoder
 from serve_app.studies.upload import DicomFile
-from serve_app.studies.volume import Volume
+from serve_app.studies.volume import LPS_TO_RAS, Volume
 
 __all__ = ["read_dicom_series"]
 
@@ -71,9 +74,10 @@ _PIXEL_DATA_TAG = 0x7FE00010
 # Syntaxes whose pixel data is the stored values as they lie in memory on a little-endian host. Deflated data is
 # little-endian too, but compressed as a whole: pydicom inflates it.
 _NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Compressed syntaxes whose frames are decoded in one batch (``frame_decoders``); others one slice at a time.
+_BATCHED_SYNTAXES = (*GPU_SYNTAXES, RLELossless)
 # Relative spread of slice steps tolerated before the series is called uneven (rounding in headers).
 _STEP_TOLERANCE = 0.05
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Grey-scale: one sample a pixel. MONOCHROME1 displays inverted, but its rescaled values are the same units.
 _GREY_SCALE = ("MONOCHROME1", "MONOCHROME2")
 
@@ -99,6 +103,16 @@ class _NativeLayout:
 
 
 @dataclass(frozen=True)
+class _Encapsulated:
+    """Compressed pixel data: its transfer syntax, its frames' layout, and where its value starts in a single-frame
+    file (None in a multi-frame image, whose dataset is read whole)."""
+
+    syntax: str  # the UID
+    pixels: FramePixels
+    offset: int | None
+
+
+@dataclass(frozen=True)
 class _Slice:
     """One slice of the volume to decode: where its values lie, and how they rescale."""
 
@@ -109,6 +123,7 @@ class _Slice:
     pydicom_source: pydicom.Dataset | DicomFile
     syntax: str  # the transfer syntax's name, for errors
     frame: int | None = None  # 0-based frame of a multi-frame image; None for a single-frame one
+    encapsulated: _Encapsulated | None = None  # compressed frames that ``frame_decoders`` can decode in a batch
 
 
 @dataclass(frozen=True)
@@ -151,11 +166,11 @@ def read_dicom_series(
         raise InvalidStudy("the upload holds no DICOM images")
     _check_one_series(images)
     if images[0].multi_frame is not None:
-        return _read_multi_frame(images[0], limits)
-    return _read_single_frames(images, limits)
+        return _read_multi_frame(images[0], limits, parsers)
+    return _read_single_frames(images, limits, parsers)
 
 
-def _read_single_frames(files: list[_ImageFile], limits: LimitsConfig) -> Volume:
+def _read_single_frames(files: list[_ImageFile], limits: LimitsConfig, processes: HeaderProcesses | None) -> Volume:
     """Single-frame images, one a slice; ``Volume.source`` lists them in slice order."""
     (rows, cols), n = files[0].size, len(files)
     _check_voxel_limit(rows, cols, n, limits)
@@ -169,13 +184,13 @@ def _read_single_frames(files: list[_ImageFile], limits: LimitsConfig) -> Volume
     row_spacing, col_spacing = files[0].pixel_spacing
     check_pixel_spacing((row_spacing, col_spacing))
 
-    array = _decode_slices([f.slice for f in files], (rows, cols))
+    array = _decode_slices([f.slice for f in files], (rows, cols), processes)
     affine = _affine(row_dir * col_spacing, col_dir * row_spacing, step, files[0].position)
     source = DicomSource(headers=[f.source for f in files], slices=[SourceFrame(k) for k in range(n)])
     return _volume(array, affine, files[0].modality, files[0].study_instance_uid, source)
 
 
-def _read_multi_frame(image: _ImageFile, limits: LimitsConfig) -> Volume:
+def _read_multi_frame(image: _ImageFile, limits: LimitsConfig, processes: HeaderProcesses | None) -> Volume:
     """An enhanced (or legacy-converted enhanced) multi-frame image whose frames are one stack of slices, placed
     by its Shared / Per-frame Functional Groups; ``Volume.source`` names each slice's frame."""
     header, file = image.multi_frame, image.file
@@ -204,6 +219,7 @@ def _read_multi_frame(image: _ImageFile, limits: LimitsConfig) -> Volume:
     native = _native_layout(header, (rows, cols), file)
     pydicom_source = header if native else _read_dataset(file)
     syntax = _syntax_name(header)
+    encapsulated = _encapsulated(header, (rows, cols))
     slices = [
         _Slice(
             _rescale_of(_macro(groups[i], "PixelValueTransformationSequence", header)),
@@ -211,10 +227,11 @@ def _read_multi_frame(image: _ImageFile, limits: LimitsConfig) -> Volume:
             pydicom_source,
             syntax,
             i,
+            encapsulated,
         )
         for i in order
     ]
-    array = _decode_slices(slices, (rows, cols))
+    array = _decode_slices(slices, (rows, cols), processes)
     affine = _affine(row_dir * col_spacing, col_dir * row_spacing, step, positions[order[0]])
     source = DicomSource(headers=[image.source], slices=[SourceFrame(0, i + 1) for i in order])
     return _volume(array, affine, _text(header, "Modality"), _text(header, "StudyInstanceUID"), source)
@@ -232,7 +249,7 @@ def _affine(column_step: np.ndarray, row_step: np.ndarray, slice_step: np.ndarra
     """The (4, 4) voxel -> RAS mm affine of a grid given in LPS: the steps along i (a row), j (a column), k."""
     affine_lps = np.eye(4)
     affine_lps[:3, :] = np.column_stack([column_step, row_step, slice_step, origin])
-    return _LPS_TO_RAS @ affine_lps
+    return LPS_TO_RAS @ affine_lps
 
 
 def _check_voxel_limit(rows: int, cols: int, slices: int, limits: LimitsConfig) -> None:
@@ -289,7 +306,13 @@ def _parse_file(file: DicomFile) -> _ImageFile | None:
         return _ImageFile(
             **common,
             multi_frame=None,
-            slice=_Slice(_rescale_of(ds), _native_layout(ds, size, file), file, _syntax_name(ds)),
+            slice=_Slice(
+                _rescale_of(ds),
+                _native_layout(ds, size, file),
+                file,
+                _syntax_name(ds),
+                encapsulated=_encapsulated(ds, size),
+            ),
             orientation=_numbers(values, "ImageOrientationPatient", 6),
             position=_numbers(values, "ImagePositionPatient", 3),
             pixel_spacing=_numbers(values, "PixelSpacing", 2),
@@ -487,8 +510,9 @@ def _rescale_of(item) -> _Rescale:
     return _Rescale(slope, intercept)
 
 
-def _decode_slices(slices: list[_Slice], shape: tuple[int, int]) -> np.ndarray:
-    """The slices' (columns, rows, len(slices)) voxels in modality units.
+def _decode_slices(slices: list[_Slice], shape: tuple[int, int], processes: HeaderProcesses | None) -> np.ndarray:
+    """The slices' (columns, rows, len(slices)) voxels in modality units; compressed frames decoded in one batch
+    where they can be (``_batch_decoded``), with ``processes`` for decoders that hold the GIL.
 
     int16 where every slice's rescale only shifts its integers (slope 1, an integer intercept: CT's usual
     -1024) and the values fit, as NIfTI's CT arrives: half the bytes of float32 to hold, check and copy to the
@@ -497,12 +521,13 @@ def _decode_slices(slices: list[_Slice], shape: tuple[int, int]) -> np.ndarray:
     The array is in Fortran order, as nibabel gives a NIfTI image: each slice is one contiguous block, which its
     stored values are read into and rescaled in place, and every thread writes its own part of memory.
     """
+    stored = _batch_decoded(slices, processes)
     if all(_shifts_integers(s.rescale) for s in slices):
         try:
-            return _decode_slices_as(np.int16, slices, shape)
+            return _decode_slices_as(np.int16, slices, shape, stored)
         except _OutsideInt16:
             pass  # rare (16-bit values near the type's ends, shifted): the whole series as float32
-    return _decode_slices_as(np.float32, slices, shape)
+    return _decode_slices_as(np.float32, slices, shape, stored)
 
 
 class _OutsideInt16(Exception):
@@ -513,15 +538,19 @@ def _shifts_integers(rescale: _Rescale) -> bool:
     return rescale.lut is None and rescale.slope == 1 and float(rescale.intercept).is_integer()
 
 
-def _decode_slices_as(dtype: type, slices: list[_Slice], shape: tuple[int, int]) -> np.ndarray:
+def _decode_slices_as(
+    dtype: type, slices: list[_Slice], shape: tuple[int, int], stored: np.ndarray | None
+) -> np.ndarray:
+    """``stored``: the slices' (len(slices), rows, columns) stored values decoded already; None: decoded here."""
     rows, cols = shape
     array = np.empty((cols, rows, len(slices)), dtype=dtype, order="F")
 
     def decode(k: int) -> None:
         out = array[:, :, k].T
-        _to_modality_units(_stored_values(slices[k], out), slices[k].rescale, out)
+        values = stored[k] if stored is not None else _stored_values(slices[k], out)
+        _to_modality_units(values, slices[k].rescale, out)
 
-    if all(piece.native is not None for piece in slices):
+    if stored is not None or all(piece.native is not None for piece in slices):
         # Uncompressed values are copied, not decoded: one thread copies them as fast as two, for 64 against 114
         # CPU-ms a 300-slice series (2 cores), and a busy node has better work for its other cores.
         for k in range(len(slices)):
@@ -529,6 +558,50 @@ def _decode_slices_as(dtype: type, slices: list[_Slice], shape: tuple[int, int])
     else:
         _run_in_threads(decode, len(slices))
     return array
+
+
+def _batch_decoded(slices: list[_Slice], processes: HeaderProcesses | None) -> np.ndarray | None:
+    """The slices' stored values, (len(slices), rows, columns), decoded in one batch by ``frame_decoders`` when all
+    are compressed frames of one syntax and layout; None otherwise (each slice is then decoded on its own)."""
+    formats = {(s.encapsulated.syntax, s.encapsulated.pixels) if s.encapsulated else None for s in slices}
+    if len(formats) != 1 or None in formats:
+        return None
+    (syntax, pixels), frames = formats.pop(), []
+    try:
+        in_dataset = None  # a multi-frame image's frames, split once
+        for piece in slices:
+            source = piece.pydicom_source
+            if isinstance(source, DicomFile):
+                with source.open() as stream:
+                    stream.seek(piece.encapsulated.offset)
+                    frames.append(get_frame(stream, 0, number_of_frames=1))
+            else:
+                in_dataset = in_dataset or list(generate_frames(source.PixelData, number_of_frames=len(slices)))
+                frames.append(in_dataset[piece.frame])
+    except Exception as e:  # pydicom raises several types for encapsulation that is cut short or malformed
+        raise InvalidStudy(f"the pixel data's frames cannot be read (transfer syntax {slices[0].syntax})") from e
+    return decode_frames(frames, syntax, pixels, processes)
+
+
+def _encapsulated(header: pydicom.Dataset, shape: tuple[int, int]) -> _Encapsulated | None:
+    """``header``'s compressed pixel data, when its frames are grey-scale integers of 8 or 16 bits in a syntax
+    ``frame_decoders`` takes, and (in a single-frame file) left on disk by the header pass; None otherwise."""
+    syntax = header.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated or syntax not in _BATCHED_SYNTAXES:
+        return None
+    try:
+        allocated, stored = int(header.BitsAllocated), int(header.BitsStored)
+        signed, samples = int(header.PixelRepresentation), int(header.get("SamplesPerPixel") or 1)
+    except Exception:  # absent, empty or undecodable: pydicom's path says what is wrong
+        return None
+    if allocated not in (8, 16) or not 0 < stored <= allocated or signed not in (0, 1) or samples != 1:
+        return None
+    element = header.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    offset = element.value_tell if isinstance(element, RawDataElement) and element.value is None else None
+    if offset is None and int(header.get("NumberOfFrames") or 1) == 1:
+        return None
+    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))
+    return _Encapsulated(str(syntax), FramePixels(*shape, allocated, stored, signed, photometric), offset)
 
 
 def _run_in_threads(work: Callable[[int], None], count: int) -> None:

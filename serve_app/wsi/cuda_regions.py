@@ -1,24 +1,36 @@
-"""Slide regions decoded on the GPU: the file's JPEG tiles through nvJPEG (torchvision), batched.
+"""Slide regions decoded on the GPU: the file's JPEG tiles, batched, by nvImageCodec or torchvision's nvJPEG.
 
 A tile-model replica on a GPU reads a work unit's region as raw JPEG tiles (cheap: a pread each) and
-decodes them all in one ``torchvision.io.decode_jpeg(..., device="cuda")`` call, so the CPU, which would
-decode some 2,000 tiles a second a core, is out of the way; the pixels stay on the GPU for the model.
+decodes them all in one batch on the GPU, so the CPU, which would decode some 2,000 tiles a second a core,
+is out of the way; the pixels stay on the GPU for the model (never sent to another deployment).
 Levels that are not JPEG are read by the slide's own reader and uploaded.
+
+The decoder (``wsi.gpu_jpeg_decoder``, ``serve_app.config.GpuJpegDecoder``):
+
+- ``hardware``: nvImageCodec on the GPU's JPEG engines (NVJPG; 7 on an H100), the CPU only parses;
+- ``cuda``: nvImageCodec's CUDA decoder (Huffman decoding on the GPU too);
+- ``hardware_cuda``: both, nvImageCodec sharing each batch between them;
+- ``hybrid``: nvImageCodec with Huffman decoding on the CPU, the rest on the GPU;
+- ``torchvision``: torchvision's nvJPEG (Huffman decoding on the CPU, one call at a time in a process).
+
+``benchmarks/decode.py`` measures each (tiles/s, and grey levels from libjpeg-turbo's pixels).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
 
+from serve_app.config import GpuJpegDecoder
 from serve_app.errors import InvalidSlide
-from serve_app.wsi.slides import Slide, SlideLevel, TiffSlide
+from serve_app.wsi.slides import JpegTile, Slide, SlideLevel, TiffSlide
 
-__all__ = ["CudaRegions"]
+__all__ = ["CudaRegions", "decode_jpeg_tiles"]
 
 # One nvJPEG handle per process in torchvision: a replica's reader threads take turns (each call is a batch).
-_DECODE_LOCK = threading.Lock()
+_TORCHVISION_LOCK = threading.Lock()
 
 
 class CudaRegions:
@@ -32,8 +44,8 @@ class CudaRegions:
         tiles = read_tile_block(regions, grid, rows, cols)   # (r, c, T, T, 3) uint8 on the GPU
     """
 
-    def __init__(self, slide: Slide, device: torch.device):
-        self.slide, self.device = slide, device
+    def __init__(self, slide: Slide, device: torch.device, decoder: GpuJpegDecoder = "torchvision"):
+        self.slide, self.device, self.decoder = slide, device, decoder
         self.levels: tuple[SlideLevel, ...] = slide.levels
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> torch.Tensor:
@@ -44,14 +56,7 @@ class CudaRegions:
         out = torch.full((height, width, 3), 255, dtype=torch.uint8, device=self.device)
         if not tiles:
             return out
-        import torchvision  # on GPU machines only: the CPU install has no torchvision
-
-        streams = [torch.frombuffer(bytearray(tile.stream), dtype=torch.uint8) for tile in tiles]
-        try:
-            with _DECODE_LOCK:
-                images = torchvision.io.decode_jpeg(streams, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            raise InvalidSlide("a JPEG tile of the slide cannot be decoded: the file is damaged") from None
+        images = decode_jpeg_tiles(tiles, self.device, self.decoder)
         lv = self.levels[level]
         x1, y1 = min(x + width, lv.width), min(y + height, lv.height)
         mosaic = self._mosaic(tiles, images, lv)
@@ -60,12 +65,13 @@ class CudaRegions:
             a0, b0 = max(x, left), max(y, top)
             out[b0 - y : y1 - y, a0 - x : x1 - x] = pixels[b0 - top : y1 - top, a0 - left : x1 - left]
             return out
-        for tile, image in zip(tiles, images, strict=True):  # image: (3, tile_height, tile_width)
-            a0, a1 = max(tile.left, x), min(tile.left + image.shape[2], x1)
-            b0, b1 = max(tile.top, y), min(tile.top + image.shape[1], y1)
+        for tile, image in zip(tiles, images, strict=True):  # image: (tile_height, tile_width, 3)
+            a0, a1 = max(tile.left, x), min(tile.left + image.shape[1], x1)
+            b0, b1 = max(tile.top, y), min(tile.top + image.shape[0], y1)
             if a0 < a1 and b0 < b1:
-                patch = image[:, b0 - tile.top : b1 - tile.top, a0 - tile.left : a1 - tile.left]
-                out[b0 - y : b1 - y, a0 - x : a1 - x] = patch.permute(1, 2, 0)
+                out[b0 - y : b1 - y, a0 - x : a1 - x] = image[
+                    b0 - tile.top : b1 - tile.top, a0 - tile.left : a1 - tile.left
+                ]
         return out
 
     @staticmethod
@@ -74,11 +80,61 @@ class CudaRegions:
         whole tiles (the usual case: regions are read aligned to the file's tiles); else None."""
         tw, th = level.tile_width, level.tile_height
         lefts, tops = sorted({t.left for t in tiles}), sorted({t.top for t in tiles})
-        if len(tiles) != len(lefts) * len(tops) or any(tuple(i.shape) != (3, th, tw) for i in images):
+        if len(tiles) != len(lefts) * len(tops) or any(tuple(i.shape) != (th, tw, 3) for i in images):
             return None
         if lefts != list(range(lefts[0], lefts[0] + tw * len(lefts), tw)) or tops != list(
             range(tops[0], tops[0] + th * len(tops), th)
         ):
             return None
-        stacked = torch.stack(images).view(len(tops), len(lefts), 3, th, tw)  # tiles come row by row
-        return lefts[0], tops[0], stacked.permute(0, 3, 1, 4, 2).reshape(len(tops) * th, len(lefts) * tw, 3)
+        stacked = torch.stack(images).view(len(tops), len(lefts), th, tw, 3)  # tiles come row by row
+        return lefts[0], tops[0], stacked.permute(0, 2, 1, 3, 4).reshape(len(tops) * th, len(lefts) * tw, 3)
+
+
+def decode_jpeg_tiles(tiles: list[JpegTile], device: torch.device, decoder: GpuJpegDecoder) -> list[torch.Tensor]:
+    """Each tile's JPEG stream decoded on ``device`` by ``decoder``: (height, width, 3) uint8 RGB tensors there.
+    Raises ``InvalidSlide`` for a stream that does not decode (a damaged file)."""
+    if decoder == "torchvision":
+        import torchvision  # on GPU machines only: the CPU install has no torchvision
+
+        streams = [torch.frombuffer(bytearray(tile.stream), dtype=torch.uint8) for tile in tiles]
+        try:
+            with _TORCHVISION_LOCK:
+                images = torchvision.io.decode_jpeg(streams, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            raise InvalidSlide("a JPEG tile of the slide cannot be decoded: the file is damaged") from None
+        return [image.permute(1, 2, 0) for image in images]
+    nvimgcodec, batch_decoder, params = _nvimgcodec_decoder(decoder, device.index or 0)
+    with torch.cuda.device(device):
+        images = batch_decoder.decode(
+            [nvimgcodec.CodeStream(tile.stream) for tile in tiles],
+            params=params,
+            cuda_stream=torch.cuda.current_stream(device).cuda_stream,
+        )
+    if any(image is None for image in images):
+        raise InvalidSlide("a JPEG tile of the slide cannot be decoded: the file is damaged")
+    return [torch.from_dlpack(image) for image in images]
+
+
+# nvImageCodec's backends for each decoder; "hardware_cuda" lets it share a batch by each backend's pace.
+_BACKENDS = {
+    "hardware": (("HW_GPU_ONLY", 1.0),),
+    "cuda": (("GPU_ONLY", 1.0),),
+    "hardware_cuda": (("HW_GPU_ONLY", 0.5), ("GPU_ONLY", 1.0)),
+    "hybrid": (("HYBRID_CPU_GPU", 1.0),),
+}
+
+
+@functools.cache
+def _nvimgcodec_decoder(decoder: GpuJpegDecoder, device_index: int):
+    """(nvimgcodec, its Decoder for ``decoder`` on GPU ``device_index``, decode parameters): one a process, made on
+    first use; nvImageCodec's decoders take concurrent calls."""
+    from nvidia import nvimgcodec  # the gpu extra
+
+    policy = nvimgcodec.LoadHintPolicy.ADAPTIVE_MINIMIZE_IDLE_TIME if decoder == "hardware_cuda" else None
+    backends = [
+        nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind), load_hint, *([policy] if policy else []))
+        for kind, load_hint in _BACKENDS[decoder]
+    ]
+    # Chroma upsampled by interpolation, as libjpeg-turbo does it (the CPU readers' pixels), not by repetition.
+    batch_decoder = nvimgcodec.Decoder(device_id=device_index, backends=backends, options=":fancy_upsampling=1")
+    return nvimgcodec, batch_decoder, nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.SRGB)

@@ -1,0 +1,73 @@
+"""Decoding on the GPU with nvImageCodec gives the CPU decoders' values: compressed DICOM frames voxel for voxel
+(lossless syntaxes), slide JPEG tiles within a grey level of libjpeg-turbo's. Without a GPU these are skipped: the
+GPU machine runs them (with the gpu extra installed; there a missing nvImageCodec fails them)."""
+
+from __future__ import annotations
+
+import imagecodecs
+import numpy as np
+import pytest
+import torch
+from pydicom import uid
+from pydicom.pixels import get_encoder
+
+from serve_app.samples.synthetic_slides import write_slide
+from serve_app.studies.frame_decoders import FramePixels, decode_frames
+from serve_app.wsi.cuda_regions import decode_jpeg_tiles
+from serve_app.wsi.slides import open_slide
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine runs these)")
+
+PIXELS = FramePixels(rows=96, columns=80, bits_allocated=16, bits_stored=16, pixel_representation=1)
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    """(24, 96, 80) int16: CT-like values, smooth with noise (what the codecs meet in a series)."""
+    rng = np.random.default_rng(5)
+    smooth = np.cumsum(rng.normal(0, 40, (24, 96, 80)), axis=2)
+    return np.clip(smooth - 1024, -2048, 3071).astype(np.int16)
+
+
+def _encoded(frame: np.ndarray, syntax: str) -> bytes:
+    if syntax == uid.HTJ2KLossless:
+        return imagecodecs.htj2k_encode(frame, level=0)
+    if syntax == uid.JPEGLosslessSV1:
+        return imagecodecs.jpeg8_encode(frame.view(np.uint16), lossless=True, predictor=1)
+    return get_encoder(syntax).encode(
+        frame.tobytes(),
+        rows=PIXELS.rows,
+        columns=PIXELS.columns,
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=16,
+        pixel_representation=1,
+        photometric_interpretation="MONOCHROME2",
+        number_of_frames=1,
+    )
+
+
+@pytest.mark.parametrize("syntax", [uid.JPEG2000Lossless, uid.HTJ2KLossless, uid.JPEGLosslessSV1])
+def test_gpu_decoded_frames_are_voxel_identical_to_pydicoms(frames, syntax):
+    encoded = [_encoded(frame, syntax) for frame in frames]
+    on_gpu = decode_frames(encoded, syntax, PIXELS, decoder="gpu")
+    on_cpu = decode_frames(encoded, syntax, PIXELS, decoder="in_process")
+    assert on_gpu.dtype == on_cpu.dtype == np.int16
+    np.testing.assert_array_equal(on_cpu, frames)
+    np.testing.assert_array_equal(on_gpu, on_cpu)
+
+
+@pytest.mark.parametrize("decoder", ["hardware", "cuda", "hardware_cuda", "hybrid"])
+def test_nvimgcodec_tiles_are_within_a_grey_level_of_libjpeg_turbos(tmp_path, decoder):
+    write_slide(tmp_path / "slide.tiff", 1024, 768, tile=256, levels=1, seed=3)
+    with open_slide(tmp_path / "slide.tiff", reader="tifffile") as slide:
+        tiles = slide.jpeg_tiles(0, 0, 0, 1024, 768)
+    images = decode_jpeg_tiles(tiles, torch.device("cuda"), decoder)
+    assert all(image.device.type == "cuda" for image in images)
+    difference = np.concatenate(
+        [
+            np.abs(image.cpu().numpy().astype(np.int16) - imagecodecs.jpeg8_decode(tile.stream)).ravel()
+            for image, tile in zip(images, tiles, strict=True)
+        ]
+    )
+    assert difference.max() <= 1 and difference.mean() < 0.05, (difference.max(), difference.mean())
