@@ -35,7 +35,7 @@ from serve_app.studies.frame_decoders import FramePixels, decode_frames
 from serve_app.studies.header_processes import HeaderProcesses
 
 ROUNDS = 4  # passes over the slide's tiles a GPU decoder is timed on
-GPU_JPEG_DECODERS = ("hardware", "cuda", "hardware_cuda", "hybrid", "torchvision")
+GPU_JPEG_DECODERS = ("hardware", "hybrid", "torchvision")
 SYNTAXES = {
     "uncompressed": uid.ExplicitVRLittleEndian,
     "rle": uid.RLELossless,

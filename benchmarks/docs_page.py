@@ -130,6 +130,22 @@ make bench-wsi                                     # = python -m benchmarks.wsi 
 
 """
 
+_DECODE = """\
+## Image decoding
+
+`benchmarks/decode.py` decodes, in one run, (1) the JPEG tiles of a generated slide (256 px file tiles, batches of
+256) with each GPU decoder (`wsi.gpu_jpeg_decoder`) and with libjpeg-turbo on one CPU thread a core, and compares
+each GPU decoder's pixels with libjpeg-turbo's; (2) a 300-frame 512 × 512 16-bit CT series in each transfer
+syntax, in the replica's process, in a process a core, and on the GPU (nvImageCodec), each checked voxel for voxel
+against the uncompressed frames, and the whole reader (`read_dicom_series`) on its own choice. About a minute:
+
+```bash
+.venv/bin/python -m benchmarks.decode --slices 60     # a CPU host: the GPU parts say why they did not run
+.venv/bin/python -m benchmarks.decode                 # a GPU host with the gpu extra
+```
+
+"""
+
 _GPU_SCALING = """\
 ## Multi-GPU scale-out
 
@@ -471,6 +487,49 @@ def _wsi(results: list[_Result]) -> list[str]:
     return lines
 
 
+def _decode(results: list[_Result]) -> list[str]:
+    lines = _DECODE.splitlines()
+    for r in _newest_per_device(results):
+        if not r.gpu:
+            continue  # a CPU host's decode times are the host's, not the product's: see its file
+        tiles = r.data["wsi_tiles"]
+        rows = []
+        for name, entry in tiles.items():
+            if not isinstance(entry, dict) or not ("tiles_per_s" in entry or "error" in entry):
+                continue
+            if "error" in entry:
+                rows.append([name, "did not run: " + r.link(entry["error"].split(":")[0]), "—", "—"])
+                continue
+            difference = (
+                f"{entry['max_grey_level_difference']} / {entry['mean_grey_level_difference']}"
+                if "max_grey_level_difference" in entry
+                else "— (the reference)"
+            )
+            rows.append([name, r.link(_number(entry["tiles_per_s"])), _number(entry["cpu_us_per_tile"]), difference])
+        lines += [f"JPEG tiles, {r.device}, {r.date}:", ""]
+        lines += [*_table(["decoder", "tiles/s", "CPU µs a tile", "grey levels from libjpeg-turbo: max / mean"], rows)]
+        series = r.data["dicom_series"]
+        paths = ["in_process", "processes_all_cores", "processes_default", "gpu"]
+        rows = []
+        for syntax, entry in series.items():
+            if not isinstance(entry, dict) or "reader_ms" not in entry:
+                continue
+            cells = []
+            for path in paths:
+                measured = entry.get(path, {})
+                if "ms" in measured:
+                    mark = "" if measured.get("voxel_identical") else " (not voxel-identical)"
+                    cells.append(r.link(_number(measured["ms"])) + mark)
+                else:
+                    cells.append("—")
+            rows.append([syntax, *cells, _number(entry["reader_ms"])])
+        processes = series["processes"]
+        header = ["syntax", "one process, ms", f"{processes['all_cores']} processes, ms"]
+        header += [f"{processes['default']} processes, ms", "GPU, ms", "reader, ms"]
+        lines += ["", f"A {series['frames']}-frame CT series, {r.device}, {r.date}:", "", *_table(header, rows), ""]
+    return lines
+
+
 def _gpu_scaling(results: list[_Result]) -> list[str]:
     lines = _GPU_SCALING.splitlines()
     rows = []
@@ -519,6 +578,7 @@ def render() -> str:
         _upload_path(_load("upload-path-*.json", _device_in_name("upload-path"))),
         _noisy_neighbour(_load("noisy_neighbour*.json", _noisy_neighbour_device)),
         _wsi(_load("wsi-*.json", _device_in_name("wsi"))),
+        _decode(_load("decode-*.json", _device_in_name("decode"))),
         _gpu_scaling(_load("gpu-scaling-*.json", _device_in_name("gpu-scaling"))),
         _postprocess_profile(_load("postprocess-profile-*.txt", _device_in_name("postprocess-profile"))),
     ]

@@ -42,8 +42,10 @@ class TileModelDeployment(Replica):
         self.classifier = TileClassifier(spec, replica_device())
         self.readers = ThreadPoolExecutor(config.wsi.read_threads, thread_name_prefix="read")
         self.device_thread = ThreadPoolExecutor(1, thread_name_prefix="infer")  # the device takes one batch at once
-        # nvJPEG on the replica's GPU decodes the JPEG tiles, where there is one (wsi.gpu_decode).
+        # The replica's GPU decodes the JPEG tiles, where there is one (wsi.gpu_decode), with the decoder
+        # wsi.gpu_jpeg_decoder names (nvImageCodec's engines or torchvision's nvJPEG).
         self.gpu_decode = config.wsi.gpu_decode and self.classifier.device.type == "cuda"
+        self.gpu_jpeg_decoder = config.wsi.gpu_jpeg_decoder
         self.slides: OrderedDict[tuple[str, float | None], Slide] = OrderedDict()
         self._slides_lock = threading.Lock()  # reader threads share the open slides
 
@@ -62,7 +64,8 @@ class TileModelDeployment(Replica):
         """(n, T, T, 3) uint8 RGB: the unit's tissue tiles, in row-major order; on the GPU when decoded there."""
         slide = self._slide(chunk.slide_path, chunk.mpp)
         if self.gpu_decode:
-            block = read_tile_block(CudaRegions(slide, self.classifier.device), chunk.grid, chunk.rows, chunk.cols)
+            regions = CudaRegions(slide, self.classifier.device, self.gpu_jpeg_decoder)
+            block = read_tile_block(regions, chunk.grid, chunk.rows, chunk.cols)
             return block[torch.from_numpy(chunk.tissue).to(block.device)]
         return read_tile_block(slide, chunk.grid, chunk.rows, chunk.cols)[chunk.tissue]
 

@@ -185,10 +185,12 @@ def _connected(address: str | None, verbose: bool) -> bool:
     """Connect this process to the Ray cluster at ``address`` (when None, the one `ray start` last started here,
     not any other Ray found running on this machine); False where none answers."""
     import ray
-    from ray._private.services import get_ray_address_from_environment
+    from ray._private.utils import read_ray_address
     from ray.exceptions import AuthenticationError
 
-    recorded = None if address else get_ray_address_from_environment(None, None)
+    # $RAY_ADDRESS, else Ray's current-cluster file; not Ray's own search, which picks among every Ray running on the
+    # machine (and warns that it found several).
+    recorded = None if address else (os.environ.get("RAY_ADDRESS") or read_ray_address())
     address = address or recorded
     if address is None:
         return False

@@ -261,7 +261,7 @@ class StorageConfig(StrictModel):
 
 
 # What decodes a slide's JPEG tiles on a GPU (``serve_app.wsi.cuda_regions``).
-GpuJpegDecoder = Literal["hardware", "cuda", "hardware_cuda", "hybrid", "torchvision"]
+GpuJpegDecoder = Literal["hardware", "hybrid", "torchvision"]
 
 
 class WsiConfig(StrictModel):
@@ -311,11 +311,10 @@ class WsiConfig(StrictModel):
     )
     gpu_jpeg_decoder: GpuJpegDecoder = Field(
         "torchvision",
-        description="What decodes the JPEG tiles on a replica's GPU (with gpu_decode): 'hardware' (nvImageCodec on "
-        "the GPU's JPEG engines), 'cuda' (nvImageCodec's CUDA decoder), 'hardware_cuda' (both, sharing each batch), "
-        "'hybrid' (nvImageCodec, Huffman decoding on the CPU) or 'torchvision' (torchvision's nvJPEG). The "
-        "nvImageCodec ones need the gpu extra; benchmarks/decode.py measures them (in one process on an H100, "
-        "torchvision's was the fastest: 22k tiles/s against the engines' 18k).",
+        description="What decodes the JPEG tiles on a replica's GPU (with gpu_decode): 'torchvision' (torchvision's "
+        "nvJPEG: the least CPU a tile), 'hardware' (nvImageCodec on the GPU's JPEG engines: libjpeg-turbo's exact "
+        "pixels) or 'hybrid' (nvImageCodec, Huffman decoding on CPU threads: the most tiles/s, the most CPU). The "
+        "nvImageCodec ones need the gpu extra (docs/decoding.md).",
     )
     max_running_jobs_per_tenant: int = Field(
         4, ge=1, description="Jobs of one tenant queued or running at once; more get a 429."

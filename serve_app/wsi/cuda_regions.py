@@ -7,13 +7,14 @@ Levels that are not JPEG are read by the slide's own reader and uploaded.
 
 The decoder (``wsi.gpu_jpeg_decoder``, ``serve_app.config.GpuJpegDecoder``):
 
-- ``hardware``: nvImageCodec on the GPU's JPEG engines (NVJPG; 7 on an H100), the CPU only parses;
-- ``cuda``: nvImageCodec's CUDA decoder (Huffman decoding on the GPU too);
-- ``hardware_cuda``: both, nvImageCodec sharing each batch between them;
+- ``hardware``: nvImageCodec on the GPU's JPEG engines (NVJPG; 7 on an H100), the CPU only parses; the pixels are
+  libjpeg-turbo's;
 - ``hybrid``: nvImageCodec with Huffman decoding on the CPU, the rest on the GPU;
 - ``torchvision``: torchvision's nvJPEG (Huffman decoding on the CPU, one call at a time in a process).
 
-``benchmarks/decode.py`` measures each (tiles/s, and grey levels from libjpeg-turbo's pixels).
+nvImageCodec's CUDA-only backend (``GPU_ONLY``) is not offered: with nvImageCodec 0.9 on an H100 it decoded none
+of a slide's tiles in any configuration tried. ``benchmarks/decode.py`` measures each decoder (tiles/s, CPU time a
+tile, grey levels from libjpeg-turbo's pixels) and probes that backend again.
 """
 
 from __future__ import annotations
@@ -115,13 +116,8 @@ def decode_jpeg_tiles(tiles: list[JpegTile], device: torch.device, decoder: GpuJ
     return [torch.from_dlpack(image) for image in images]
 
 
-# nvImageCodec's backends for each decoder; "hardware_cuda" lets it share a batch by each backend's pace.
-_BACKENDS = {
-    "hardware": (("HW_GPU_ONLY", 1.0),),
-    "cuda": (("GPU_ONLY", 1.0),),
-    "hardware_cuda": (("HW_GPU_ONLY", 0.5), ("GPU_ONLY", 1.0)),
-    "hybrid": (("HYBRID_CPU_GPU", 1.0),),
-}
+# nvImageCodec's backend for each decoder.
+_BACKENDS = {"hardware": "HW_GPU_ONLY", "hybrid": "HYBRID_CPU_GPU"}
 
 
 @functools.cache
@@ -130,11 +126,7 @@ def _nvimgcodec_decoder(decoder: GpuJpegDecoder, device_index: int):
     first use; nvImageCodec's decoders take concurrent calls."""
     from nvidia import nvimgcodec  # the gpu extra
 
-    policy = nvimgcodec.LoadHintPolicy.ADAPTIVE_MINIMIZE_IDLE_TIME if decoder == "hardware_cuda" else None
-    backends = [
-        nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind), load_hint, *([policy] if policy else []))
-        for kind, load_hint in _BACKENDS[decoder]
-    ]
+    backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, _BACKENDS[decoder]))]
     # Chroma upsampled by interpolation, as libjpeg-turbo does it (the CPU readers' pixels), not by repetition.
     batch_decoder = nvimgcodec.Decoder(device_id=device_index, backends=backends, options=":fancy_upsampling=1")
     return nvimgcodec, batch_decoder, nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.SRGB)
