@@ -28,9 +28,9 @@ from serve_app.samples.synthetic_slides import write_slide
 from serve_app.storage import UnsafeStorage, secure_storage
 from serve_app.tenancy.audit import AuditLog
 from serve_app.tenancy.keys import hash_api_key, new_api_key
-from serve_app.wsi import slides as slide_module
 from serve_app.wsi.job_status import JobRecords, WsiJobStatus
 from serve_app.wsi.jobs import WsiJobs
+from serve_app.wsi.readers import tifffile_reader as slide_module
 from serve_app.wsi.retention import sweep_wsi
 from serve_app.wsi.slides import InvalidSlide, open_slide
 

@@ -6,6 +6,9 @@ The layout is Aperio SVS's, the one that both tifffile and cuCIM read as a pyram
 page 0   level 0, full resolution: tiled; ImageDescription starts "Aperio " (MPP, AppMag)
 page 1   thumbnail: stripped (not tiled), NewSubfileType 0
 page 2+  levels 1, 2, ...: tiled, each half the previous level's size (rounded up)
+then     with ``label_and_macro``: the label (LZW, stripped, NewSubfileType 1, description "label WxH") and the
+         macro photograph of the whole glass slide (JPEG, stripped, NewSubfileType 9, "macro WxH"), as Aperio
+         writes them and OpenSlide reads them (its associated images ``label`` and ``macro``)
 =======  ===========================================================================
 
 Every level carries XResolution / YResolution in pixels per centimetre (ResolutionUnit CENTIMETER), so
@@ -38,6 +41,8 @@ from PIL import Image
 from serve_app.samples.synthetic_tissue import GroundTruth, make_slide_canvas
 
 __all__ = [
+    "LABEL_SHAPE",
+    "MACRO_SHAPE",
     "THUMBNAIL_MAX_SIDE",
     "Compression",
     "MirroredRegion",
@@ -49,6 +54,8 @@ __all__ = [
 ]
 
 THUMBNAIL_MAX_SIDE = 1024  # pixels, the thumbnail's longer side
+LABEL_SHAPE = (400, 380)  # (height, width) pixels of the label page: a 25 mm label at about 15 pixels a millimetre
+MACRO_SHAPE = (380, 1140)  # (height, width) pixels of the macro page: the 25 x 75 mm glass slide
 _RENDER_WIDTH_PX = 512  # tiles are rendered this many pixels of a row at a time: cache-sized, measured fastest
 # Tiles tifffile collects before compressing them in parallel: its default (256 MiB) would be most of the
 # memory used.
@@ -92,19 +99,29 @@ def write_slide(
     quality: int = 85,
     tissue_fraction: float = 0.5,
     tumour_fraction: float = 0.35,
+    label_and_macro: bool = False,
 ) -> WrittenSlide:
     """A synthetic H&E slide of ``width`` x ``height`` pixels at ``mpp``, and its ground truth.
 
     Tissue pieces cover ``tissue_fraction`` of the slide and tumour ``tumour_fraction`` of the tissue
     (``serve_app.samples.synthetic_tissue``), all from ``seed``. The ground truth is also written beside the
-    slide, as ``<stem>.truth.png``.
+    slide, as ``<stem>.truth.png``. ``label_and_macro`` adds Aperio's label and macro pages after the pyramid.
     """
     canvas = make_slide_canvas(
         width, height, mpp=mpp, seed=seed, tissue_fraction=tissue_fraction, tumour_fraction=tumour_fraction
     )
     path = Path(path)
     slide = _write_pyramid(
-        path, canvas.render, width, height, mpp=mpp, tile=tile, levels=levels, compression=compression, quality=quality
+        path,
+        canvas.render,
+        width,
+        height,
+        mpp=mpp,
+        tile=tile,
+        levels=levels,
+        compression=compression,
+        quality=quality,
+        label_and_macro=label_and_macro,
     )
     truth = canvas.ground_truth()
     truth_path = path.with_name(f"{path.stem}.truth.png")
@@ -134,9 +151,11 @@ def write_slide_from_region(
     levels: int | None = None,
     compression: Compression = "jpeg",
     quality: int = 85,
+    label_and_macro: bool = False,
 ) -> WrittenSlide:
     """A slide of real tissue: ``region`` ((H, W, 3) uint8 RGB; default ``he_region()``) mirrored over
-    ``width`` x ``height`` pixels, declared to be at ``mpp``. It has no ground truth."""
+    ``width`` x ``height`` pixels, declared to be at ``mpp``. It has no ground truth. ``label_and_macro`` adds
+    Aperio's label and macro pages after the pyramid."""
     source = MirroredRegion(he_region() if region is None else region, mpp=mpp)
     return _write_pyramid(
         Path(path),
@@ -148,6 +167,7 @@ def write_slide_from_region(
         levels=levels,
         compression=compression,
         quality=quality,
+        label_and_macro=label_and_macro,
     )
 
 
@@ -201,6 +221,7 @@ def _write_pyramid(
     levels: int | None,
     compression: Compression,
     quality: int,
+    label_and_macro: bool = False,
 ) -> WrittenSlide:
     """Write ``render``'s slide as an Aperio-layout pyramid (see the module's docstring)."""
     if tile % 16 or tile < 16:
@@ -242,6 +263,8 @@ def _write_pyramid(
             )
             if level == 0:
                 _write_thumbnail(tif, render, thumb_shape, mpp * width / thumb_shape[1], header, compression, quality)
+        if label_and_macro:
+            _write_label_and_macro(tif, render, width, height, mpp, header)
     return WrittenSlide(
         path=path, mpp=mpp, tile=tile, level_shapes=shapes, thumbnail_shape=thumb_shape, truth=None, truth_path=None
     )
@@ -268,6 +291,46 @@ def _write_thumbnail(
         resolution=(1e4 / thumb_mpp, 1e4 / thumb_mpp),
         resolutionunit="CENTIMETER",
         description=f"{header} -> {shape[1]}x{shape[0]} - thumbnail",
+        metadata=None,
+    )
+
+
+def _write_label_and_macro(
+    tif: tifffile.TiffWriter, render: RenderRegion, width: int, height: int, mpp: float, header: str
+) -> None:
+    """Aperio's label (LZW) and macro (JPEG) pages: stripped, reduced-resolution, named by their description.
+
+    The label is a printed card with a barcode-like pattern (no text, no identifiers); the macro is the glass
+    slide photographed whole: the label at its left end, the tissue at a coarse scale beside it.
+    """
+    label = np.full((*LABEL_SHAPE, 3), 250, dtype=np.uint8)
+    bars = np.random.default_rng(width * 7 + height).integers(0, 2, LABEL_SHAPE[1] // 6).repeat(6).astype(bool)
+    label[40:140, : bars.size][:, bars] = 20
+    tif.write(
+        label,
+        photometric="rgb",
+        compression="lzw",
+        rowsperstrip=16,
+        subfiletype=1,
+        description=f"{header}\r\nlabel {LABEL_SHAPE[1]}x{LABEL_SHAPE[0]}",
+        metadata=None,
+    )
+    macro = np.full((*MACRO_SHAPE, 3), 225, dtype=np.uint8)  # the glass, a little darker than its background
+    macro[:, : LABEL_SHAPE[1]] = np.asarray(
+        Image.fromarray(label).resize((LABEL_SHAPE[1], MACRO_SHAPE[0]), Image.Resampling.BILINEAR)
+    )
+    room = (MACRO_SHAPE[0] - 20, MACRO_SHAPE[1] - LABEL_SHAPE[1] - 20)
+    scale = max(width / room[1], height / room[0])
+    shape = (max(1, int(height / scale)), max(1, int(width / scale)))
+    macro[10 : 10 + shape[0], LABEL_SHAPE[1] + 10 : LABEL_SHAPE[1] + 10 + shape[1]] = render(0, 0, *shape, mpp * scale)
+    tif.write(
+        macro,
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 90},
+        rowsperstrip=16,
+        subfiletype=9,
+        description=f"{header}\r\nmacro {MACRO_SHAPE[1]}x{MACRO_SHAPE[0]}",
         metadata=None,
     )
 

@@ -6,7 +6,8 @@ jobs.py              the API's side: check slides and quotas, record the job, st
 job_status.py        the job's request, status record and per-slide summary (pydantic), kept as JSON
 job_driver.py        WsiJobDriver, a Ray actor per job: plan each slide, send its work units, write results
 slide_paths.py       which slide files a tenant may name (its wsi_slide_roots, its uploads)
-slides.py            open a slide (tifffile parses and checks; tifffile or cuCIM decode), its levels and mpp
+slides.py            open a slide with the reader for its format, its levels and mpp (what the rest imports)
+readers/             one module per library (tifffile, cucim, openslide, wsidicom) and the factory that picks one
 tiling.py            the model's tile grid on the right level; blocks of tiles read in one aligned region
 tissue.py            tissue detection on a low-resolution level
 work_units.py        what the driver sends to the tile model's replicas and what comes back

@@ -4,7 +4,7 @@ The path of a job, by file::
 
     serve_app/wsi/jobs.py         the API's side: check paths and quotas, write the record, start this actor
     serve_app/wsi/job_driver.py   this actor: plan each slide, send its work units, write what comes back
-      serve_app/wsi/slides.py     open the slide (cuCIM, else tifffile), its levels and mpp
+      serve_app/wsi/slides.py     open the slide with the reader for its format (readers/), its levels and mpp
       serve_app/wsi/tiling.py     the tile grid at the model's mpp
       serve_app/wsi/tissue.py     tissue detection on a low-resolution level: which tiles to classify
     deployments/tile_model.py     the tile model's replicas (Serve, autoscaled): read a unit, classify it
@@ -177,8 +177,8 @@ class WsiJobDriver:
         """Open the slide, choose its level, find its tissue, open (or reopen) its heatmap: in a thread."""
         if path is None:
             raise SlideFailed("the slide was refused at submission")
-        if not Path(path).is_file():
-            raise SlideFailed("no such file (or not a regular file)")
+        if not Path(path).is_file() and not Path(path).is_dir():  # a folder: a DICOM WSI's instances
+            raise SlideFailed("no such file or folder (or not a regular file)")
         preprocessing = self.spec.preprocessing
         assert isinstance(preprocessing, TilePreprocessingSpec)
         watch = Stopwatch()
@@ -314,9 +314,15 @@ class WsiJobDriver:
             seconds=PhaseSeconds(**{k: round(v, 3) for k, v in plan.seconds.model_dump().items()}),
             classify_wall_s=round(plan.classify_wall_s, 3),
         )
-        # summary.json adds the pyramid levels the slide was read as; the job's status, which carries every slide's
-        # summary, leaves them out. Written whole: the API may serve it meanwhile.
-        written = {**summary.model_dump(mode="json"), "levels": [asdict(level) for level in plan.slide.levels]}
+        # summary.json adds why the reader was chosen, what it left out (other focal planes, optical paths) and the
+        # pyramid levels the slide was read as; the job's status, which carries every slide's summary, leaves them
+        # out. Written whole: the API may serve it meanwhile.
+        written = {
+            **summary.model_dump(mode="json"),
+            "reader_reason": plan.slide.reader_reason,
+            "reader_notes": list(plan.slide.reader_notes),
+            "levels": [asdict(level) for level in plan.slide.levels],
+        }
         write_atomic(folder / "summary.json", json.dumps(written, indent=1))
         return summary
 

@@ -104,7 +104,7 @@ class PhaseSeconds(BaseModel):
 class SlideSummary(BaseModel):
     """One slide's result; also written as ``summary.json`` beside its heatmap."""
 
-    reader: str = Field(description="What read the slide: cucim or tifffile.")
+    reader: str = Field(description="What read the slide: tifffile, cucim, openslide or wsidicom.")
     level: int = Field(description="The pyramid level tiles were read from (0: full resolution).")
     level_mpp: float = Field(description="Microns per pixel of that level.")
     scale: float = Field(description="Level pixels per model pixel: 1 when the level's mpp is the model's.")

@@ -1,0 +1,419 @@
+"""The slide readers on files made by third-party tools: an Aperio SVS of real H&E written by tifffile (with its
+thumbnail, label and macro pages) and a generic tiled pyramid, each read by tifffile and OpenSlide; DICOM WSI made
+from the SVS by Orthanc's OrthancWSIDicomizer (TILED_SPARSE, one instance per level or concatenated) and by wsidicom
+(TILED_FULL, a level left out), read by wsidicom and OpenSlide. Every pair of readers gives the same pixels within
+JPEG decoder tolerance; the factory says which reader and why, and refuses what is not a slide with one reason.
+Last, a WSI job over a DICOM WSI folder and the SVS it came from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pydicom
+import pytest
+import tifffile
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from helpers import skip_unless_installed, wait_for_job
+from serve_app.errors import InvalidSlide
+from serve_app.samples.synthetic_slides import (
+    LABEL_SHAPE,
+    MACRO_SHAPE,
+    WrittenSlide,
+    write_slide,
+    write_slide_from_region,
+)
+from serve_app.wsi.slides import Slide, open_slide
+
+WIDTH, HEIGHT, MPP, TILE, LEVELS = 2000, 1400, 0.5, 256, 3
+JOB_SLIDE = (1500, 1100)  # (width, height): the WSI job's slide, small to keep the job short
+# Decoders of one JPEG stream may differ by their IDCT's rounding (libjpeg-turbo's builds in tifffile's imagecodecs,
+# OpenSlide's wheel and pydicom's plugins): a few grey levels at most, none on average.
+JPEG_MAX_DIFFERENCE, JPEG_MEAN_DIFFERENCE = 8, 0.5
+REGIONS = [
+    (0, (0, 0, WIDTH, HEIGHT)),  # the whole level
+    (0, (-40, -30, 517, 333)),  # past the top-left corner: white there
+    (1, (250, 100, 700, 900)),  # another level, past its bottom edge
+    (2, (400, 250, 100, 100)),  # the coarsest level's bottom-right corner
+]
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+# OrthancWSIDicomizer's --dataset: what a lab's dicomizer adds to each instance (the image type is a type 1 attribute
+# that OrthancWSIDicomizer leaves to it). Synthetic identifiers only.
+DICOMIZER_DATASET = {
+    "PatientID": "SYNTHETIC-31",
+    "PatientName": "SYNTHETIC^SLIDE",
+    "ImageType": "ORIGINAL\\PRIMARY\\VOLUME\\NONE",
+    "FocusMethod": "AUTO",
+    "ExtendedDepthOfField": "NO",
+    "SpecimenLabelInImage": "NO",
+    "BurnedInAnnotation": "NO",
+}
+
+
+def _dicomizer() -> str:
+    path = shutil.which("OrthancWSIDicomizer")
+    if path is None:
+        skip_unless_installed("OrthancWSIDicomizer", "OrthancWSIDicomizer is not installed (Debian: orthanc-wsi)")
+    return path
+
+
+def dicomize(svs: WrittenSlide, folder: Path, *, max_size_mb: int = 0, dataset: dict | None = DICOMIZER_DATASET):
+    """``svs`` turned into DICOM WSI instances in ``folder`` by OrthancWSIDicomizer, its JPEG tiles copied as they are.
+
+    The image lies rotated on the slide (Image Orientation (Slide) 0\\-1\\0\\-1\\0\\0), so the imaged volume's
+    width runs along the image's rows: that is what sets the pixel spacing to the slide's mpp.
+    """
+    folder.mkdir(parents=True)
+    command = [_dicomizer(), "--folder", str(folder), "--compression", "jpeg", "--max-size", str(max_size_mb)]
+    height, width = svs.level_shapes[0]
+    command += ["--imaged-width", f"{height * svs.mpp / 1000:g}", "--imaged-height", f"{width * svs.mpp / 1000:g}"]
+    if dataset is not None:
+        dataset_path = folder.with_suffix(".json")
+        dataset_path.write_text(json.dumps(dataset))
+        command += ["--dataset", str(dataset_path)]
+    subprocess.run([*command, str(svs.path)], check=True, capture_output=True, timeout=60)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def svs(tmp_path_factory) -> WrittenSlide:
+    """An Aperio SVS by tifffile of the real H&E of ``wsidicom-data``; at quality 95 level 0 is over 1 MB, so that a
+    1 MB limit splits it in two."""
+    path = tmp_path_factory.mktemp("svs") / "case.svs"
+    return write_slide_from_region(
+        path, WIDTH, HEIGHT, mpp=MPP, tile=TILE, levels=LEVELS, quality=95, label_and_macro=True
+    )
+
+
+@pytest.fixture(scope="module")
+def svs_levels(svs) -> list[np.ndarray]:
+    """Every level of the SVS as tifffile reads it whole: the reference pixels."""
+    return [tifffile.imread(svs.path, series=0, level=k) for k in range(LEVELS)]
+
+
+@pytest.fixture(scope="module")
+def dicom_sparse(svs, tmp_path_factory) -> Path:
+    """OrthancWSIDicomizer's DICOM WSI: TILED_SPARSE, one instance per level."""
+    return dicomize(svs, tmp_path_factory.mktemp("dicom") / "sparse")
+
+
+@pytest.fixture(scope="module")
+def dicom_concatenated(svs, tmp_path_factory) -> Path:
+    """OrthancWSIDicomizer's DICOM WSI with instances of at most 1 MB: level 0 is a concatenation of two."""
+    return dicomize(svs, tmp_path_factory.mktemp("dicom") / "concatenated", max_size_mb=1)
+
+
+@pytest.fixture(scope="module")
+def dicom_full(dicom_sparse, tmp_path_factory) -> Path:
+    """The same slide saved by wsidicom: TILED_FULL (frames in row-major order, no per-frame positions)."""
+    from wsidicom import WsiDicom
+
+    folder = tmp_path_factory.mktemp("dicom") / "full"
+    folder.mkdir()
+    with WsiDicom.open(dicom_sparse) as wsi:
+        wsi.save(folder, include_labels=False, include_overviews=False, include_thumbnails=False)
+    return folder
+
+
+def _instances(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.iterdir())]
+
+
+def _assert_same_pixels(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    difference = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert difference.max() <= JPEG_MAX_DIFFERENCE and difference.mean() <= JPEG_MEAN_DIFFERENCE, (
+        difference.max(),
+        difference.mean(),
+    )
+
+
+def _assert_reads_the_svs(slide: Slide, svs_levels: list[np.ndarray]) -> None:
+    """``slide`` has the SVS's pyramid and, region by region, its pixels (white outside)."""
+    assert [(level.height, level.width) for level in slide.levels] == [level.shape[:2] for level in svs_levels]
+    assert [level.mpp for level in slide.levels] == pytest.approx([MPP, 2 * MPP, 4 * MPP], rel=1e-5)
+    for level, (x, y, width, height) in REGIONS:
+        region = slide.read_region(level, x, y, width, height)
+        expected = np.full((height, width, 3), 255, np.uint8)
+        inside = svs_levels[level][max(y, 0) : y + height, max(x, 0) : x + width]
+        expected[max(-y, 0) : max(-y, 0) + inside.shape[0], max(-x, 0) : max(-x, 0) + inside.shape[1]] = inside
+        _assert_same_pixels(region, expected)
+
+
+# --- Aperio SVS: tifffile and OpenSlide ---------------------------------------------------------------------------
+
+
+def test_the_svs_is_aperio_with_thumbnail_label_and_macro_to_openslide_and_tifffile(svs):
+    assert openslide.OpenSlide.detect_format(str(svs.path)) == "aperio"
+    with openslide.OpenSlide(str(svs.path)) as reference:
+        assert float(reference.properties[openslide.PROPERTY_NAME_MPP_X]) == MPP
+        sizes = {name: image.size for name, image in reference.associated_images.items()}
+        assert sizes == {
+            "thumbnail": svs.thumbnail_shape[::-1],
+            "label": LABEL_SHAPE[::-1],
+            "macro": MACRO_SHAPE[::-1],
+        }
+    with tifffile.TiffFile(svs.path) as tif:
+        assert tif.is_svs and [series.name for series in tif.series] == ["Baseline", "Thumbnail", "Label", "Macro"]
+
+
+def test_the_svs_opens_with_tifffile_and_says_why_and_its_levels_leave_out_the_associated_images(svs):
+    with open_slide(svs.path) as slide:
+        assert slide.reader == "tifffile"
+        assert "Aperio SVS" in slide.reader_reason and slide.reader_notes == ()
+        assert [(level.height, level.width) for level in slide.levels] == list(svs.level_shapes)
+
+
+@pytest.mark.parametrize("reader", ["tifffile", "openslide"])
+def test_tifffile_and_openslide_read_the_same_svs_pixels(svs, svs_levels, reader):
+    with open_slide(svs.path, reader=reader) as slide:
+        assert slide.reader == reader
+        _assert_reads_the_svs(slide, svs_levels)
+
+
+def test_a_generic_tiled_pyramid_reads_the_same_in_tifffile_and_openslide(svs_levels, tmp_path):
+    """Levels as pages of the main IFD chain, the reduced ones marked so (NewSubfileType 1), as OpenSlide's
+    generic-tiff wants them, with their resolution in pixels per centimetre."""
+    path = tmp_path / "generic.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for k, level in enumerate(svs_levels):
+            tif.write(
+                level,
+                tile=(TILE, TILE),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 95},
+                subfiletype=1 if k else 0,
+                resolution=(1e4 / (MPP * 2**k),) * 2,
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    assert openslide.OpenSlide.detect_format(str(path)) == "generic-tiff"
+    with open_slide(path) as by_tifffile, open_slide(path, reader="openslide") as by_openslide:
+        assert by_tifffile.reader == "tifffile" and "tiled pyramidal TIFF" in by_tifffile.reader_reason
+        assert by_openslide.levels == by_tifffile.levels
+        for level in by_tifffile.levels:
+            box = (level.index, -10, -10, level.width + 20, level.height + 20)
+            _assert_same_pixels(by_openslide.read_region(*box), by_tifffile.read_region(*box))
+
+
+# --- DICOM WSI: wsidicom and OpenSlide --------------------------------------------------------------------------
+
+
+def test_orthanc_dicomizer_writes_tiled_sparse_instances_and_a_concatenation(dicom_sparse, dicom_concatenated):
+    sparse = _instances(dicom_sparse)
+    assert len(sparse) == LEVELS and {ds.SOPClassUID for ds in sparse} == {WSI_SOP_CLASS}
+    assert all("PerFrameFunctionalGroupsSequence" in ds and "ConcatenationUID" not in ds for ds in sparse)
+    concatenated = _instances(dicom_concatenated)
+    level0 = [ds for ds in concatenated if ds.TotalPixelMatrixColumns == WIDTH]
+    assert len(level0) == 2 and len({ds.ConcatenationUID for ds in level0}) == 1
+    assert sorted(int(ds.InConcatenationNumber) for ds in level0) == [1, 2]
+
+
+def test_wsidicom_writes_tiled_full(dicom_full):
+    instances = _instances(dicom_full)
+    assert len(instances) == LEVELS
+    assert {ds.DimensionOrganizationType for ds in instances} == {"TILED_FULL"}
+
+
+@pytest.mark.parametrize(
+    ("layout", "reader"),
+    [("sparse", "wsidicom"), ("sparse", "openslide"), ("full", "wsidicom"), ("full", "openslide")]
+    + [("concatenated", "wsidicom")],
+)
+def test_wsidicom_and_openslide_read_the_dicom_wsi_as_the_svs(request, svs_levels, layout, reader):
+    folder = request.getfixturevalue(f"dicom_{layout}")
+    with open_slide(folder, reader=reader) as slide:
+        assert slide.reader == reader and slide.path == folder
+        _assert_reads_the_svs(slide, svs_levels)
+
+
+def test_openslide_refuses_orthancs_concatenations_of_one_instance_and_wsidicom_reads_them(dicom_concatenated):
+    """With --max-size, OrthancWSIDicomizer makes every level a concatenation, most of one instance: OpenSlide 4
+    refuses those ("only one SOP instance in concatenation"), wsidicom reads them, and the factory picks wsidicom."""
+    with pytest.raises(InvalidSlide, match="OpenSlideError"):
+        open_slide(dicom_concatenated, reader="openslide")
+    with open_slide(dicom_concatenated) as slide:
+        assert slide.reader == "wsidicom"
+
+
+def test_a_dicom_wsi_folder_opens_with_wsidicom_and_says_why(dicom_sparse):
+    with open_slide(dicom_sparse) as slide:
+        assert slide.reader == "wsidicom"
+        assert "DICOM WSI" in slide.reader_reason and slide.reader_notes == ()
+
+
+def test_a_level_missing_from_the_dicom_pyramid_leaves_a_gap_in_the_downsamples(dicom_sparse, svs_levels, tmp_path):
+    from wsidicom import WsiDicom
+
+    folder = tmp_path / "no-level-1"
+    folder.mkdir()
+    with WsiDicom.open(dicom_sparse) as wsi:
+        wsi.save(folder, include_levels=[0, 2], include_labels=False, include_overviews=False)
+    with open_slide(folder) as slide:
+        assert [level.downsample for level in slide.levels] == pytest.approx([1, 4])
+        _assert_same_pixels(slide.read_region(1, 0, 0, *svs_levels[2].shape[1::-1]), svs_levels[2])
+
+
+def _copies(folder: Path, target: Path, change) -> Path:
+    """``folder``'s instances and two altered copies of each (new UIDs): more focal planes or optical paths."""
+    shutil.copytree(folder, target)
+    for path in sorted(folder.glob("*.dcm")):
+        for copy in (1, 2):
+            ds = pydicom.dcmread(path)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            change(ds, copy)
+            ds.save_as(target / f"copy{copy}-{path.name}")
+    return target
+
+
+def _focal_plane(ds: pydicom.Dataset, copy: int) -> None:
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        frame.PlanePositionSlideSequence[0].ZOffsetInSlideCoordinateSystem = str(2.0 * copy)
+
+
+def _optical_path(ds: pydicom.Dataset, copy: int) -> None:
+    ds.OpticalPathSequence[0].OpticalPathIdentifier = str(copy + 1)
+    ds.SharedFunctionalGroupsSequence[0].OpticalPathIdentificationSequence[0].OpticalPathIdentifier = str(copy + 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "note"),
+    [
+        (_focal_plane, "3 focal planes (0, 2, 4 µm); the first, z = 0 µm, is read"),
+        (_optical_path, "3 optical paths ('1', '2', '3'); the first, '1', is read"),
+    ],
+)
+def test_of_several_focal_planes_or_optical_paths_the_first_is_read_and_the_summary_says_so(
+    dicom_sparse, svs_levels, tmp_path, change, note
+):
+    with open_slide(_copies(dicom_sparse, tmp_path / "slide", change)) as slide:
+        assert slide.reader == "wsidicom" and len(slide.reader_notes) == 1 and note in slide.reader_notes[0]
+        _assert_same_pixels(slide.read_region(0, 0, 0, 400, 300), svs_levels[0][:300, :400])
+
+
+# --- refusals: one reason each ----------------------------------------------------------------------------------
+
+
+def test_an_empty_file_says_the_file_is_empty(tmp_path):
+    path = tmp_path / "copy-failed.svs"
+    path.touch()
+    with pytest.raises(InvalidSlide, match="file is empty"):
+        open_slide(path)
+
+
+def test_a_folder_that_is_empty_or_holds_no_dicom_is_refused(tmp_path, svs):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidSlide, match="folder is empty"):
+        open_slide(empty)
+    other = tmp_path / "svs-folder"
+    other.mkdir()
+    shutil.copy(svs.path, other)
+    with pytest.raises(InvalidSlide, match="holds no DICOM files"):
+        open_slide(other)
+
+
+def test_a_dicom_file_that_is_not_a_slide_says_what_it_is(tmp_path):
+    with pytest.raises(InvalidSlide, match="not a whole-slide image.*CT Image Storage"):
+        open_slide(Path(get_testdata_file("CT_small.dcm")))
+    folder = tmp_path / "ct-series"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder)
+    with pytest.raises(InvalidSlide, match="no DICOM whole-slide image levels.*OpenSlide could not read it either"):
+        open_slide(folder)
+
+
+def test_one_instance_of_a_dicom_wsi_is_refused_for_its_folder(dicom_sparse):
+    with pytest.raises(InvalidSlide, match="name the folder"):
+        open_slide(sorted(dicom_sparse.iterdir())[0])
+
+
+def test_instances_without_their_image_type_are_refused_by_both_dicom_readers(svs, tmp_path):
+    """OrthancWSIDicomizer leaves the image type (type 1) to its --dataset: without one, no reader finds a level."""
+    folder = dicomize(svs, tmp_path / "no-image-type", dataset=None)
+    with pytest.raises(InvalidSlide, match="no DICOM whole-slide image levels"):
+        open_slide(folder)
+
+
+@pytest.mark.parametrize(("reader", "target"), [("wsidicom", "file"), ("tifffile", "folder"), ("cucim", "folder")])
+def test_a_reader_named_for_what_it_does_not_read_is_refused(svs, dicom_sparse, reader, target):
+    with pytest.raises(InvalidSlide, match=f"the {reader} reader reads"):
+        open_slide(svs.path if target == "file" else dicom_sparse, reader=reader)
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
+
+
+def test_refusals_and_logs_name_neither_the_file_nor_the_folder(tmp_path, dicom_sparse):
+    """wsidicom and fsspec log the paths of the files they open or pass over: medserve withholds those messages.
+
+    A handler of the root logger's sees what the server's log handlers see (pytest's caplog also sees what libraries'
+    own loggers hold back)."""
+    folder = tmp_path / "PATIENT-Jane-Doe-1970"
+    shutil.copytree(dicom_sparse, folder)
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "Doe^Jane-CT.dcm")
+    (folder / "Doe^Jane-notes.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)  # a DICOM preamble, then junk
+    root, seen = logging.getLogger(), _Lines()
+    level = root.level
+    root.addHandler(seen)
+    root.setLevel(logging.DEBUG)
+    try:
+        with open_slide(folder) as slide:  # the slide's instances are read, the others passed over
+            assert slide.reader == "wsidicom" and len(slide.levels) == LEVELS
+        for path in (folder / "Doe^Jane-CT.dcm", folder / "Doe^Jane-notes.dcm"):
+            with pytest.raises(InvalidSlide) as refused:
+                open_slide(path)
+            assert "Jane" not in refused.value.reason and "PATIENT" not in refused.value.reason
+    finally:
+        root.removeHandler(seen)
+        root.setLevel(level)
+    logged = "\n".join(seen.lines)
+    assert "withheld" in logged and "Jane" not in logged and "PATIENT" not in logged, logged
+
+
+# --- a WSI job over the DICOM WSI folder ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def job_slides(slide_root, tmp_path_factory) -> dict[str, Path]:
+    """An SVS with tumour, and the DICOM WSI OrthancWSIDicomizer makes of it, in the servers' slide root."""
+    folder = slide_root / "readers"
+    folder.mkdir()
+    svs = write_slide(folder / "case.svs", *JOB_SLIDE, mpp=MPP, tile=TILE, levels=LEVELS, seed=3, tumour_fraction=0.5)
+    return {"svs": svs.path, "dicom": dicomize(svs, folder / "case-dicom")}
+
+
+def test_a_job_reads_a_dicom_wsi_folder_as_it_reads_the_svs_it_came_from(client, job_slides):
+    import zarr
+
+    body = {"model": "he-tile-tumour", "slides": [str(job_slides["svs"]), str(job_slides["dicom"])]}
+    submitted = client.post("/v1/wsi/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for_job(client, submitted.json()["job_id"])
+    assert job["state"] == "done" and [s["state"] for s in job["slides"]] == ["done", "done"], job
+    summaries = [client.get(f"/v1/wsi/jobs/{job['job_id']}/slides/{i}/summary.json").json() for i in (0, 1)]
+    assert [s["reader"] for s in summaries] == ["tifffile", "wsidicom"]
+    assert "Aperio SVS" in summaries[0]["reader_reason"] and "DICOM WSI" in summaries[1]["reader_reason"]
+    assert summaries[1]["reader_notes"] == [] and summaries[1]["levels"][0]["width"] == JOB_SLIDE[0]
+    assert summaries[1]["tiles_tissue"] == summaries[0]["tiles_tissue"] > 0
+    heatmaps = [
+        zarr.open_array(Path(job["out_path"]) / slide["key"] / "heatmap.zarr", mode="r")[:] for slide in job["slides"]
+    ]
+    # The same JPEG tiles decoded: the same probabilities, tile for tile.
+    np.testing.assert_allclose(heatmaps[1], heatmaps[0], atol=1e-3)
+    assert os.stat(Path(job["out_path"]) / job["slides"][1]["key"] / "summary.json").st_mode & 0o077 == 0
