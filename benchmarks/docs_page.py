@@ -506,7 +506,7 @@ def _decode(results: list[_Result]) -> list[str]:
                 else "— (the reference)"
             )
             rows.append([name, r.link(_number(entry["tiles_per_s"])), _number(entry["cpu_us_per_tile"]), difference])
-        lines += [f"JPEG tiles, {r.device}, {r.date}:", ""]
+        lines += [f"JPEG tiles, {r.device}:", ""]
         lines += [*_table(["decoder", "tiles/s", "CPU µs a tile", "grey levels from libjpeg-turbo: max / mean"], rows)]
         series = r.data["dicom_series"]
         paths = ["in_process", "processes_all_cores", "processes_default", "gpu"]
@@ -526,7 +526,7 @@ def _decode(results: list[_Result]) -> list[str]:
         processes = series["processes"]
         header = ["syntax", "one process, ms", f"{processes['all_cores']} processes, ms"]
         header += [f"{processes['default']} processes, ms", "GPU, ms", "reader, ms"]
-        lines += ["", f"A {series['frames']}-frame CT series, {r.device}, {r.date}:", "", *_table(header, rows), ""]
+        lines += ["", f"A {series['frames']}-frame CT series, {r.device}:", "", *_table(header, rows), ""]
     return lines
 
 

@@ -167,9 +167,10 @@ class IngressDeployment(Replica):
         preprocess: DeploymentHandle | None = None,
         postprocess: DeploymentHandle | None = None,
         gate: DeploymentHandle | None = None,
+        dicom_node: DeploymentHandle | None = None,
     ):
         self.services = Services.of(
-            config, repository, model_handles, tile_model_handles, preprocess, postprocess, gate
+            config, repository, model_handles, tile_model_handles, preprocess, postprocess, gate, dicom_node
         )
         self.drain = DrainWatch(config, serve.get_replica_context().replica_id.unique_id)
         self.allowed_hosts = config.http.host_allow_list()

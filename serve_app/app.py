@@ -1,7 +1,9 @@
 """Compose the medserve application from its config: ingress -> preprocess -> model -> postprocess
 (split layout), or ingress -> fused pipeline (fused layout), for segmentation models; one autoscaled
-tile-model deployment per tile classifier, which WSI jobs' drivers feed. Every version of every model in the
-repository gets its own model deployment (``ModelReplica:<name>`` or ``ModelReplica:<name>:<version>``).
+tile-model deployment per tile classifier, which WSI jobs' drivers feed; with a ``dicom_network`` section, the
+DICOM node (one replica listening for C-STORE, its routed series through the same stages). Every version of
+every model in the repository gets its own model deployment (``ModelReplica:<name>`` or
+``ModelReplica:<name>:<version>``).
 
     serve run serve_app.app:app_builder config=path/to/config.yaml
 
@@ -23,6 +25,7 @@ import ray
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
+from deployments.dicom_node import DicomNodeDeployment
 from deployments.fused_pipeline import FusedPipelineDeployment
 from deployments.gate import TenantGateDeployment
 from deployments.ingress import IngressDeployment
@@ -78,7 +81,8 @@ def build_app(config: AppConfig, repository: ModelRepository | None = None) -> A
     # An open server has no quotas to count. The gate's counts live in it: it is redeployed only when config changes.
     gate = _versioned(TenantGateDeployment, (config,)).bind(config) if config.tenants else None
     if config.fused:
-        return ingress.bind(config, repository, model_handles, tile_model_handles, gate=gate)
+        node = _dicom_node(config, repository, model_handles, None, None, gate)
+        return ingress.bind(config, repository, model_handles, tile_model_handles, gate=gate, dicom_node=node)
     stage_options = {"graceful_shutdown_timeout_s": graceful["graceful_shutdown_timeout_s"]}
     preprocess = _versioned(
         PreprocessDeployment, (config,), **stage_options, **config.deployments.preprocess.serve_options()
@@ -86,7 +90,20 @@ def build_app(config: AppConfig, repository: ModelRepository | None = None) -> A
     postprocess = _versioned(
         PostprocessDeployment, (config,), **stage_options, **config.deployments.postprocess.serve_options()
     ).bind(config)
-    return ingress.bind(config, repository, model_handles, tile_model_handles, preprocess, postprocess, gate)
+    node = _dicom_node(config, repository, model_handles, preprocess, postprocess, gate)
+    stages = (preprocess, postprocess, gate)
+    return ingress.bind(config, repository, model_handles, tile_model_handles, *stages, dicom_node=node)
+
+
+def _dicom_node(config: AppConfig, repository: ModelRepository, model_handles: dict, *stages) -> Deployment | None:
+    """The DICOM node over the segmentation models' stages (``stages``: preprocess, postprocess, gate; None where
+    the layout or config has none), when ``dicom_network`` is configured. Its graceful shutdown waits for the
+    series it is processing (as long as a request may last), its deliveries then stop; what is left waits on disk."""
+    if config.dicom_network is None:
+        return None
+    given = (config, repository, sorted(model_handles))
+    graceful = {"graceful_shutdown_timeout_s": _longest_request_s(config)}
+    return _versioned(DicomNodeDeployment, given, **graceful).bind(config, repository, model_handles, *stages)
 
 
 def _versioned(deployment: Deployment, given: tuple, **options) -> Deployment:

@@ -1,8 +1,9 @@
-"""Errors that reach the client as a 4xx with a reason, and the one place where other errors are translated.
+"""Errors that reach the client as a 4xx with a reason, and the one place where other errors are translated; and
+the DICOM network's, which reach a sender as a DIMSE status or a delivery's last error.
 
 They are raised inside any deployment and cross DeploymentHandles intact (Ray re-raises
 them as subclasses of the original class); the ingress turns them into JSON responses.
-Messages must never carry patient data: they name what was wrong, not what was sent.
+Messages must never carry patient data: they name what was wrong, not what was sent (no UIDs either).
 """
 
 import asyncio
@@ -17,12 +18,17 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "DeadlineExceeded",
+    "DeliveryFailed",
+    "DeliveryNotFound",
+    "DimseStatus",
     "Forbidden",
     "HostNotAllowed",
     "ImageNotKept",
+    "InstanceRefused",
     "InvalidRequestBody",
     "InvalidSlide",
     "InvalidStudy",
+    "InvalidTensor",
     "ModelTaskMismatch",
     "MethodNotAllowed",
     "ModelNotFound",
@@ -67,6 +73,11 @@ class BadRequest(RequestError):
 class HostNotAllowed(BadRequest):
     """The request's Host header names a host the server does not answer for (``http.allowed_hosts``): a page of
     another site reaching it through DNS rebinding, or a proxy in front that does not pass the Host on."""
+
+
+class InvalidTensor(BadRequest):
+    """A tensor of an inference-protocol request (``/v2/models/{name}/infer``) that the model does not take: an
+    unknown or missing input, a datatype or shape it does not accept, data of another size than its shape's."""
 
 
 class Conflict(RequestError):
@@ -130,6 +141,12 @@ class ModelTaskMismatch(RequestError):
 
 
 class ResultNotFound(RequestError):
+    status_code = 404
+
+
+class DeliveryNotFound(RequestError):
+    """No delivery of the tenant's outbox has this id (another tenant's is not found either)."""
+
     status_code = 404
 
 
@@ -269,3 +286,35 @@ def status_of(error: BaseException) -> int:
     if isinstance(error, (asyncio.CancelledError, ClientDisconnect)):
         return CLIENT_CLOSED
     return 500
+
+
+# The DICOM network's (``serve_app.dicom_network``): not HTTP errors.
+
+
+class DimseStatus:
+    """C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C) the DICOM node answers."""
+
+    SUCCESS = 0x0000
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    PROCESSING_FAILURE = 0x0110
+
+
+class InstanceRefused(Exception):
+    """A C-STORE that the DICOM node does not store: answered with ``status`` (a ``DimseStatus``), the reason
+    audited."""
+
+    def __init__(self, reason: str, status: int):
+        super().__init__(reason, status)
+        self.reason, self.status = reason, status
+
+
+class DeliveryFailed(Exception):
+    """A destination that could not take a result. ``transient``: it may take it on a later try (down, busy);
+    otherwise it refused it and another try would be refused the same."""
+
+    def __init__(self, reason: str, transient: bool):
+        super().__init__(reason, transient)
+        self.reason, self.transient = reason, transient

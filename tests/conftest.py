@@ -51,8 +51,9 @@ def slide_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pacs_ports() -> dict[str, int]:
-    """Ports of the test PACS: Orthanc's HTTP port, and a relay to it that cuts answers half-way."""
-    return {"orthanc": free_port(), "cutting_relay": free_port()}
+    """Ports of the test PACS: Orthanc's HTTP and DICOM ports, and a relay to its HTTP port that cuts answers
+    half-way."""
+    return {"orthanc": free_port(), "orthanc_dicom": free_port(), "cutting_relay": free_port()}
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +78,35 @@ def app_config(tmp_path_factory, slide_root, pacs_ports) -> AppConfig:
             **TEST_WSI,
             "wsi.slide_roots": [str(slide_root)],
             "wsi.output_root": str(storage / "wsi"),
+            # The DICOM node, Orthanc (AE ORTHANC) its sender and its PACS: CT series go to the embedded model and
+            # its SEG and SR back to Orthanc; a delivery to a stopped Orthanc is retried every second or two. Its
+            # port is any free one (the tests ask the node), as the apps the tests derive from this config have
+            # nodes of their own.
+            **dicom_node_sections(pacs_ports["orthanc_dicom"]),
         }
     )
+
+
+def dicom_node_sections(orthanc_dicom_port: int) -> dict:
+    return {
+        "dicom_network": {
+            "port": 0,
+            "ae_titles": {"MEDSERVE": {"callers": {"ORTHANC": ["127.0.0.1"], "STORESCU": ["127.0.0.1"]}}},
+            "stable_after_s": 1.0,
+            "delivery_first_retry_s": 1.0,
+            "delivery_max_retry_s": 2.0,
+        },
+        "routes": {
+            "abdomen-ct": {
+                "match": {"modality": ["CT"], "slice_count": {"min": 8}},
+                "model": "ct-phantom-organ",
+                "destinations": ["orthanc"],
+            }
+        },
+        "destinations": {
+            "orthanc": {"dimse": {"host": "127.0.0.1", "port": orthanc_dicom_port, "ae_title": "ORTHANC"}}
+        },
+    }
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +169,9 @@ def orthanc(tmp_path_factory, pacs_ports, app_config) -> Orthanc:
         skip_unless_installed("Orthanc", "Orthanc and its DICOMweb plugin are not installed (Debian orthanc-dicomweb)")
     stow = f"http://{app_config.http.host}:{app_config.http.port}/dicomweb/ct-phantom-organ"
     destinations = {"medserve": {"Url": f"{stow}/"}, "medserve-and-back": {"Url": f"{stow}/store-to/main/"}}
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"), pacs_ports["orthanc"], destinations)
+    server = Orthanc(
+        tmp_path_factory.mktemp("orthanc"), pacs_ports["orthanc"], destinations, pacs_ports["orthanc_dicom"]
+    )
     server.start()
     yield server
     server.stop()
@@ -184,7 +214,7 @@ def tenant_keys() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root) -> AppConfig:
+def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root, pacs_ports) -> AppConfig:
     """A second application with four hospitals and two ingress replicas, on the same cluster and port."""
     from serve_app.tenancy.keys import hash_api_key
 
@@ -221,9 +251,37 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root) -> AppC
             "deployments.ingress.num_replicas": 2,
             "tenants": tenants,
             "scheduling.lease_s": 5,  # short, so that the tests see requests outlive their first lease
+            # A DICOM node whose AE title STMARYS is st-marys's: its deliveries are st-marys's alone.
+            "dicom_network": {
+                "port": 0,
+                "ae_titles": {"STMARYS": {"tenant": "st-marys", "callers": {"STORESCU": ["127.0.0.1"]}}},
+                "stable_after_s": 1.0,
+            },
+            "routes": {
+                "st-marys-ct": {
+                    "match": {"modality": ["CT"], "called_ae_titles": ["STMARYS"]},
+                    "model": "ct-phantom-organ",
+                    "destinations": ["orthanc"],
+                }
+            },
+            "destinations": {
+                "orthanc": {
+                    "dimse": {"host": "127.0.0.1", "port": pacs_ports["orthanc_dicom"], "ae_title": "ORTHANC"},
+                    "tenants": ["st-marys"],
+                }
+            },
             **TEST_WSI,
             "wsi.output_root": str(storage / "wsi"),
             "wsi.max_running_jobs_per_tenant": 1,
+            # A PACS path-lab and research-lab may use on which nothing answers (one attempt): the isolation test's
+            # store of another tenant's result gets past the PACS check to the result's, and the owner's store
+            # reaches the PACS (503).
+            "pacs.unanswered": {
+                "url": f"http://127.0.0.1:{free_port()}/dicom-web",
+                "tenants": ["path-lab", "research-lab"],
+                "store_attempts": 1,
+                "retry_after_s": 1,
+            },
         }
     )
 

@@ -35,16 +35,19 @@ class Orthanc:
         root: a folder of its own: config, storage, log.
         http_port: its HTTP port (REST API and DICOMweb at ``/dicom-web``).
         dicomweb_servers: its ``DicomWeb.Servers``: where it may push studies (name -> {"Url", "HttpHeaders"}).
+        dicom_port: its DICOM port (AE title ORTHANC); None: a free one.
     """
 
-    def __init__(self, root: Path, http_port: int, dicomweb_servers: dict | None = None):
+    def __init__(self, root: Path, http_port: int, dicomweb_servers: dict | None = None, dicom_port: int | None = None):
         self.root, self.http_port = Path(root), http_port
         self.url = f"http://127.0.0.1:{http_port}"
         self.dicomweb_url = f"{self.url}/dicom-web"
         self.config = self.root / "orthanc.json"
-        with socket.socket() as s:  # its DICOM port: unused by the tests, but Orthanc always opens one
-            s.bind(("127.0.0.1", 0))
-            dicom_port = s.getsockname()[1]
+        if dicom_port is None:  # Orthanc always opens one
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                dicom_port = s.getsockname()[1]
+        self.dicom_port = dicom_port
         config = {
             "Name": "medserve-tests",
             "StorageDirectory": str(self.root / "storage"),

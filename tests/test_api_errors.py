@@ -22,6 +22,8 @@ JSON_ROUTES = {
     ("/v1/results/{result_id}/store", "post"): "PacsStoreOutcome",
     ("/v1/results/{result_id}/reviews", "get"): "ReviewList",
     ("/v1/reviews", "get"): "ReviewList",
+    ("/v1/deliveries", "get"): "DeliveryList",
+    ("/v1/deliveries/{delivery_id}/resend", "post"): "Delivery",
 }
 
 

@@ -32,11 +32,11 @@ from pynetdicom import AE
 
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig
 from serve_app.dicom_network.delivery import Destinations
-from serve_app.dicom_network.errors import Status
 from serve_app.dicom_network.node import DicomNode
 from serve_app.dicom_network.outbox import Outbox, RetryPolicy, SeriesResult
 from serve_app.dicom_network.routing import Route
 from serve_app.dicom_network.series import CompletedSeries, SeriesRecord
+from serve_app.errors import DimseStatus
 from serve_app.model_repository import ModelRepository
 from serve_app.results.dicom_seg import build_segmentation
 from serve_app.samples.phantoms import ct_phantom
@@ -223,9 +223,9 @@ def test_refusals_answer_their_dimse_status_and_the_listener_carries_on(tmp_path
     association = ae.associate("127.0.0.1", node.port, ae_title="MEDSERVE")
     assert association.is_established
     try:
-        assert association.send_c_store(no_series).Status == Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-        assert association.send_c_store(capture).Status == Status.SOP_CLASS_NOT_SUPPORTED
-        assert association.send_c_store(ct).Status == Status.SUCCESS
+        assert association.send_c_store(no_series).Status == DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        assert association.send_c_store(capture).Status == DimseStatus.SOP_CLASS_NOT_SUPPORTED
+        assert association.send_c_store(ct).Status == DimseStatus.SUCCESS
     finally:
         association.release()
     # Bytes that are no DICOM association at all: the connection is dropped, the listener serves the next.
@@ -239,6 +239,18 @@ def test_refusals_answer_their_dimse_status_and_the_listener_carries_on(tmp_path
     assert echoscu(node.port).returncode == 0
     wait_until(lambda: processor.calls, what="the one stored instance's series processed")
     assert len(records(node)) == 1
+
+
+def test_an_instance_over_the_size_limit_gets_out_of_resources_and_smaller_ones_are_stored(tmp_path, started):
+    node, _ = started(app_config(tmp_path, limits={"max_instance_bytes": 8_000}))
+    small = ct_series(tmp_path / "small", slices=2)  # 32 x 32 slices: about 2 kB each
+    assert storescu(node.port, small).returncode == 0
+    phantom = ct_phantom(np.random.default_rng(3), shape=(64, 64, 1), spacing=(4.0, 4.0, 5.0))
+    large = write_ct_series(phantom.volume, tmp_path / "large")  # 64 x 64: about 8 kB of pixels
+    refused = storescu(node.port, large)
+    assert refused.returncode != 0 and "Refused: OutOfResources" in refused.stderr
+    assert node.book.pending("anonymous")[0] == 2
+    assert echoscu(node.port).returncode == 0
 
 
 def test_a_tenant_over_its_inbox_limit_gets_out_of_resources_while_another_is_served(tmp_path, started):

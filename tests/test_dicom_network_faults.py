@@ -70,7 +70,7 @@ def test_a_node_killed_mid_series_completes_the_series_once_when_the_sender_re_s
     config_file, calls = tmp_path / "config.json", tmp_path / "calls.jsonl"
     config_file.write_text(config.model_dump_json())
     sent = ct_series(tmp_path / "ct", slices=20)
-    inbox = Inbox(config.dicom_network.folder_under(config.storage.root) / "inbox")
+    inbox = Inbox(config.dicom_network.folder_under(config.storage.root, config.name) / "inbox")
 
     node = _start(config_file, calls)
     try:

@@ -70,9 +70,10 @@ RESULT_ROUTES = [
     ("GET", "/v1/results/{id}/image", {}),
     ("GET", "/v1/results/{id}/seg.dcm", {}),
     ("GET", "/v1/results/{id}/sr.dcm", {}),
+    ("GET", "/v1/results/{id}/fhir", {}),
     ("GET", "/v1/results/{id}/reviews", {}),
     ("POST", "/v1/results/{id}/reviews", {"json": {"verdict": "accept", "reviewer": "dr-other"}}),
-    ("POST", "/v1/results/{id}/store", {"json": {"pacs": "main"}}),
+    ("POST", "/v1/results/{id}/store", {"json": {"pacs": "unanswered"}}),
 ]
 JOB_ROUTES = [
     ("GET", JOBS + "/{id}", {}),
@@ -103,8 +104,12 @@ def _compared(tenant_url, tenant_keys, routes, owned_id: str, statuses: tuple[in
 
 
 def test_another_tenants_result_is_answered_as_an_unknown_one(tenant_url, tenant_keys, owner_result):
-    # 422: the store route names a PACS this server does not have, whoever's the result.
-    assert _compared(tenant_url, tenant_keys, RESULT_ROUTES, owner_result, (404, 422)) == []
+    assert _compared(tenant_url, tenant_keys, RESULT_ROUTES, owner_result, (404,)) == []
+    # The store names a PACS both tenants may use, on which nothing answers: the owner's store gets as far as the
+    # PACS (503), so the other's 404 is the result's refusal, not the PACS's.
+    with httpx.Client(base_url=tenant_url, headers=auth(tenant_keys[OWNER]), timeout=60) as owner:
+        stored = owner.post(f"/v1/results/{owner_result}/store", json={"pacs": "unanswered"})
+    assert stored.status_code == 503 and "unanswered" in stored.json()["error"]["reason"], stored.text
 
 
 def test_another_tenants_wsi_job_is_answered_as_an_unknown_one(tenant_url, tenant_keys, owner_job):

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ValidationError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
+from serve_app.dicom_network.deliveries import DeliveriesService
+from serve_app.dicom_network.stow_routing import StowRouting
 from serve_app.dicomweb.service import DicomwebService
 from serve_app.errors import InvalidRequestBody, PayloadTooLarge
 from serve_app.model_repository import ModelRepository
@@ -30,12 +32,14 @@ from serve_app.tenancy.gatekeeper import Gatekeeper
 from serve_app.wsi.jobs import WsiJobs
 
 __all__ = [
+    "DeliveriesDep",
     "DicomwebDep",
     "GatekeeperDep",
     "RepositoryDep",
     "ResultsDep",
     "SegmentationDep",
     "Services",
+    "StowRoutingDep",
     "WsiJobsDep",
     "declared_length",
     "json_body",
@@ -59,6 +63,8 @@ class Services:
     dicomweb: DicomwebService
     results: ResultsService
     wsi_jobs: WsiJobs
+    deliveries: DeliveriesService
+    stow_routing: StowRouting
 
     @classmethod
     def of(
@@ -70,11 +76,13 @@ class Services:
         preprocess: DeploymentHandle | None,
         postprocess: DeploymentHandle | None,
         gate: DeploymentHandle | None,
+        dicom_node: DeploymentHandle | None = None,
     ) -> "Services":
         """The services of an application, over its deployments' handles (``IngressDeployment``'s arguments)."""
         results = ResultStore.of(config.storage)
         gatekeeper = Gatekeeper(config, repository, gate)
         stages = StageHandles(model_handles, preprocess, postprocess)
+        deliveries = DeliveriesService(dicom_node)
         return cls(
             gatekeeper=gatekeeper,
             repository=repository,
@@ -82,6 +90,8 @@ class Services:
             dicomweb=DicomwebService(config, results),
             results=ResultsService(results),
             wsi_jobs=WsiJobs(config, repository, tile_model_handles),
+            deliveries=deliveries,
+            stow_routing=StowRouting(config, results, deliveries),
         )
 
 
@@ -114,12 +124,22 @@ async def _wsi_jobs(request: Request) -> WsiJobs:
     return _services(request).wsi_jobs
 
 
+async def _deliveries(request: Request) -> DeliveriesService:
+    return _services(request).deliveries
+
+
+async def _stow_routing(request: Request) -> StowRouting:
+    return _services(request).stow_routing
+
+
 GatekeeperDep = Annotated[Gatekeeper, Depends(_gatekeeper)]
 RepositoryDep = Annotated[ModelRepository, Depends(_repository)]
 SegmentationDep = Annotated[SegmentationService, Depends(_segmentation)]
 DicomwebDep = Annotated[DicomwebService, Depends(_dicomweb)]
 ResultsDep = Annotated[ResultsService, Depends(_results)]
 WsiJobsDep = Annotated[WsiJobs, Depends(_wsi_jobs)]
+DeliveriesDep = Annotated[DeliveriesService, Depends(_deliveries)]
+StowRoutingDep = Annotated[StowRouting, Depends(_stow_routing)]
 
 
 async def json_body(request: Request, model: type[Body]) -> Body:

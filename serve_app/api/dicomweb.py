@@ -1,12 +1,13 @@
-"""The DICOMweb routes: medserve as a STOW-RS destination, a PACS pushing a series to be segmented (and, on the
-store-to route, getting the results back). The work is ``SegmentationService``'s and ``DicomwebService``'s."""
+"""The DICOMweb routes: medserve as a STOW-RS destination, a PACS pushing a series to be segmented by the model it
+names (and, on the store-to route, getting the results back), or by the models the ``routes`` rules pick. The work
+is ``SegmentationService``'s, ``DicomwebService``'s and ``StowRouting``'s."""
 
 import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve_app.api.dependencies import DicomwebDep, GatekeeperDep, SegmentationDep, declared_length
+from serve_app.api.dependencies import DicomwebDep, GatekeeperDep, SegmentationDep, StowRoutingDep, declared_length
 from serve_app.api.segmentation import segmented
 from serve_app.dicomweb.service import DicomwebService
 from serve_app.dicomweb.stow import DICOM_JSON, StowBody
@@ -24,6 +25,24 @@ _STOW_RESPONSES = {
     200: {"content": {DICOM_JSON: {}}, "description": "The STOW-RS answer; RetrieveURL: the result."},
     **ERROR_RESPONSES,
 }
+
+
+@router.post("/dicomweb/studies", response_class=JSONResponse, responses=_STOW_RESPONSES)
+async def stow_routed(
+    request: Request, gatekeeper: GatekeeperDep, segmentation: SegmentationDep, routing: StowRoutingDep
+) -> JSONResponse:
+    """STOW-RS naming no model: each series pushed goes to every model whose route it matches (the ``routes``
+    rules, as for a series sent by C-STORE), each result to the route's destinations; a series no route takes is
+    not processed. RetrieveURL: the first result; ``Medserve-Results``: every result's URL."""
+    async with gatekeeper.visit(request, "stow-routed") as visit:
+        body = StowBody(request.headers.get("content-type", ""), declared_length(request), request.stream())
+        answers = []
+        async with routing.spooled(body, visit) as pushed:
+            for series, route in routing.taken(pushed):
+                async with gatekeeper.visit(request, "stow", route.model, route.model_version, admit=True) as each:
+                    answers.append(await segmented(request, segmentation, each, route.model, series.receive))
+                await routing.deliver(series, route, answers[-1], visit.tenant_id)
+    return _stow_answer(request, body, [answer.result_id for answer in answers])
 
 
 @router.post("/dicomweb/{model}/studies", response_class=JSONResponse, responses=_STOW_RESPONSES)
@@ -66,5 +85,12 @@ async def _stow(
             outcome = await dicomweb.store_back(pacs, answer, visit.tenant_id)
             if not outcome.stored:
                 logger.warning("result %s: store-back failed: %s", answer.result_id, outcome.reason)
-    result_url = f"{str(request.base_url).rstrip('/')}/v1/results/{answer.result_id}"
-    return JSONResponse(body.answer(result_url), media_type=DICOM_JSON, headers={"Location": result_url})
+    return _stow_answer(request, body, [answer.result_id])
+
+
+def _stow_answer(request: Request, body: StowBody, result_ids: list[str]) -> JSONResponse:
+    """The STOW-RS answer: RetrieveURL and Location the first result's (none when no route took the push), every
+    result's URL in ``Medserve-Results``."""
+    urls = [f"{str(request.base_url).rstrip('/')}/v1/results/{result_id}" for result_id in result_ids]
+    headers = {"Location": urls[0], "Medserve-Results": ", ".join(urls)} if urls else {}
+    return JSONResponse(body.answer(urls[0] if urls else None), media_type=DICOM_JSON, headers=headers)

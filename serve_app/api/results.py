@@ -4,7 +4,7 @@ work is ``ResultsService``'s (and ``DicomwebService``'s for a store)."""
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from serve_app.api.dependencies import DicomwebDep, GatekeeperDep, ResultsDep, json_body, result_path
 from serve_app.dicomweb.messages import StoreRequest
@@ -18,6 +18,8 @@ from serve_app.tenancy.gatekeeper import Gatekeeper
 __all__ = ["router"]
 
 router = APIRouter()
+
+FHIR_JSON = "application/fhir+json"
 
 
 def _file_responses(media_type: str, description: str) -> dict:
@@ -127,6 +129,18 @@ async def result_seg(result_id: str, request: Request, gatekeeper: GatekeeperDep
 async def result_sr(result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep) -> FileResponse:
     """Each label's volume as a DICOM Structured Report (TID 1500) referencing the SEG (DICOM studies only)."""
     return await _result_file(request, result_id, "sr", "application/dicom", gatekeeper, results)
+
+
+@router.get(
+    "/v1/results/{result_id}/fhir",
+    response_class=JSONResponse,
+    responses={200: {"content": {FHIR_JSON: {}}, "description": "A FHIR R4 Bundle."}, **ERROR_RESPONSES},
+)
+async def result_fhir(result_id: str, request: Request, gatekeeper: GatekeeperDep, results: ResultsDep) -> JSONResponse:
+    """The result as FHIR R4, for an EHR's integration engine: a Bundle (collection) of a DiagnosticReport
+    (preliminary) and one Observation per label volume, referencing the imaging study by its StudyInstanceUID."""
+    async with gatekeeper.visit(request, "fhir", result_id=result_id) as visit:
+        return JSONResponse(await results.fhir(result_id, visit.tenant_id), media_type=FHIR_JSON)
 
 
 @router.post("/v1/results/{result_id}/store", response_model=PacsStoreOutcome, responses=ERROR_RESPONSES)

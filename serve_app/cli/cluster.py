@@ -284,7 +284,7 @@ def _start_monitoring() -> None:
     except FileNotFoundError as e:
         raise CommandError(str(e)) from None
     for name, url in urls.items():
-        print(f"{name}: {url}")
+        print(f"medserve: {name}: {url}")
     if "grafana" not in urls:
         print(
             "grafana is not installed: dashboards/grafana/ holds its provisioning for a Grafana of your own",
@@ -352,7 +352,7 @@ def _drain(config: AppConfig, grace_s: float) -> None:
     replicas = ingress.replica_states.get("RUNNING", 0) if ingress else 0
     order = DrainOrder(config)
     order.start(grace_s)
-    print(f"draining {config.name}: new work refused, requests in flight finish (up to {grace_s:g} s)")
+    print(f"medserve: draining {config.name}: new work refused, requests in flight finish (up to {grace_s:g} s)")
     left = order.wait(replicas)
     if len(left) < replicas:
         print(
@@ -371,7 +371,7 @@ def _down(args) -> int:
     from serve_app.observability import monitoring
 
     for name in monitoring.stop():
-        print(f"stopped {name}")
+        print(f"medserve: stopped {name}")
     config, address, record = _started_application(args)
     _authenticate(config, address)  # before Ray is imported: it reads its single-machine mode once
     import ray
@@ -387,7 +387,7 @@ def _down(args) -> int:
         quiet = {} if args.verbose else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         subprocess.run([RAY_CLI, "stop"], check=False, **quiet)
         if mps.stop():
-            print("stopped the MPS control daemon")
+            print("medserve: stopped the MPS control daemon")
     if record is not None and record.describes(config):
         UpRecord.forget()
     print("medserve is down")

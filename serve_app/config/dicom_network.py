@@ -104,6 +104,13 @@ class DicomNetworkLimits(StrictModel):
         description="Instances of one tenant received and not yet processed; past it that tenant's C-STOREs are "
         "answered Out of Resources (A700) until its series are processed. Other tenants are not slowed.",
     )
+    max_instance_bytes: int = Field(
+        2 * 1024**3,
+        ge=1024,
+        description="Bytes of one received instance (as the sender encoded it, file meta included); a larger one is "
+        "answered Out of Resources (A700). It arrives in a private temporary file, never whole in memory, and "
+        "bounds what the inbox reads back to store it.",
+    )
     max_inbox_bytes_per_tenant: int = Field(
         50 * 1024**3,
         ge=1,
@@ -134,7 +141,8 @@ class DicomNetworkConfig(StrictModel):
     folder: Path | None = Field(
         None,
         description="Where the inbox (received series) and outbox (results waiting for delivery) are kept, 0700; "
-        "null: <storage.root>/state/dicom-network.",
+        "null: <storage.root>/state/dicom-network/<application name>, so that two applications on one storage root "
+        "never share a node's state.",
     )
     processing_workers: int = Field(
         2, ge=1, le=64, description="Routed series processed at once (each calls the route's model)."
@@ -154,9 +162,9 @@ class DicomNetworkConfig(StrictModel):
     delivery_max_retry_s: float = Field(600.0, gt=0, description="The longest pause between tries of a delivery.")
     limits: DicomNetworkLimits = Field(DicomNetworkLimits(), description="Associations and per-tenant inbox limits.")
 
-    def folder_under(self, storage_root: Path) -> Path:
-        """The node's folder, its default resolved."""
-        return self.folder or Path(storage_root) / "state" / "dicom-network"
+    def folder_under(self, storage_root: Path, application: str) -> Path:
+        """The node's folder, its default resolved (``application``: the application's name)."""
+        return self.folder or Path(storage_root) / "state" / "dicom-network" / application
 
 
 class NumberRange(StrictModel):
@@ -272,6 +280,8 @@ def check_against(config: AppConfig) -> None:
             raise ValueError(f"destinations.{name}.tenants is not set, but tenants are configured")
     for name, route in config.routes.items():
         field = f"routes.{name}"
+        if route.destinations and network is None:
+            raise ValueError(f"{field}.destinations: results are delivered by the DICOM node; set dicom_network")
         for destination in route.destinations:
             if destination not in config.destinations:
                 raise ValueError(f"{field}.destinations: {destination!r} is not a configured destination")

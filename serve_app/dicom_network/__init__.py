@@ -11,5 +11,10 @@ node.py       ``DicomNode``: all of it together, calling a ``SeriesProcessor`` p
 outbox.py     ``Outbox``: results waiting for their destinations, retried with backoff, never sent twice
 delivery.py   ``Destinations``: C-STORE to a PACS's AE, or STOW-RS to a server of the ``pacs`` section
 durable.py    writes that are on disk when they return
-errors.py     refused C-STOREs and their DIMSE statuses; failed deliveries
+pipeline.py   ``SegmentationProcessor``: a routed series through the application's segmentation stages
+deliveries.py ``DeliveriesService``: the outbox as the HTTP API sees it (``/v1/deliveries``)
+stow_routing.py  ``StowRouting``: a STOW-RS push naming no model, routed by the same rules
+
+Its errors (refused C-STOREs and their DIMSE statuses, failed deliveries) are in ``serve_app.errors``; the node's
+Serve deployment is ``deployments/dicom_node.py``.
 """

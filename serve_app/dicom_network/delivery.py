@@ -20,9 +20,8 @@ from pynetdicom import AE, build_context
 
 from serve_app.config.dicom_network import DestinationConfig, DimseDestinationConfig
 from serve_app.config.pacs import PacsConfig
-from serve_app.dicom_network.errors import DeliveryFailed
 from serve_app.dicomweb.pacs_client import PacsClient
-from serve_app.errors import PacsFailed
+from serve_app.errors import DeliveryFailed, PacsFailed
 
 __all__ = ["Destinations"]
 

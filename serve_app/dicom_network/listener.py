@@ -8,8 +8,11 @@ recognised) and audited: AE titles and the peer's address only, nothing of a pat
 A C-STORE of a SOP class medserve stores (``STORED_SOP_CLASSES``: what the segmentation path reads) is handed,
 as the bytes the sender encoded, to ``receive``, which stores it durably before the listener answers Success;
 another SOP class is answered 0122 (SOP class not supported), a data set that is not DICOM C000 (cannot
-understand), one without its UIDs A900 (data set does not match SOP class), and whatever ``receive`` refuses with
-its status (A700 when the tenant's inbox is full).
+understand), one without its UIDs A900 (data set does not match SOP class), one over ``limits.max_instance_bytes``
+A700 (out of resources), and whatever ``receive`` refuses with its status (A700 when the tenant's inbox is full).
+
+pynetdicom receives each data set into a temporary file (``STORE_RECV_CHUNKED_DATASET``, 0600, deleted once
+answered), not into memory: many associations sending large instances at once hold no more than a PDU each.
 
 Every accepted connection gets TCP_NODELAY: a C-STORE answer is a small segment that Nagle's algorithm would hold
 back until the sender's delayed ACK (about 40 ms an instance).
@@ -28,12 +31,12 @@ from dataclasses import dataclass, field
 import pydicom
 from pydicom import uid
 from pydicom.pixels import get_decoder
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
 import serve_app.studies.transfer_syntaxes  # noqa: F401  (registers the JPEG decoder plugin the reader uses)
 from serve_app.config.dicom_network import DicomNetworkConfig
-from serve_app.dicom_network.errors import InstanceRefused, Status
+from serve_app.errors import DimseStatus, InstanceRefused
 from serve_app.observability import metrics
 from serve_app.tenancy.audit import AuditLog
 
@@ -121,6 +124,8 @@ class DicomListener:
 
     def __init__(self, config: DicomNetworkConfig, receive: Callable[[Arrival], bool], audit: AuditLog):
         self.config, self._receive, self._audit = config, receive, audit
+        # Process-wide in pynetdicom: a replica's only SCP is this listener, and an SCU never receives a data set.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         self._sessions: dict[int, _Session] = {}
         self._lock = threading.Lock()
         self._server = None
@@ -142,11 +147,16 @@ class DicomListener:
         """The port it listens on (the one the system chose when ``config.port`` is 0)."""
         return self._server.server_address[1]
 
+    @property
+    def listening(self) -> bool:
+        """Whether its server is started and its socket open."""
+        return self._server is not None and self._server.socket.fileno() >= 0
+
     def start(self) -> int:
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_ECHO, lambda event: Status.SUCCESS),
+            (evt.EVT_C_ECHO, lambda event: DimseStatus.SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
@@ -196,33 +206,38 @@ class DicomListener:
         try:
             arrival = self._arrival(event, session)
             outcome = "stored" if self._receive(arrival) else "duplicate"
-            status = Status.SUCCESS
+            status = DimseStatus.SUCCESS
         except InstanceRefused as refusal:
             outcome, status = refusal.reason, refusal.status
         except Exception:  # a fault of medserve's own, not the sender's: it may send again
             LOGGER.exception("storing a received instance failed")
-            outcome, status = "processing failure", Status.PROCESSING_FAILURE
+            outcome, status = "processing failure", DimseStatus.PROCESSING_FAILURE
         session.outcomes[outcome] += 1
-        metrics.count_dicom_instance(session.tenant, outcome if status == Status.SUCCESS else "refused")
+        metrics.count_dicom_instance(session.tenant, outcome if status == DimseStatus.SUCCESS else "refused")
         return status
 
     def _arrival(self, event, session: _Session) -> Arrival:
         sop_class = event.request.AffectedSOPClassUID
         if sop_class not in STORED_SOP_CLASSES:
-            raise InstanceRefused("SOP class not stored", Status.SOP_CLASS_NOT_SUPPORTED)
-        encoded = event.encoded_dataset()
+            raise InstanceRefused("SOP class not stored", DimseStatus.SOP_CLASS_NOT_SUPPORTED)
+        received = event.dataset_path
+        if received.stat().st_size > self.config.limits.max_instance_bytes:
+            raise InstanceRefused("instance larger than the node's limit", DimseStatus.OUT_OF_RESOURCES)
+        encoded = received.read_bytes()
         try:
             header = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
             uids = [str(header.get(keyword) or "").strip() for keyword in _REQUIRED_UIDS]
             header_sop_class = header.get("SOPClassUID")
         except Exception:  # pydicom raises anything on a stream that is not DICOM
-            raise InstanceRefused("data set is not DICOM", Status.CANNOT_UNDERSTAND) from None
+            raise InstanceRefused("data set is not DICOM", DimseStatus.CANNOT_UNDERSTAND) from None
         if not all(uids) or any(len(value) > 64 for value in uids):
             raise InstanceRefused(
-                "data set lacks a study, series or instance UID", Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+                "data set lacks a study, series or instance UID", DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
             )
         if header_sop_class != sop_class:
-            raise InstanceRefused("data set is not of the SOP class sent", Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+            raise InstanceRefused(
+                "data set is not of the SOP class sent", DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+            )
         return Arrival(session.tenant, session.called_ae_title, session.calling_ae_title, header, encoded)
 
     def _on_closed(self, event) -> None:

@@ -23,13 +23,12 @@ from datetime import UTC, datetime
 
 from serve_app.config import AppConfig
 from serve_app.dicom_network.delivery import Destinations
-from serve_app.dicom_network.errors import InstanceRefused, Status
 from serve_app.dicom_network.inbox import Inbox, ReceivedInstance
 from serve_app.dicom_network.listener import Arrival, DicomListener
 from serve_app.dicom_network.outbox import Outbox, RetryPolicy, SeriesResult
 from serve_app.dicom_network.routing import Route, SeriesFacts, match_routes
 from serve_app.dicom_network.series import CompletedSeries, SeriesBook, SeriesRecord
-from serve_app.errors import RequestError
+from serve_app.errors import DimseStatus, InstanceRefused, RequestError
 from serve_app.observability import metrics
 from serve_app.storage import private_folder
 from serve_app.tenancy.audit import AuditLog
@@ -62,7 +61,7 @@ class DicomNode:
             raise ValueError("dicom_network is not configured: there is no DICOM node to start")
         self.config, self.network = config, config.dicom_network
         self._processor, self._audit = processor, audit
-        folder = private_folder(self.network.folder_under(config.storage.root))
+        folder = private_folder(self.network.folder_under(config.storage.root, config.name))
         self.book = SeriesBook(Inbox(folder / "inbox"), self.network.stable_after_s)
         retry = RetryPolicy(
             self.network.delivery_attempts, self.network.delivery_first_retry_s, self.network.delivery_max_retry_s
@@ -85,6 +84,10 @@ class DicomNode:
         self._watcher.start()
         return self.listener.start()
 
+    def healthy(self) -> bool:
+        """Whether it still listens and still watches for complete series (a deployment's health check)."""
+        return self._watcher.is_alive() and not self._stopping.is_set() and self.listener.listening
+
     def stop(self) -> None:
         """Stop listening, let series being processed and deliveries being sent finish, stop."""
         self.listener.stop()
@@ -97,7 +100,7 @@ class DicomNode:
         limits = self.network.limits
         instances, size = self.book.pending(arrival.tenant)
         if instances >= limits.max_inbox_instances_per_tenant or size >= limits.max_inbox_bytes_per_tenant:
-            raise InstanceRefused("tenant's inbox is full", Status.OUT_OF_RESOURCES)
+            raise InstanceRefused("tenant's inbox is full", DimseStatus.OUT_OF_RESOURCES)
         header = arrival.header
         record = SeriesRecord(
             tenant=arrival.tenant,

@@ -73,11 +73,13 @@ class StowBody:
         self.instances = await asyncio.to_thread(_stowed_instances, folder)
         return budget.bytes
 
-    def answer(self, result_url: str) -> dict:
+    def answer(self, result_url: str | None) -> dict:
         """The STOW-RS answer as DICOM JSON: every instance under ReferencedSOPSequence (all were stored and
-        segmented: a request that fails is answered with an error instead), RetrieveURL the result's."""
+        segmented: a request that fails is answered with an error instead), RetrieveURL the result's (none when no
+        route took a push that named no model)."""
         answer = pydicom.Dataset()
-        answer.RetrieveURL = result_url
+        if result_url is not None:
+            answer.RetrieveURL = result_url
         answer.ReferencedSOPSequence = [_referenced(instance) for instance in self.instances]
         return answer.to_json_dict()
 

@@ -6,17 +6,29 @@ KubeRay's operator turns the RayService into a Ray cluster (a head pod and an au
 ``gcsFaultToleranceOptions`` the head's GCS keeps its state in Redis, so a restarted head takes the cluster back.
 
 Every Ray process authenticates with Ray's token (``RAY_AUTH_MODE=token``), read from the Secret
-``cluster.ray_auth_token_secret``; only the API's port is open to other namespaces; pods run as Ray's image user,
-without privileges.
+``cluster.ray_auth_token_secret``; only the API's port (and the DICOM node's) is open to other namespaces; pods run
+as Ray's image user, without privileges.
+
+With a ``dicom_network`` section, the DICOM node's one replica is pinned to the head pod (a resource only the head
+has), whose container exposes the DICOM port, and a Service ``<name>-dicom`` of type LoadBalancer takes a PACS's
+associations to it: the head is the pod that stays (with ``gcsFaultToleranceOptions`` it is restarted in place).
 """
 
 from __future__ import annotations
+
+import json
 
 import ray
 import yaml
 
 from serve_app.config import AppConfig, NodeGroupConfig
-from serve_app.manifests.serve_config import APP_CONFIG_PATH, SHARED_ROOT, app_config_yaml, serve_config
+from serve_app.manifests.serve_config import (
+    APP_CONFIG_PATH,
+    DICOM_NODE_RESOURCE,
+    SHARED_ROOT,
+    app_config_yaml,
+    serve_config,
+)
 
 __all__ = ["kuberay_manifests"]
 
@@ -39,9 +51,10 @@ _KUBERAY_OPERATOR = {"app.kubernetes.io/component": "kuberay-operator"}  # its p
 
 
 def kuberay_manifests(config: AppConfig) -> list[dict]:
-    """The Secret, the PersistentVolumeClaim, the NetworkPolicy and the RayService, in the order ``kubectl apply``
-    wants them. The Secret of Ray's token (``cluster.ray_auth_token_secret``) is not among them: it is made once in
-    the namespace, never written into a file."""
+    """The Secret, the PersistentVolumeClaim, the NetworkPolicy and the RayService (and, with a DICOM node, its
+    Service), in the order ``kubectl apply`` wants them. The Secret of Ray's token
+    (``cluster.ray_auth_token_secret``) is not among them: it is made once in the namespace, never written into a
+    file."""
     cluster = config.cluster
     secret_name = f"{config.name}-config"
     secret = {
@@ -66,6 +79,10 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
     # dashboard (the operator deploys the Serve config through it) and the API. Not the Ray Client server's 10001.
     head_ports = {"gcs-server": _GCS_PORT, "dashboard": _DASHBOARD_PORT, "serve": serve_port, "metrics": _METRICS_PORT}
     worker_ports = {"serve": serve_port, "metrics": _METRICS_PORT}
+    head_start = {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
+    if config.dicom_network is not None:
+        head_ports["dicom"] = config.dicom_network.port
+        head_start["resources"] = json.dumps({DICOM_NODE_RESOURCE: 1})
     ray_cluster = {
         "rayVersion": ray.__version__,
         # KubeRay sends the token to the dashboard only when it knows it from here; it also gives the containers
@@ -82,7 +99,7 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
             # listens on the pod's network, not loopback: KubeRay's operator deploys serveConfigV2 and reads Serve's
             # status through it (port 8265 of the head Service). The token guards it, and the NetworkPolicy lets
             # only the operator and the cluster's own pods reach it.
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "rayStartParams": head_start,
             "template": _pod_template(config, "ray-head", cluster.head, head_ports, secret_name),
         },
         "workerGroupSpecs": [
@@ -107,22 +124,44 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
         "kind": "RayService",
         "metadata": {"name": config.name, "labels": _labels(config)},
         "spec": {
-            "serveConfigV2": yaml.safe_dump(serve_config(config, str(APP_CONFIG_PATH)), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(
+                serve_config(config, str(APP_CONFIG_PATH), dicom_node_on_head=True), sort_keys=False
+            ),
             "rayClusterConfig": ray_cluster,
         },
     }
-    return [secret, claim, _network_policy(config), service]
+    dicom = [_dicom_service(config)] if config.dicom_network is not None else []
+    return [secret, claim, _network_policy(config), service, *dicom]
+
+
+def _dicom_service(config: AppConfig) -> dict:
+    """The DICOM node's Service: its port on the head pod, where the node's replica runs, to PACS outside the
+    cluster (LoadBalancer: a hospital's PACS is not a pod). Association control by AE title and address is the
+    node's own (``dicom_network.ae_titles``)."""
+    port = config.dicom_network.port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{config.name}-dicom", "labels": _labels(config)},
+        "spec": {
+            "type": "LoadBalancer",
+            "selector": {**_labels(config), "ray.io/node-type": "head"},
+            "ports": [{"name": "dicom", "protocol": "TCP", "port": port, "targetPort": "dicom"}],
+        },
+    }
 
 
 def _network_policy(config: AppConfig) -> dict:
-    """Ingress to the cluster's pods: the API's port from anywhere; every port (Ray's GCS, raylets, object
-    transfers, workers) only from the cluster's own pods; the dashboard from KubeRay's operator; metrics from
-    ``cluster.metrics_scrape_namespace``. Pods are selected by the labels of medserve's pod templates, which every
-    RayCluster of the RayService keeps (KubeRay's ``ray.io/cluster`` label changes with each new cluster)."""
+    """Ingress to the cluster's pods: the API's port (and the DICOM node's) from anywhere; every port (Ray's GCS,
+    raylets, object transfers, workers) only from the cluster's own pods; the dashboard from KubeRay's operator;
+    metrics from ``cluster.metrics_scrape_namespace``. Pods are selected by the labels of medserve's pod templates,
+    which every RayCluster of the RayService keeps (KubeRay's ``ray.io/cluster`` label changes with each new
+    cluster)."""
     cluster = config.cluster
     own_pods = {"matchLabels": _labels(config)}
+    public_ports = [config.http.port] + ([config.dicom_network.port] if config.dicom_network is not None else [])
     rules = [
-        {"ports": [{"protocol": "TCP", "port": config.http.port}]},
+        {"ports": [{"protocol": "TCP", "port": port} for port in public_ports]},
         {"from": [{"podSelector": own_pods}]},
         {
             "from": [

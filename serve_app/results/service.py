@@ -7,11 +7,15 @@ router calls it once the gatekeeper has let the request in (``serve_app.api.resu
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Literal
 
+from serve_app.errors import ResultNotFound
 from serve_app.model_spec import ModelRef
 from serve_app.observability import metrics
+from serve_app.results.fhir import fhir_report
+from serve_app.results.measurements import LabelVolume
 from serve_app.results.reviews import Review, ReviewRequest, ReviewStore
 from serve_app.results.store import ResultStore
 from serve_app.results.summary import ResultSummary
@@ -49,6 +53,10 @@ class ResultsService:
         of CPU, off the event loop. 404 for an image not kept, or a SEG or SR of a NIfTI study."""
         return await asyncio.to_thread(self._paths[name], result_id, tenant_id)
 
+    async def fhir(self, result_id: str, tenant_id: str) -> dict:
+        """The result as a FHIR R4 Bundle (its DiagnosticReport, one Observation per label volume), as JSON."""
+        return await asyncio.to_thread(self._fhir, result_id, tenant_id)
+
     def require(self, result_id: str, tenant_id: str) -> None:
         """``ResultNotFound`` (404) unless the tenant has this unexpired result."""
         self.results.folder_of(result_id, tenant_id)
@@ -66,6 +74,15 @@ class ResultsService:
     async def reviews_of_tenant(self, tenant_id: str, model: str | None, version: str | None) -> list[Review]:
         """The tenant's reviews of its unexpired results, of one model (and version) when given, oldest first."""
         return await asyncio.to_thread(self.reviews.of_tenant, tenant_id, model, version)
+
+    def _fhir(self, result_id: str, tenant_id: str) -> dict:
+        spec = self.results.model_of(result_id, tenant_id)
+        if spec is None:  # stored by a medserve that kept no model with its results: no codes to report
+            raise ResultNotFound("this result was stored without its model: it has no FHIR report")
+        volumes = [LabelVolume.model_validate(v) for v in self.results.summary(result_id, tenant_id)["labels"]]
+        made = self.results.made(result_id, tenant_id)
+        study = self.results.study_instance_uid(result_id, tenant_id)
+        return json.loads(fhir_report(result_id, spec, volumes, made, study).model_dump_json())
 
     def _summary(self, result_id: str, tenant_id: str, result_path: str) -> ResultSummary:
         spec = self.results.model_of(result_id, tenant_id)

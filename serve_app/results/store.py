@@ -178,6 +178,19 @@ class ResultStore:
         summary.pop(_CREATED, None)
         return summary
 
+    def made(self, result_id: str, tenant_id: str) -> datetime:
+        """When the result was made (UTC)."""
+        summary = self._existing(result_id, SUMMARY_FILE, tenant_id)
+        created = json.loads(summary.read_text()).get(_CREATED)
+        return datetime.fromisoformat(created) if created else datetime.fromtimestamp(summary.stat().st_mtime, UTC)
+
+    def study_instance_uid(self, result_id: str, tenant_id: str) -> str | None:
+        """The StudyInstanceUID of the result's source; None for a NIfTI study."""
+        path = self.folder_of(result_id, tenant_id) / _SOURCE_FILE
+        if not path.is_file():
+            return None
+        return str(DicomSource.load(path).instances[0].StudyInstanceUID)
+
     def folder_of(self, result_id: str, tenant_id: str) -> Path:
         """The folder of the tenant's unexpired result; ``ResultNotFound`` (404) for another tenant's or none."""
         return self._existing(result_id, SUMMARY_FILE, tenant_id).parent

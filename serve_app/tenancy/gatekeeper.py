@@ -102,21 +102,23 @@ class Gatekeeper:
     @asynccontextmanager
     async def visit(
         self,
-        request: Request,
+        request: Request | None,
         route: str,
         model: str | None = None,
         version: str | None = None,
         stat: bool = False,
         admit: bool = False,
         result_id: str | None = None,
+        tenant_id: str | None = None,
     ) -> AsyncIterator[Visit]:
         """Authenticate and authorise the request (and with ``admit``, count it against its quotas);
-        whatever happens, release what it held and write its audit line."""
+        whatever happens, release what it held and write its audit line. A request that came by DICOM, not HTTP
+        (``request`` None), is ``tenant_id``'s: the called AE title it was sent to names its tenant."""
         watch = Stopwatch()
         record = _VisitRecord(request_id=result_id or uuid.uuid4().hex, route=route, stat=stat)
         status, error = 200, None
         try:
-            tenant = self._authenticate(record, request)
+            tenant = self._authenticate(record, request, tenant_id)
             self._authorise(record, tenant, model, version)
             deadline_s = (tenant.request_deadline_s if tenant else None) or self.server_deadline_s
             if admit and self.gate is not None:
@@ -182,8 +184,13 @@ class Gatekeeper:
                 except Exception as e:  # the gate restarting: its counts start afresh anyway
                     logger.warning("could not renew the gate's leases: %s", type(e).__name__)
 
-    def _authenticate(self, record: _VisitRecord, request: Request) -> TenantConfig | None:
+    def _authenticate(
+        self, record: _VisitRecord, request: Request | None, tenant_id: str | None
+    ) -> TenantConfig | None:
         """The tenant whose API key the request carries (None on an open server); 401 without a valid one."""
+        if request is None:  # by DICOM: the called AE title's tenant, checked against the config at start
+            record.tenant_id = tenant_id or ANONYMOUS
+            return self.tenants.get(record.tenant_id)
         tenant = None
         if self.tenants:
             key = request.headers.get("x-api-key") or _bearer_token(request.headers.get("authorization", ""))
