@@ -69,7 +69,8 @@ instead of HAProxy), `time-slicing` (instead of MPS), `throughput-optimized` (Se
 four client processes (`benchmarks/http_load.py`) on the same host, so the server shares its CPU with its clients.
 Runs on one kind of machine differ by 20 % or more from one host to the next: compare figures within one run.
 
-Volumes/s (p50 / p99 ms); a dash where that run left the phase out:
+Volumes/s (p50 / p99 ms; "max of N" where a phase had fewer than 100 requests, so its p99 is its slowest); a
+dash where that run left the phase out:
 
 """
 
@@ -257,7 +258,10 @@ def _number(value: float) -> str:
 
 
 def _latency(phase: dict) -> str:
-    return f"{_number(phase['p50_ms'])} / {_number(phase['p99_ms'])}"
+    # A p99 of fewer than 100 requests is the slowest of them: said so.
+    requests = phase.get("requests", 100)
+    slowest = f", max of {requests}" if requests < 100 else ""
+    return f"{_number(phase['p50_ms'])} / {_number(phase['p99_ms'])}{slowest}"
 
 
 def _pipeline_columns(result: _Result) -> list[tuple[str, _Result, dict]]:

@@ -236,7 +236,11 @@ def end_to_end(
             "steady_tiles_per_s": round(float(np.median(steady)), 1),
             "steady_tiles_per_s_by_slide": steady,
             "gpu_utilisation_pct": gpu.mean,
-            "phase_seconds": summary["seconds"],
+            # Summed over every slide of the job, as over each slide's work units.
+            "phase_seconds": {
+                phase: round(sum(slide["summary"]["seconds"][phase] for slide in status["slides"]), 2)
+                for phase in summary["seconds"]
+            },
             "reader": summary["reader"],
             "replicas": size.replicas * gpus,
             "gpu_per_replica": size.gpu_share,
@@ -361,7 +365,7 @@ def _table(result: dict) -> str:
             f"{max(run['classify_wall_s']):.1f} s classifying its slowest slide's units (median slide "
             f"{run['steady_tiles_per_s']:,.0f} tiles/s); "
             "GPU utilisation "
-            f"{run['gpu_utilisation_pct']} %; phase seconds (summed over work units, which overlap): "
+            f"{run['gpu_utilisation_pct']} %; phase seconds (summed over every slide's work units, which overlap): "
             f"{run['phase_seconds']}"
             for run in wsi["end_to_end_runs"]
         ),

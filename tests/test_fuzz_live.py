@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import SEGMENT, ZIP, requests_counted, wait_until_counted, zip_files
+from helpers import SEGMENT, ZIP, exported_total, requests_counted, settled, wait_until_counted, zip_files
 from serve_app.errors import RequestError
 from serve_app.studies.reader import read_study
 from study_strategies import nifti_files, slice_changes, template_series, write_nifti, write_series
@@ -25,6 +25,14 @@ LIVE = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counts_settled(server_url):
+    """Every response count settled once, before the first example: an earlier test's requests may still be on their
+    way to the metrics agent (Ray exports every 2 s) and would be counted as an example's. After that each example
+    waits for its own request's count before the next reads its ``before``."""
+    settled(lambda: exported_total("ray_medserve_requests_total"))
 
 
 @pytest.fixture(scope="module")
