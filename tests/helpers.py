@@ -260,3 +260,20 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300) -> d
             return job
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}")
+
+
+def node_port(application: str) -> int:
+    """The port the application's DICOM node listens on (the test configs say 0: any free one)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("DicomNode", application).port.remote().result(timeout_s=60)
+
+
+def storescu(port: int, paths: list[Path], calling: str = "STORESCU", called: str = "MEDSERVE"):
+    """dcmtk's storescu sending ``paths`` to the DICOM node at ``port`` on this machine."""
+    return subprocess.run(
+        ["storescu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -30,6 +30,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
+from helpers import free_port, skip_unless_installed, storescu
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig
 from serve_app.dicom_network.delivery import Destinations
 from serve_app.dicom_network.node import DicomNode
@@ -43,7 +44,6 @@ from serve_app.samples.phantoms import ct_phantom
 from serve_app.samples.study_files import DEFAULT_PATIENT, write_ct_series
 from serve_app.studies.dicom_series import read_dicom_series
 from serve_app.tenancy.audit import AuditLog
-from tests.helpers import free_port, skip_unless_installed
 
 MODEL = "ct-phantom-organ"
 CALLER = "STORESCU"
@@ -132,15 +132,6 @@ def started(tmp_path):
     yield start
     for node in nodes:
         node.stop()
-
-
-def storescu(port: int, paths: list[Path], calling: str = CALLER, called: str = "MEDSERVE"):
-    return subprocess.run(
-        ["storescu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def echoscu(port: int, calling: str = CALLER):
@@ -304,7 +295,7 @@ def test_routing_takes_the_ct_not_the_scout_or_the_mr_and_a_series_two_routes_ma
     routed = {r.series_instance_uid: r.routes for r in records(node)}
     assert routed.pop(ct_uid) == {"organ": "processed", "organ-thin": "processed"}
     assert list(routed.values()) == [{}, {}]  # recorded, with no route
-    series_lines = [line for line in audit(config) if line.get("event") == "dicom-series"]
+    series_lines = [line for line in audit(config) if line["route"] == "dicom-series"]
     assert sorted(line["outcome"] for line in series_lines) == ["no route", "no route", "routed"]
 
 

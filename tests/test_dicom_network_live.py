@@ -26,18 +26,11 @@ import pytest
 from dicomweb_client import DICOMwebClient
 from fhir.resources.R4B.bundle import Bundle
 
-from helpers import auth, load_mask, medserve, skip_unless_installed
+from helpers import auth, load_mask, medserve, node_port, skip_unless_installed
 from serve_app.samples.phantoms import ct_phantom
 from serve_app.samples.study_files import write_ct_series
 
 MODALITY = "medserve"
-
-
-def node_port(application: str) -> int:
-    """The port the application's DICOM node listens on (its config says 0: any free one)."""
-    from ray import serve
-
-    return serve.get_deployment_handle("DicomNode", application).port.remote().result(timeout_s=60)
 
 
 @pytest.fixture

@@ -28,8 +28,10 @@ from helpers import (
     auth,
     exported_total,
     free_port,
+    node_port,
     settled,
     skip_unless_installed,
+    storescu,
     zip_bytes,
 )
 from serve_app.observability import gpu_exporter, monitoring
@@ -132,7 +134,12 @@ def run_wsi_job(client: httpx.Client, slide: Path) -> None:
     assert status["state"] == "done" and status["tiles_done"] > 0, status
 
 
-def send_traffic(server_url: str, study_zip: bytes, segments: int, slide: Path) -> None:
+def send_traffic(server_url: str, study_zip: bytes, segments: int, slide: Path, dicom: tuple[int, list[Path]]) -> None:
+    # The series C-STOREd to the application's DICOM node too: the DICOM panels' series (a re-send counts its
+    # instances as duplicates).
+    port, series = dicom
+    sent = storescu(port, series)
+    assert sent.returncode == 0, sent.stderr
     with httpx.Client(base_url=server_url, timeout=300) as client:
 
         def segment(_):
@@ -152,12 +159,14 @@ def send_traffic(server_url: str, study_zip: bytes, segments: int, slide: Path) 
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus, server_url, phantom_series, slide_root):
+def scraped(prometheus, server_url, app_config, phantom_series, slide_root):
     """Prometheus after two rounds of traffic: the first makes the series, the second moves their rates."""
     study_zip = zip_bytes({f"{PATIENT_MARKER}_{p.name}": p.read_bytes() for p in phantom_series})
     slide = write_slide(slide_root / "observability.tiff", 1500, 1100, seed=8).path
-    send_traffic(server_url, study_zip, 1, slide)
+    dicom = (node_port(app_config.name), phantom_series)
+    send_traffic(server_url, study_zip, 1, slide, dicom)
     first_round = [
+        "ray_medserve_dicom_instances_total",
         "ray_medserve_request_duration_seconds_count",
         'ray_medserve_requests_total{code="415"}',
         "ray_medserve_batch_size_count",
@@ -173,7 +182,7 @@ def scraped(prometheus, server_url, phantom_series, slide_root):
         return not missing
 
     prometheus.wait_for("the first round's series", first_round_scraped, describe=lambda: f"(missing {missing})")
-    send_traffic(server_url, study_zip, 3, slide)
+    send_traffic(server_url, study_zip, 3, slide, dicom)
     yield prometheus
 
 
@@ -219,6 +228,7 @@ def test_stage_latencies_codes_batches_and_replicas_reach_prometheus(scraped):
     healthy = scraped.query('sum by (deployment) (ray_serve_deployment_replica_healthy{application="medserve"})')
     # The tile model is there while a WSI job runs (it scales to 0 between jobs).
     assert {s["metric"]["deployment"] for s in healthy} - {"TileModel:he-tile-tumour"} == {
+        "DicomNode",
         "Ingress",
         "Preprocess",
         f"ModelReplica:{MODEL}",

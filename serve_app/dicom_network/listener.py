@@ -24,6 +24,7 @@ import io
 import logging
 import socket
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,7 +187,8 @@ class DicomListener:
         if rejection is not None:
             self._audit.write(
                 {
-                    "event": "dicom-association",
+                    "request_id": uuid.uuid4().hex,
+                    "route": "dicom-association",
                     "outcome": "rejected",
                     "reason": reason,
                     "called_ae_title": called,
@@ -246,7 +248,8 @@ class DicomListener:
         if session is not None:
             self._audit.write(
                 {
-                    "event": "dicom-association",
+                    "request_id": uuid.uuid4().hex,
+                    "route": "dicom-association",
                     "outcome": "closed",
                     "tenant": session.tenant,
                     "called_ae_title": session.called_ae_title,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -142,7 +143,8 @@ class DicomNode:
         metrics.count_dicom_series(record.tenant, routed=bool(routes))
         self._audit.write(
             {
-                "event": "dicom-series",
+                "request_id": uuid.uuid4().hex,
+                "route": "dicom-series",
                 "outcome": "routed" if routes else "no route",
                 "tenant": record.tenant,
                 "called_ae_title": record.called_ae_title,
