@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from pydicom import uid
 
+from serve_app.samples.encoded_frames import encode_frame
 from serve_app.studies.frame_decoders import FramePixels, decode_frames
 from serve_app.studies.header_processes import HeaderProcesses
 
@@ -211,7 +212,7 @@ def dicom_series(work: Path, slices: int, gpu: bool) -> dict:
             if syntax == uid.ExplicitVRLittleEndian:
                 entry["reader_ms"], _ = _timed(lambda: read_dicom_series(plain, limits, every_core))
                 continue
-            frames = list(encoders.map(_encoded, list(truth), [syntax] * len(truth), chunksize=8))
+            frames = list(encoders.map(encode_frame, list(truth), [syntax] * len(truth), chunksize=8))
             entry["mean_frame_bytes"] = round(statistics.mean(map(len, frames)))
             paths = _write_series(plain, frames, syntax, work / name)
             for path_name, decoder, pool in (
@@ -242,28 +243,6 @@ def _plain_frame(path: Path) -> np.ndarray:
     import pydicom
 
     return pydicom.dcmread(path).pixel_array
-
-
-def _encoded(frame: np.ndarray, syntax: str) -> bytes:
-    """One (rows, columns) int16 frame encoded in ``syntax``: pydicom's encoders where it has one (RLE, JPEG 2000),
-    imagecodecs' for HTJ2K (OpenJPH) and JPEG lossless (libjpeg-turbo 3), which pydicom cannot write."""
-    if syntax == uid.HTJ2KLossless:
-        return imagecodecs.htj2k_encode(frame, level=0)
-    if syntax == uid.JPEGLosslessSV1:
-        return imagecodecs.jpeg8_encode(frame.view(np.uint16), lossless=True, predictor=1)
-    from pydicom.pixels import get_encoder
-
-    return get_encoder(syntax).encode(
-        frame.tobytes(),
-        rows=frame.shape[0],
-        columns=frame.shape[1],
-        samples_per_pixel=1,
-        bits_allocated=16,
-        bits_stored=16,
-        pixel_representation=1,
-        photometric_interpretation="MONOCHROME2",
-        number_of_frames=1,
-    )
 
 
 def _write_series(plain: list[Path], frames: list[bytes], syntax: str, folder: Path) -> list[Path]:

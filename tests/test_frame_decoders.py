@@ -4,16 +4,15 @@ does too; a corrupt frame is a 422. Real codecs, real processes; no Ray, no GPU 
 
 from __future__ import annotations
 
-import imagecodecs
 import numpy as np
 import pydicom
 import pytest
 from pydicom import uid
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_encoder
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidStudy
+from serve_app.samples.encoded_frames import encode_frame
 from serve_app.samples.phantoms import ct_phantom
 from serve_app.samples.study_files import write_ct_series
 from serve_app.studies.dicom_series import read_dicom_series
@@ -38,28 +37,9 @@ def frames() -> np.ndarray:
     return np.clip(np.cumsum(rng.normal(0, 60, (40, 48, 40)), axis=2) - 1024, -2048, 3071).astype(np.int16)
 
 
-def _encoded(frame: np.ndarray, syntax: str) -> bytes:
-    """pydicom's encoders where it has one; imagecodecs' for HTJ2K (OpenJPH) and JPEG lossless (libjpeg-turbo)."""
-    if syntax == uid.HTJ2KLossless:
-        return imagecodecs.htj2k_encode(frame, level=0)
-    if syntax == uid.JPEGLosslessSV1:
-        return imagecodecs.jpeg8_encode(frame.view(np.uint16), lossless=True, predictor=1)
-    return get_encoder(syntax).encode(
-        frame.tobytes(),
-        rows=frame.shape[0],
-        columns=frame.shape[1],
-        samples_per_pixel=1,
-        bits_allocated=16,
-        bits_stored=16,
-        pixel_representation=1,
-        photometric_interpretation="MONOCHROME2",
-        number_of_frames=1,
-    )
-
-
 @pytest.mark.parametrize("syntax", SYNTAXES, ids=lambda s: s.keyword)
 def test_frames_decoded_in_processes_are_pydicoms_values(frames, syntax, processes):
-    encoded = [_encoded(frame, syntax) for frame in frames]
+    encoded = [encode_frame(frame, syntax) for frame in frames]
     in_processes = decode_frames(encoded, syntax, PIXELS, processes, decoder="processes")
     ds = pydicom.Dataset()
     ds.update(
@@ -75,7 +55,7 @@ def test_frames_decoded_in_processes_are_pydicoms_values(frames, syntax, process
 
 
 def test_a_corrupt_frame_is_a_422_naming_the_syntax(frames, processes):
-    encoded = [_encoded(frame, uid.JPEG2000Lossless) for frame in frames]
+    encoded = [encode_frame(frame, uid.JPEG2000Lossless) for frame in frames]
     encoded[20] = encoded[20][:40]
     with pytest.raises(InvalidStudy, match="JPEG 2000"):
         decode_frames(encoded, uid.JPEG2000Lossless, PIXELS, processes, decoder="processes")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from pydicom import uid
-from pydicom.pixels import get_encoder
 
+from serve_app.samples.encoded_frames import encode_frame
 from serve_app.samples.synthetic_slides import write_slide
 from serve_app.studies.frame_decoders import FramePixels, decode_frames
 from serve_app.wsi.cuda_regions import decode_jpeg_tiles
@@ -29,27 +29,9 @@ def frames() -> np.ndarray:
     return np.clip(smooth - 1024, -2048, 3071).astype(np.int16)
 
 
-def _encoded(frame: np.ndarray, syntax: str) -> bytes:
-    if syntax == uid.HTJ2KLossless:
-        return imagecodecs.htj2k_encode(frame, level=0)
-    if syntax == uid.JPEGLosslessSV1:
-        return imagecodecs.jpeg8_encode(frame.view(np.uint16), lossless=True, predictor=1)
-    return get_encoder(syntax).encode(
-        frame.tobytes(),
-        rows=PIXELS.rows,
-        columns=PIXELS.columns,
-        samples_per_pixel=1,
-        bits_allocated=16,
-        bits_stored=16,
-        pixel_representation=1,
-        photometric_interpretation="MONOCHROME2",
-        number_of_frames=1,
-    )
-
-
 @pytest.mark.parametrize("syntax", [uid.JPEG2000Lossless, uid.HTJ2KLossless])
 def test_gpu_decoded_frames_are_voxel_identical_to_pydicoms(frames, syntax):
-    encoded = [_encoded(frame, syntax) for frame in frames]
+    encoded = [encode_frame(frame, syntax) for frame in frames]
     on_gpu = decode_frames(encoded, syntax, PIXELS, decoder="gpu")
     on_cpu = decode_frames(encoded, syntax, PIXELS, decoder="in_process")
     assert on_gpu.dtype == on_cpu.dtype == np.int16
@@ -59,7 +41,7 @@ def test_gpu_decoded_frames_are_voxel_identical_to_pydicoms(frames, syntax):
 
 def test_jpeg_lossless_frames_stay_on_the_cpu_where_there_is_a_gpu(frames):
     """nvImageCodec 0.9 decoded these frames wrongly on an H100: "auto" must not hand them to it."""
-    encoded = [_encoded(frame, uid.JPEGLosslessSV1) for frame in frames]
+    encoded = [encode_frame(frame, uid.JPEGLosslessSV1) for frame in frames]
     np.testing.assert_array_equal(decode_frames(encoded, uid.JPEGLosslessSV1, PIXELS), frames)
     with pytest.raises(ValueError, match="no GPU decoder"):
         decode_frames(encoded, uid.JPEGLosslessSV1, PIXELS, decoder="gpu")
