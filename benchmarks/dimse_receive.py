@@ -3,11 +3,13 @@
     python -m benchmarks.dimse_receive [--slices 300] [--runs 3] [--out benchmarks/results]
 
 dcmtk's ``storescu -xs`` sends the same CT series (``--slices`` instances of 512x512, int16: 300 is 152 MB) once
-per run to (a) a ``DicomNode`` of medserve in this process (every instance fsynced, name and all, before its
-Success; no route, so nothing is processed) and (b) Orthanc, started with ``TCP_NODELAY=1`` in its environment
-(without it dcmtk-based peers stall about 40 ms an instance on delayed ACKs). Each run starts both afresh on empty
+per run to (a) a ``DicomNode`` of medserve in this process (every instance on disk, name and all, before its
+Success: its bytes flushed with fdatasync, its folder fsynced; no route, so nothing is processed) and (b) Orthanc,
+started with ``TCP_NODELAY=1`` in its environment (without it dcmtk-based peers stall about 40 ms an instance on
+delayed ACKs). Each run starts both afresh on empty
 storage, so no instance is a duplicate. Reports instances/s of each (best run) and medserve's rate over Orthanc's,
-to ``dimse-receive-<device>-<date>.json``.
+with the machine's load average before and after (a shared machine's other work slows both, and flushes most), to
+``dimse-receive-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if orthanc_executable() is None:
         raise SystemExit("Orthanc and its DICOMweb plugin are not installed (Debian: orthanc orthanc-dicomweb)")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="dimse-receive-") as scratch:
         scratch = Path(scratch)
         files = _series(scratch / "series", args.slices)
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         "medserve_instances_per_s": round(medserve_rate, 1),
         "orthanc_tcp_nodelay_instances_per_s": round(orthanc_rate, 1),
         "medserve_over_orthanc": round(medserve_rate / orthanc_rate, 2),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"dimse-receive-{re.sub(r'[^A-Za-z0-9]+', '_', report['device']).strip('_')}-{report['date']}.json"

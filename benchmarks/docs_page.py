@@ -147,6 +147,23 @@ against the uncompressed frames, and the whole reader (`read_dicom_series`) on i
 
 """
 
+_TRITON_COMPARE = """\
+## medserve and Triton
+
+`benchmarks/triton_compare.py` serves the MSD-spleen UNet (fp16, channels-last, CUDA graphs) on one GPU two ways, one
+after the other in one run, and loads each with NVIDIA's `tritonclient` from client processes (a closed loop, one
+request in flight per process), over HTTP with binary tensors and over gRPC, sending a 512 × 512 × 300 int16 CT:
+**Triton** (Triton Inference Server through PyTriton, the bound callable doing MONAI's preprocessing, the network and
+medserve's postprocessing on the GPU, as many instances as medserve has replicas, dynamic batching to the same batch
+size and delay) and **medserve** (its fused layout through its inference-protocol routes, which also keep each result
+as a study's). The masks of the two are compared voxel for voxel. It needs a CUDA host with `nvidia-pytriton` and
+`tritonclient[all]` installed beside the `gpu` extra:
+
+```bash
+.venv/bin/python -m benchmarks.triton_compare --size full --concurrency 8
+```
+"""
+
 _GPU_SCALING = """\
 ## Multi-GPU scale-out
 
@@ -534,6 +551,43 @@ def _decode(results: list[_Result]) -> list[str]:
     return lines
 
 
+def _triton_compare(results: list[_Result]) -> list[str]:
+    lines = _TRITON_COMPARE.splitlines()
+    for r in _newest_per_device(results):
+        rows = []
+        for system, figures in r.data["systems"].items():
+            for protocol in ("http", "grpc"):
+                phase = figures.get(protocol, {})
+                if "volumes_per_s" in phase:
+                    gpu = phase.get("gpu_util_percent")
+                    cells = [r.link(_number(phase["volumes_per_s"])), _latency(phase), _number(gpu) if gpu else "—"]
+                else:
+                    reason = str(phase.get("error", figures.get("error", "not run"))).strip().splitlines()[-1]
+                    cells = ["did not run: " + r.link(reason[:120]), "—", "—"]
+                rows.append([system, protocol, *cells])
+        ratios = "; ".join(
+            f"{protocol}: throughput {_number(ratio['throughput_medserve_over_triton'])}×, "
+            f"p99 {_number(ratio['p99_medserve_over_triton'])}×"
+            for protocol, ratio in r.data.get("ratios", {}).items()
+        )
+        masks = r.data.get("masks_medserve_vs_triton", {})
+        lines += [
+            "",
+            f"{r.device}, {r.data['concurrency']} clients, {r.data['requests']} requests a phase:",
+            "",
+            *_table(["system", "protocol", "volumes/s", "p50 / p99 ms", "GPU util %"], rows),
+            "",
+            f"medserve / Triton: {ratios or 'no protocol ran on both'}. Masks: "
+            + (
+                f"{masks['voxels_equal_fraction']:.6f} of voxels equal, Dice {masks['dice']}."
+                if masks.get("compared")
+                else "not compared."
+            ),
+            "",
+        ]
+    return lines
+
+
 def _gpu_scaling(results: list[_Result]) -> list[str]:
     lines = _GPU_SCALING.splitlines()
     rows = []
@@ -583,6 +637,7 @@ def render() -> str:
         _noisy_neighbour(_load("noisy_neighbour*.json", _noisy_neighbour_device)),
         _wsi(_load("wsi-*.json", _device_in_name("wsi"))),
         _decode(_load("decode-*.json", _device_in_name("decode"))),
+        _triton_compare(_load("triton-compare-full-*.json", _device_in_name("triton-compare-full"))),
         _gpu_scaling(_load("gpu-scaling-*.json", _device_in_name("gpu-scaling"))),
         _postprocess_profile(_load("postprocess-profile-*.txt", _device_in_name("postprocess-profile"))),
     ]

@@ -370,9 +370,10 @@ def serve_config(
 
 
 @contextlib.contextmanager
-def serving(settings: ServeSettings, port: int):
+def serving(settings: ServeSettings, port: int, grpc_options=None):
     """A Ray cluster and Serve, started as ``settings`` say (MPS started first, the ingress chosen by Ray's
-    environment); everything stopped after."""
+    environment), with Serve's gRPC proxy where ``grpc_options`` (``serve.config.gRPCOptions``) are given;
+    everything stopped after."""
     import ray
     from ray import serve
 
@@ -396,7 +397,7 @@ def serving(settings: ServeSettings, port: int):
             num_cpus=max(os.cpu_count() or 2, 4),
             _metrics_export_port=METRICS_PORT,
         )
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options)
         yield
     finally:
         serve.shutdown()

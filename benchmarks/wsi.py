@@ -7,6 +7,7 @@
 
     python -m benchmarks.wsi --size small             # this CPU machine: a smoke run of a minute
     python -m benchmarks.wsi --size large --out DIR   # the GPU machine (benchmarks/wsi_gpu_session.sh)
+    python -m benchmarks.wsi --size cpu-fixed --network tiny --scaling 1 --slides 3   # a job's fixed costs, on CPU
 
 Writes ``wsi-<device>-<date>.json`` (``wsi.tiles_per_s``, ``wsi.model_only_tiles_per_s``,
 ``wsi.naive_tiles_per_s``) and a Markdown table beside it. Absolute figures mean something only from the
@@ -53,18 +54,27 @@ class Size:
 
 SIZES = {
     "small": Size(4096, 40, 1, 0.0, 0.5, 2, 8, 4),
+    # A slide large enough for its fixed costs (open, tissue, outputs) to show, for a CPU run with --network tiny.
+    "cpu-fixed": Size(16_384, 40, 1, 0.0, 0.5, 2, 16, 8),
     "large": Size(60_000, 2000, 8, 0.125, 1.5, 4, 16, 64),
 }
 
 
-def write_bench_model(folder: Path) -> Path:
-    """A MONAI ResNet-18 (2D) tile classifier with random weights, as a model repository of one model."""
+# The tile network: ResNet-18, the benchmark's; or a ResNet of one block a stage and an eighth of the channels, which
+# a CPU runs fast enough for a job's fixed costs (driver, open, tissue, outputs) to show beside its units.
+NETWORKS = {
+    "resnet18": {"layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512]},
+    "tiny": {"layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 32, 64]},
+}
+
+
+def write_bench_model(folder: Path, network: str = "resnet18") -> Path:
+    """A MONAI ResNet (2D; ``NETWORKS``) tile classifier with random weights, as a model repository of one model."""
     from monai.networks.nets import ResNet
 
     args = {
         "block": "basic",
-        "layers": [2, 2, 2, 2],
-        "block_inplanes": [64, 128, 256, 512],
+        **NETWORKS[network],
         "spatial_dims": 2,
         "n_input_channels": 3,
         "num_classes": 2,
@@ -210,11 +220,24 @@ def end_to_end(
                         "/v1/wsi/jobs", json={"model": MODEL, "slides": [str(p) for p in job_slides], "out": out}
                     )
                     job.raise_for_status()
+                    # When the job was first seen running (its driver took it), with its first slide planned (opened,
+                    # tissue found: units sent) and with every tile classified (then only the outputs are left).
+                    marks: dict[str, float] = {}
                     while (status := client.get(f"/v1/wsi/jobs/{job.json()['job_id']}").json())["state"] in (
                         "queued",
                         "running",
                     ):
-                        time.sleep(0.25)
+                        seen = {
+                            "running": status["state"] == "running",
+                            "planned": status["tiles_total"] > 0,
+                            "classified": all(
+                                s["tiles_total"] is not None or s["state"] == "failed" for s in status["slides"]
+                            )
+                            and status["tiles_done"] >= status["tiles_total"] > 0,
+                        }
+                        for mark in (mark for mark, now in seen.items() if now and mark not in marks):
+                            marks[mark] = round(time.perf_counter() - watch, 2)
+                        time.sleep(0.05)
                     wall_s = time.perf_counter() - watch
         summary = status["slides"][0]["summary"]
         if status["state"] != "done" or any(slide["summary"] is None for slide in status["slides"]):
@@ -229,6 +252,12 @@ def end_to_end(
             "slides": slides,
             "gpus": gpus,
             "wall_s": round(wall_s, 2),
+            # Seconds from submission (polled every 0.05 s): the job running on its driver, its first slide's units
+            # sent, its last unit written; the rest of wall_s is the outputs after the last unit.
+            "running_after_s": marks.get("running"),
+            "first_units_after_s": marks.get("planned"),
+            "last_unit_after_s": marks.get("classified"),
+            "after_last_unit_s": round(wall_s - marks["classified"], 2) if "classified" in marks else None,
             "tiles_per_s": round(tiles / wall_s, 1),
             # Each slide's units only: from the first sent to the last written, without the job's start,
             # planning (open, tissue) and the renderings at its end; the median over the job's slides.
@@ -278,10 +307,16 @@ def main(argv: list[str] | None = None) -> None:
         "--slides slides at once; writes wsi-scaling-<GPUS>.json (benchmarks/gpu_scaling.sh)",
     )
     parser.add_argument("--slides", type=int, default=1, help="slides in the end-to-end job (copies of one)")
+    parser.add_argument(
+        "--network",
+        choices=sorted(NETWORKS),
+        default="resnet18",
+        help="the tile network: resnet18 (the benchmark's), or tiny, for a CPU run where a job's fixed costs show",
+    )
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     work = Path(tempfile.mkdtemp(prefix="bench-wsi-"))
-    repository = write_bench_model(work / "models")
+    repository = write_bench_model(work / "models", args.network)
     slide_path = work / "slides" / "bench.tiff"
     slide_path.parent.mkdir()
     write_s = write_bench_slide(slide_path, size.side)
@@ -365,7 +400,9 @@ def _table(result: dict) -> str:
             f"{max(run['classify_wall_s']):.1f} s classifying its slowest slide's units (median slide "
             f"{run['steady_tiles_per_s']:,.0f} tiles/s); "
             "GPU utilisation "
-            f"{run['gpu_utilisation_pct']} %; phase seconds (summed over every slide's work units, which overlap): "
+            f"{run['gpu_utilisation_pct']} %; running on its driver {run['running_after_s']} s after submission, "
+            f"first units sent after {run['first_units_after_s']} s, {run['after_last_unit_s']} s from the last unit "
+            "to the job's end; phase seconds (summed over every slide's work units, which overlap): "
             f"{run['phase_seconds']}"
             for run in wsi["end_to_end_runs"]
         ),

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from deployments.replica import Replica
 from serve_app.api import ROUTERS, STATIC_PREFIXES, SegmentationDep, Services, add_pages
+from serve_app.api.v2_grpc import InferenceServiceMethods, serve_grpc_where_http_listens
 from serve_app.config import AppConfig
 from serve_app.drain import DrainGate, DrainWatch
 from serve_app.errors import (
@@ -155,8 +156,10 @@ def build_api() -> FastAPI:
 # Serve serialises the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(name="Ingress")
 @serve.ingress()
-class IngressDeployment(Replica):
-    """The HTTP API's replica: ``config``'s application, over its deployments' handles (see ``serve_app.app``)."""
+class IngressDeployment(Replica, InferenceServiceMethods):
+    """The HTTP API's replica: ``config``'s application, over its deployments' handles (see ``serve_app.app``); with
+    ``grpc.enabled``, also the Open Inference Protocol's gRPC service, whose RPCs are methods of this class
+    (``InferenceServiceMethods``)."""
 
     def __init__(
         self,
@@ -174,6 +177,8 @@ class IngressDeployment(Replica):
         )
         self.drain = DrainWatch(config, serve.get_replica_context().replica_id.unique_id)
         self.allowed_hosts = config.http.host_allow_list()
+        # Whether Serve runs gRPC is the cluster's (serve.start), not this application's: set it up whatever the config.
+        serve_grpc_where_http_listens(config.http.host, config.grpc.max_receive_message_length)
         # Expired results and WSI files deleted on a timer, whether requests come or not (every replica sweeps).
         self.sweeper = RetentionSweeper(config).start()
 

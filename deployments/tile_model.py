@@ -29,7 +29,7 @@ from serve_app.wsi.cuda_regions import CudaRegions
 from serve_app.wsi.slides import Slide, open_slide
 from serve_app.wsi.tile_classifier import TileClassifier
 from serve_app.wsi.tiling import read_tile_block
-from serve_app.wsi.work_units import ChunkProbabilities, TileChunk
+from serve_app.wsi.work_units import ChunkProbabilities, SlideSource, TileChunk
 
 __all__ = ["TileModelDeployment"]
 
@@ -46,7 +46,7 @@ class TileModelDeployment(Replica):
         # wsi.gpu_jpeg_decoder names (nvImageCodec's engines or torchvision's nvJPEG).
         self.gpu_decode = config.wsi.gpu_decode and self.classifier.device.type == "cuda"
         self.gpu_jpeg_decoder = config.wsi.gpu_jpeg_decoder
-        self.slides: OrderedDict[tuple[str, float | None], Slide] = OrderedDict()
+        self.slides: OrderedDict[tuple[SlideSource, float | None], Slide] = OrderedDict()
         self._slides_lock = threading.Lock()  # reader threads share the open slides
 
     async def classify(self, chunk: TileChunk) -> ChunkProbabilities:
@@ -62,14 +62,14 @@ class TileModelDeployment(Replica):
 
     def _read_tissue_tiles(self, chunk: TileChunk) -> np.ndarray | torch.Tensor:
         """(n, T, T, 3) uint8 RGB: the unit's tissue tiles, in row-major order; on the GPU when decoded there."""
-        slide = self._slide(chunk.slide_path, chunk.mpp)
+        slide = self._slide(chunk.slide, chunk.mpp)
         if self.gpu_decode:
             regions = CudaRegions(slide, self.classifier.device, self.gpu_jpeg_decoder)
             block = read_tile_block(regions, chunk.grid, chunk.rows, chunk.cols)
             return block[torch.from_numpy(chunk.tissue).to(block.device)]
         return read_tile_block(slide, chunk.grid, chunk.rows, chunk.cols)[chunk.tissue]
 
-    def _slide(self, path: str, mpp: float | None) -> Slide:
+    def _slide(self, path: SlideSource, mpp: float | None) -> Slide:
         key = (path, mpp)
         with self._slides_lock:
             if key in self.slides:

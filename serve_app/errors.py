@@ -22,6 +22,7 @@ __all__ = [
     "DeliveryNotFound",
     "DimseStatus",
     "Forbidden",
+    "GateUnavailable",
     "HostNotAllowed",
     "ImageNotKept",
     "InstanceRefused",
@@ -239,6 +240,13 @@ class ServiceBusy(_RetryLater):
 class ReplicaLost(_RetryLater):
     """The replica holding the request died (its process killed, its node lost) and so did the one that took the
     request's second attempt: Serve is starting others, so the client may retry shortly."""
+
+    status_code = 503
+
+
+class GateUnavailable(_RetryLater):
+    """The tenant gate, which counts every tenant's quotas, does not answer (its replica lost and being replaced, or
+    too slow): a request that needs its quotas counted is refused at once rather than left to wait for it."""
 
     status_code = 503
 

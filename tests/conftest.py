@@ -27,12 +27,19 @@ from serve_app.ray_security import apply_environment, haproxy_environment, token
 from serve_app.samples.phantoms import Phantom, ct_phantom
 from serve_app.samples.study_files import write_ct_series
 
+# Modules that deploy an application of their own beside the main one, and delete it after. The test cluster has CPUs
+# for the main app and one more (``make_room_for_an_app``): run after the tenant app is first deployed, each would take
+# its room and the next tenant test would deploy it again, half a minute on CI's two cores each time. So they run first.
+OWN_APP_MODULES = ("test_autoscaling.py", "test_bundles_live.py", "test_layouts.py", "test_overload.py")
+
 
 def pytest_collection_modifyitems(items):
-    """Every test that needs the Ray cluster is marked ``cluster``: ``make test-fast`` leaves them out."""
+    """Every test that needs the Ray cluster is marked ``cluster``: ``make test-fast`` leaves them out. The modules of
+    ``OWN_APP_MODULES`` first, each in its place otherwise (the sort is stable)."""
     for item in items:
         if "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.cluster)
+    items.sort(key=lambda item: item.path.name not in OWN_APP_MODULES)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -63,6 +70,8 @@ def app_config(tmp_path_factory, slide_root, pacs_ports) -> AppConfig:
         overrides={
             "storage.root": str(storage),
             "http.port": free_port(),
+            # The Open Inference Protocol's gRPC service (test_inference_protocol.py), on every app of the cluster.
+            "grpc": {"enabled": True, "port": free_port()},
             # Retry-After short and four store attempts (1 + 2 + 4 s apart): the store-back test restarts Orthanc.
             "pacs.main": {
                 "url": f"http://127.0.0.1:{pacs_ports['orthanc']}/dicom-web",
@@ -119,6 +128,8 @@ def ray_cluster(app_config):
     # cluster beside this one.
     haproxy_folder = Path(tempfile.mkdtemp(prefix="mshap-", dir="/tmp"))
     haproxy_ports = {"RAY_SERVE_HAPROXY_STATS_PORT": free_port(), "RAY_SERVE_HAPROXY_METRICS_PORT": free_port()}
+    # Serve's fallback proxy (HAProxy's backup, on the head) serves gRPC on a fixed port, 9500 unless told: a free one.
+    haproxy_ports["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] = free_port()
     apply_environment(
         {
             **app_config.http.ray_environment(),
@@ -152,7 +163,7 @@ def server_url(ray_cluster, app_config) -> str:
 
     from serve_app.app import build_app
 
-    serve.start(**app_config.http.serve_start_options())
+    serve.start(**app_config.http.serve_start_options(), **app_config.grpc.serve_start_options())
     serve.run(build_app(app_config), name=app_config.name, route_prefix="/", blocking=False)
     url = f"http://{app_config.http.host}:{app_config.http.port}"
     wait_until_ready(url, timeout_s=300)
@@ -245,17 +256,23 @@ def tenant_config(app_config, tenant_keys, tmp_path_factory, slide_root, pacs_po
             "name": "medserve-tenants",
             "storage.root": str(storage),
             "http.port": app_config.http.port,
+            "grpc": app_config.grpc.model_dump(),  # the cluster's, as its HTTP port
             # Replicas parse the 40-file phantom series in two processes each: spawned inside Ray's workers.
             "reading.dicom_header_processes": 2,
             "limits.max_volume_voxels": TEST_MAX_VOXELS,
             "deployments.ingress.num_replicas": 2,
             "tenants": tenants,
             "scheduling.lease_s": 5,  # short, so that the tests see requests outlive their first lease
-            # A DICOM node whose AE title STMARYS is st-marys's: its deliveries are st-marys's alone.
+            # A DICOM node whose AE title STMARYS is st-marys's: its deliveries are st-marys's alone. CITYGEN is
+            # city-general's, which no route takes; a tenant's inbox holds 100 instances (the flood test's limit).
             "dicom_network": {
                 "port": 0,
-                "ae_titles": {"STMARYS": {"tenant": "st-marys", "callers": {"STORESCU": ["127.0.0.1"]}}},
+                "ae_titles": {
+                    "STMARYS": {"tenant": "st-marys", "callers": {"STORESCU": ["127.0.0.1"]}},
+                    "CITYGEN": {"tenant": "city-general", "callers": {"STORESCU": ["127.0.0.1"]}},
+                },
                 "stable_after_s": 1.0,
+                "limits": {"max_inbox_instances_per_tenant": 100},
             },
             "routes": {
                 "st-marys-ct": {

@@ -136,24 +136,37 @@ def assert_no_markers_in_logs(markers: list[str], more_logs: list[Path] = ()) ->
     assert scanned > 10
 
 
-def exported_total(name: str, **labels: str) -> float:
-    """The samples of ``name`` with these label values, summed, as the node's metrics agent exports them now."""
+def exported_samples(name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of ``name`` (their labels and values) as the node's metrics agent exports them now. Only ``name``'s
+    own lines are parsed, not the thousands of every other series the agent exports."""
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
     port = ray.nodes()[0]["MetricsExportPort"]
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
+    lines = "\n".join(line for line in text.splitlines() if line.startswith((f"{name}{{", f"{name} ")))
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(lines)
         for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
+        if sample.name == name
+    ]
+
+
+def exported_total(name: str, **labels: str) -> float:
+    """The samples of ``name`` with these label values, summed, as the node's metrics agent exports them now."""
+    return sum(value for tags, value in exported_samples(name) if all(tags.get(k) == v for k, v in labels.items()))
 
 
 def requests_counted(code: int) -> float:
     """``ray_medserve_requests_total`` with this code, summed, as the node's metrics agent exports it now."""
     return exported_total("ray_medserve_requests_total", code=str(code))
+
+
+def requests_counted_by_code(*codes: int) -> list[float]:
+    """``requests_counted`` of each code, from one scrape."""
+    samples = exported_samples("ray_medserve_requests_total")
+    return [sum(value for tags, value in samples if tags.get("code") == str(code)) for code in codes]
 
 
 def settled(read, timeout_s: float = 60):
@@ -186,7 +199,14 @@ def wait_until_counted(code: int, count: float, timeout_s: float = 60) -> float:
 # Every test cluster's: an ingress replica being removed stops taking requests after 2 s, not Serve's 30 s, which it
 # waits so that an external load balancer deregisters it. Here the one load balancer is HAProxy on the same machine,
 # which Serve reconfigures at once; each app a test deletes would otherwise cost half a minute.
-TEST_RAY_ENVIRONMENT = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+# Handles and replicas also push their autoscaling figures to Serve's controller every second rather than every 10 s:
+# a deployment scaled to zero (the WSI tile model) starts its first replica that much sooner, and every autoscaling
+# test sees the controller act on a backlog within a second or two of it building.
+TEST_RAY_ENVIRONMENT = {
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
 
 
 # WSI jobs on the test cluster: small work units (tiny slides still have several), the tile model scaled
@@ -203,6 +223,9 @@ TEST_WSI = {
             "target_ongoing_requests": 1,
             "upscale_delay_s": 1,
             "downscale_delay_s": 5,
+            # Serve averages the backlog over this window (30 s by default): the drained job's replicas go 5 s after
+            # its last tile, not half a minute.
+            "look_back_period_s": 2,
         },
     },
 }

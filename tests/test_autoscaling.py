@@ -10,7 +10,7 @@ import pytest
 from fault_load import SUMMARY, run_load
 from ray import serve
 
-from helpers import SEGMENT
+from helpers import SEGMENT, make_room_for_an_app
 from serve_app.app import build_app
 from serve_app.config import AutoscalingConfig
 
@@ -45,6 +45,7 @@ def elastic_url(server_url, app_config):
         }
     )
     config = app_config.model_copy(update={"name": "medserve-elastic", "layout": "split", "deployments": deployments})
+    make_room_for_an_app(app_config.name)
     serve.run(build_app(config), name=config.name, route_prefix=PREFIX, blocking=False)
     yield server_url + PREFIX, config.name
     serve.delete(config.name)

@@ -8,13 +8,20 @@ import sys
 
 import pytest
 
-from helpers import MODEL
+from helpers import MODEL, TEST_RAY_ENVIRONMENT
 
 
 def test_pipeline_benchmark_tiny_run_writes_its_report(tmp_path):
     # Run from a shell that exports RAY_SERVE_THROUGHPUT_OPTIMIZED=1, as Ray's docs suggest beside HAProxy: the
-    # benchmark's own handles then run in that mode (each bound to the event loop it was first called from).
-    environment = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    # benchmark's own handles then run in that mode (each bound to the event loop it was first called from). Its
+    # clusters get the test clusters' settings whether or not this session has started one (each app the benchmark
+    # deletes would otherwise wait 30 s for its ingress replica to drain).
+    environment = {
+        **os.environ,
+        **TEST_RAY_ENVIRONMENT,
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    }
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.pipeline", "--size", "tiny", "--models", MODEL, "--compare"]
         + ["--out", str(tmp_path)],

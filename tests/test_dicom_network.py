@@ -268,6 +268,11 @@ def test_a_tenant_over_its_inbox_limit_gets_out_of_resources_while_another_is_se
     flood = storescu(node.port, ct_series(tmp_path / "north", slices=8), called="NORTH")
     assert flood.returncode != 0 and "Refused: OutOfResources" in flood.stderr
     assert node.book.pending("north") == (5, node.book.pending("north")[1])
+    # While its inbox is full, the tenant's new associations are rejected (transient) and audited.
+    again = storescu(node.port, ct_series(tmp_path / "north-again", slices=1, seed=2), called="NORTH")
+    assert again.returncode != 0 and "Local Limit Exceeded" in again.stderr, again.stderr
+    (rejected,) = audited(config, "rejected", count=1)
+    assert rejected["reason"] == "tenant's inbox is full" and rejected["tenant"] == "north"
     assert storescu(node.port, ct_series(tmp_path / "south", slices=3, seed=1), called="SOUTH").returncode == 0
     assert node.book.pending("south")[0] == 3
 

@@ -1,6 +1,7 @@
-"""The Open Inference Protocol (KServe v2) over HTTP on the live server, called with NVIDIA's own client library
-(tritonclient): health, metadata, readiness, inference with binary and JSON tensors (its mask equal voxel for voxel to
-the study API's for the same volume), tenancy and limits, and errors in the protocol's format."""
+"""The Open Inference Protocol (KServe v2) over HTTP and gRPC on the live server, called with NVIDIA's own client
+library (tritonclient): health, metadata, readiness, inference with binary and JSON tensors (its mask equal voxel for
+voxel to the study API's for the same volume) and over gRPC with raw and typed contents (equal to the HTTP answer),
+tenancy and limits, and errors in the protocol's format (HTTP statuses, gRPC status codes)."""
 
 import gzip
 import json
@@ -8,13 +9,22 @@ import re
 import time
 from pathlib import Path
 
+import grpc
+import kubernetes_validate
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+import yaml
+from ray.serve.schema import ServeDeploySchema
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from helpers import MODEL, SEGMENT, audit_lines, auth, exported_total, load_mask
+from serve_app.config import GRPC_SERVICER_FUNCTION, load_config
+from serve_app.manifests import render_manifests
 
 INFER = f"/v2/models/{MODEL}/infer"
 OUTPUTS = ("MASK", "LABEL_VALUES", "LABEL_NAMES", "LABEL_VOLUMES_ML")
@@ -227,10 +237,288 @@ def test_tenancy_limits_audit_and_metrics_apply(tenant_url, tenant_config, tenan
     assert responses == responses_before + 1 and latencies >= latencies_before + 1, counted
 
 
-def test_the_documented_tritonclient_example_runs_as_written(server_url, tmp_path, monkeypatch):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_documented_tritonclient_examples_run_as_written(protocol, server_url, app_config, tmp_path, monkeypatch):
     page = (Path(__file__).parents[1] / "docs" / "inference-protocol.md").read_text()
-    (example,) = re.findall(r"^```python\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
+    examples = dict(
+        zip(["http", "grpc"], re.findall(r"^```python\n(.*?)^```", page, re.MULTILINE | re.DOTALL), strict=True)
+    )
+    example = examples[protocol]
+    assert f'"application": "{app_config.name}"' in examples["grpc"]  # the session's application is the example's
     monkeypatch.chdir(tmp_path)
-    code = compile(example.replace("localhost:8000", server_url.removeprefix("http://")), "example", "exec")
-    exec(code, {})
+    grpc_target = f"{app_config.http.host}:{app_config.grpc.port}"
+    example = example.replace("localhost:8000", server_url.removeprefix("http://")).replace(
+        "localhost:9000", grpc_target
+    )
+    exec(compile(example, "example", "exec"), {})
     assert (np.asarray(nib.load(tmp_path / "mask.nii.gz").dataobj) == 1).sum() > 1000
+
+
+# Over gRPC: Serve's gRPC ingress serves every application of the cluster, and the `application` metadata names the one
+# called (the tenant application runs beside the open one). The session's config enables it (conftest.py).
+
+
+@pytest.fixture(scope="module")
+def grpc_target(server_url, app_config) -> str:
+    return f"{app_config.http.host}:{app_config.grpc.port}"
+
+
+@pytest.fixture(scope="module")
+def grpc_client(grpc_target):
+    client = triton_grpc.InferenceServerClient(grpc_target)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def http_answer(v2_client, ct):
+    """The phantom CT's answer over HTTP (binary tensors), which every gRPC answer must equal."""
+    image, affine = ct
+    return v2_client.infer(MODEL, inputs_of(image, affine), outputs=binary_outputs())
+
+
+def application(config) -> dict[str, str]:
+    """The gRPC metadata that names the application of ``config``."""
+    return {"application": config.name}
+
+
+def grpc_inputs_of(image: np.ndarray, affine: np.ndarray, datatype: str = "INT16") -> list:
+    """IMAGE and AFFINE as tritonclient.grpc sends them: raw_input_contents."""
+    tensors = [
+        triton_grpc.InferInput("IMAGE", [1, *image.shape], datatype),
+        triton_grpc.InferInput("AFFINE", [4, 4], "FP64"),
+    ]
+    tensors[0].set_data_from_numpy(image[np.newaxis])
+    tensors[1].set_data_from_numpy(affine)
+    return tensors
+
+
+def _grpc_error(call) -> tuple[str, str]:
+    """The gRPC status code and details a call ended with."""
+    with pytest.raises(InferenceServerException) as raised:
+        call()
+    return raised.value.status().removeprefix("StatusCode."), raised.value.message()
+
+
+def test_grpc_health_metadata_and_readiness(grpc_client, v2_client, app_config):
+    app = application(app_config)
+    assert grpc_client.is_server_live(headers=app) and grpc_client.is_server_ready(headers=app)
+    server = grpc_client.get_server_metadata(headers=app)
+    assert server.name == "medserve" and "binary_tensor_data" in server.extensions
+    assert grpc_client.is_model_ready(MODEL, headers=app) and grpc_client.is_model_ready(MODEL, "1.0.0", headers=app)
+
+    # The model's metadata as over HTTP.
+    metadata, over_http = grpc_client.get_model_metadata(MODEL, headers=app), v2_client.get_model_metadata(MODEL)
+    assert metadata.name == MODEL and list(metadata.versions) == ["1.0.0"]
+    assert metadata.platform == over_http["platform"]
+
+    def tensors(listed) -> list[dict]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in listed]
+
+    assert tensors(metadata.inputs) == over_http["inputs"] and tensors(metadata.outputs) == over_http["outputs"]
+    assert list(grpc_client.get_model_metadata(MODEL, "1.0.0", headers=app).versions) == ["1.0.0"]
+
+
+def test_grpc_raw_inference_gives_the_http_answer(grpc_client, client, app_config, http_answer, ct):
+    image, affine = ct
+    result = grpc_client.infer(
+        MODEL, grpc_inputs_of(image, affine), request_id="ct-grpc", headers=application(app_config), client_timeout=300
+    )
+    response = result.get_response()
+    assert response.id == "ct-grpc" and (response.model_name, response.model_version) == (MODEL, "1.0.0")
+    assert [output.name for output in response.outputs] == list(OUTPUTS) and len(response.raw_output_contents) == 4
+    mask = result.as_numpy("MASK")
+    assert mask.dtype == np.uint8 and mask.shape == (1, *image.shape) and (mask == 1).sum() > 1000
+    np.testing.assert_array_equal(mask, http_answer.as_numpy("MASK"))
+    for name in OUTPUTS[1:]:
+        assert result.as_numpy(name).tolist() == http_answer.as_numpy(name).tolist()
+    # Kept as a study's result is.
+    result_id = response.parameters["result_id"].string_param
+    kept = client.get(f"/v1/results/{result_id}")
+    assert kept.status_code == 200 and response.parameters["mask_url"].string_param.endswith(f"{result_id}/mask.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "call, code, reason",
+    [
+        pytest.param(
+            lambda c, app, image, affine: c.get_model_metadata("no-such-model", headers=app),
+            "NOT_FOUND",
+            "unknown model",
+            id="unknown model",
+        ),
+        pytest.param(
+            lambda c, app, image, affine: c.is_model_ready(MODEL, "9.9.9", headers=app),
+            "NOT_FOUND",
+            "no version",
+            id="unknown version",
+        ),
+        pytest.param(
+            lambda c, app, image, affine: c.infer("no-such-model", grpc_inputs_of(image, affine), headers=app),
+            "NOT_FOUND",
+            "unknown model",
+            id="infer unknown model",
+        ),
+        pytest.param(
+            lambda c, app, image, affine: c.infer(MODEL, grpc_inputs_of(image[np.newaxis], affine), headers=app),
+            "INVALID_ARGUMENT",
+            "one volume [1, I, J, K]",
+            id="wrong shape",
+        ),
+        pytest.param(
+            lambda c, app, image, affine: c.infer(
+                MODEL, grpc_inputs_of(image.astype(np.int64), affine, "INT64"), headers=app
+            ),
+            "INVALID_ARGUMENT",
+            "IMAGE is sent as FP32 or INT16, not INT64",
+            id="wrong datatype",
+        ),
+        pytest.param(
+            lambda c, app, image, affine: c.infer(MODEL, grpc_inputs_of(image, np.zeros((4, 4))), headers=app),
+            "INVALID_ARGUMENT",
+            "the AFFINE input",
+            id="degenerate affine",
+        ),
+    ],
+)
+def test_grpc_refusals_are_status_codes_with_the_reason(grpc_client, app_config, ct, call, code, reason):
+    image, affine = ct
+    got_code, message = _grpc_error(lambda: call(grpc_client, application(app_config), image, affine))
+    assert got_code == code and reason in message, (got_code, message)
+
+
+def test_grpc_typed_contents_give_the_same_mask(grpc_target, app_config, http_answer, ct):
+    """Typed contents (int_contents for INT16, fp64_contents), which tritonclient does not send: the protocol's own
+    stub. Sent after the refusals above, it also shows the server still answers."""
+    image, affine = ct
+    request = service_pb2.ModelInferRequest(model_name=MODEL, model_version="1.0.0")
+    request.inputs.add(name="IMAGE", datatype="INT16", shape=[1, *image.shape]).contents.int_contents.extend(
+        image.ravel().tolist()
+    )
+    request.inputs.add(name="AFFINE", datatype="FP64", shape=[4, 4]).contents.fp64_contents.extend(
+        affine.ravel().tolist()
+    )
+    request.outputs.add(name="MASK")
+    metadata = list(application(app_config).items())
+    with grpc.insecure_channel(grpc_target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request, metadata=metadata, timeout=300)
+        # raw_input_contents for some inputs only: refused.
+        partial = service_pb2.ModelInferRequest()
+        partial.CopyFrom(request)
+        partial.raw_input_contents.append(image.tobytes())
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(partial, metadata=metadata, timeout=60)
+        assert (
+            refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents" in refused.value.details()
+        )
+    (output,) = response.outputs
+    assert output.name == "MASK" and output.datatype == "UINT8"
+    mask = np.frombuffer(response.raw_output_contents[0], np.uint8).reshape(tuple(output.shape))
+    np.testing.assert_array_equal(mask, http_answer.as_numpy("MASK"))
+
+
+def test_ingress_replicas_serve_grpc_only_where_http_listens(server_url, app_config):
+    """Ray binds a replica's gRPC server for HAProxy to every interface, without the token its other servers check;
+    medserve binds it to http.host: it answers on loopback, and no socket of the ingress replicas beyond loopback (Ray's
+    own servers) serves the inference service to a caller without the cluster's token."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        filters=[("class_name", "=", f"ServeReplica:{app_config.name}:Ingress"), ("state", "=", "ALIVE")]
+    )
+    listening = [
+        (connection.laddr.ip, connection.laddr.port)
+        for actor in actors
+        for connection in psutil.Process(actor.pid).net_connections(kind="inet")
+        if connection.status == psutil.CONN_LISTEN
+    ]
+
+    def answer(port: int, method: str) -> object:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            try:
+                return getattr(stub, method)(getattr(service_pb2, f"{method}Request")(), timeout=10)
+            except grpc.RpcError as e:
+                return e.code()
+
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}  # gRPC binds 127.0.0.1 as an IPv4-mapped IPv6 socket
+    live = {port: answer(port, "ServerLive") for ip, port in listening if ip in loopback}
+    assert service_pb2.ServerLiveResponse(live=True) in live.values(), (listening, live)
+    beyond = {port: answer(port, "ModelInfer") for ip, port in listening if ip not in loopback}
+    not_served = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED}
+    assert beyond and set(beyond.values()) <= not_served, (listening, beyond)
+
+
+def _grpc_infers_counted() -> float:
+    """st-marys' successful ModelInfer calls, as exported now."""
+    route = "/inference.GRPCInferenceService/ModelInfer"
+    return exported_total("ray_medserve_requests_total", route=route, method="GRPC", code="200", tenant="st-marys")
+
+
+def test_grpc_api_keys_limits_audit_and_metrics(grpc_target, tenant_url, tenant_config, tenant_keys, ct):
+    image, affine = ct
+    app = application(tenant_config)
+    counted_before = _grpc_infers_counted()
+    client = triton_grpc.InferenceServerClient(grpc_target)
+    try:
+        code, message = _grpc_error(lambda: client.get_model_metadata(MODEL, headers=app))
+        assert code == "UNAUTHENTICATED" and "API key" in message
+        wrong_key = {**app, **auth("msk_not-a-key")}
+        assert _grpc_error(lambda: client.infer(MODEL, grpc_inputs_of(image, affine), headers=wrong_key)) == (
+            "UNAUTHENTICATED",
+            "the API key is not valid",
+        )
+        # rural-clinic may upload 80 kB at most: the volume is 1.3 MB.
+        small = {**app, **auth(tenant_keys["rural-clinic"])}
+        code, message = _grpc_error(lambda: client.infer(MODEL, grpc_inputs_of(image, affine), headers=small))
+        assert code == "RESOURCE_EXHAUSTED" and "80000" in message
+        # research-lab may use mr-brain only.
+        other = {**app, **auth(tenant_keys["research-lab"])}
+        assert _grpc_error(lambda: client.get_model_metadata(MODEL, headers=other))[0] == "PERMISSION_DENIED"
+
+        key = {**app, "x-api-key": tenant_keys["st-marys"]}  # the HTTP header's other name
+        result = client.infer(MODEL, grpc_inputs_of(image, affine), headers=key, client_timeout=300)
+        assert result.as_numpy("MASK").shape == (1, *image.shape)
+        result_id = result.get_response().parameters["result_id"].string_param
+    finally:
+        client.close()
+    lines = audit_lines(tenant_config)
+    (line,) = [line for line in lines if line["request_id"] == result_id]
+    assert line["route"] == "infer" and line["tenant"] == "st-marys" and line["outcome"] == "ok"
+    assert set(line["timings_ms"]) >= {"upload", "preprocess", "model", "postprocess", "queue", "total"}
+    assert any(
+        line["route"] == "infer" and line["status"] == 413 and line["tenant"] == "rural-clinic" for line in lines
+    )
+    deadline = time.monotonic() + 60  # Ray exports metrics every 2 s on the test cluster
+    while (counted := _grpc_infers_counted()) <= counted_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert counted == counted_before + 1
+
+
+def test_the_grpc_service_is_off_by_default_and_rendered_into_the_cluster_manifests_when_enabled(tmp_path):
+    """No gRPC port unless the config enables one; enabled, Serve's gRPC options, the pods' port, the NetworkPolicy and
+    a Service of its own (each passing Serve's or Kubernetes' schema)."""
+    default = load_config()
+    assert not default.grpc.enabled and default.grpc.serve_start_options() == {}
+    # Ray binds a gRPC port of its proxy to every interface: an open server (no tenants) must accept that in words.
+    assert "grpc.enabled" in load_config(overrides={"grpc.enabled": True}).open_server_refusal()
+    assert load_config(overrides={"grpc.enabled": True, "http.allow_open": True}).open_server_refusal() is None
+    off = render_manifests(default, None)
+    assert "grpc_options" not in yaml.safe_load(off["serve_config.yaml"]) and "grpc" not in off["rayservice.yaml"]
+
+    path = tmp_path / "medserve.yaml"
+    path.write_text(yaml.safe_dump({"tenants": {}, "grpc": {"enabled": True, "port": 9001}}))
+    files = render_manifests(load_config(path), path)
+    expected = {"port": 9001, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]}
+    assert yaml.safe_load(files["serve_config.yaml"])["grpc_options"] == expected
+    ServeDeploySchema.model_validate(yaml.safe_load(files["serve_config.yaml"]))
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(files["rayservice.yaml"]) if d}
+    cluster = objects["RayService", "medserve"]["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]]:
+        (container,) = template["spec"]["containers"]
+        assert {"name": "grpc", "containerPort": 9001} in container["ports"]
+    assert {"protocol": "TCP", "port": 9001} in objects["NetworkPolicy", "medserve-ray"]["spec"]["ingress"][0]["ports"]
+    service = objects["Service", "medserve-grpc"]
+    assert service["spec"]["ports"][0]["port"] == 9001 and service["spec"]["selector"]["ray.io/serve"] == "true"
+    kubernetes_validate.validate(service, "1.33.0", strict=True)

@@ -39,6 +39,7 @@ from serve_app.observability.metrics import STAGES, ResponseCounter
 from serve_app.samples.synthetic_slides import write_slide
 
 DASHBOARD_FILES = sorted((monitoring.DASHBOARDS / "grafana" / "dashboards").glob("*.json"))
+ALERT_RULES = monitoring.DASHBOARDS / "alerts" / "medserve.rules.yml"
 RATE_INTERVAL = "5m"  # what Grafana's $__rate_interval stands for in these queries
 # A zip entry name and a result id as a hospital might send them: they must never reach a label.
 PATIENT_MARKER = "DOE_JOHN_1970"
@@ -67,6 +68,10 @@ class Prometheus:
 
     def targets(self) -> list[dict]:
         return self._get("/api/v1/targets")["data"]["activeTargets"]
+
+    def alerting_rules(self) -> list[dict]:
+        groups = self._get("/api/v1/rules", params={"type": "alert"})["data"]["groups"]
+        return [rule for group in groups for rule in group["rules"]]
 
     def _get(self, path: str, **kwargs) -> dict:
         response = httpx.get(f"{self.url}{path}", timeout=10, **kwargs)
@@ -104,7 +109,15 @@ def prometheus(server_url, tmp_path_factory):
     # This test cluster's own discovery file: /tmp/ray/'s link follows whichever cluster started last.
     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
     discovery_file = session_dir / monitoring.RAY_SERVICE_DISCOVERY_FILE.name
-    monitoring.start_prometheus(monitoring.prometheus_config(discovery_file, gpu_port, "2s"), port, state)
+    # The alerting rules as shipped, but each `for:` 0 s: the live alert check would otherwise wait minutes.
+    rules = yaml.safe_load(ALERT_RULES.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "0s"
+    rules_now = state / "medserve.rules.for-0s.yml"
+    rules_now.write_text(yaml.safe_dump(rules, sort_keys=False))
+    config = monitoring.prometheus_config(discovery_file, gpu_port, "2s", rule_files=[rules_now])  # evaluated every 2 s
+    monitoring.start_prometheus(config, port, state)
     try:
         api = Prometheus(f"http://127.0.0.1:{port}", state / "prometheus.log")
         node_port = str(ray.nodes()[0]["MetricsExportPort"])
@@ -234,6 +247,42 @@ def test_stage_latencies_codes_batches_and_replicas_reach_prometheus(scraped):
         f"ModelReplica:{MODEL}",
         "Postprocess",
     }
+
+
+def test_the_alert_rules_evaluate_and_one_fires_from_real_503s(scraped, tenant_url, tenant_keys):
+    """The alerting rules loaded into this Prometheus all evaluate without error on the cluster's real series, and
+    MedserveServiceUnavailable fires from real 503 answers: path-lab segmenting a series of a PACS on which nothing
+    listens (``pacs.unanswered``). The `prometheus` fixture loads a copy of the rules with every `for:` set to 0 s and
+    evaluates it every 2 s, so the alert fires as soon as its expression holds (the shipped `for:` of minutes is
+    promtool's to test: tests/test_alert_rules.py). The replica-start series the restart alerts count are checked
+    to exist under the name the rules use."""
+    rules = scraped.alerting_rules()
+    assert len(rules) == len(
+        [r for group in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in group["rules"] if "alert" in r]
+    )
+    route = "/v1/models/{name}/versions/{version}/segment"  # a route no other test refuses with 503
+    version = httpx.get(f"{tenant_url}/v1/models/{MODEL}", headers=auth(tenant_keys["path-lab"]), timeout=60)
+    url = f"{tenant_url}/v1/models/{MODEL}/versions/{version.json()['version']}/segment"
+    order = {"pacs": "unanswered", "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4"}
+    deadline = time.monotonic() + 8  # spread over several scrapes, so that the counter's rise is seen
+    while time.monotonic() < deadline:
+        refused = httpx.post(url, json=order, headers=auth(tenant_keys["path-lab"]), timeout=60)
+        assert refused.status_code == 503 and "unanswered" in refused.json()["error"]["reason"], refused.text
+        time.sleep(0.25)
+
+    def firing() -> bool:
+        return any(
+            alert["labels"].get("route") == route and alert["state"] == "firing"
+            for rule in scraped.alerting_rules()
+            if rule["name"] == "MedserveServiceUnavailable"
+            for alert in rule["alerts"]
+        )
+
+    scraped.wait_for("MedserveServiceUnavailable firing", firing, timeout_s=60)
+    unhealthy = [(r["name"], r.get("lastError")) for r in scraped.alerting_rules() if r["health"] != "ok"]
+    assert not unhealthy, unhealthy
+    starts = scraped.query('ray_serve_deployment_replica_starts_total{deployment="Ingress"}')
+    assert starts and all("replica" in s["metric"] and "application" in s["metric"] for s in starts), starts
 
 
 def test_no_label_value_carries_what_a_hospital_sent(scraped):

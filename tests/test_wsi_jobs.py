@@ -1,4 +1,4 @@
-"""WSI jobs end to end on the test cluster: real pyramidal TIFFs, the real job driver actor, the tile model's
+"""WSI jobs end to end on the test cluster: real pyramidal TIFFs, the real job driver actors, the tile model's
 autoscaled Serve replicas, results on disk and over HTTP."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from PIL import Image
 
 from helpers import exported_total, medserve, settled, wait_for_job
 from serve_app.samples.synthetic_slides import write_slide
-from serve_app.wsi.job_driver import DRIVER_NAMESPACE, driver_name
+from serve_app.wsi.jobs import driver_of
+from serve_app.wsi.renderings import write_tiles_geojson
 
 TILE_MODEL = "he-tile-tumour"
 JOBS = "/v1/wsi/jobs"
@@ -39,8 +40,8 @@ def slides(slide_root: Path) -> dict[str, Path]:
     paths["corrupt"].write_bytes(rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes())
     whole = paths["tumour"].read_bytes()
     paths["truncated"].write_bytes(whole[: len(whole) // 2])
-    flat = np.tile(pixels[:1100, :1500], (4, 3, 1))  # 4400 x 4500, one level: nothing to find tissue on cheaply
-    tifffile.imwrite(paths["flat"], flat, tile=(256, 256), compression="jpeg", photometric="rgb", **_RESOLUTION)
+    flat = np.tile(pixels[:1100, :1500], (4, 3, 1))  # 4400 x 4500, one level in strips: not tiles a job can read
+    tifffile.imwrite(paths["flat"], flat, compression="jpeg", photometric="rgb", **_RESOLUTION)
     return paths
 
 
@@ -50,11 +51,15 @@ def _submit(client, slides: list, **more) -> dict:
     return response.json()
 
 
+def _output(job: dict, name: str, slide_index: int = 0) -> Path:
+    return Path(job["out_path"]) / job["slides"][slide_index]["key"] / name
+
+
 def _heatmap(job: dict, slide_index: int = 0) -> np.ndarray:
     return zarr.open_array(Path(job["out_path"]) / job["slides"][slide_index]["key"] / "heatmap.zarr", mode="r")[:]
 
 
-def test_a_job_classifies_each_good_slide_and_fails_each_bad_one_alone(client, slides):
+def test_a_job_classifies_each_good_slide_and_fails_each_bad_one_alone(client, slides, tmp_path):
     names = ["tumour", "blank", "nompp", "corrupt", "truncated", "flat"]
     job = wait_for_job(client, _submit(client, [slides[n] for n in names] + ["/etc/hostname"])["job_id"])
     by_name = dict(zip([*names, "forbidden"], job["slides"], strict=True))
@@ -93,6 +98,9 @@ def test_a_job_classifies_each_good_slide_and_fails_each_bad_one_alone(client, s
     assert geojson.status_code == 200 and geojson.headers["content-type"] == "application/geo+json"
     features = geojson.json()["features"]
     assert len(features) == summary["tiles_tissue"]
+    # Made unit by unit as they came back, the file is the one the whole heatmap gives at once.
+    write_tiles_geojson(tmp_path / "whole.geojson", heatmap, tile_extent_level0=attributes["tile_extent_level0"])
+    assert geojson.content == (tmp_path / "whole.geojson").read_bytes()
     assert {f["properties"]["classification"]["name"] for f in features} <= {"Tumor", "Normal"}
     overlay = client.get(f"{outputs}/overlay.png")
     assert overlay.status_code == 200 and overlay.content.startswith(b"\x89PNG")
@@ -189,12 +197,15 @@ def test_a_killed_job_resumed_into_the_same_folder_redoes_nothing_finished_and_e
     while (job := client.get(f"{JOBS}/{first['job_id']}").json())["tiles_done"] < 0.3 * max(job["tiles_total"], 1):
         assert time.monotonic() < deadline and job["state"] in ("queued", "running"), job
         time.sleep(0.2)
-    # Kill the job's driver and one of the tile model's replicas (a worker process) mid-job.
-    ray.kill(ray.get_actor(driver_name(first["job_id"]), namespace=DRIVER_NAMESPACE), no_restart=True)
+    # Kill the process of the job's driver (one of the pool, which Ray restarts knowing none of its jobs) and one of
+    # the tile model's replicas (a worker process) mid-job.
+    driver = driver_of(first["job_id"])
+    ray.kill(driver, no_restart=False)
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if f"TileModel:{TILE_MODEL}" in a["name"])
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
     interrupted = client.get(f"{JOBS}/{first['job_id']}").json()
     assert interrupted["state"] == "interrupted"
+    assert ray.get(driver.job_ids.remote(), timeout=60) == []  # restarted, and runs no job
 
     classified_before = settled(lambda: exported_total("ray_medserve_wsi_tiles_total", model=TILE_MODEL))
     resumed = wait_for_job(client, _submit(client, [big_slide], out="resumed")["job_id"])
@@ -208,6 +219,10 @@ def test_a_killed_job_resumed_into_the_same_folder_redoes_nothing_finished_and_e
     classified = classified_after - classified_before
     assert 0 < classified <= summary["tiles_tissue"] - interrupted["tiles_done"], (classified, interrupted)
     np.testing.assert_array_equal(_heatmap(resumed), _heatmap(reference))
+    # The outputs, built up unit by unit (the resumed run's from the chunks it found finished and those it did), are
+    # the uninterrupted run's to the byte.
+    for name in ("tiles.geojson", "overlay.png", "tissue.png"):
+        assert _output(resumed, name).read_bytes() == _output(reference, name).read_bytes(), name
 
 
 def test_cancel_stops_a_job_and_the_cli_follows_one_to_its_end(server_url, client, big_slide, slides):

@@ -3,7 +3,8 @@ thumbnail, label and macro pages) and a generic tiled pyramid, each read by tiff
 from the SVS by Orthanc's OrthancWSIDicomizer (TILED_SPARSE, one instance per level or concatenated) and by wsidicom
 (TILED_FULL, a level left out), read by wsidicom and OpenSlide. Every pair of readers gives the same pixels within
 JPEG decoder tolerance; the factory says which reader and why, and refuses what is not a slide with one reason.
-Last, a WSI job over a DICOM WSI folder and the SVS it came from."""
+Last, a WSI job over the SVS, the DICOM WSI folder made of it, and the same DICOM WSI on Orthanc read over DICOMweb,
+its tiles stored back to Orthanc as Microscopy Bulk Simple Annotations; and PACS a tenant may not name."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import openslide
 import pydicom
 import pytest
 import tifffile
+from dicomweb_client import DICOMwebClient
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -136,11 +139,11 @@ def _assert_same_pixels(a: np.ndarray, b: np.ndarray) -> None:
     )
 
 
-def _assert_reads_the_svs(slide: Slide, svs_levels: list[np.ndarray]) -> None:
+def _assert_reads_the_svs(slide: Slide, svs_levels: list[np.ndarray], regions=REGIONS) -> None:
     """``slide`` has the SVS's pyramid and, region by region, its pixels (white outside)."""
     assert [(level.height, level.width) for level in slide.levels] == [level.shape[:2] for level in svs_levels]
     assert [level.mpp for level in slide.levels] == pytest.approx([MPP, 2 * MPP, 4 * MPP], rel=1e-5)
-    for level, (x, y, width, height) in REGIONS:
+    for level, (x, y, width, height) in regions:
         region = slide.read_region(level, x, y, width, height)
         expected = np.full((height, width, 3), 255, np.uint8)
         inside = svs_levels[level][max(y, 0) : y + height, max(x, 0) : x + width]
@@ -263,6 +266,28 @@ def test_a_level_missing_from_the_dicom_pyramid_leaves_a_gap_in_the_downsamples(
         _assert_same_pixels(slide.read_region(1, 0, 0, *svs_levels[2].shape[1::-1]), svs_levels[2])
 
 
+def _on_pacs(app_config, study_instance_uid: str, series_instance_uid: str):
+    from serve_app.wsi.slides import DicomwebSlide
+
+    return DicomwebSlide("main", app_config.pacs["main"], study_instance_uid, series_instance_uid)
+
+
+def test_wsidicom_reads_the_dicom_wsi_from_the_pacs_over_dicomweb_as_the_svs(
+    orthanc, app_config, dicom_sparse, svs_levels
+):
+    """OrthancWSIDicomizer's instances stored to Orthanc, read back by series UID: the SVS's levels and pixels."""
+    stowed = _stowed(orthanc, dicom_sparse)
+    with open_slide(_on_pacs(app_config, stowed["study_instance_uid"], stowed["series_instance_uid"])) as slide:
+        assert slide.reader == "wsidicom" and "PACS main" in slide.reader_reason and slide.reader_notes == ()
+        _assert_reads_the_svs(slide, svs_levels, REGIONS[1:])  # not all of level 0: a request per frame
+        assert slide.dicom_source().SOPInstanceUID in {ds.SOPInstanceUID for ds in _instances(dicom_sparse)}
+
+
+def test_a_series_the_pacs_does_not_have_is_refused_naming_the_pacs(orthanc, app_config):
+    with pytest.raises(InvalidSlide, match="PACS main has no such study or series|series on PACS main holds no"):
+        open_slide(_on_pacs(app_config, "1.2.3", "1.2.3.4"))
+
+
 def _copies(folder: Path, target: Path, change) -> Path:
     """``folder``'s instances and two altered copies of each (new UIDs): more focal planes or optical paths."""
     shutil.copytree(folder, target)
@@ -298,6 +323,60 @@ def test_of_several_focal_planes_or_optical_paths_the_first_is_read_and_the_summ
     with open_slide(_copies(dicom_sparse, tmp_path / "slide", change)) as slide:
         assert slide.reader == "wsidicom" and len(slide.reader_notes) == 1 and note in slide.reader_notes[0]
         _assert_same_pixels(slide.read_region(0, 0, 0, 400, 300), svs_levels[0][:300, :400])
+
+
+# --- a one-level slide: its low-resolution image made in bands ----------------------------------------------------
+
+
+def test_a_one_level_slide_of_6000_px_gets_its_tissue_and_thumbnail_from_level_0_read_in_bands(
+    svs_levels, tmp_path, monkeypatch
+):
+    """A scanner export of one 6000 x 4200 level (the SVS's H&E, 3 x 3): opened, with a note; tissue detection and
+    the thumbnail read level 0 band by band, never whole (bands of 1 Mpx here, to see the bound on a small slide),
+    and give what reading it whole gives."""
+    import tracemalloc
+
+    from serve_app.wsi.readers import slide as slide_module
+    from serve_app.wsi.tissue import detect_tissue
+
+    whole = np.tile(svs_levels[0], (3, 3, 1))
+    path = tmp_path / "one-level.tif"
+    tifffile.imwrite(
+        path,
+        whole,
+        tile=(TILE, TILE),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 95},
+        resolution=(1e4 / MPP,) * 2,
+        resolutionunit="CENTIMETER",
+    )
+    decoded = tifffile.imread(path)
+    monkeypatch.setattr(slide_module, "BAND_PIXELS", 1 << 20)
+    with open_slide(path) as slide:
+        assert len(slide.levels) == 1 and (slide.levels[0].width, slide.levels[0].height) == (6000, 4200)
+        assert len(slide.reader_notes) == 1 and "one resolution level (6000x4200 px)" in slide.reader_notes[0]
+        tracemalloc.start()
+        try:
+            tissue = detect_tissue(slide)
+            tissue_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            thumbnail = slide.thumbnail(2048)
+            thumbnail_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # The level is 76 MB whole, a band 3 MB. The thumbnail is made from level 0 reduced by a whole factor, here
+        # halved (19 MB; at most twice the thumbnail's side whatever the slide's size), then resized.
+        assert tissue_peak < decoded.nbytes / 10, (tissue_peak, decoded.nbytes)
+        assert thumbnail_peak < decoded.nbytes / 2, (thumbnail_peak, decoded.nbytes)
+        factor = 16  # 8 µm per pixel of the mask at 0.5 mpp
+        assert tissue.mpp == MPP * factor and tissue.mask.shape == (-(-4200 // factor), 6000 // factor)
+        assert 0.05 < tissue.tissue_fraction < 0.95
+        reference = np.full((4208, 6000, 3), 255, np.uint8)  # whole, padded with glass to a multiple of 16 rows
+        reference[:4200] = decoded
+        reduced = slide_module.read_level_reduced(slide, 0, factor)
+        assert np.array_equal(reduced[:, :375], np.asarray(Image.fromarray(reference).reduce(factor))[:, :375])
+        assert thumbnail.shape == (1434, 2048, 3)
 
 
 # --- refusals: one reason each ----------------------------------------------------------------------------------
@@ -398,22 +477,146 @@ def job_slides(slide_root, tmp_path_factory) -> dict[str, Path]:
     return {"svs": svs.path, "dicom": dicomize(svs, folder / "case-dicom")}
 
 
-def test_a_job_reads_a_dicom_wsi_folder_as_it_reads_the_svs_it_came_from(client, job_slides):
+def _stowed(orthanc, folder: Path) -> dict:
+    """The DICOM WSI of ``folder`` stored to Orthanc (STOW-RS); the job's slide naming it on PACS ``main``."""
+    instances = [pydicom.dcmread(path) for path in sorted(folder.iterdir())]
+    DICOMwebClient(orthanc.dicomweb_url).store_instances(instances)
+    uids = {(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in instances}
+    assert len(uids) == 1
+    ((study, series),) = uids
+    return {"pacs": "main", "study_instance_uid": study, "series_instance_uid": series}
+
+
+def test_a_job_reads_a_dicom_wsi_from_a_folder_and_from_the_pacs_as_it_reads_the_svs_and_stores_annotations(
+    client, job_slides, orthanc
+):
+    """One job, three slides: the SVS, the DICOM WSI made of it in a folder, and the same DICOM WSI on Orthanc read
+    over DICOMweb. The three heatmaps agree tile for tile; each DICOM slide's tiles come back as Microscopy Bulk
+    Simple Annotations on its image, stored to Orthanc (store_to) and read back from there with highdicom."""
+    import highdicom as hd
     import zarr
 
-    body = {"model": "he-tile-tumour", "slides": [str(job_slides["svs"]), str(job_slides["dicom"])]}
+    on_pacs = _stowed(orthanc, job_slides["dicom"])
+    body = {
+        "model": "he-tile-tumour",
+        "slides": [str(job_slides["svs"]), str(job_slides["dicom"]), on_pacs],
+        "store_to": "main",
+    }
     submitted = client.post("/v1/wsi/jobs", json=body)
     assert submitted.status_code == 202, submitted.text
     job = wait_for_job(client, submitted.json()["job_id"])
-    assert job["state"] == "done" and [s["state"] for s in job["slides"]] == ["done", "done"], job
-    summaries = [client.get(f"/v1/wsi/jobs/{job['job_id']}/slides/{i}/summary.json").json() for i in (0, 1)]
-    assert [s["reader"] for s in summaries] == ["tifffile", "wsidicom"]
+    assert job["state"] == "done" and [s["state"] for s in job["slides"]] == ["done"] * 3, job
+    assert job["slides"][2]["slide"] == on_pacs
+    summaries = [client.get(f"/v1/wsi/jobs/{job['job_id']}/slides/{i}/summary.json").json() for i in range(3)]
+    assert [s["reader"] for s in summaries] == ["tifffile", "wsidicom", "wsidicom"]
     assert "Aperio SVS" in summaries[0]["reader_reason"] and "DICOM WSI" in summaries[1]["reader_reason"]
+    assert "PACS main" in summaries[2]["reader_reason"] and "DICOMweb" in summaries[2]["reader_reason"]
     assert summaries[1]["reader_notes"] == [] and summaries[1]["levels"][0]["width"] == JOB_SLIDE[0]
-    assert summaries[1]["tiles_tissue"] == summaries[0]["tiles_tissue"] > 0
-    heatmaps = [
-        zarr.open_array(Path(job["out_path"]) / slide["key"] / "heatmap.zarr", mode="r")[:] for slide in job["slides"]
-    ]
-    # The same JPEG tiles decoded: the same probabilities, tile for tile.
+    assert summaries[2]["levels"] == summaries[1]["levels"]
+    assert summaries[2]["tiles_tissue"] == summaries[1]["tiles_tissue"] == summaries[0]["tiles_tissue"] > 0
+    folders = [Path(job["out_path"]) / slide["key"] for slide in job["slides"]]
+    heatmaps = [zarr.open_array(folder / "heatmap.zarr", mode="r")[:] for folder in folders]
+    # The same JPEG tiles decoded: the same probabilities, tile for tile; by DICOMweb, the same frames (the model's
+    # batches may differ, and with them the last bits of its sums).
     np.testing.assert_allclose(heatmaps[1], heatmaps[0], atol=1e-3)
-    assert os.stat(Path(job["out_path"]) / job["slides"][1]["key"] / "summary.json").st_mode & 0o077 == 0
+    np.testing.assert_allclose(heatmaps[2], heatmaps[1], atol=1e-5)
+    assert np.array_equal(np.isnan(heatmaps[2]), np.isnan(heatmaps[1]))
+    assert os.stat(folders[1] / "summary.json").st_mode & 0o077 == 0
+    # Annotations: none for the SVS (no DICOM image to reference), one object per DICOM slide, stored to Orthanc.
+    assert not summaries[0]["annotations"] and summaries[0]["stored"] is None
+    assert not (folders[0] / "annotations.dcm").exists()
+    extent = json.loads((folders[0] / "heatmap.zarr" / "zarr.json").read_text())["attributes"]["tile_extent_level0"]
+    pacs = DICOMwebClient(orthanc.dicomweb_url)
+    for index in (1, 2):
+        stored = summaries[index]["stored"]
+        assert summaries[index]["annotations"] and stored["stored"] and stored["pacs"] == "main", stored
+        written = folders[index] / "annotations.dcm"
+        assert os.stat(written).st_mode & 0o077 == 0
+        assert (
+            client.get(f"/v1/wsi/jobs/{job['job_id']}/slides/{index}/annotations.dcm").content == written.read_bytes()
+        )
+        local = pydicom.dcmread(written)
+        (sop_instance_uid,) = stored["sop_instance_uids"]
+        assert local.SOPInstanceUID == sop_instance_uid
+        from_pacs = pacs.retrieve_instance(on_pacs["study_instance_uid"], local.SeriesInstanceUID, sop_instance_uid)
+        _assert_annotates_the_tiles(
+            hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(from_pacs), heatmaps[index], extent
+        )
+        assert [ref.ReferencedSOPInstanceUID for ref in from_pacs.ReferencedImageSequence] == [
+            _base_level_instance(job_slides["dicom"])
+        ]
+        assert dciodvfy_ann_errors(written) == []
+
+
+def _base_level_instance(folder: Path) -> str:
+    """The SOPInstanceUID of the slide's full-resolution instance."""
+    (uid,) = [ds.SOPInstanceUID for ds in _instances(folder) if ds.TotalPixelMatrixColumns == JOB_SLIDE[0]]
+    return uid
+
+
+def _assert_annotates_the_tiles(annotations, heatmap: np.ndarray, extent: float) -> None:
+    """One polygon per classified tile, its corners the tile's in level-0 pixels, its probability the heatmap's."""
+    assert annotations.AnnotationCoordinateType == "2D" and annotations.Modality == "ANN"
+    found = {}
+    for group in annotations.get_annotation_groups():
+        polygons = group.get_graphic_data(annotations.AnnotationCoordinateType)
+        names, values, units = group.get_measurements()  # values: (annotations, measurements)
+        assert [name.meaning for name in names] == ["Probability of cancer"] and [unit.value for unit in units] == ["1"]
+        assert values.shape == (len(polygons), 1)
+        for polygon, (probability,) in zip(polygons, values, strict=True):
+            (x0, y0), (x1, y1) = polygon.min(axis=0), polygon.max(axis=0)
+            row, col = round(y0 / extent), round(x0 / extent)
+            assert (x0, y0, x1, y1) == pytest.approx(
+                (col * extent, row * extent, (col + 1) * extent, (row + 1) * extent)
+            )
+            found[row, col] = probability
+    classified = np.argwhere(np.isfinite(heatmap))
+    assert len(found) == len(classified) == int(np.isfinite(heatmap).sum()) > 0
+    for row, col in classified:
+        assert found[row, col] == pytest.approx(heatmap[row, col], abs=1e-6)
+
+
+def dciodvfy_ann_errors(path: Path) -> list[str]:
+    """dciodvfy's errors for an ANN, less one it raises wrongly: dicom3tools of 2022 reports CommonZCoordinateValue
+    as "only valid for 3D" in every group of a 2D object that has none (highdicom writes it only for 3D ones)."""
+    if shutil.which("dciodvfy") is None:
+        skip_unless_installed("dciodvfy", "dciodvfy (Debian's dicom3tools) is not installed")
+    checked = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (checked.stdout + checked.stderr).splitlines()
+    assert [line for line in lines if not line.startswith(("Warning", "Error"))] == ["MicroscopyBulkSimpleAnnotations"]
+    return [line for line in lines if line.startswith("Error") and "CommonZCoordinateValue" not in line]
+
+
+def test_a_pacs_the_server_does_not_have_is_refused_naming_it(client):
+    body = {
+        "model": "he-tile-tumour",
+        "slides": [{"pacs": "elsewhere", "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4"}],
+    }
+    refused = client.post("/v1/wsi/jobs", json=body)
+    assert refused.status_code == 422 and "PACS 'elsewhere' is not configured" in refused.text, refused.text
+    refused = client.post("/v1/wsi/jobs", json={"model": "he-tile-tumour", "slides": ["x.svs"], "store_to": "gone"})
+    assert refused.status_code == 422 and "PACS 'gone' is not configured" in refused.text, refused.text
+    url = {
+        "pacs": "main",
+        "url": "http://10.0.0.1/dicom-web",
+        "study_instance_uid": "1.2",
+        "series_instance_uid": "1.3",
+    }
+    assert client.post("/v1/wsi/jobs", json={"model": "he-tile-tumour", "slides": [url]}).status_code == 422
+
+
+def test_a_pacs_of_other_tenants_is_refused_naming_it(tenant_config, tmp_path):
+    """st-marys may not use PACS `unanswered` (path-lab's and research-lab's): refused at submission, before any
+    job starts, whether it holds a slide or is where results would go."""
+    from serve_app.errors import Forbidden
+    from serve_app.model_repository import ModelRepository
+    from serve_app.wsi.job_status import WsiJobRequest
+    from serve_app.wsi.jobs import WsiJobs
+
+    config = tenant_config.model_copy(update={"wsi": tenant_config.wsi.model_copy(update={"output_root": tmp_path})})
+    jobs = WsiJobs(config, ModelRepository(config.model_repository), {})
+    slide = {"pacs": "unanswered", "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4"}
+    for body in ({"slides": [slide]}, {"slides": ["case.svs"], "store_to": "unanswered"}):
+        request = WsiJobRequest.model_validate({"model": "he-tile-tumour", **body})
+        with pytest.raises(Forbidden, match="tenant st-marys may not use PACS 'unanswered'"):
+            jobs.submit(request, "0" * 32, "st-marys")

@@ -173,11 +173,12 @@ def test_stripped_image_is_refused_as_not_a_tiled_pyramid(tmp_path):
         open_slide(path)
 
 
-def test_single_large_tiled_level_is_refused_for_lack_of_low_resolution_levels(tmp_path):
+def test_single_large_tiled_level_is_read_and_the_notes_say_its_low_resolution_image_is_made_from_it(tmp_path):
     path = tmp_path / "one-level.tif"
     _write_tiled(path, np.full((256, 4352, 3), 230, np.uint8), resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
-    with pytest.raises(InvalidSlide, match=r"single resolution level of 4352x256 px.*--pyramid"):
-        open_slide(path)
+    with open_slide(path) as slide:
+        assert len(slide.levels) == 1 and len(slide.reader_notes) == 1
+        assert "one resolution level (4352x256 px)" in slide.reader_notes[0] and "--pyramid" in slide.reader_notes[0]
 
 
 def test_greyscale_slide_is_refused_as_not_rgb(tmp_path):

@@ -2,10 +2,11 @@
 ``infer`` with JSON tensors or the binary tensor data extension, so that tritonclient, perf_analyzer and v2 gateways
 call medserve's segmentation models as they call Triton's.
 
-The tensors and what they mean are ``TensorSegmentation``'s (``serve_app.segmentation.tensor_segmentation``); this
-module turns them into the protocol's JSON and bytes. An inference goes through the gatekeeper (API key, model rights,
-quotas, audit), the upload limit, the request's deadline and the segment latency metrics as a study does, and its
-result is kept like a study's (the answer's ``parameters.result_id``).
+The protocol's data plane is ``serve_app.api.inference_protocol``'s, shared with the gRPC service
+(``serve_app.api.v2_grpc``); this module turns HTTP requests into its calls and its answers into the protocol's JSON
+and bytes. An inference goes through the gatekeeper (API key, model rights, quotas, audit), the upload limit, the
+request's deadline and the segment latency metrics as a study does, and its result is kept like a study's (the
+answer's ``parameters.result_id``).
 
 Errors from these routes are in the protocol's format, ``{"error": "<reason>"}`` with medserve's status for the
 reason (400 for a tensor the model does not take, 404 for an unknown model, 413, 429, 503, 504...); a request refused
@@ -14,9 +15,7 @@ before any route runs (wrong Host, the server draining) gets medserve's own form
 
 import json
 import logging
-import struct
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
 import numpy as np
@@ -28,7 +27,17 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from serve_app.api import inference_protocol as protocol
 from serve_app.api.dependencies import GatekeeperDep, RepositoryDep, SegmentationDep, declared_length, result_path
+from serve_app.api.inference_protocol import (
+    BYTES,
+    InputTensor,
+    ModelMetadata,
+    OutputTensor,
+    RequestedOutput,
+    ServerMetadata,
+    TensorMetadata,
+)
 from serve_app.errors import (
     BadRequest,
     InvalidTensor,
@@ -39,15 +48,7 @@ from serve_app.errors import (
     UnsupportedMediaType,
     unwrap,
 )
-from serve_app.model_spec import ModelSpec
-from serve_app.observability import metrics
-from serve_app.segmentation.service import SegmentationService
-from serve_app.segmentation.tensor_segmentation import (
-    TensorSegmentation,
-    TensorSpec,
-    VolumeSegmentation,
-    VolumeTensors,
-)
+from serve_app.segmentation.tensor_segmentation import TensorSegmentation, VolumeSegmentation, VolumeTensors
 from serve_app.studies.upload import UploadBudget
 
 __all__ = ["HEADER_LENGTH", "InferenceError", "ModelMetadata", "ServerMetadata", "TensorMetadata", "router"]
@@ -59,57 +60,12 @@ HEADER_LENGTH = "inference-header-content-length"
 # A request's JSON part (its header, or the whole body without binary data) is parsed into Python objects: at most
 # this many bytes of it. A volume of JSON numbers near it is a few million voxels; larger ones go as binary data.
 _MAX_JSON_BYTES = 16 * 1024**2
-# The protocol's datatypes as numpy's, little-endian as the binary extension sends them; BYTES has no numpy type.
-_DTYPES = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-_BYTES = "BYTES"
-# What each input may be sent as: the first is the one the model's metadata names.
-_ACCEPTED = {"IMAGE": ("FP32", "INT16"), "AFFINE": ("FP64", "FP32")}
-_EXTENSIONS = ["binary_tensor_data"]
 
 
 class InferenceError(BaseModel):
     """The protocol's error: its reason; the status is the HTTP status."""
 
     error: str = Field(description="What was wrong, in words; never what was sent.")
-
-
-class TensorMetadata(BaseModel):
-    """One input or output of a model."""
-
-    name: str = Field(description="The tensor's name in an infer request or answer.")
-    datatype: str = Field(description="The protocol's datatype, e.g. FP32, UINT8, BYTES.")
-    shape: list[int] = Field(description="Its shape; -1 for a dimension of any length.")
-
-
-class ModelMetadata(BaseModel):
-    """A model as the protocol describes it."""
-
-    name: str = Field(description="The model's name.")
-    versions: list[str] = Field(description="Its versions served, newest first (the one asked for, with a version).")
-    platform: str = Field(description="What runs it: medserve's segmentation pipeline.")
-    inputs: list[TensorMetadata] = Field(description="What an infer request sends.")
-    outputs: list[TensorMetadata] = Field(description="What an infer answer may hold.")
-
-
-class ServerMetadata(BaseModel):
-    """The server as the protocol describes it."""
-
-    name: str = Field(description="medserve.")
-    version: str = Field(description="medserve's version.")
-    extensions: list[str] = Field(description="The protocol's extensions it speaks.")
 
 
 class _InputTensor(BaseModel):
@@ -189,11 +145,7 @@ TensorSegmentationDep = Annotated[TensorSegmentation, Depends(_tensor_segmentati
 @router.get("/v2", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
     """The server's name, version and the protocol extensions it speaks."""
-    try:
-        medserve_version = version("medserve")
-    except PackageNotFoundError:
-        medserve_version = "unknown"
-    return ServerMetadata(name="medserve", version=medserve_version, extensions=_EXTENSIONS)
+    return protocol.server_metadata()
 
 
 @router.get("/v2/health/live", responses={200: {"description": "Live (empty body)."}})
@@ -205,7 +157,7 @@ async def live() -> Response:
 @router.get("/v2/health/ready", responses={200: {"description": "Ready (empty body)."}, **_ERRORS})
 async def ready(tensors: TensorSegmentationDep) -> Response:
     """200 once every deployment answers, else 503 (the protocol reads any status but 200 as not ready)."""
-    return Response(status_code=200 if await tensors.ready() else 503)
+    return _ready_answer(await protocol.server_ready(tensors))
 
 
 @router.get("/v2/models/{name}", response_model=ModelMetadata, responses=_ERRORS)
@@ -214,9 +166,7 @@ async def model_metadata(
 ) -> ModelMetadata:
     """The model's versions, inputs and outputs (datatypes and shapes); see the documentation's Inference protocol
     page for what each tensor means."""
-    async with gatekeeper.visit(request, "models", model=name):
-        versions = [spec.version for spec in repository.versions(name)]
-        return _metadata(repository.get(name), versions, tensors)
+    return await protocol.model_metadata(request, name, None, gatekeeper, repository, tensors)
 
 
 @router.get("/v2/models/{name}/versions/{model_version}", response_model=ModelMetadata, responses=_ERRORS)
@@ -229,9 +179,7 @@ async def model_version_metadata(
     tensors: TensorSegmentationDep,
 ) -> ModelMetadata:
     """One version of the model, as ``GET /v2/models/{name}`` describes it."""
-    async with gatekeeper.visit(request, "models", model=name, version=model_version):
-        spec = repository.get(name, model_version)
-        return _metadata(spec, [spec.version], tensors)
+    return await protocol.model_metadata(request, name, model_version, gatekeeper, repository, tensors)
 
 
 @router.get("/v2/models/{name}/ready", responses={200: {"description": "Ready (empty body)."}, **_ERRORS})
@@ -239,8 +187,7 @@ async def model_ready(
     name: str, request: Request, gatekeeper: GatekeeperDep, repository: RepositoryDep, tensors: TensorSegmentationDep
 ) -> Response:
     """200 once the model's newest version and the stages it uses answer, else 503."""
-    async with gatekeeper.visit(request, "models", model=name):
-        return await _ready_answer(repository.get(name), tensors)
+    return _ready_answer(await protocol.model_ready(request, name, None, gatekeeper, repository, tensors))
 
 
 @router.get("/v2/models/{name}/versions/{model_version}/ready", responses=_ERRORS)
@@ -253,8 +200,7 @@ async def model_version_ready(
     tensors: TensorSegmentationDep,
 ) -> Response:
     """200 once this version of the model and the stages it uses answer, else 503."""
-    async with gatekeeper.visit(request, "models", model=name, version=model_version):
-        return await _ready_answer(repository.get(name, model_version), tensors)
+    return _ready_answer(await protocol.model_ready(request, name, model_version, gatekeeper, repository, tensors))
 
 
 @router.post("/v2/models/{name}/infer", responses=_ERRORS)
@@ -262,14 +208,13 @@ async def infer(
     name: str,
     request: Request,
     gatekeeper: GatekeeperDep,
-    segmentation: SegmentationDep,
     tensors: TensorSegmentationDep,
     stat: bool = False,
 ) -> Response:
     """Segment one volume with the model's newest version: inputs IMAGE (FP32 or INT16, [1, I, J, K]) and AFFINE
     (FP64, [4, 4]), as JSON data or binary data (``Inference-Header-Content-Length``); outputs MASK (UINT8,
     [1, I, J, K]), LABEL_VALUES, LABEL_NAMES and LABEL_VOLUMES_ML. ``?stat=true``: as for a study."""
-    return await _infer(request, name, None, stat, gatekeeper, segmentation, tensors)
+    return await _infer(request, name, None, stat, gatekeeper, tensors)
 
 
 @router.post("/v2/models/{name}/versions/{model_version}/infer", responses=_ERRORS)
@@ -278,12 +223,11 @@ async def infer_with_version(
     model_version: str,
     request: Request,
     gatekeeper: GatekeeperDep,
-    segmentation: SegmentationDep,
     tensors: TensorSegmentationDep,
     stat: bool = False,
 ) -> Response:
     """Segment one volume with one version of the model; the tensors as for ``/v2/models/{name}/infer``."""
-    return await _infer(request, name, model_version, stat, gatekeeper, segmentation, tensors)
+    return await _infer(request, name, model_version, stat, gatekeeper, tensors)
 
 
 @router.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
@@ -294,30 +238,8 @@ async def unknown_route(path: str, request: Request) -> Response:
     raise RouteNotFound("no such route of the inference protocol; see /docs for the API")
 
 
-async def _ready_answer(spec: ModelSpec, tensors: TensorSegmentation) -> Response:
-    tensors.signature(spec)  # 422 for a model that does not segment volumes
-    return Response(status_code=200 if await tensors.model_ready(spec) else 503)
-
-
-def _metadata(spec: ModelSpec, versions: list[str], tensors: TensorSegmentation) -> ModelMetadata:
-    signature = tensors.signature(spec)
-    return ModelMetadata(
-        name=spec.name,
-        versions=versions,
-        platform="medserve_segmentation",
-        inputs=[_tensor_metadata(t, _ACCEPTED[t.name][0]) for t in signature.inputs],
-        outputs=[_tensor_metadata(t) for t in signature.outputs],
-    )
-
-
-def _tensor_metadata(tensor: TensorSpec, datatype: str | None = None) -> TensorMetadata:
-    return TensorMetadata(name=tensor.name, datatype=datatype or _datatype_of(tensor), shape=list(tensor.shape))
-
-
-def _datatype_of(tensor: TensorSpec) -> str:
-    if tensor.dtype is None:
-        return _BYTES
-    return next(name for name, dtype in _DTYPES.items() if dtype == tensor.dtype.newbyteorder("<"))
+def _ready_answer(ready: bool) -> Response:
+    return Response(status_code=200 if ready else 503)
 
 
 class _InferBody:
@@ -343,7 +265,7 @@ class _InferBody:
         if len(header) > _MAX_JSON_BYTES:
             raise _json_too_large()
         self.parsed = _parse(header)
-        return _volume_of(self.parsed, binary)
+        return protocol.volume_of(_inputs_of(self.parsed, binary))
 
 
 def _json_too_large() -> PayloadTooLarge:
@@ -375,52 +297,26 @@ def _parse(header: memoryview) -> _InferRequest:
         raise InvalidTensor(f"the inference request's JSON is invalid ({problems[:500]})") from None
 
 
-def _volume_of(parsed: _InferRequest, binary: memoryview) -> VolumeTensors:
-    """The IMAGE and AFFINE of a request, from its JSON data or its binary data (in the inputs' order)."""
-    names = [tensor.name for tensor in parsed.inputs]
-    if sorted(names) != sorted(_ACCEPTED):
-        raise InvalidTensor(f"the inputs are {', '.join(_ACCEPTED)}, each once; the request has {names[:8]}")
-    arrays, offset = {}, 0
+def _inputs_of(parsed: _InferRequest, binary: memoryview) -> list[InputTensor]:
+    """The request's inputs, each with its JSON data or its slice of the binary data (in the inputs' order)."""
+    inputs, offset = [], 0
     for tensor in parsed.inputs:
-        arrays[tensor.name], offset = _array_of(tensor, binary, offset)
+        size = tensor.parameters.get("binary_data_size")
+        if size is None:
+            if tensor.data is None:
+                raise InvalidTensor(f"{tensor.name[:64]} has neither JSON data nor binary_data_size")
+            inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), values=tensor.data))
+            continue
+        if tensor.data is not None:
+            raise InvalidTensor(f"{tensor.name[:64]} has both JSON data and binary data")
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InvalidTensor(f"{tensor.name[:64]}'s binary_data_size must be a length within the body's binary data")
+        raw = binary[offset : offset + size]
+        inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), raw=raw))
+        offset += size
     if offset != len(binary):
         raise InvalidTensor(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
-    image = arrays["IMAGE"]
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise InvalidTensor(f"IMAGE has shape {list(image.shape)}; one volume [1, I, J, K] is taken")
-    if arrays["AFFINE"].shape != (4, 4):
-        raise InvalidTensor(f"AFFINE has shape {list(arrays['AFFINE'].shape)}; [4, 4] is taken")
-    return VolumeTensors(image=image[0], affine=arrays["AFFINE"].astype(np.float64))
-
-
-def _array_of(tensor: _InputTensor, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
-    """One input's array and where the next input's binary data begins."""
-    accepted = _ACCEPTED[tensor.name]
-    if tensor.datatype not in accepted:
-        raise InvalidTensor(f"{tensor.name} is sent as {' or '.join(accepted)}, not {tensor.datatype[:16]}")
-    dtype, shape = _DTYPES[tensor.datatype], tuple(tensor.shape)
-    if any(n < 0 for n in shape):
-        raise InvalidTensor(f"{tensor.name}'s shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
-    size = tensor.parameters.get("binary_data_size")
-    if size is not None:
-        if tensor.data is not None:
-            raise InvalidTensor(f"{tensor.name} has both JSON data and binary data")
-        if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
-            raise InvalidTensor(
-                f"{tensor.name}'s binary_data_size must be {count * dtype.itemsize} bytes for its shape and "
-                "datatype, within the body's binary data"
-            )
-        return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape), offset + size
-    if tensor.data is None:
-        raise InvalidTensor(f"{tensor.name} has neither JSON data nor binary_data_size")
-    try:
-        array = np.asarray(tensor.data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidTensor(f"{tensor.name}'s JSON data are not {tensor.datatype} numbers") from None
-    if array.size != count:
-        raise InvalidTensor(f"{tensor.name} has {array.size} elements of data for shape {list(shape)}")
-    return array.reshape(shape), offset
+    return inputs
 
 
 async def _infer(
@@ -429,46 +325,36 @@ async def _infer(
     model_version: str | None,
     stat: bool,
     gatekeeper: GatekeeperDep,
-    segmentation: SegmentationService,
     tensors: TensorSegmentation,
 ) -> Response:
-    visiting = gatekeeper.visit(request, "infer", model=name, version=model_version, stat=stat, admit=True)
-    async with visiting as visit:
-        body = _InferBody(request)
-        segmented = await tensors.segment(visit, name, body.read, result_path(request, visit.request_id))
-        metrics.observe_segment(request, name, segmented.answer.timings_ms.model_dump())
-        return _answer(segmented, body.parsed, tensors)
+    body = _InferBody(request)
+    return await protocol.infer(
+        request,
+        name,
+        model_version,
+        stat,
+        gatekeeper,
+        tensors,
+        body.read,
+        lambda result_id: result_path(request, result_id),
+        lambda segmented: _answer(segmented, body.parsed, tensors),
+    )
 
 
 def _answer(segmented: VolumeSegmentation, parsed: _InferRequest, tensors: TensorSegmentation) -> Response:
     """The infer answer: the outputs asked for (all of them when none is named), each as JSON or binary data."""
     answer = segmented.answer
-    values = {
-        "MASK": segmented.mask[np.newaxis],
-        "LABEL_VALUES": segmented.label_values,
-        "LABEL_NAMES": segmented.label_names,
-        "LABEL_VOLUMES_ML": segmented.label_volumes_ml,
-    }
-    spec = tensors.segmentation.repository.get(answer.model.name, answer.model.version)
-    specs = {t.name: t for t in tensors.signature(spec).outputs}
     binary_default = _flag(parsed.parameters, "binary_data_output")
-    requested = parsed.outputs if parsed.outputs is not None else [_RequestedOutput(name=n) for n in values]
+    requested = None if parsed.outputs is None else [RequestedOutput(o.name, o.parameters) for o in parsed.outputs]
     outputs, blobs = [], []
-    for output in requested:
-        if output.name not in values:
-            raise InvalidTensor(f"the outputs are {', '.join(values)}; there is no {output.name[:64]!r}")
-        if "classification" in output.parameters:
-            raise InvalidTensor("the classification extension is not supported: ask for the outputs themselves")
-        datatype = _datatype_of(specs[output.name])
-        entry: dict[str, Any] = {"name": output.name, "datatype": datatype}
-        value = values[output.name]
-        entry["shape"] = [len(value)] if datatype == _BYTES else list(value.shape)
+    for output in protocol.outputs_of(segmented, requested, tensors):
+        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
         if output.parameters.get("binary_data", binary_default):
-            raw = _bytes_data(value) if datatype == _BYTES else np.ascontiguousarray(value, _DTYPES[datatype]).data
-            entry["parameters"] = {"binary_data_size": len(raw) if isinstance(raw, bytes) else raw.nbytes}
+            raw = protocol.raw_data(output)
+            entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = list(value) if datatype == _BYTES else value.ravel().tolist()
+            entry["data"] = _json_data(output)
         outputs.append(entry)
     document: dict[str, Any] = {
         "model_name": answer.model.name,
@@ -488,14 +374,12 @@ def _answer(segmented: VolumeSegmentation, parsed: _InferRequest, tensors: Tenso
     )
 
 
+def _json_data(output: OutputTensor) -> list:
+    return list(output.value) if output.datatype == BYTES else np.asarray(output.value).ravel().tolist()
+
+
 def _flag(parameters: dict[str, Any], name: str) -> bool:
     value = parameters.get(name, False)
     if not isinstance(value, bool):
         raise InvalidTensor(f"the parameter {name} is true or false")
     return value
-
-
-def _bytes_data(strings: list[str]) -> bytes:
-    """BYTES elements as the binary extension sends them: each one's length (4 bytes, little-endian), then it."""
-    encoded = [s.encode() for s in strings]
-    return b"".join(struct.pack("<I", len(e)) + e for e in encoded)

@@ -31,8 +31,8 @@ _WSI_JOB_BODY = {
     openapi_extra=_WSI_JOB_BODY,
 )
 async def submit_wsi_job(request: Request, gatekeeper: GatekeeperDep, wsi_jobs: WsiJobsDep) -> WsiJobStatus:
-    """Start a job (``WsiJobRequest``): slides on shared storage through a tile classifier (see the README, WSI
-    jobs)."""
+    """Start a job (``WsiJobRequest``): slides on shared storage, or DICOM WSI series on a configured PACS, through a
+    tile classifier (docs/wsi.md)."""
     job_id = uuid.uuid4().hex
     async with gatekeeper.visit(request, "wsi-submit", result_id=job_id) as visit:
         job = await json_body(request, WsiJobRequest)
@@ -72,7 +72,8 @@ async def cancel_wsi_job(
 async def wsi_output(
     job_id: str, slide_index: int, output: str, request: Request, gatekeeper: GatekeeperDep, wsi_jobs: WsiJobsDep
 ) -> FileResponse:
-    """One slide's overlay.png, tissue.png, tiles.geojson (QuPath) or summary.json."""
+    """One slide's overlay.png, tissue.png, tiles.geojson (QuPath), summary.json or annotations.dcm (DICOM
+    Microscopy Bulk Simple Annotations, for a slide read from DICOM WSI)."""
     async with gatekeeper.visit(request, "wsi-output", result_id=job_id) as visit:
         path = await asyncio.to_thread(wsi_jobs.output, job_id, visit.tenant_id, slide_index, output)
     return FileResponse(path, media_type=SLIDE_OUTPUTS[output], filename=output)

@@ -256,13 +256,15 @@ def _deploy(config: AppConfig) -> str:
 
     # A drain that a `medserve down` began and did not finish must not hold the new deployment's replicas.
     DrainOrder(config).clear()
-    serve.start(**config.http.serve_start_options())
+    serve.start(**config.http.serve_start_options(), **config.grpc.serve_start_options())
     repository = read_checked_repository(config)
     print(f"medserve: deploying {config.name}, waiting until it is ready")
     serve.run(build_app(config, repository), name=config.name, route_prefix="/", blocking=False)
     url = f"http://{config.http.host}:{config.http.port}"
     wait_until_ready(url, timeout_s=300)
     print(f"medserve is up at {url}  (models: {url}/v1/models)")
+    if config.grpc.enabled:
+        print(f"medserve's gRPC inference service is at {config.http.host}:{config.grpc.port}")
     for spec in repository:
         print(f"  {spec.name} {spec.version} ({spec.source})")
     for refused in repository.refused:

@@ -146,14 +146,22 @@ def _print_slides(job: dict) -> None:
     )
     for index, slide in enumerate(job["slides"]):
         if slide["state"] == "failed":
-            print(f"  slide {index} ({Path(slide['slide']).name}): failed: {slide['error']}", file=sys.stderr)
+            print(f"  slide {index} ({_slide_name(slide['slide'])}): failed: {slide['error']}", file=sys.stderr)
         elif slide["summary"]:
             s = slide["summary"]
             print(
-                f"  slide {index} ({Path(slide['slide']).name}): {s['tiles_tissue']:,} tissue tiles, "
+                f"  slide {index} ({_slide_name(slide['slide'])}): {s['tiles_tissue']:,} tissue tiles, "
                 f"{s['tiles_positive']:,} positive, tumour {s['tumour_area_mm2']:.2f} mm²  -> {slide['key']}/",
                 file=sys.stderr,
             )
+
+
+def _slide_name(slide: str | dict) -> str:
+    """A slide file's name, or, for a slide on a PACS ({"pacs", "study_instance_uid", "series_instance_uid"}), its
+    PACS and series."""
+    if isinstance(slide, dict):
+        return f"PACS {slide['pacs']} series {slide['series_instance_uid']}"
+    return Path(slide).name
 
 
 def _status(args) -> int:

@@ -37,6 +37,8 @@ __all__ = [
     "ConfigError",
     "DeploymentConfig",
     "DeploymentsConfig",
+    "GRPC_SERVICER_FUNCTION",
+    "GrpcConfig",
     "HttpConfig",
     "LimitsConfig",
     "ModelDeploymentConfig",
@@ -299,6 +301,13 @@ class WsiConfig(StrictModel):
         16, ge=1, le=4096, description="Work units one job keeps sent to the tile model's replicas: its backlog."
     )
     slides_in_flight: int = Field(4, ge=1, le=256, description="Slides one job reads at once.")
+    job_drivers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Long-lived Ray actors that run WSI jobs, started with the application: each runs several "
+        "jobs at once, so a job starts without starting a process.",
+    )
     chunk_attempts: int = Field(
         3, ge=1, le=20, description="Tries of a work unit whose replica died, before its slide fails."
     )
@@ -391,6 +400,45 @@ class HttpConfig(StrictModel):
             "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
         }
+
+
+GRPC_SERVICER_FUNCTION = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+"""What registers the Open Inference Protocol's gRPC service (``inference.GRPCInferenceService``) with Serve's gRPC
+servers: the stubs NVIDIA's tritonclient ships, compiled from the protocol's own grpc_service.proto."""
+
+
+class GrpcConfig(StrictModel):
+    """The Open Inference Protocol over gRPC (KServe v2's ``inference.GRPCInferenceService``, which tritonclient.grpc
+    calls), served by Ray Serve's gRPC ingress beside the HTTP API (docs: Inference protocol)."""
+
+    enabled: bool = Field(
+        False,
+        description="Whether the gRPC service is served. Off (the default): no gRPC port is opened. It takes effect "
+        "when Serve starts on the cluster (`medserve up` on a fresh cluster), as Serve's gRPC options do.",
+    )
+    port: int = Field(
+        9000,
+        ge=1,
+        le=65535,
+        description="Port the gRPC service listens on, at http.host: Ray's ingress binds its HTTP and gRPC ports "
+        "on one address.",
+    )
+    max_receive_message_length: int = Field(
+        2**31 - 1,
+        ge=4 * 1024**2,
+        le=2**31 - 1,
+        description="Bytes of the largest message an ingress replica's gRPC server takes (a ModelInfer request, its "
+        "volume in it); a larger one is refused RESOURCE_EXHAUSTED before medserve reads it. The default, 2 GiB - 1, "
+        "is protobuf's largest message: a 512x512x2000 CT in int16 is 1 GiB. The upload limit "
+        "(limits.max_upload_bytes, or the tenant's) applies to the message as to an HTTP body.",
+    )
+
+    def serve_start_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve.start`` (with ``HttpConfig.serve_start_options``'): Serve's gRPC options
+        with the inference service; none while the service is off, so that Serve opens no gRPC port."""
+        if not self.enabled:
+            return {}
+        return {"grpc_options": {"port": self.port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]}}
 
 
 def is_loopback(host: str) -> bool:
@@ -532,6 +580,9 @@ class AppConfig(StrictModel):
     reading: ReadingConfig = Field(ReadingConfig(), description="How preprocessing replicas read studies.")
     storage: StorageConfig = Field(StorageConfig(), description="Where uploads and results are kept.")
     http: HttpConfig = Field(HttpConfig(), description="Where the API listens.")
+    grpc: GrpcConfig = Field(
+        GrpcConfig(), description="The Open Inference Protocol over gRPC; off unless enabled (docs: Inference protocol)"
+    )
     ray: RayConfig = Field(RayConfig(), description="The Ray cluster `medserve up` starts on this node.")
     gpu_sharing: Literal["time-slicing", "mps"] = Field(
         "time-slicing",
@@ -662,6 +713,13 @@ class AppConfig(StrictModel):
                 f"{self.http.port} could send studies, list every WSI job and download every result without a key. "
                 "Configure tenants (medserve tenant-key), listen on 127.0.0.1, or set http.allow_open: true to "
                 "accept that risk"
+            )
+        if self.open_server and self.grpc.enabled and not self.http.allow_open:
+            return (
+                "grpc.enabled is true but no tenants are configured: Ray 2.60's Serve proxy binds its gRPC port "
+                "(grpc.port, or the fallback proxy's 9500 behind HAProxy) to every interface, whatever http.host says, "
+                "so anyone who reaches it could send volumes and read masks without a key. Configure tenants "
+                "(medserve tenant-key), or set http.allow_open: true to accept that risk"
             )
         return None
 

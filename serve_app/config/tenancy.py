@@ -98,6 +98,13 @@ class SchedulingConfig(StrictModel):
         description="An ingress replica renews its requests' counts every quarter of this; counts it stops "
         "renewing (it died mid-request) are given back after this long. Longer than any pause of a live replica.",
     )
+    gate_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Seconds an ingress replica waits for the tenant gate to count a request in before it refuses "
+        "the request with 503 and Retry-After (the gate lost or stuck), and stops asking it until it answers again.",
+    )
 
 
 class AuditConfig(StrictModel):

@@ -4,7 +4,7 @@ The listener's path, file by file:
 
 config.py     the ``dicom_network``, ``routes`` and ``destinations`` config sections, checked against the rest
 listener.py   ``DicomListener``: the pynetdicom SCP (C-ECHO, C-STORE), association control, TCP_NODELAY
-inbox.py      ``Inbox``: each instance on disk (fsynced) before Success, one folder per series, re-sends idempotent
+inbox.py      ``Inbox``: each instance durable (bytes and name) before Success, a folder per series, re-sends idempotent
 series.py     ``SeriesBook``: series complete after ``stable_after_s``; their state, kept across restarts
 routing.py    ``match_routes``: which routes (models) take a complete series
 node.py       ``DicomNode``: all of it together, calling a ``SeriesProcessor`` per routed series

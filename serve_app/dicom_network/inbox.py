@@ -1,11 +1,12 @@
-"""The inbox: every instance received, on disk (fsynced) before its C-STORE is answered Success.
+"""The inbox: every instance received, on disk (flushed, its name too) before its C-STORE is answered Success.
 
 One folder per series, ``<root>/<tenant>/<series key>/``, one file per instance, ``<instance key>.dcm``, written as
 the sender encoded it (Part 10, no decoding and re-encoding). Keys are hashes of the UIDs: a UID is the sender's
 text and never becomes a path. An instance already on disk is not written again, so a re-send is idempotent.
 
-Durability, in the order a crash could interrupt it: the bytes go to a temporary file that is fsynced, renamed to
-the instance's name, and the folder is fsynced so that the name survives too. A crash before the rename leaves a
+Durability, in the order a crash could interrupt it: the bytes are copied from the listener's receiving file to a
+temporary file that is flushed (``fdatasync``), renamed to the instance's name, and the folder is fsynced so that the
+name survives too. A crash before the rename leaves a
 ``.partial`` file that ``Inbox`` deletes at start; after it, the instance is whole.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_app.dicom_network.durable import PARTIAL_SUFFIX, fsync_folder, write_durably
+from serve_app.dicom_network.durable import PARTIAL_SUFFIX, copy_durably, fsync_folder
 from serve_app.storage import private_folder
 
 __all__ = ["INSTANCE_SUFFIX", "Inbox", "ReceivedInstance", "uid_key"]
@@ -37,14 +38,14 @@ class ReceivedInstance:
     Args:
         tenant: the tenant of the called AE title.
         study_instance_uid, series_instance_uid, sop_instance_uid: from its header.
-        encoded: the Part-10 file as received (preamble, file meta and data set).
+        received: the Part-10 file as received (preamble, file meta and data set), which is copied.
     """
 
     tenant: str
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
-    encoded: bytes
+    received: Path
 
 
 class Inbox:
@@ -76,7 +77,7 @@ class Inbox:
         final = folder / f"{uid_key(instance.sop_instance_uid)}{INSTANCE_SUFFIX}"
         if final.exists():
             return False
-        write_durably(final, instance.encoded)
+        copy_durably(final, instance.received)
         return True
 
     def series_folders(self) -> Iterator[tuple[str, Path]]:

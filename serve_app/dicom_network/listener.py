@@ -3,13 +3,16 @@
 Association control: an association names a called AE title of ``dicom_network.ae_titles`` and a calling AE
 title (and address) that title allows, or it is rejected (PS3.8 A-ASSOCIATE-RJ: called or calling AE title not
 recognised) and audited: AE titles and the peer's address only, nothing of a patient. More than
-``limits.max_associations`` at once are rejected as transient (local limit exceeded).
+``limits.max_associations`` at once are rejected as transient (local limit exceeded), and so is an association to
+a tenant whose inbox is full (``has_room``): a sender that keeps opening associations costs a refusal each.
 
-A C-STORE of a SOP class medserve stores (``STORED_SOP_CLASSES``: what the segmentation path reads) is handed,
-as the bytes the sender encoded, to ``receive``, which stores it durably before the listener answers Success;
-another SOP class is answered 0122 (SOP class not supported), a data set that is not DICOM C000 (cannot
-understand), one without its UIDs A900 (data set does not match SOP class), one over ``limits.max_instance_bytes``
-A700 (out of resources), and whatever ``receive`` refuses with its status (A700 when the tenant's inbox is full).
+A C-STORE of a SOP class medserve stores (``STORED_SOP_CLASSES``: what the segmentation path reads) is handed, as
+the file the sender's bytes were received into (the data set as it encoded it), to ``receive``, which stores it
+durably before the listener answers Success; another SOP class is answered 0122 (SOP class not supported), a data
+set that is not DICOM C000 (cannot understand), one without its UIDs A900 (data set does not match SOP class), one
+over ``limits.max_instance_bytes`` A700 (out of resources), and whatever ``receive`` refuses with its status. While
+the tenant's inbox is full a C-STORE is answered A700 before its data set is read: a flood of instances past the
+limit costs neither a parse nor a write, and the listener's other associations are not slowed by it.
 
 pynetdicom receives each data set into a temporary file (``STORE_RECV_CHUNKED_DATASET``, 0600, deleted once
 answered), not into memory: many associations sending large instances at once hold no more than a PDU each.
@@ -20,7 +23,6 @@ back until the sender's delayed ACK (about 40 ms an instance).
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 import threading
@@ -28,6 +30,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pydicom
 from pydicom import uid
@@ -64,9 +67,12 @@ _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # The largest PDU a sender may send: pynetdicom's default (16 kB) cuts a 512x512 slice into 32 PDUs, each a pass
 # through its reactor (a fifth more time per instance); 1 MiB takes one in one, and bounds what one read holds.
 _MAX_PDU_BYTES = 1 << 20
+_INBOX_FULL = "tenant's inbox is full"  # the refusal's reason, as the node's receive says it too
 # A-ASSOCIATE-RJ (result, source, reason): permanent, by the service user.
 _CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 _CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+# A-ASSOCIATE-RJ: transient, by the service provider (presentation related): local limit exceeded.
+_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 
 
 def _decodable_syntaxes() -> list[str]:
@@ -92,14 +98,17 @@ class Arrival:
         tenant: the tenant of the called AE title.
         called_ae_title, calling_ae_title: the association's.
         header: its data set without pixel data (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID present).
-        encoded: the Part-10 file, the data set as the sender encoded it.
+        received: the Part-10 file, the data set as the sender encoded it (the listener's receiving file: valid
+            until the C-STORE is answered).
+        size: its bytes.
     """
 
     tenant: str
     called_ae_title: str
     calling_ae_title: str
     header: pydicom.Dataset
-    encoded: bytes
+    received: Path
+    size: int
 
 
 @dataclass
@@ -121,10 +130,18 @@ class DicomListener:
         receive: stores an ``Arrival`` durably, or raises ``InstanceRefused``; True if it was new, False if it was
             on disk already (a re-send).
         audit: where rejected associations and each association's outcome are recorded.
+        has_room: whether a tenant's inbox takes more instances now; while it does not, its C-STOREs are answered
+            A700 unread and its new associations are rejected (transient).
     """
 
-    def __init__(self, config: DicomNetworkConfig, receive: Callable[[Arrival], bool], audit: AuditLog):
-        self.config, self._receive, self._audit = config, receive, audit
+    def __init__(
+        self,
+        config: DicomNetworkConfig,
+        receive: Callable[[Arrival], bool],
+        audit: AuditLog,
+        has_room: Callable[[str], bool] = lambda tenant: True,
+    ):
+        self.config, self._receive, self._audit, self._has_room = config, receive, audit, has_room
         # Process-wide in pynetdicom: a replica's only SCP is this listener, and an SCU never receives a data set.
         _config.STORE_RECV_CHUNKED_DATASET = True
         self._sessions: dict[int, _Session] = {}
@@ -179,11 +196,13 @@ class DicomListener:
         called, calling = request.called_ae_title.strip(), request.calling_ae_title.strip()
         peer = assoc.requestor.address
         title = self.config.ae_titles.get(called)
-        rejection = None
+        rejection, tenant = None, None
         if title is None:
             rejection, reason = _CALLED_AE_NOT_RECOGNISED, "called AE title not recognised"
         elif not title.allows(calling, peer):
             rejection, reason = _CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed from this address"
+        elif not self._has_room(tenant := title.tenant or ANONYMOUS_TENANT):
+            rejection, reason = _LOCAL_LIMIT_EXCEEDED, _INBOX_FULL
         if rejection is not None:
             self._audit.write(
                 {
@@ -191,6 +210,7 @@ class DicomListener:
                     "route": "dicom-association",
                     "outcome": "rejected",
                     "reason": reason,
+                    **({"tenant": tenant} if tenant is not None else {}),
                     "called_ae_title": called,
                     "calling_ae_title": calling,
                     "peer": peer,
@@ -201,11 +221,15 @@ class DicomListener:
             return
         assoc.acceptor.ae_title = called
         with self._lock:
-            self._sessions[id(assoc)] = _Session(title.tenant or ANONYMOUS_TENANT, called, calling, peer)
+            self._sessions[id(assoc)] = _Session(tenant, called, calling, peer)
 
     def _on_store(self, event) -> int:
         session = self._sessions[id(event.assoc)]
         try:
+            if event.request.AffectedSOPClassUID not in STORED_SOP_CLASSES:
+                raise InstanceRefused("SOP class not stored", DimseStatus.SOP_CLASS_NOT_SUPPORTED)
+            if not self._has_room(session.tenant):
+                raise InstanceRefused(_INBOX_FULL, DimseStatus.OUT_OF_RESOURCES)
             arrival = self._arrival(event, session)
             outcome = "stored" if self._receive(arrival) else "duplicate"
             status = DimseStatus.SUCCESS
@@ -220,14 +244,12 @@ class DicomListener:
 
     def _arrival(self, event, session: _Session) -> Arrival:
         sop_class = event.request.AffectedSOPClassUID
-        if sop_class not in STORED_SOP_CLASSES:
-            raise InstanceRefused("SOP class not stored", DimseStatus.SOP_CLASS_NOT_SUPPORTED)
         received = event.dataset_path
-        if received.stat().st_size > self.config.limits.max_instance_bytes:
+        size = received.stat().st_size
+        if size > self.config.limits.max_instance_bytes:
             raise InstanceRefused("instance larger than the node's limit", DimseStatus.OUT_OF_RESOURCES)
-        encoded = received.read_bytes()
         try:
-            header = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            header = pydicom.dcmread(received, stop_before_pixels=True)
             uids = [str(header.get(keyword) or "").strip() for keyword in _REQUIRED_UIDS]
             header_sop_class = header.get("SOPClassUID")
         except Exception:  # pydicom raises anything on a stream that is not DICOM
@@ -240,7 +262,7 @@ class DicomListener:
             raise InstanceRefused(
                 "data set is not of the SOP class sent", DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
             )
-        return Arrival(session.tenant, session.called_ae_title, session.calling_ae_title, header, encoded)
+        return Arrival(session.tenant, session.called_ae_title, session.calling_ae_title, header, received, size)
 
     def _on_closed(self, event) -> None:
         with self._lock:

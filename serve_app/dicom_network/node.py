@@ -68,7 +68,7 @@ class DicomNode:
             self.network.delivery_attempts, self.network.delivery_first_retry_s, self.network.delivery_max_retry_s
         )
         self.outbox = Outbox(folder / "outbox", Destinations(config.destinations, config.pacs).deliver, retry)
-        self.listener = DicomListener(self.network, self._receive, audit)
+        self.listener = DicomListener(self.network, self._receive, audit, self._has_room)
         self._workers = ThreadPoolExecutor(self.network.processing_workers, thread_name_prefix="medserve-series")
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="medserve-series-watch", daemon=True)
@@ -97,10 +97,14 @@ class DicomNode:
         self._workers.shutdown(wait=True)
         self.outbox.stop()
 
-    def _receive(self, arrival: Arrival) -> bool:
+    def _has_room(self, tenant: str) -> bool:
+        """Whether ``tenant``'s instances received and not yet processed are under its limits."""
         limits = self.network.limits
-        instances, size = self.book.pending(arrival.tenant)
-        if instances >= limits.max_inbox_instances_per_tenant or size >= limits.max_inbox_bytes_per_tenant:
+        instances, size = self.book.pending(tenant)
+        return instances < limits.max_inbox_instances_per_tenant and size < limits.max_inbox_bytes_per_tenant
+
+    def _receive(self, arrival: Arrival) -> bool:
+        if not self._has_room(arrival.tenant):  # filled by another association since the listener looked
             raise InstanceRefused("tenant's inbox is full", DimseStatus.OUT_OF_RESOURCES)
         header = arrival.header
         record = SeriesRecord(
@@ -113,11 +117,11 @@ class DicomNode:
         )
         folder = self.book.open(record)
         instance = ReceivedInstance(
-            arrival.tenant, header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID, arrival.encoded
+            arrival.tenant, header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID, arrival.received
         )
         if not self.book.inbox.store(instance):
             return False
-        self.book.arrived(folder, len(arrival.encoded))
+        self.book.arrived(folder, arrival.size)
         return True
 
     def _watch(self) -> None:

@@ -3,7 +3,8 @@
 The node calls its processor from a worker thread; the segmentation service is asynchronous and runs on the
 replica's event loop, so each call is handed to that loop and waited for. Each series is a request like any other:
 the gatekeeper counts it against its tenant's quotas (the tenant of the AE title it was sent to) and writes its
-audit line (route ``dicom``), the stages' deployments run the route's model (the version it names, else the
+audit line (route ``dicom``; the stages' seconds are observed in the same latency histogram as an HTTP request's,
+with the route label ``dicom``), the stages' deployments run the route's model (the version it names, else the
 newest), and the result is kept in the result store, where ``GET /v1/results/{id}`` finds it. Its DICOM SEG and SR
 are built there and handed to the outbox.
 """
@@ -19,6 +20,7 @@ from serve_app.dicom_network.outbox import SeriesResult
 from serve_app.dicom_network.routing import Route
 from serve_app.dicom_network.series import CompletedSeries
 from serve_app.errors import ReplicaLost, ServiceBusy, TooManyRequests
+from serve_app.observability import metrics
 from serve_app.results import ResultStore
 from serve_app.segmentation.service import SegmentationService
 from serve_app.studies.upload import UploadBudget
@@ -26,7 +28,7 @@ from serve_app.tenancy.gatekeeper import Gatekeeper
 
 __all__ = ["SegmentationProcessor", "copied_series"]
 
-_ROUTE = "dicom"  # the audit line's route of a series that came by C-STORE
+_ROUTE = "dicom"  # the route of a series that came by C-STORE: its audit line's, its latency metrics' label
 # A series over its tenant's rate, or finding the stages busy, waits as told and tries again, this many times at most.
 _TRIES = 20
 _RETRY_LATER = (TooManyRequests, ServiceBusy, ReplicaLost)
@@ -94,6 +96,7 @@ class SegmentationProcessor:
         async with visit_of as visit:
             path = f"/v1/results/{visit.request_id}"
             answer = await self.segmentation.segment(visit, route.model, copied_series(series.files), path)
+        metrics.observe_stages(_ROUTE, route.model, record.tenant, answer.timings_ms.model_dump())
         seg = await asyncio.to_thread(self.results.seg_path, answer.result_id, record.tenant)
         sr = await asyncio.to_thread(self.results.sr_path, answer.result_id, record.tenant)
         return SeriesResult(

@@ -9,6 +9,10 @@ Every Ray process authenticates with Ray's token (``RAY_AUTH_MODE=token``), read
 ``cluster.ray_auth_token_secret``; only the API's port (and the DICOM node's) is open to other namespaces; pods run
 as Ray's image user, without privileges.
 
+With ``grpc.enabled``, every pod's container exposes the gRPC port of Serve's ingress (the Open Inference Protocol's
+gRPC service), the NetworkPolicy opens it as it does the API's, and a Service ``<name>-grpc`` routes to the pods
+whose Serve ingress is ready (KubeRay's ``ray.io/serve`` label), as KubeRay's own serve Service does for HTTP.
+
 With a ``dicom_network`` section, the DICOM node's one replica is pinned to the head pod (a resource only the head
 has), whose container exposes the DICOM port, and a Service ``<name>-dicom`` of type LoadBalancer takes a PACS's
 associations to it: the head is the pod that stays (with ``gcsFaultToleranceOptions`` it is restarted in place).
@@ -79,6 +83,8 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
     # dashboard (the operator deploys the Serve config through it) and the API. Not the Ray Client server's 10001.
     head_ports = {"gcs-server": _GCS_PORT, "dashboard": _DASHBOARD_PORT, "serve": serve_port, "metrics": _METRICS_PORT}
     worker_ports = {"serve": serve_port, "metrics": _METRICS_PORT}
+    if config.grpc.enabled:
+        head_ports["grpc"] = worker_ports["grpc"] = config.grpc.port
     head_start = {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
     if config.dicom_network is not None:
         head_ports["dicom"] = config.dicom_network.port
@@ -131,7 +137,22 @@ def kuberay_manifests(config: AppConfig) -> list[dict]:
         },
     }
     dicom = [_dicom_service(config)] if config.dicom_network is not None else []
-    return [secret, claim, _network_policy(config), service, *dicom]
+    grpc = [_grpc_service(config)] if config.grpc.enabled else []
+    return [secret, claim, _network_policy(config), service, *dicom, *grpc]
+
+
+def _grpc_service(config: AppConfig) -> dict:
+    """The gRPC service's Service: its port on every pod whose Serve ingress is ready (KubeRay labels them
+    ``ray.io/serve: "true"``), inside the cluster; expose it further as the API's serve Service is."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{config.name}-grpc", "labels": _labels(config)},
+        "spec": {
+            "selector": {**_labels(config), "ray.io/serve": "true"},
+            "ports": [{"name": "grpc", "protocol": "TCP", "port": config.grpc.port, "targetPort": "grpc"}],
+        },
+    }
 
 
 def _dicom_service(config: AppConfig) -> dict:
@@ -152,14 +173,15 @@ def _dicom_service(config: AppConfig) -> dict:
 
 
 def _network_policy(config: AppConfig) -> dict:
-    """Ingress to the cluster's pods: the API's port (and the DICOM node's) from anywhere; every port (Ray's GCS,
-    raylets, object transfers, workers) only from the cluster's own pods; the dashboard from KubeRay's operator;
-    metrics from ``cluster.metrics_scrape_namespace``. Pods are selected by the labels of medserve's pod templates,
-    which every RayCluster of the RayService keeps (KubeRay's ``ray.io/cluster`` label changes with each new
-    cluster)."""
+    """Ingress to the cluster's pods: the API's ports (HTTP, and gRPC where enabled) and the DICOM node's from
+    anywhere; every port (Ray's GCS, raylets, object transfers, workers) only from the cluster's own pods; the
+    dashboard from KubeRay's operator; metrics from ``cluster.metrics_scrape_namespace``. Pods are selected by the
+    labels of medserve's pod templates, which every RayCluster of the RayService keeps (KubeRay's ``ray.io/cluster``
+    label changes with each new cluster)."""
     cluster = config.cluster
     own_pods = {"matchLabels": _labels(config)}
-    public_ports = [config.http.port] + ([config.dicom_network.port] if config.dicom_network is not None else [])
+    public_ports = [config.http.port] + ([config.grpc.port] if config.grpc.enabled else [])
+    public_ports += [config.dicom_network.port] if config.dicom_network is not None else []
     rules = [
         {"ports": [{"protocol": "TCP", "port": port} for port in public_ports]},
         {"from": [{"podSelector": own_pods}]},

@@ -47,6 +47,7 @@ def serve_config(config: AppConfig, app_config_path: str | None, dicom_node_on_h
     return {
         "proxy_location": config.http.proxy_location,
         "http_options": {"host": "0.0.0.0", "port": config.http.port},
+        **config.grpc.serve_start_options(),  # Serve's gRPC options, where the gRPC service is enabled
         "applications": [application],
     }
 

@@ -55,9 +55,10 @@ def _request_metrics():
     )
     latency = metrics.Histogram(
         "medserve_request_duration_seconds",
-        description="Seconds a successful segment request spent in each stage, per model and tenant.",
+        description="Seconds a successful segment request spent in each stage, per model, tenant and route (the HTTP "
+        "route's template, or dicom: a series routed by the DICOM node).",
         boundaries=LATENCY_BUCKETS_S,
-        tag_keys=("stage", "model", "tenant"),
+        tag_keys=("stage", "model", "tenant", "route"),
     )
     return requests, latency
 
@@ -68,10 +69,17 @@ def record_response(route: str, method: str, code: int, tenant: str) -> None:
 
 def observe_segment(request, model: str, timings_ms: Mapping[str, float]) -> None:
     """Called by the ingress once a segment request succeeded, with the timings it returns (stage -> ms)."""
+    route = getattr(request.scope.get("route"), "path", "unmatched")  # a template, never the raw path
+    observe_stages(route, model, tenant_of(request.scope), timings_ms)
+
+
+def observe_stages(route: str, model: str, tenant: str, timings_ms: Mapping[str, float]) -> None:
+    """A successful segmentation's seconds in each stage; ``route``: an HTTP route's template, or ``dicom`` for a
+    series the DICOM node routed."""
     latency = _request_metrics()[1]
-    tenant = tenant_of(request.scope)
     for key, stage in STAGES.items():
-        latency.observe(timings_ms[key] / 1000.0, tags={"stage": stage, "model": model, "tenant": tenant})
+        tags = {"stage": stage, "model": model, "tenant": tenant, "route": route}
+        latency.observe(timings_ms[key] / 1000.0, tags=tags)
 
 
 def tenant_of(scope: dict) -> str:
@@ -95,6 +103,22 @@ def count_review(model: str | None, version: str | None, verdict: str, tenant: s
     model that made it (``unknown`` for a result stored without one), never a string the client sent."""
     tags = {"model": model or "unknown", "version": version or "unknown", "verdict": verdict, "tenant": tenant}
     _review_counter().inc(tags=tags)
+
+
+@functools.cache
+def _audit_failure_counter():
+    from ray.util import metrics
+
+    return metrics.Counter(
+        "medserve_audit_write_failures",
+        description="Audit lines that could not be written, by sink (file: the replica's audit file; stdout).",
+        tag_keys=("sink",),
+    )
+
+
+def count_audit_write_failure(sink: str) -> None:
+    """Called by the audit log when a line could not be written to ``sink`` (``file`` or ``stdout``)."""
+    _audit_failure_counter().inc(tags={"sink": sink})
 
 
 class ResponseCounter:

@@ -47,9 +47,12 @@ def prometheus_config(
     service_discovery_file: Path = RAY_SERVICE_DISCOVERY_FILE,
     gpu_exporter_port: int = Ports.gpu_exporter,
     scrape_interval: str | None = None,
+    rule_files: list[Path] | None = None,
 ) -> dict:
-    """``dashboards/prometheus.yml`` with the service-discovery file and GPU exporter port given."""
+    """``dashboards/prometheus.yml`` with the service-discovery file and GPU exporter port given, and its rule files
+    (``rule_files``, else the file's own) by absolute path: the config is written elsewhere."""
     config = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
+    config["rule_files"] = [str(p) for p in rule_files or [DASHBOARDS / f for f in config.get("rule_files", [])]]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     jobs["ray"]["file_sd_configs"] = [{"files": [str(service_discovery_file)]}]
     jobs["medserve-gpu"]["static_configs"] = [{"targets": [f"127.0.0.1:{gpu_exporter_port}"]}]

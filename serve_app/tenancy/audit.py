@@ -24,6 +24,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from serve_app.config.tenancy import AuditConfig
+from serve_app.observability.metrics import count_audit_write_failure
 from serve_app.storage import private_folder
 
 SALT_ENV = "MEDSERVE_AUDIT_SALT"
@@ -60,8 +61,8 @@ class AuditLog:
         self.logger.propagate = False  # its own handlers only: the lines must not be reformatted elsewhere
         self.logger.handlers.clear()
         for handler in (
-            RotatingFileHandler(self.path, maxBytes=settings.max_bytes, backupCount=settings.backup_count),
-            logging.StreamHandler(sys.stdout),
+            _AuditFileHandler(self.path, maxBytes=settings.max_bytes, backupCount=settings.backup_count),
+            _AuditStreamHandler(sys.stdout),
         ):
             handler.setFormatter(logging.Formatter("%(message)s"))
             self.logger.addHandler(handler)
@@ -75,3 +76,24 @@ class AuditLog:
         now = datetime.datetime.now(datetime.UTC)
         line = {"time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"), **record}
         self.logger.info(json.dumps(line, separators=(",", ":")))
+
+
+class _CountedFailures:
+    """A handler that counts each line it could not write (``medserve_audit_write_failures``, alerted on) and says so
+    in one line on stderr, instead of logging's traceback per line. ``logging`` calls ``handleError`` from inside
+    the ``except`` of the failed write."""
+
+    sink = ""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        count_audit_write_failure(self.sink)
+        error = sys.exc_info()[1]
+        sys.stderr.write(f"medserve: an audit line was not written to {self.sink}: {type(error).__name__}: {error}\n")
+
+
+class _AuditFileHandler(_CountedFailures, RotatingFileHandler):
+    sink = "file"
+
+
+class _AuditStreamHandler(_CountedFailures, logging.StreamHandler):
+    sink = "stdout"

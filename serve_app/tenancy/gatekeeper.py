@@ -28,7 +28,9 @@ from serve_app.errors import CLIENT_CLOSED, Forbidden, TooManyRequests, Unauthor
 from serve_app.model_repository import ModelRepository
 from serve_app.stopwatch import Stopwatch
 from serve_app.tenancy.audit import AuditLog
+from serve_app.tenancy.gate_link import GateLink
 from serve_app.tenancy.keys import hash_api_key
+from serve_app.tenancy.quota import Lease
 
 __all__ = ["ANONYMOUS", "Gatekeeper", "Visit"]
 
@@ -67,6 +69,7 @@ class _VisitRecord:
     model_version: str | None = None
     arrived: float = field(default_factory=time.monotonic)
     admitted: bool = False  # the gate counts it in: it must be let out (gate.leave)
+    holding: bool = False  # it holds a processing slot at the gate
     slot_wait_s: float = 0.0
     study_instance_uid: str | None = None  # hashed before it is written anywhere
     verdict: str | None = None  # a review's verdict, audited; never its reviewer or comment (free text)
@@ -95,7 +98,8 @@ class Gatekeeper:
         self.server_upload_limit = config.limits.max_upload_bytes
         self.server_deadline_s = config.limits.request_deadline_s
         self.audit = AuditLog(config.audit, config.storage.root, _replica_name())
-        self.held: set[str] = set()  # tickets this replica holds at the gate, renewed while they run
+        self.held: dict[str, _VisitRecord] = {}  # requests this replica holds at the gate, renewed while they run
+        self.gate_link = GateLink(gate, config.scheduling.gate_timeout_s, self._leases) if gate is not None else None
         self.renew_every_s = config.scheduling.lease_s / 4
         self._renewing: asyncio.Task | None = None
 
@@ -137,12 +141,10 @@ class Gatekeeper:
         finally:
             try:
                 if record.admitted:
-                    # A client that hangs up cancels this request, and Serve then cancels the request's
-                    # calls still waiting to be routed: a `leave` among them would never reach the gate
-                    # and the tenant's count would leak until its lease ran out. Detached, the call is
-                    # not this request's child; shielded, it outlives the cancellation.
-                    self.held.discard(record.request_id)
-                    await asyncio.shield(_detached(self.gate.leave.remote, record.request_id))
+                    # Detached from the request and shielded (a client that hangs up cancels the request and
+                    # its calls), bounded while the gate is away: see GateLink.leave.
+                    self.held.pop(record.request_id, None)
+                    await self.gate_link.leave(record.request_id)
             finally:
                 self.audit.write(self._audit_line(record, status, error, watch.total_s))
 
@@ -152,7 +154,8 @@ class Gatekeeper:
         record = visit._record
         if record.admitted:
             watch = Stopwatch()
-            await self.gate.acquire_slot.remote(record.request_id, record.stat)
+            await self.gate_link.acquire_slot(record.request_id, record.stat, record.tenant_id)
+            record.holding = True
             record.slot_wait_s = watch.total_s
 
     def authorise_model(self, visit: Visit, model: str) -> None:
@@ -180,9 +183,13 @@ class Gatekeeper:
             await asyncio.sleep(self.renew_every_s)
             if self.held:
                 try:
-                    await self.gate.renew.remote(list(self.held))
-                except Exception as e:  # the gate restarting: its counts start afresh anyway
-                    logger.warning("could not renew the gate's leases: %s", type(e).__name__)
+                    await self.gate_link.renew()
+                except Exception as e:  # the gate away: the link hands it the leases when it is back
+                    logger.debug("could not renew the gate's leases: %s", type(e).__name__)
+
+    def _leases(self) -> list[Lease]:
+        """What this replica's requests hold at the gate now, for a renewal."""
+        return [Lease(ticket, r.tenant_id, r.holding) for ticket, r in list(self.held.items())]
 
     def _authenticate(
         self, record: _VisitRecord, request: Request | None, tenant_id: str | None
@@ -226,11 +233,11 @@ class Gatekeeper:
         if self._renewing is None:
             self._renewing = _detached(self._renew_held)
         record.admitted = True  # set before the call: if it is cancelled, the gate may still have counted it in
-        self.held.add(record.request_id)
-        refusal = await self.gate.admit.remote(record.tenant_id, record.request_id)
+        self.held[record.request_id] = record
+        refusal = await self.gate_link.admit(record.tenant_id, record.request_id)
         if refusal is not None:
             record.admitted = False
-            self.held.discard(record.request_id)
+            self.held.pop(record.request_id, None)
             raise TooManyRequests(
                 f"tenant {record.tenant_id} is over its {refusal.reason} quota", refusal.retry_after_s
             )

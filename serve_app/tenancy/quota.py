@@ -11,8 +11,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from serve_app.config.tenancy import RateLimitConfig, TenantConfig
+
+__all__ = ["CONCURRENCY_RETRY_AFTER_S", "FairQueue", "Lease", "Quotas", "Refusal", "TokenBucket"]
 
 # No request leaves before another ends, so "retry in a second" is a hint, not a promise.
 CONCURRENCY_RETRY_AFTER_S = 1.0
@@ -84,6 +87,14 @@ class FairQueue:
         return False
 
 
+class Lease(NamedTuple):
+    """A request an ingress replica runs, as it renews it: enough for a gate that restarted to count it again."""
+
+    ticket: str
+    tenant_id: str
+    holding: bool  # it holds a processing slot
+
+
 @dataclass(frozen=True)
 class Refusal:
     reason: str  # "rate" or "concurrency"
@@ -111,6 +122,7 @@ class Quotas:
         self.holding: set[str] = set()  # tickets holding a processing slot
         self.queue = FairQueue()
         self.waiting: dict[str, asyncio.Future] = {}
+        self.ended: dict[str, float] = {}  # ticket -> when it left: a late renewal must not count it in again
 
     def admit(self, tenant_id: str, ticket: str) -> Refusal | None:
         """Count a request in, or say why not. Concurrency is checked first so a refusal costs no token."""
@@ -133,14 +145,40 @@ class Quotas:
                 self.renewed[ticket] = now
         self.expire()
 
+    def renew_leases(self, leases: list[Lease]) -> None:
+        """``renew``, and count in those of the leases that these counts do not know: requests another gate let in
+        before it was lost, still running. So a gate that restarts knows, once each ingress replica has renewed,
+        every request in flight, and quotas hold across the restart."""
+        for lease in leases:
+            self.adopt(lease)
+        self.renew([lease.ticket for lease in leases])
+
+    def adopt(self, lease: Lease) -> None:
+        """Count in a request these counts do not know (let in by a gate since lost), as it holds now; a slot it
+        holds is counted even where that makes more than ``slots`` (it runs already). Not one that ended here."""
+        if lease.ticket in self.admitted or lease.ticket in self.ended or lease.tenant_id not in self.in_flight:
+            return
+        self.admitted[lease.ticket] = lease.tenant_id
+        self.in_flight[lease.tenant_id] += 1
+        self.renewed[lease.ticket] = self.clock()
+        if lease.holding:
+            self.holding.add(lease.ticket)
+
     def expire(self) -> None:
         """Give back what requests hold whose ingress stopped renewing them: it died mid-request."""
         cutoff = self.clock() - self.lease_s
         for ticket in [t for t, renewed in self.renewed.items() if renewed < cutoff]:
             self.leave(ticket)
+        for ticket in [t for t, ended in self.ended.items() if ended < cutoff]:
+            del self.ended[ticket]
 
-    async def acquire_slot(self, ticket: str, stat: bool) -> None:
-        """Wait for a processing slot; the queue decides who is next (STAT, then tenants in turn)."""
+    async def acquire_slot(self, ticket: str, stat: bool, tenant_id: str | None = None) -> None:
+        """Wait for a processing slot; the queue decides who is next (STAT, then tenants in turn). A ticket another
+        gate let in (``tenant_id``'s) is counted in first."""
+        if tenant_id is not None:
+            self.adopt(Lease(ticket, tenant_id, holding=False))
+        if ticket not in self.admitted:  # ended here already (its request cancelled): nothing to wait for
+            return
         granted = asyncio.get_running_loop().create_future()
         self.waiting[ticket] = granted
         self.queue.push(self.admitted[ticket], ticket, stat)
@@ -163,6 +201,7 @@ class Quotas:
         if tenant_id is not None:
             self.in_flight[tenant_id] -= 1
         self.renewed.pop(ticket, None)
+        self.ended[ticket] = self.clock()
 
     def stats(self) -> dict:
         self.expire()

@@ -4,7 +4,7 @@ The job's path, by file (README: Whole-slide-image jobs):
 
 jobs.py              the API's side: check slides and quotas, record the job, start its driver
 job_status.py        the job's request, status record and per-slide summary (pydantic), kept as JSON
-job_driver.py        WsiJobDriver, a Ray actor per job: plan each slide, send its work units, write results
+job_driver.py        WsiJobDriver, a pool of long-lived Ray actors running the jobs: plan, send units, write results
 slide_paths.py       which slide files a tenant may name (its wsi_slide_roots, its uploads)
 slides.py            open a slide with the reader for its format, its levels and mpp (what the rest imports)
 readers/             one module per library (tifffile, cucim, openslide, wsidicom) and the factory that picks one

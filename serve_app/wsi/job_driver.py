@@ -1,45 +1,65 @@
-"""WsiJobDriver: the Ray actor that runs one WSI job, from its slides to their heatmaps.
+"""WsiJobDriver: the pool of long-lived Ray actors that run WSI jobs, from their slides to their heatmaps.
 
 The path of a job, by file::
 
-    serve_app/wsi/jobs.py         the API's side: check paths and quotas, write the record, start this actor
-    serve_app/wsi/job_driver.py   this actor: plan each slide, send its work units, write what comes back
+    serve_app/wsi/jobs.py         the API's side: check paths and quotas, hand the job to a driver of the pool
+    serve_app/wsi/job_driver.py   a driver: plan each slide, send its work units, write what comes back
       serve_app/wsi/slides.py     open the slide with the reader for its format (readers/), its levels and mpp
       serve_app/wsi/tiling.py     the tile grid at the model's mpp
       serve_app/wsi/tissue.py     tissue detection on a low-resolution level: which tiles to classify
     deployments/tile_model.py     the tile model's replicas (Serve, autoscaled): read a unit, classify it
     serve_app/wsi/heatmaps.py     the Zarr heatmap, chunk by chunk, and its ledger of finished chunks
     serve_app/wsi/renderings.py   overlay PNG, tissue PNG, QuPath GeoJSON
+    serve_app/wsi/annotations.py  the tiles as DICOM Microscopy Bulk Simple Annotations, stored to a PACS if asked
 
-Ray does the scheduling: the driver only keeps ``wsi.chunks_in_flight`` units sent to the model's
+The drivers are ``wsi.job_drivers`` detached actors, started with the application (``WsiJobs``) and restarted by
+Ray if their process dies; each runs any number of jobs at once (asyncio: a job mostly waits on the tile model), so
+a job starts without waiting for a process. A driver's actor name carries a digest of medserve's source: after an
+upgrade the application starts a new pool, and the old drivers finish their jobs and exit.
+
+Ray does the scheduling: a job only keeps ``wsi.chunks_in_flight`` units sent to the model's
 ``TileModelDeployment``, whose autoscaling adds replicas while that backlog lasts and removes
 them when it drains; several jobs share the replicas. A unit's probabilities are written to the heatmap
-as soon as they come back, and recorded finished only then, so a job killed at any moment and submitted
-again into the same ``out`` folder redoes nothing that was finished and ends with the same heatmap.
+as soon as they come back, and recorded finished only then, so a job killed at any moment (its driver's process
+with it) and submitted again into the same ``out`` folder redoes nothing that was finished and ends with the same
+heatmap. A restarted driver knows none of the jobs it ran: their records say ``interrupted``.
+
+Nothing of a job's fixed cost waits for its last unit that need not: the next slide is opened and its tissue found
+while the current one's units run; the overlay is painted and the GeoJSON's features made as each unit comes back,
+and the thumbnail is read and the tissue PNG encoded beside the units; after the last unit only the files are
+written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import json
 import logging
+import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import ray
 from ray.serve.handle import DeploymentHandle
 
+import serve_app
 from serve_app.config import AppConfig
-from serve_app.errors import RequestError, unwrap
+from serve_app.dicomweb.pacs_client import PacsClient
+from serve_app.errors import PacsFailed, RequestError, unwrap
 from serve_app.model_repository import ModelRepository
 from serve_app.model_spec import TilePreprocessingSpec
 from serve_app.observability.metrics import WsiJobMetrics
+from serve_app.segmentation.responses import PacsStoreOutcome
 from serve_app.stopwatch import Stopwatch
 from serve_app.storage import set_private_umask, write_atomic
+from serve_app.wsi.annotations import tile_annotations
 from serve_app.wsi.heatmaps import HeatmapStore
 from serve_app.wsi.job_status import (
     JobRecords,
@@ -51,64 +71,183 @@ from serve_app.wsi.job_status import (
     WsiJobStatus,
     utc_now,
 )
-from serve_app.wsi.renderings import write_overlay_png, write_tiles_geojson, write_tissue_png
+from serve_app.wsi.renderings import OverlayPainter, TileFeatures, tissue_png, write_in_place
 from serve_app.wsi.slides import Slide, open_slide
 from serve_app.wsi.tiling import TileGrid, plan_grid
 from serve_app.wsi.tissue import TissueMask, detect_tissue
-from serve_app.wsi.work_units import ChunkProbabilities, TileChunk
+from serve_app.wsi.work_units import ChunkProbabilities, SlideSource, TileChunk
 
-__all__ = ["DRIVER_NAMESPACE", "WsiJobDriver", "driver_name"]
+__all__ = [
+    "ANNOTATIONS_FILE",
+    "DRIVER_NAMESPACE",
+    "DRIVER_PREFIX",
+    "JobRun",
+    "WsiJobDriver",
+    "code_version",
+    "driver_names",
+]
 
 logger = logging.getLogger(__name__)
 DRIVER_NAMESPACE = "medserve-wsi"
+ANNOTATIONS_FILE = "annotations.dcm"  # the tiles as DICOM Microscopy Bulk Simple Annotations (DICOM slides)
+DRIVER_PREFIX = "wsi-job-driver"
 _SAVE_EVERY_S = 0.5  # the record is rewritten at most this often while tiles finish
 _SPEED_WINDOW_S = 10.0  # tiles/s is measured over this much recent time
 _THUMBNAIL_SIDE = 2048
 # Ray exports a worker's metrics every 10 s (metrics_report_interval_ms): a driver that exited at once
 # would take its last counts with it.
 _METRICS_FLUSH_S = 12.0
+# A driver's process is replaced (Ray restarts it) once idle after this many jobs: each job's progress gauge, labelled
+# with its id, lives as long as the process, and would otherwise pile up.
+_RECYCLE_AFTER_JOBS = 100
 
 
-def driver_name(job_id: str) -> str:
-    return f"wsi-job-{job_id}"
+@functools.cache
+def code_version() -> str:
+    """A digest of medserve's source (the ``serve_app`` package): drivers of other code are another pool."""
+    root = Path(serve_app.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def driver_names(count: int) -> list[str]:
+    """The actor names of this code's pool of ``count`` drivers."""
+    return [f"{DRIVER_PREFIX}-{code_version()}-{i}" for i in range(count)]
+
+
+# Restarted by Ray whenever its process dies; a call made meanwhile waits for the restarted driver and is answered by
+# it (a call in flight when the process died is made again: each of them may be).
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class WsiJobDriver:
+    """One driver of the pool: ``start`` hands it a job, which it runs beside its others; ``job_ids`` says which it
+    runs, ``cancel`` stops one, ``retire`` makes it exit once it runs none (an older pool's).
+
+    Args:
+        version: the code version its name was given for (``code_version()`` where the application runs); a
+            driver whose own code differs (the package was upgraded in between) retires from the start.
+    """
+
+    def __init__(self, version: str):
+        set_private_umask()  # the heatmaps, renderings and records it writes are the patient's: 0600, 0700
+        self.runs: dict[str, JobRun] = {}
+        self.jobs_run = 0
+        self._tasks: set[asyncio.Task] = set()
+        self.retiring = version != code_version()
+
+    async def start(
+        self,
+        config: AppConfig,
+        status: WsiJobStatus,
+        slide_sources: list[SlideSource | None],
+        tile_model: DeploymentHandle,
+    ) -> None:
+        """Take a job: its first record is saved before this returns, then it runs in the background.
+
+        Args:
+            config: the application's config (``wsi``, the model repository).
+            status: the job's record as submitted; slides refused at submission are already ``failed``.
+            slide_sources: each slide's checked real path, or its series on a PACS the tenant may use; None for
+                those refused.
+            tile_model: the handle of the model's ``TileModelDeployment``.
+        """
+        run = await asyncio.to_thread(JobRun, config, status, slide_sources, tile_model)
+        self.runs[status.job_id] = run
+        run.save(force=True)  # the job's first record: saved here, so the API never overwrites the driver's
+        task = asyncio.create_task(self._run(run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def job_ids(self) -> list[str]:
+        """The jobs this driver runs now."""
+        return list(self.runs)
+
+    def cancel(self, job_id: str) -> bool:
+        """Send no more of the job's work units; whether this driver runs it."""
+        run = self.runs.get(job_id)
+        if run is not None:
+            run.cancel()
+        return run is not None
+
+    def retire(self) -> None:
+        """Exit once no job runs here: the application has started a pool of newer code, which takes its jobs."""
+        self.retiring = True
+        if not self.runs:
+            ray.actor.exit_actor()
+
+    async def _run(self, run: JobRun) -> None:
+        try:
+            await run.run()
+        finally:
+            self.runs.pop(run.status.job_id, None)
+            self.jobs_run += 1
+        if (self.retiring or self.jobs_run >= _RECYCLE_AFTER_JOBS) and not self.runs:
+            await asyncio.sleep(_METRICS_FLUSH_S)  # the last job's metrics exported first
+            if not self.runs:
+                # Retiring: gone for good. Recycled: Ray starts the driver again, in a new process.
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=self.retiring)
 
 
 @dataclass
 class _SlidePlan:
-    """A slide opened and planned: its grid, its tissue, its heatmap store."""
+    """A slide opened and planned: its grid, its tissue, its heatmap store, and its outputs as they build up."""
 
+    source: SlideSource
     slide: Slide
     grid: TileGrid
     tissue: TissueMask
     tissue_tiles: np.ndarray  # (rows, cols) bool: the tiles to classify
     store: HeatmapStore
     seconds: PhaseSeconds
+    heatmap: np.ndarray  # (rows, cols) float32: what the store's ledger vouches for so far, NaN elsewhere
+    features: TileFeatures  # the GeoJSON's features of the tiles in ``heatmap``
     units_total: int = 0  # work units holding tissue
     units_resumed: int = 0  # of those, finished by an earlier run into the same folder
     classify_wall_s: float = 0.0
+    painter: OverlayPainter | None = None  # once the thumbnail is read
+    tissue_png: bytes | None = None  # encoded beside the units, written with the other outputs
+    lock: threading.Lock = field(default_factory=threading.Lock)  # heatmap and painter, between unit threads
+
+    def finished(self, rows: slice, cols: slice, probabilities: np.ndarray) -> None:
+        """A unit's probabilities, written and recorded: into the heatmap, the overlay and the GeoJSON's features."""
+        self.features.add(rows, cols, probabilities)
+        with self.lock:
+            self.heatmap[rows, cols] = probabilities
+            if self.painter is not None:
+                self.painter.paint(rows, cols, probabilities)
+
+    def prepare_renderings(self) -> None:
+        """Read the thumbnail, paint what is finished so far, encode the tissue PNG: in a thread, beside the units."""
+        thumbnail = self.slide.thumbnail(_THUMBNAIL_SIDE)
+        level0 = self.slide.levels[0]
+        per_level0 = thumbnail.shape[1] / level0.width  # thumbnail pixels per level-0 pixel
+        grid = self.grid
+        extent = (grid.rows * grid.tile_extent_level0 * per_level0, grid.cols * grid.tile_extent_level0 * per_level0)
+        painter = OverlayPainter(thumbnail, (grid.rows, grid.cols), extent=extent)
+        with self.lock:
+            painter.paint(slice(0, grid.rows), slice(0, grid.cols), self.heatmap)
+            self.painter = painter
+        self.tissue_png = tissue_png(self.tissue.mask, mpp=self.tissue.mpp)
 
 
 class SlideFailed(Exception):
     """One slide cannot go on; its reason goes into its status, the job's other slides continue."""
 
 
-@ray.remote(num_cpus=0)
-class WsiJobDriver:
-    """Runs one job (``run``), answers ``cancel``; made detached by ``serve_app.wsi.jobs``.
-
-    Args:
-        config: the application's config (``wsi``, the model repository, the Serve application name).
-        status: the job's record as submitted; slides refused at submission are already ``failed``.
-        slide_paths: each slide's checked real path, None for those refused.
-        tile_model: the handle of the model's ``TileModelDeployment``.
-    """
+class JobRun:
+    """One job on its driver: ``run`` it to its end, ``cancel`` it."""
 
     def __init__(
-        self, config: AppConfig, status: WsiJobStatus, slide_paths: list[str | None], tile_model: DeploymentHandle
+        self,
+        config: AppConfig,
+        status: WsiJobStatus,
+        slide_sources: list[SlideSource | None],
+        tile_model: DeploymentHandle,
     ):
-        set_private_umask()  # the heatmaps, renderings and records it writes are the patient's: 0600, 0700
         self.config, self.wsi = config, config.wsi
-        self.status, self.slide_paths = status, slide_paths
+        self.status, self.slide_sources = status, slide_sources
         self.spec = ModelRepository(config.model_repository).get(status.model, status.model_version)
         self.records = JobRecords(self.wsi.jobs)
         self.out = Path(status.out_path)
@@ -120,8 +259,11 @@ class WsiJobDriver:
 
     async def run(self) -> None:
         self.status.state = JobState.running
-        self._save(force=True)
+        self.save(force=True)
         self.slide_slots = asyncio.Semaphore(self.wsi.slides_in_flight)
+        # One slide opened and planned at a time, in order: the first slide's units start as soon as it alone is
+        # planned, and each next one is planned while the slides before it run their units.
+        self.planning = asyncio.Lock()
         self.unit_slots = asyncio.Semaphore(self.wsi.chunks_in_flight)
         try:
             await asyncio.gather(*(self._run_slide(i) for i, s in enumerate(self.status.slides) if not _ended(s)))
@@ -133,10 +275,8 @@ class WsiJobDriver:
             self.status.state, self.status.error = JobState.failed, f"the job's driver failed ({type(e).__name__})"
         self.status.finished = utc_now()
         self.status.eta_s = None
-        self._save(force=True)
+        self.save(force=True)
         self.metrics.finished(self.status.state.value)
-        await asyncio.sleep(_METRICS_FLUSH_S)
-        ray.actor.exit_actor()
 
     def cancel(self) -> None:
         """Send no more work units; those in flight finish and are kept, so the job can be resumed."""
@@ -151,38 +291,45 @@ class WsiJobDriver:
 
     async def _run_slide(self, index: int) -> None:
         status = self.status.slides[index]
-        async with self.slide_slots:
+        plan = renderings = None
+        try:
+            # A slide holds its slot from its planning to its last unit: its outputs are written after, while the
+            # next slide's units run.
+            async with self.slide_slots:
+                async with self.planning:
+                    if self.cancelled:
+                        status.state = SlideState.cancelled
+                        return
+                    status.state = SlideState.running
+                    self.save(force=True)
+                    plan = await asyncio.to_thread(self._plan, self.slide_sources[index], self.out / status.key)
+                renderings = asyncio.create_task(asyncio.to_thread(plan.prepare_renderings))
+                await self._classify_slide(status, plan)
             if self.cancelled:
                 status.state = SlideState.cancelled
-                return
-            status.state = SlideState.running
-            self._save(force=True)
-            plan = None
-            try:
-                plan = await asyncio.to_thread(self._plan, self.slide_paths[index], self.out / status.key)
-                await self._classify_slide(status, plan)
-                if self.cancelled:
-                    status.state = SlideState.cancelled
-                else:
-                    status.summary = await asyncio.to_thread(self._write_outputs, plan)
-                    status.state = SlideState.done
-            except (SlideFailed, RequestError, OSError, ValueError) as e:
-                status.state, status.error = SlideState.failed, _reason(e)
-            finally:
-                if plan is not None:
-                    plan.slide.close()
-            self._save(force=True)
+            else:
+                await renderings
+                status.summary = await self._write_outputs(plan)
+                status.state = SlideState.done
+        except (SlideFailed, RequestError, OSError, ValueError) as e:
+            status.state, status.error = SlideState.failed, _reason(e)
+        finally:
+            if renderings is not None:
+                await asyncio.gather(renderings, return_exceptions=True)  # it reads the slide: done before close
+            if plan is not None:
+                plan.slide.close()
+        self.save(force=True)
 
-    def _plan(self, path: str | None, folder: Path) -> _SlidePlan:
+    def _plan(self, source: SlideSource | None, folder: Path) -> _SlidePlan:
         """Open the slide, choose its level, find its tissue, open (or reopen) its heatmap: in a thread."""
-        if path is None:
+        if source is None:
             raise SlideFailed("the slide was refused at submission")
-        if not Path(path).is_file() and not Path(path).is_dir():  # a folder: a DICOM WSI's instances
+        if isinstance(source, str) and not Path(source).is_file() and not Path(source).is_dir():  # a folder: DICOM WSI
             raise SlideFailed("no such file or folder (or not a regular file)")
         preprocessing = self.spec.preprocessing
         assert isinstance(preprocessing, TilePreprocessingSpec)
         watch = Stopwatch()
-        slide = open_slide(path, mpp=self.status.mpp)
+        slide = open_slide(source, mpp=self.status.mpp)
         try:
             grid = plan_grid(slide, tile_size=preprocessing.tile_size, mpp=preprocessing.mpp)
             open_s = watch.lap()
@@ -196,10 +343,15 @@ class WsiJobDriver:
                 chunk_tiles=self.wsi.chunk_tiles,
                 attributes=self._heatmap_attributes(grid),
             )
+            # What an earlier run into this folder finished (NaN elsewhere): the outputs start from it.
+            heatmap = store.read() if store.finished_chunks() else np.full(grid.shape, np.nan, np.float32)
+            features = TileFeatures(grid.shape, tile_extent_level0=grid.tile_extent_level0)
+            features.add(slice(0, grid.rows), slice(0, grid.cols), heatmap)
         except BaseException:
             slide.close()
             raise
-        return _SlidePlan(slide, grid, tissue, tissue_tiles, store, PhaseSeconds(open=open_s, tissue=tissue_s))
+        seconds = PhaseSeconds(open=open_s, tissue=tissue_s)
+        return _SlidePlan(source, slide, grid, tissue, tissue_tiles, store, seconds, heatmap, features)
 
     def _heatmap_attributes(self, grid: TileGrid) -> dict:
         return {
@@ -242,7 +394,7 @@ class WsiJobDriver:
             if self.cancelled or status.state is SlideState.failed:
                 return
             chunk = TileChunk(
-                slide_path=str(plan.slide.path),
+                slide=plan.source,
                 mpp=self.status.mpp,
                 grid=plan.grid,
                 chunk_row=chunk_row,
@@ -252,13 +404,20 @@ class WsiJobDriver:
             )
             result = await self._send(chunk)
         watch = Stopwatch()
-        await asyncio.to_thread(plan.store.write_chunk, chunk_row, chunk_col, result.probabilities)
+        await asyncio.to_thread(self._write_unit, plan, chunk_row, chunk_col, result.probabilities)
         plan.seconds.write += watch.lap()
         plan.seconds.read += result.read_s
         plan.seconds.inference += result.inference_s
         tiles = int(chunk.tissue.sum())
         status.tiles_done += tiles
         self._tiles_finished(tiles)
+
+    @staticmethod
+    def _write_unit(plan: _SlidePlan, chunk_row: int, chunk_col: int, probabilities: np.ndarray) -> None:
+        """The unit's chunk of the heatmap written and recorded finished, then its share of the outputs."""
+        plan.store.write_chunk(chunk_row, chunk_col, probabilities)
+        rows, cols = plan.store.tiles_of_chunk(chunk_row, chunk_col)
+        plan.finished(rows, cols, probabilities.astype(np.float32, copy=False))
 
     async def _send(self, chunk: TileChunk) -> ChunkProbabilities:
         """One unit to a replica; again, up to ``wsi.chunk_attempts`` times, if its replica dies."""
@@ -278,20 +437,24 @@ class WsiJobDriver:
                 )
         raise AssertionError("unreachable")
 
-    def _write_outputs(self, plan: _SlidePlan) -> SlideSummary:
-        """The heatmap's renderings and the slide's summary, beside the heatmap: in a thread."""
+    async def _write_outputs(self, plan: _SlidePlan) -> SlideSummary:
+        """The slide's files beside its heatmap, from what its units built up: the overlay PNG, the tissue PNG, the
+        GeoJSON and the DICOM annotations in threads side by side (PNG's zlib lets go of the GIL), then the summary."""
         watch = Stopwatch()
         folder = plan.store.path.parent
-        heatmap = plan.store.read()
-        grid = plan.grid
-        thumbnail = plan.slide.thumbnail(_THUMBNAIL_SIDE)
-        level0 = plan.slide.levels[0]
-        per_level0 = thumbnail.shape[1] / level0.width  # thumbnail pixels per level-0 pixel
-        extent = (grid.rows * grid.tile_extent_level0 * per_level0, grid.cols * grid.tile_extent_level0 * per_level0)
-        write_overlay_png(folder / "overlay.png", thumbnail, heatmap, extent=extent)
-        write_tissue_png(folder / "tissue.png", plan.tissue.mask, mpp=plan.tissue.mpp)
-        write_tiles_geojson(folder / "tiles.geojson", heatmap, tile_extent_level0=grid.tile_extent_level0)
+        assert plan.painter is not None and plan.tissue_png is not None  # prepare_renderings ran
+        *_, annotations = await asyncio.gather(
+            asyncio.to_thread(plan.painter.save, folder / "overlay.png"),
+            asyncio.to_thread(write_in_place, folder / "tissue.png", plan.tissue_png),
+            asyncio.to_thread(plan.features.write, folder / "tiles.geojson"),
+            asyncio.to_thread(self._write_annotations, folder / ANNOTATIONS_FILE, plan, plan.heatmap),
+        )
         plan.seconds.write += watch.lap()
+        return await asyncio.to_thread(self._write_summary, plan, annotations)
+
+    def _write_summary(self, plan: _SlidePlan, annotations: pydicom.Dataset | None) -> SlideSummary:
+        stored = self._store(annotations) if annotations is not None and self.status.store_to else None
+        heatmap, grid = plan.heatmap, plan.grid
         classified = ~np.isnan(heatmap)
         tissue = int(classified.sum())
         positive = int((heatmap[classified] >= 0.5).sum())
@@ -313,6 +476,8 @@ class WsiJobDriver:
             chunks_resumed=plan.units_resumed,
             seconds=PhaseSeconds(**{k: round(v, 3) for k, v in plan.seconds.model_dump().items()}),
             classify_wall_s=round(plan.classify_wall_s, 3),
+            annotations=annotations is not None,
+            stored=stored,
         )
         # summary.json adds why the reader was chosen, what it left out (other focal planes, optical paths) and the
         # pyramid levels the slide was read as; the job's status, which carries every slide's summary, leaves them
@@ -323,14 +488,44 @@ class WsiJobDriver:
             "reader_notes": list(plan.slide.reader_notes),
             "levels": [asdict(level) for level in plan.slide.levels],
         }
-        write_atomic(folder / "summary.json", json.dumps(written, indent=1))
+        write_atomic(plan.store.path.parent / "summary.json", json.dumps(written, indent=1))
         return summary
+
+    def _write_annotations(self, path: Path, plan: _SlidePlan, heatmap: np.ndarray) -> pydicom.Dataset | None:
+        """The tiles as DICOM Microscopy Bulk Simple Annotations on the slide's image, when the slide is DICOM WSI and
+        has classified tiles; written beside the heatmap (0600), and returned."""
+        source = plan.slide.dicom_source()
+        if source is None or not np.isfinite(heatmap).any():
+            path.unlink(missing_ok=True)  # a resumed job's stale one
+            return None
+        annotations = tile_annotations(
+            heatmap, tile_extent_level0=plan.grid.tile_extent_level0, source=source, spec=self.spec
+        )
+        partial = path.with_name(f".{path.name}.partial")
+        annotations.save_as(partial, enforce_file_format=True)
+        partial.replace(path)
+        return annotations
+
+    def _store(self, annotations: pydicom.Dataset) -> PacsStoreOutcome:
+        """``annotations`` stored to the job's ``store_to`` PACS (its tenancy checked at submission); a failure is
+        the outcome's, not the slide's: the file stays beside the heatmap."""
+        name = self.status.store_to
+        assert name is not None
+        pacs = PacsClient(name, self.config.pacs[name])
+        uids = [str(annotations.SOPInstanceUID)]
+        try:
+            attempts = pacs.store([annotations])
+        except PacsFailed as failure:
+            return PacsStoreOutcome(pacs=name, stored=False, attempts=0, sop_instance_uids=uids, reason=failure.reason)
+        finally:
+            pacs.session.close()
+        return PacsStoreOutcome(pacs=name, stored=True, attempts=attempts, sop_instance_uids=uids)
 
     def _count_planned(self) -> None:
         self.status.tiles_total = sum(s.tiles_total or 0 for s in self.status.slides)
         self.status.tiles_done = sum(s.tiles_done for s in self.status.slides)  # a resumed job's head start
         self.metrics.total_tiles = self.status.tiles_total
-        self._save(force=True)
+        self.save(force=True)
 
     def _tiles_finished(self, tiles: int) -> None:
         now = time.monotonic()
@@ -344,9 +539,9 @@ class WsiJobDriver:
         left = self.status.tiles_total - self.status.tiles_done
         speed = self.status.tiles_per_s
         self.status.eta_s = round(left / speed, 1) if self.status.planned and speed > 0 else None
-        self._save()
+        self.save()
 
-    def _save(self, force: bool = False) -> None:
+    def save(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._saved_at >= _SAVE_EVERY_S:
             self._saved_at = now

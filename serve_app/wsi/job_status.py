@@ -15,12 +15,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.config.pacs import PacsName
+from serve_app.dicomweb.messages import Uid
 from serve_app.errors import ResultNotFound
+from serve_app.segmentation.responses import PacsStoreOutcome
 from serve_app.storage import write_atomic
 
 __all__ = [
     "OUT_PATTERN",
     "UPLOADS_FOLDER",
+    "DicomwebSlideRef",
     "JobRecords",
     "JobState",
     "PhaseSeconds",
@@ -59,6 +63,17 @@ class SlideState(StrEnum):
     cancelled = "cancelled"
 
 
+class DicomwebSlideRef(BaseModel):
+    """A slide on a PACS: a DICOM WSI series, named by the PACS's name in the server's ``pacs`` config section (never
+    an address) and its UIDs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pacs: PacsName = Field(description="A PACS of the server's `pacs` config section that the tenant may use.")
+    study_instance_uid: Uid = Field(description="The slide's StudyInstanceUID.")
+    series_instance_uid: Uid = Field(description="The slide's SeriesInstanceUID (a VL Whole Slide Microscopy series).")
+
+
 class WsiJobRequest(BaseModel):
     """``POST /v1/wsi/jobs``: slides to run through a tile classifier. A misspelt key is refused (422), not ignored;
     the body is at most 64 KiB, like every JSON body (about 500 slide paths: split a larger night into jobs)."""
@@ -66,11 +81,12 @@ class WsiJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A tile_classification model of GET /v1/models.")
-    slides: list[str] = Field(
+    slides: list[str | DicomwebSlideRef] = Field(
         min_length=1,
         max_length=1_000,
-        description="Slide paths on shared storage, inside the tenant's wsi_slide_roots (an open server's "
-        "wsi.slide_roots), or returned by POST /v1/wsi/slides. A slide that cannot be read fails alone; the others "
+        description="Each slide: a path on shared storage, inside the tenant's wsi_slide_roots (an open server's "
+        "wsi.slide_roots), or returned by POST /v1/wsi/slides; or a DICOM WSI series on a configured PACS, "
+        '{"pacs", "study_instance_uid", "series_instance_uid"}. A slide that cannot be read fails alone; the others '
         "run. The body holding them is at most 64 KiB.",
     )
     out: str | None = Field(
@@ -81,6 +97,11 @@ class WsiJobRequest(BaseModel):
     )
     mpp: float | None = Field(
         None, gt=0, le=100, description="Microns per pixel of level 0, for slides whose files do not say."
+    )
+    store_to: PacsName | None = Field(
+        None,
+        description="A PACS of the server's `pacs` config section (that the tenant may use) to store each DICOM "
+        "slide's tile annotations (annotations.dcm, Microscopy Bulk Simple Annotations) to, by STOW-RS; null: none.",
     )
 
     @field_validator("out")
@@ -119,13 +140,21 @@ class SlideSummary(BaseModel):
     chunks_total: int = Field(description="Work units holding tissue.")
     chunks_resumed: int = Field(description="Of those, finished by an earlier run into the same out folder.")
     seconds: PhaseSeconds = Field(description="Where the time went.")
+    annotations: bool = Field(
+        False,
+        description="Whether annotations.dcm was written: the tiles as DICOM Microscopy Bulk Simple Annotations "
+        "on the slide's image (DICOM slides only).",
+    )
+    stored: PacsStoreOutcome | None = Field(
+        None, description="What became of storing annotations.dcm to the job's store_to PACS; null: not asked."
+    )
     classify_wall_s: float = Field(
         description="Wall seconds from the slide's first work unit sent to its last written (this run's)."
     )
 
 
 class SlideStatus(BaseModel):
-    slide: str = Field(description="The slide as submitted.")
+    slide: str | DicomwebSlideRef = Field(description="The slide as submitted.")
     key: str = Field(description="The slide's folder in the job's output folder.")
     state: SlideState = Field(SlideState.queued, description="queued, running, done, failed or cancelled.")
     tiles_total: int | None = Field(None, description="Tissue tiles to classify, once tissue detection ran.")
@@ -145,6 +174,7 @@ class WsiJobStatus(BaseModel):
     out: str = Field(description="The output folder's name (under the tenant's folder of wsi.output_root).")
     out_path: str = Field(description="The output folder on shared storage; one sub-folder per slide.")
     mpp: float | None = Field(None, description="The mpp given for slides without resolution metadata.")
+    store_to: str | None = Field(None, description="The PACS each DICOM slide's annotations are stored to.")
     created: datetime = Field(description="When it was submitted (UTC).")
     finished: datetime | None = Field(None, description="When it ended (UTC).")
     tiles_total: int = Field(0, description="Tissue tiles of the slides planned so far.")

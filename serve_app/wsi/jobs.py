@@ -1,10 +1,13 @@
-"""WsiJobs: the API's side of WSI jobs. Submit (check slides and quotas, write the record, start the
-driver), report, cancel, list, serve result files, and take slide uploads.
+"""WsiJobs: the API's side of WSI jobs. Submit (check slides and quotas, hand the job to a driver), report, cancel,
+list, serve result files, and take slide uploads.
 
 The API's router calls it once the gatekeeper has authenticated the tenant (``serve_app.api.wsi``); every route is a
 few lines there.
-A job runs in its own detached Ray actor (``serve_app.wsi.job_driver.WsiJobDriver``), named after the job,
-so any ingress replica finds it, and it keeps running whichever replica took the request.
+A job runs on one of a pool of long-lived, detached Ray actors (``serve_app.wsi.job_driver.WsiJobDriver``,
+``wsi.job_drivers`` of them), started with the application and named, so any ingress replica finds the job's driver
+(it asks each which jobs it runs), and the job keeps running whichever replica took the request. A record that says
+running while no driver runs its job was interrupted: its driver's process died (Ray restarts the driver, knowing
+none of its jobs), and the job resumes when submitted again into the same ``out``.
 
 A tenant's jobs read slides from its own roots (``tenants.<id>.wsi_slide_roots``; on an open server
 ``wsi.slide_roots``) and its own uploads, never another tenant's.
@@ -12,6 +15,7 @@ A tenant's jobs read slides from its own roots (``tenants.<id>.wsi_slide_roots``
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import os
@@ -21,12 +25,15 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, PacsConfig
 from serve_app.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
+    InvalidRequestBody,
     ModelTaskMismatch,
     PayloadTooLarge,
     RequestError,
@@ -36,8 +43,16 @@ from serve_app.errors import (
 from serve_app.model_repository import ModelRepository
 from serve_app.model_spec import ModelSpec
 from serve_app.storage import private_folder
-from serve_app.wsi.job_driver import DRIVER_NAMESPACE, WsiJobDriver, driver_name
+from serve_app.wsi.job_driver import (
+    ANNOTATIONS_FILE,
+    DRIVER_NAMESPACE,
+    DRIVER_PREFIX,
+    WsiJobDriver,
+    code_version,
+    driver_names,
+)
 from serve_app.wsi.job_status import (
+    DicomwebSlideRef,
     JobRecords,
     JobState,
     SlideState,
@@ -48,8 +63,10 @@ from serve_app.wsi.job_status import (
     utc_now,
 )
 from serve_app.wsi.slide_paths import SlidePolicy
+from serve_app.wsi.slides import DicomwebSlide
+from serve_app.wsi.work_units import SlideSource
 
-__all__ = ["SLIDE_OUTPUTS", "WsiJobs"]
+__all__ = ["SLIDE_OUTPUTS", "WsiJobs", "driver_of"]
 
 # The files of a slide's folder the API serves, and their media types. The Zarr heatmap is a folder: it is
 # read where it lies, on the shared storage (its path is in the job's out_path).
@@ -58,6 +75,7 @@ SLIDE_OUTPUTS = {
     "tissue.png": "image/png",
     "tiles.geojson": "application/geo+json",
     "summary.json": "application/json",
+    ANNOTATIONS_FILE: "application/dicom",
 }
 _SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"}
 _RETRY_AFTER_S = 60.0
@@ -65,6 +83,9 @@ _RETRY_AFTER_S = 60.0
 # running-job limit) at once are serialised, whichever ingress replica takes them (on NFS, Linux makes flock an NFS
 # lock, which holds across nodes).
 _SUBMIT_LOCK = ".submit.lock"
+# How long a driver may take to say which jobs it runs, or to take one: long enough for Ray to restart one whose
+# process died (a restarted driver answers that it runs none of its old jobs: they were interrupted).
+_DRIVER_ANSWER_S = 60.0
 
 
 class WsiJobs:
@@ -80,6 +101,9 @@ class WsiJobs:
         self.tile_model_handles = tile_model_handles
         private_folder(config.wsi.output_root)
         self.records = JobRecords(config.wsi.jobs)
+        if ray.is_initialized():  # in a Serve replica: the pool is up before the first job comes
+            self._drivers()
+            _retire_other_pools()
 
     def submit(self, request: WsiJobRequest, job_id: str, tenant_id: str) -> WsiJobStatus:
         """Check, record and start job ``job_id``; 403 / 400 only if every slide is refused (else each refused
@@ -93,7 +117,7 @@ class WsiJobs:
             return self._submit(request, spec, job_id, tenant_id)
 
     def _submit(self, request: WsiJobRequest, spec: ModelSpec, job_id: str, tenant_id: str) -> WsiJobStatus:
-        active = [job for job in self.records.of_tenant(tenant_id) if self._refresh(job).state.active]
+        active = [job for job in self._refreshed(self.records.of_tenant(tenant_id)) if job.state.active]
         limit = self.wsi.max_running_jobs_per_tenant
         if len(active) >= limit:
             raise TooManyRequests(
@@ -102,18 +126,22 @@ class WsiJobs:
         out = request.out or job_id
         if any(job.out == out for job in active):
             raise Conflict(f"a running job of this tenant writes into out {out!r}; wait for it or cancel it")
+        if request.store_to is not None:
+            self._pacs(request.store_to, tenant_id)  # refused now, not after the night's slides
         policy = SlidePolicy(self._slide_roots(tenant_id), self.wsi.uploads(tenant_id))
-        slides, paths, refusals = [], [], []
+        slides: list[SlideStatus] = []
+        sources: list[SlideSource | None] = []
+        refusals: list[RequestError] = []
         for raw in request.slides:
             try:
-                path = policy.resolve(raw)
+                source = self._source(raw, policy, tenant_id)
             except RequestError as e:
                 slides.append(SlideStatus(slide=raw, key=_slide_key(raw), state=SlideState.failed, error=e.reason))
-                paths.append(None)
+                sources.append(None)
                 refusals.append(e)
                 continue
-            slides.append(SlideStatus(slide=raw, key=_slide_key(str(path))))
-            paths.append(str(path))
+            slides.append(SlideStatus(slide=raw, key=_slide_key(source)))
+            sources.append(source)
         if len(refusals) == len(request.slides):
             raise refusals[0]
         out_path = self.wsi.tenant_folder(tenant_id) / out
@@ -125,33 +153,37 @@ class WsiJobs:
             out=out,
             out_path=str(out_path),
             mpp=request.mpp,
+            store_to=request.store_to,
             created=utc_now(),
             slides=slides,
         )
         out_path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        driver = WsiJobDriver.options(name=driver_name(job_id), namespace=DRIVER_NAMESPACE, lifetime="detached").remote(
-            self.config, status, paths, self.tile_model_handles[spec.key]
-        )
-        # Saved once the driver's name is registered (so the record is never seen without its driver) and
-        # before it runs (so this first record never overwrites the driver's own).
-        self.records.save(status)
-        driver.run.remote()  # the actor runs the job to its end, then exits; its record says how it went
-        return status
+        # The driver saves the job's first record before it answers, so the record is never seen without a driver
+        # that runs it, and is the driver's alone from then on. A driver of older code may have exited since it was
+        # looked up (it retires after its last job): the pool is looked up again, which starts one in its place.
+        for attempt in range(2):
+            driver = self._least_busy(self._drivers())
+            try:
+                ray.get(driver.start.remote(self.config, status, sources, self.tile_model_handles[spec.key]))
+                return status
+            except RayActorError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def status(self, job_id: str, tenant_id: str) -> WsiJobStatus:
-        return self._refresh(self.records.load(job_id, tenant_id))
+        return self._refreshed([self.records.load(job_id, tenant_id)])[0]
 
     def of_tenant(self, tenant_id: str) -> list[WsiJobStatus]:
-        return [self._refresh(job) for job in self.records.of_tenant(tenant_id)]
+        return self._refreshed(self.records.of_tenant(tenant_id))
 
     async def cancel(self, job_id: str, tenant_id: str) -> WsiJobStatus:
         """Stop sending work; what is finished stays, and the same ``out`` resumes it later."""
-        status = self.status(job_id, tenant_id)
+        status = await asyncio.to_thread(self.status, job_id, tenant_id)
         if not status.state.active:
             return status
-        driver = _driver(job_id)
-        if driver is not None:
-            await driver.cancel.remote()
+        answers = await asyncio.gather(*(d.cancel.remote(job_id) for d in _named_drivers()), return_exceptions=True)
+        if any(answer is True for answer in answers):
             return status
         status.state, status.finished = JobState.cancelled, utc_now()
         self.records.save(status)
@@ -212,6 +244,26 @@ class WsiJobs:
             partial.unlink(missing_ok=True)
         return SlideUpload(slide=str(target), bytes=received)
 
+    def _source(self, raw: str | DicomwebSlideRef, policy: SlidePolicy, tenant_id: str) -> SlideSource:
+        """What a job reads for one slide as submitted: a path's real path inside the tenant's roots, or a series on a
+        PACS the tenant may use (its address from the config)."""
+        if isinstance(raw, str):
+            return str(policy.resolve(raw))
+        name, config = self._pacs(raw.pacs, tenant_id)
+        return DicomwebSlide(name, config, raw.study_instance_uid, raw.series_instance_uid)
+
+    def _pacs(self, name: str, tenant_id: str) -> tuple[str, PacsConfig]:
+        """A PACS a request names: 422 for one this server does not have, 403 for one the tenant may not use."""
+        config = self.config.pacs.get(name)
+        usable = sorted(other for other, pacs in self.config.pacs.items() if pacs.allows(tenant_id))
+        if config is None:
+            raise InvalidRequestBody(
+                f"PACS {name!r} is not configured on this server (this tenant may use: {', '.join(usable) or 'none'})"
+            )
+        if not config.allows(tenant_id):
+            raise Forbidden(f"tenant {tenant_id} may not use PACS {name!r} (its pacs.{name}.tenants)")
+        return name, config
+
     def _slide_roots(self, tenant_id: str) -> list[Path]:
         """The folders the tenant's slides may come from, besides its uploads: its own with tenants configured, the
         server's on an open server."""
@@ -219,11 +271,44 @@ class WsiJobs:
             return self.config.tenants[tenant_id].wsi_slide_roots
         return self.wsi.slide_roots
 
-    def _refresh(self, status: WsiJobStatus) -> WsiJobStatus:
-        """A record that says active while its driver is gone was interrupted (the driver or its node died)."""
-        if status.state.active and _driver(status.job_id) is None:
-            status.state = JobState.interrupted
-        return status
+    def _refreshed(self, jobs: list[WsiJobStatus]) -> list[WsiJobStatus]:
+        """The records, those that say active while no driver runs their job marked interrupted (the driver's
+        process or its node died); left as they are if a driver does not answer."""
+        if not any(job.state.active for job in jobs):
+            return jobs
+        running = _running_jobs()
+        if running is None:
+            return jobs
+        refreshed = []
+        for job in jobs:
+            if job.state.active and job.job_id not in running:
+                # Read again: a driver saves a job's last record before it lets go of the job, so a job that ended
+                # between the first read and the drivers' answer has its final record on disk by now.
+                job = self.records.load(job.job_id, job.tenant)
+                if job.state.active:
+                    job.state = JobState.interrupted
+            refreshed.append(job)
+        return refreshed
+
+    def _drivers(self) -> list:
+        """This code's pool of drivers, each started if it is not running (a first call, or one killed for good)."""
+        return [
+            WsiJobDriver.options(name=name, namespace=DRIVER_NAMESPACE, lifetime="detached", get_if_exists=True).remote(
+                code_version()
+            )
+            for name in driver_names(self.wsi.job_drivers)
+        ]
+
+    @staticmethod
+    def _least_busy(drivers: list):
+        """The driver running the fewest jobs; the first of the pool if none answers in time."""
+        loads = []
+        for driver in drivers:
+            try:
+                loads.append(len(ray.get(driver.job_ids.remote(), timeout=_DRIVER_ANSWER_S)))
+            except (GetTimeoutError, RayActorError):
+                loads.append(float("inf"))
+        return drivers[loads.index(min(loads))]
 
 
 @contextmanager
@@ -245,15 +330,63 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _driver(job_id: str):
-    try:
-        return ray.get_actor(driver_name(job_id), namespace=DRIVER_NAMESPACE)
-    except ValueError:
-        return None
+def _named_drivers() -> list:
+    """Every driver running now, of this code's pool and of older ones still finishing their jobs."""
+    drivers = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == DRIVER_NAMESPACE and actor["name"].startswith(DRIVER_PREFIX):
+            try:
+                drivers.append(ray.get_actor(actor["name"], namespace=DRIVER_NAMESPACE))
+            except ValueError:  # gone since listed
+                continue
+    return drivers
 
 
-def _slide_key(path: str) -> str:
-    """A slide's folder in the job's output folder: its name, and a hash of its path (names may repeat)."""
+def _running_jobs() -> set[str] | None:
+    """The ids of the jobs the drivers run; None if one of them did not answer in time (nothing is certain)."""
+    running: set[str] = set()
+    answers = {driver: driver.job_ids.remote() for driver in _named_drivers()}
+    for reference in answers.values():
+        try:
+            running.update(ray.get(reference, timeout=_DRIVER_ANSWER_S))
+        except (GetTimeoutError, ActorUnavailableError):  # busy, or out of reach for now
+            return None
+        except RayActorError:  # died for good: it runs nothing
+            continue
+    return running
+
+
+def driver_of(job_id: str):
+    """The driver running job ``job_id``, or None."""
+    for driver in _named_drivers():
+        try:
+            if job_id in ray.get(driver.job_ids.remote(), timeout=_DRIVER_ANSWER_S):
+                return driver
+        except (GetTimeoutError, RayActorError):
+            continue
+    return None
+
+
+def _retire_other_pools() -> None:
+    """Drivers of other code (an upgrade, a redeploy of changed code) take no more jobs and exit after their last."""
+    current = set(driver_names(64))
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] != DRIVER_NAMESPACE or not actor["name"].startswith(DRIVER_PREFIX):
+            continue
+        if actor["name"] not in current:
+            try:
+                ray.get_actor(actor["name"], namespace=DRIVER_NAMESPACE).retire.remote()
+            except ValueError:
+                continue
+
+
+def _slide_key(slide: str | DicomwebSlideRef | DicomwebSlide) -> str:
+    """A slide's folder in the job's output folder: its name (a PACS slide's: the PACS's), and a hash of its path or
+    UIDs (names may repeat)."""
+    if not isinstance(slide, str):
+        identity = f"dicomweb:{slide.pacs}/{slide.study_instance_uid}/{slide.series_instance_uid}"
+        return f"{slide.pacs}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+    path = slide
     stem = PurePosixPath(path).stem or "slide"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:64]
     return f"{safe}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"

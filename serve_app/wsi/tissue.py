@@ -13,12 +13,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from serve_app.wsi.slides import Slide
+from serve_app.wsi.slides import Slide, read_level_reduced
 from serve_app.wsi.tiling import TileGrid
 
 __all__ = ["MIN_SATURATION", "TissueMask", "detect_tissue"]
@@ -71,7 +70,7 @@ def detect_tissue(slide: Slide, *, target_mpp: float = 8.0, min_object_um2: floa
     level = min(slide.levels, key=lambda candidate: abs(math.log(candidate.mpp / target_mpp)))
     # A level finer than the target is reduced by a whole factor, and at least enough to bound the mask.
     factor = max(1, math.floor(target_mpp / level.mpp), math.ceil(max(level.width, level.height) / _MAX_MASK_SIDE))
-    rgb = _read_level_reduced(slide, level.index, factor)
+    rgb = read_level_reduced(slide, level.index, factor)  # band by band: bounded memory
     mask_mpp = level.mpp * factor
     saturation = _saturation(rgb)
     mask = saturation > _saturation_threshold(saturation)
@@ -82,29 +81,13 @@ def detect_tissue(slide: Slide, *, target_mpp: float = 8.0, min_object_um2: floa
     return TissueMask(mask=np.ascontiguousarray(mask, dtype=bool), mpp=mask_mpp)
 
 
-def _read_level_reduced(slide: Slide, level_index: int, factor: int) -> np.ndarray:
-    """(ceil(H / factor), ceil(W / factor), 3) uint8 RGB: the level box-averaged over factor x factor pixels.
-
-    Read in bands of rows so that a fine level is never in memory whole.
-    """
-    level = slide.levels[level_index]
-    if factor == 1:
-        return slide.read_region(level_index, 0, 0, level.width, level.height)
-    out_width = math.ceil(level.width / factor)
-    band_rows = max(1, (4096 // factor)) * factor  # level rows per band: a multiple of factor
-    bands = []
-    for top in range(0, level.height, band_rows):
-        rows = min(band_rows, level.height - top)
-        rows_padded = math.ceil(rows / factor) * factor
-        band = slide.read_region(level_index, 0, top, out_width * factor, rows_padded)  # white past the edge
-        bands.append(np.asarray(Image.fromarray(band).reduce(factor)))
-    return np.concatenate(bands, axis=0)
-
-
 def _saturation(rgb: np.ndarray) -> np.ndarray:
     """(H, W) float32 HSV saturation in [0, 1] of (H, W, 3) uint8 RGB, lightly smoothed against JPEG noise."""
-    high = rgb.max(axis=2).astype(np.float32)
-    low = rgb.min(axis=2).astype(np.float32)
+    # Channel by channel: numpy's reduction along a last axis of 3 is about ten times slower (1.6 s on the
+    # 3750 px mask level of a 60,000 px slide).
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(red, green), blue).astype(np.float32)
+    low = np.minimum(np.minimum(red, green), blue).astype(np.float32)
     saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
     return ndimage.uniform_filter(saturation, size=3, mode="nearest")
 

@@ -2,7 +2,7 @@
 
 A work unit is a block of ``chunk_tiles`` x ``chunk_tiles`` model tiles of one slide: the replica reads
 the block's region once (aligned to the file's tiles), classifies its tissue tiles and returns their
-probabilities. Pixels never cross a deployment boundary, only paths going out and probabilities coming
+probabilities. Pixels never cross a deployment boundary, only paths (or PACS series) going out and probabilities coming
 back; each unit is one chunk of the slide's Zarr heatmap.
 """
 
@@ -12,9 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve_app.wsi.slides import DicomwebSlide
 from serve_app.wsi.tiling import TileGrid
 
-__all__ = ["ChunkProbabilities", "TileChunk"]
+__all__ = ["ChunkProbabilities", "SlideSource", "TileChunk"]
+
+# What a job reads for one slide: the real path of a file or folder, checked against the slide roots; or a DICOM WSI
+# series on a configured PACS the tenant may use.
+SlideSource = str | DicomwebSlide
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,7 @@ class TileChunk:
     """One work unit.
 
     Attributes:
-        slide_path: the slide's real path, already checked against the slide roots.
+        slide: the slide's real path, already checked against the slide roots, or its series on a PACS.
         mpp: the job's microns per pixel for a slide whose file does not say; None to use the file's.
         grid: the slide's tile grid (level, tile size, scale).
         chunk_row, chunk_col: the unit's place in the grid of chunks.
@@ -30,7 +35,7 @@ class TileChunk:
         tissue: (h, w) bool, the unit's tiles (h, w <= chunk_tiles at the grid's edges); True ones are classified.
     """
 
-    slide_path: str
+    slide: SlideSource
     mpp: float | None
     grid: TileGrid
     chunk_row: int

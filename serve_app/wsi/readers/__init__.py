@@ -7,4 +7,5 @@ tifffile_reader.py   tiled pyramidal TIFF and Aperio SVS: parsed and checked onc
 cucim_reader.py      cuCIM's CuImage on the levels tifffile checked (optional)
 openslide_reader.py  OpenSlide: NDPI, MRXS, SCN, Philips TIFF, BIF, SVSLIDE, and SVS, generic TIFF, DICOM WSI too
 wsidicom_reader.py   wsidicom: DICOM WSI from a folder of instances (TILED_FULL, TILED_SPARSE, concatenations)
+dicomweb_reader.py   wsidicom's DICOMweb source: a DICOM WSI series on a configured PACS, frames fetched by WADO-RS
 """

@@ -12,6 +12,8 @@ Philips, BIF, ...)
 another file OpenSlide knows (MRXS,    OpenSlide
 VMS, SVSLIDE, ...)
 a DICOM file                           refused: a DICOM WSI is named by its folder of instances
+a ``DicomwebSlide`` (a series on a     wsidicom, over DICOMweb
+configured PACS)
 =====================================  ====================================================================
 
 The reason a reader was chosen goes into ``Slide.reader_reason`` (and a WSI job's ``summary.json``). Every message
@@ -29,7 +31,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from serve_app.errors import InvalidSlide
-from serve_app.wsi.readers.slide import CONVERT_HINT, Slide
+from serve_app.wsi.readers.dicomweb_reader import DicomwebSlide
+from serve_app.wsi.readers.slide import CONVERT_HINT, MAX_SINGLE_LEVEL_SIDE, Slide
 
 __all__ = ["AUTO_READERS", "READERS", "Reader", "open_slide"]
 
@@ -60,8 +63,9 @@ _FORMATS = (
 )
 
 
-def open_slide(path: Path | str, *, mpp: float | None = None, reader: Reader = "auto") -> Slide:
-    """Open a whole-slide image (a file, or a folder of DICOM WSI instances); ``InvalidSlide`` if it cannot be used.
+def open_slide(path: Path | str | DicomwebSlide, *, mpp: float | None = None, reader: Reader = "auto") -> Slide:
+    """Open a whole-slide image (a file, a folder of DICOM WSI instances, or a DICOM WSI series on a configured PACS);
+    ``InvalidSlide`` if it cannot be used.
 
     ``mpp``, microns per pixel of level 0, overrides the file's own (level mpp = mpp * downsample).
     ``reader="auto"`` picks by the format (see the module's table) and falls back to the next reader where one
@@ -71,6 +75,8 @@ def open_slide(path: Path | str, *, mpp: float | None = None, reader: Reader = "
         raise ValueError(f"reader must be one of {get_args(Reader)}, got {reader!r}")
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise InvalidSlide(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+    if isinstance(path, DicomwebSlide):
+        return _open_dicomweb(path, mpp, reader)
     path = Path(path)
     if path.is_dir():
         return _open_folder(path, mpp, reader)
@@ -177,8 +183,25 @@ def _open_folder(folder: Path, mpp: float | None, reader: Reader) -> Slide:
     return _first_that_opens(attempts, why)
 
 
+def _open_dicomweb(source: DicomwebSlide, mpp: float | None, reader: Reader) -> Slide:
+    from serve_app.wsi.readers.dicomweb_reader import WsiDicomWebSlide
+
+    if reader not in ("auto", "wsidicom"):
+        raise InvalidSlide(f"the {reader} reader reads slide files; a slide on a PACS is read by wsidicom")
+    why = f"a DICOM WSI series on PACS {source.pacs}: wsidicom reads it over DICOMweb, frames fetched as needed"
+    return _opened(WsiDicomWebSlide(source, mpp), why)
+
+
 def _opened(slide: Slide, why: str) -> Slide:
     slide.reader_reason = why
+    level0 = slide.levels[0]
+    if len(slide.levels) == 1 and max(level0.width, level0.height) > MAX_SINGLE_LEVEL_SIDE:
+        slide.reader_notes = (
+            *slide.reader_notes,
+            f"the slide has one resolution level ({level0.width}x{level0.height} px): the low-resolution image for "
+            "tissue detection and the overlay is made from it, read in bands (slower than a pyramid's level; "
+            f"{CONVERT_HINT} to make one)",
+        )
     return slide
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from serve_app.errors import InvalidSlide
-from serve_app.wsi.readers.slide import MPP_HINT, Slide, SlideLevel, check_single_level_size, slide_errors
+from serve_app.wsi.readers.slide import MPP_HINT, Slide, SlideLevel, slide_errors
 
 __all__ = ["OpenSlideSlide", "openslide_format"]
 
@@ -81,7 +81,6 @@ class OpenSlideSlide(Slide):
                 )
             )
         result = tuple(levels)
-        check_single_level_size(result)
         return result
 
     def _read_region(self, level: SlideLevel, x: int, y: int, width: int, height: int) -> np.ndarray:

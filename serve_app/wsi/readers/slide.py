@@ -4,34 +4,41 @@ library errors become ``InvalidSlide``."""
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from serve_app.errors import InvalidSlide
 
+if TYPE_CHECKING:
+    import pydicom
+
 __all__ = [
+    "BAND_PIXELS",
     "CONVERT_HINT",
     "MAX_SINGLE_LEVEL_SIDE",
     "MPP_HINT",
     "WHITE",
     "Slide",
     "SlideLevel",
-    "check_single_level_size",
     "paste_inside",
+    "read_level_reduced",
     "slide_errors",
 ]
 
 logger = logging.getLogger(__name__)
 
-# A slide of one level larger than this has no low-resolution level for tissue detection and
-# thumbnails: reading it whole would take gigabytes.
+# A slide of one level larger than this has no low-resolution level for tissue detection and thumbnails: they are made
+# from level 0, read in bands of at most BAND_PIXELS pixels (48 MiB of RGB), so that memory stays bounded.
 MAX_SINGLE_LEVEL_SIDE = 4096
+BAND_PIXELS = 1 << 24
 CONVERT_HINT = "convert it with `vips tiffsave in.svs out.tif --tile --pyramid --compression jpeg`"
 MPP_HINT = "give the slide's mpp (medserve wsi submit --mpp 0.25)"
 WHITE = 255  # outside a level, and tiles the file leaves out, are glass
@@ -71,14 +78,26 @@ def slide_errors(doing: str) -> Iterator[None]:
         ) from error
 
 
-def check_single_level_size(levels: tuple[SlideLevel, ...]) -> None:
-    """A slide of one large level has nothing for tissue detection to read: refused, whatever read it."""
-    level0 = levels[0]
-    if len(levels) == 1 and max(level0.width, level0.height) > MAX_SINGLE_LEVEL_SIDE:
-        raise InvalidSlide(
-            f"the slide has a single resolution level of {level0.width}x{level0.height} px and no "
-            f"low-resolution levels (tissue detection needs one); {CONVERT_HINT}"
+def read_level_reduced(slide: Slide, level_index: int, factor: int) -> np.ndarray:
+    """(ceil(H / factor), ceil(W / factor), 3) uint8 RGB: the level box-averaged over factor x factor pixels.
+
+    Read in bands of whole rows, each at most ``BAND_PIXELS`` pixels (and at least ``factor`` rows), so that a large
+    level, a one-level slide's above all, is never in memory whole: only one band and the reduced image are.
+    """
+    level = slide.levels[level_index]
+    if factor == 1 and level.width * level.height <= BAND_PIXELS:
+        return slide.read_region(level_index, 0, 0, level.width, level.height)
+    out_width = math.ceil(level.width / factor)
+    band_rows = max(1, BAND_PIXELS // (out_width * factor * factor)) * factor  # a multiple of factor
+    out = np.empty((math.ceil(level.height / factor), out_width, 3), np.uint8)
+    for top in range(0, level.height, band_rows):
+        rows = min(band_rows, level.height - top)
+        rows_padded = math.ceil(rows / factor) * factor
+        band = slide.read_region(level_index, 0, top, out_width * factor, rows_padded)  # white past the edge
+        out[top // factor : (top + rows_padded) // factor] = (
+            Image.fromarray(band).reduce(factor) if factor > 1 else band
         )
+    return out
 
 
 class Slide(ABC):
@@ -120,12 +139,20 @@ class Slide(ABC):
         for candidate in self.levels:
             if max(candidate.width, candidate.height) >= max_side:
                 level = candidate  # levels run fine to coarse: the last one still large enough
-        image = self.read_region(level.index, 0, 0, level.width, level.height)
         scale = max_side / max(level.width, level.height)
+        if level.width * level.height > BAND_PIXELS:  # a one-level slide, say: reduced band by band first
+            image = read_level_reduced(self, level.index, max(1, math.floor(1 / scale)))
+        else:
+            image = self.read_region(level.index, 0, 0, level.width, level.height)
         if scale >= 1:
             return image
         size = (max(1, round(level.width * scale)), max(1, round(level.height * scale)))
         return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+    def dicom_source(self) -> pydicom.Dataset | None:
+        """The DICOM image a slide read from DICOM WSI is (its base level's header), for results that reference
+        it; None for a slide of another format."""
+        return None
 
     @abstractmethod
     def close(self) -> None:

@@ -32,7 +32,6 @@ from serve_app.wsi.readers.slide import (
     WHITE,
     Slide,
     SlideLevel,
-    check_single_level_size,
     slide_errors,
 )
 
@@ -111,7 +110,6 @@ def _parse_levels(tif: tifffile.TiffFile, file_size: int, mpp_override: float | 
             tile_height=int(page.tilelength),
         )
         parsed.append(_tile_index(level, page, file_size))
-    check_single_level_size(tuple(p.level for p in parsed))
     return tuple(parsed)
 
 

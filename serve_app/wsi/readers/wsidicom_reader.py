@@ -16,18 +16,22 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 
 from serve_app.errors import InvalidSlide
 from serve_app.wsi.readers.slide import (
     MPP_HINT,
     Slide,
     SlideLevel,
-    check_single_level_size,
     paste_inside,
     slide_errors,
 )
+
+if TYPE_CHECKING:
+    from wsidicom import WsiDicom
 
 __all__ = ["WsiDicomSlide"]
 
@@ -68,12 +72,17 @@ class WsiDicomSlide(Slide):
         self.path = folder
         with slide_errors("opening the DICOM whole-slide image with wsidicom"):
             try:
-                self._wsi = WsiDicom.open(folder)
+                wsi = WsiDicom.open(folder)
             except WsiDicomNotFoundError as error:
                 raise InvalidSlide(
                     "the folder holds no DICOM whole-slide image levels (VL Whole Slide Microscopy instances of "
                     "image type VOLUME, with their type 1 attributes); name the folder of one slide's instances"
                 ) from error
+        self._take(wsi, mpp)
+
+    def _take(self, wsi: WsiDicom, mpp: float | None) -> None:
+        """Read the pyramid of ``wsi``, an opened ``WsiDicom``; closed again if it cannot be used."""
+        self._wsi = wsi
         try:
             self.levels, self.reader_notes = self._read_pyramid(mpp)
         except BaseException:
@@ -133,7 +142,6 @@ class WsiDicomSlide(Slide):
             )
             self._pyramid_levels.append(level.level)
         result = tuple(levels)
-        check_single_level_size(result)
         return result, tuple(notes)
 
     def _read_region(self, level: SlideLevel, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -152,5 +160,19 @@ class WsiDicomSlide(Slide):
         # wsidicom refuses a region past the level's edge: read the part inside, the rest is glass.
         return paste_inside(level, x, y, width, height, read)
 
+    def dicom_source(self) -> pydicom.Dataset:
+        """The base level's first instance, its header only: what annotations of the slide reference (their
+        coordinates are its total pixel matrix's, which every instance of the level shares)."""
+        dataset = self._wsi.pyramids[0].base_level.datasets[0].as_dataset()
+        header = pydicom.Dataset()
+        for element in dataset:
+            if element.tag not in _NOT_REFERENCED:
+                header.add(element)
+        return header
+
     def close(self) -> None:
         self._wsi.close()
+
+
+# Per-frame positions and pixels: what an annotation's reference to the image needs none of, and the largest parts.
+_NOT_REFERENCED = {pydicom.tag.Tag("PerFrameFunctionalGroupsSequence"), pydicom.tag.Tag("PixelData")}
