@@ -6,6 +6,7 @@ Fixtures live in ``conftest.py``; everything a test imports by name lives here.
 from __future__ import annotations
 
 import gzip
+import http.client
 import io
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import nibabel as nib
@@ -38,6 +40,21 @@ def free_port() -> int:
 def auth(key: str) -> dict:
     """The headers that send a tenant's API key."""
     return {"authorization": f"Bearer {key}"}
+
+
+def stall_uploads(tenant_url: str, key: str, count: int) -> list[http.client.HTTPConnection]:
+    """Uploads that stop half way: each holds one of the tenant's concurrent requests open (at the gate)."""
+    url = urlsplit(tenant_url)
+    stalled = []
+    for _ in range(count):
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        connection.putrequest("POST", url.path + SEGMENT)
+        for name, value in {**ZIP, **auth(key), "content-length": "40000"}.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        connection.send(b"PK\x03\x04" + b"x" * 100)
+        stalled.append(connection)
+    return stalled
 
 
 def audit_lines(config) -> list[dict]:

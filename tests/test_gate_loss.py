@@ -9,19 +9,17 @@ long until requests were admitted again, and what the ingress replicas logged.
 
 from __future__ import annotations
 
-import http.client
 import signal
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import psutil
 from fault_load import SUMMARY
 
-from helpers import SEGMENT, ZIP, auth
+from helpers import SEGMENT, ZIP, auth, stall_uploads
 from serve_app.tenancy.quota import Lease, Quotas
 
 CLIENTS = 4
@@ -57,21 +55,6 @@ def _ingress_logs(app: str) -> list[Path]:
     return sorted(logs.glob(f"serve/replica_{app}_Ingress_*.log")) + stderr
 
 
-def _stall_uploads(tenant_url: str, key: str, count: int) -> list[http.client.HTTPConnection]:
-    """Uploads that stop half way: each holds one of the tenant's concurrent requests at the gate."""
-    url = urlsplit(tenant_url)
-    stalled = []
-    for _ in range(count):
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-        connection.putrequest("POST", url.path + SEGMENT)
-        for name, value in {**ZIP, **auth(key), "content-length": "40000"}.items():
-            connection.putheader(name, value)
-        connection.endheaders()
-        connection.send(b"PK\x03\x04" + b"x" * 100)
-        stalled.append(connection)
-    return stalled
-
-
 def _wait_for(condition, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -83,7 +66,7 @@ def test_a_killed_gate_stalls_no_request_and_its_successor_keeps_the_counts(tena
     app = tenant_config.name
     assert _gate_stats(app)["in_flight"]["rural-clinic"] == 0
     # Two requests of rural-clinic (concurrency 2) hold their counts across the kill: the new gate must know them.
-    held = _stall_uploads(tenant_url, tenant_keys["rural-clinic"], 2)
+    held = stall_uploads(tenant_url, tenant_keys["rural-clinic"], 2)
     _wait_for(lambda: _gate_stats(app)["in_flight"]["rural-clinic"] == 2)
     log_sizes = {path: path.stat().st_size for path in _ingress_logs(app)}
 

@@ -3,18 +3,16 @@
 import datetime
 import hashlib
 import hmac
-import http.client
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import pytest
 
-from helpers import SEGMENT, ZIP, assert_no_markers_in_logs, audit_lines, auth, medserve, zip_files
+from helpers import SEGMENT, ZIP, assert_no_markers_in_logs, audit_lines, auth, medserve, stall_uploads, zip_files
 from serve_app.config import ConfigError, load_config
 from serve_app.samples.phantoms import ct_phantom
 from serve_app.samples.study_files import write_ct_series
@@ -113,23 +111,8 @@ def test_rate_quota_is_exact_across_two_ingress_replicas(tenants, tenant_keys, t
     assert len(replicas) == 2, "both ingress replicas must have taken part for this test to mean anything"
 
 
-def _stall_uploads(tenant_url, key, count) -> list[http.client.HTTPConnection]:
-    """Start uploads that stop half way: each holds one of the tenant's concurrent requests open."""
-    url = urlsplit(tenant_url)
-    stalled = []
-    for _ in range(count):
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-        connection.putrequest("POST", url.path + SEGMENT)
-        for name, value in {**ZIP, **auth(key), "content-length": "40000"}.items():
-            connection.putheader(name, value)
-        connection.endheaders()
-        connection.send(b"PK\x03\x04" + b"x" * 100)
-        stalled.append(connection)
-    return stalled
-
-
 def test_concurrency_quota_is_exact_and_given_back(tenant_url, tenants, tenant_keys, tenant_config):
-    stalled = _stall_uploads(tenant_url, tenant_keys["rural-clinic"], 2)
+    stalled = stall_uploads(tenant_url, tenant_keys["rural-clinic"], 2)
     wait_for(lambda: gate_stats(tenant_config)["in_flight"]["rural-clinic"] == 2)
     time.sleep(tenant_config.scheduling.lease_s + 1)  # live requests are renewed, not expired
     assert gate_stats(tenant_config)["in_flight"]["rural-clinic"] == 2
@@ -149,7 +132,7 @@ def test_concurrency_quota_is_exact_and_given_back(tenant_url, tenants, tenant_k
 def test_many_clients_hanging_up_at_once_give_every_count_back(tenant_url, tenant_keys, tenant_config):
     # Serve cancels a cancelled request's downstream calls still waiting to be routed; when many
     # cancellations land together, a give-back made as the request's child would be among them.
-    stalled = _stall_uploads(tenant_url, tenant_keys["st-marys"], 16)
+    stalled = stall_uploads(tenant_url, tenant_keys["st-marys"], 16)
     wait_for(lambda: gate_stats(tenant_config)["in_flight"]["st-marys"] == 16)
     for connection in stalled:
         connection.close()

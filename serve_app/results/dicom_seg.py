@@ -36,7 +36,7 @@ SEG_SERIES_NUMBER = 901
 # Patient and study attributes that highdicom copies from the source: Type 2 in every image IOD, so present even
 # when empty, but some writers leave them out, or write a date, a time or a sex in a form highdicom refuses
 # (ValueError), and it then fails.
-_COPIED_TYPE_2 = (
+COPIED_TYPE_2 = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -148,7 +148,7 @@ def _source_frames(source: DicomSource) -> tuple[list[pydicom.Dataset], list[int
 def _copyable(image: pydicom.Dataset) -> pydicom.Dataset:
     """``image``, or a shallow copy of it in which the patient and study attributes highdicom copies are fit to copy:
     a missing one added empty (they are Type 2), one whose value highdicom would refuse emptied."""
-    unfit = [keyword for keyword in _COPIED_TYPE_2 if keyword not in image or not _fit_to_copy(keyword, image)]
+    unfit = [keyword for keyword in COPIED_TYPE_2 if keyword not in image or not _fit_to_copy(keyword, image)]
     if not unfit:
         return image
     image = pydicom.Dataset(image)

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from serve_app.model_spec import ModelSpec
-from serve_app.results.dicom_seg import algorithm_identification, new_series
+from serve_app.results.dicom_seg import COPIED_TYPE_2, algorithm_identification, new_series
 
 __all__ = ["ANNOTATION_SERIES_NUMBER", "tile_annotations"]
 
@@ -24,19 +24,6 @@ ANNOTATION_SERIES_NUMBER = 9131  # medserve's WSI results, apart from the scanne
 _GROUPS = (  # (label, category, type, CIELab display colour, the probability's side), for p >= threshold and below
     ("Tumour tiles", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm, (44.0, 68.0, 56.0), ">="),
     ("Other tissue tiles", codes.SCT.Tissue, codes.SCT.Tissue, (42.0, 14.0, -45.0), "<"),
-)
-
-# The patient and study attributes highdicom copies from the image (type 2: present, if empty).
-_TYPE_2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
 )
 
 
@@ -88,7 +75,7 @@ def tile_annotations(
         # Type 1 in the WSI IOD, yet some dicomizers (OrthancWSIDicomizer) leave it out. highdicom compares the
         # sources' before anything else; annotations in the image's pixel coordinates (2D) do not carry it.
         reference.FrameOfReferenceUID = hd.UID()
-    for keyword in _TYPE_2_COPIED:  # present, if empty, in a conformant image; written empty where it had none
+    for keyword in COPIED_TYPE_2:  # present, if empty, in a conformant image; written empty where it had none
         if keyword not in reference:
             setattr(reference, keyword, None)
     annotations = hd.ann.MicroscopyBulkSimpleAnnotations(
