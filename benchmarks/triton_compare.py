@@ -164,7 +164,8 @@ def perf_analyzer(binary: str, target: Target, concurrency: int, work: Path) -> 
     data.mkdir(exist_ok=True)
     voxels = np.load(target.volume_npy)
     affine = np.asarray(target.affine, dtype=np.float64).reshape(4, 4)
-    voxels.tofile(data / "IMAGE")
+    # As the model configuration names it: medserve's IMAGE is FP32 there (it takes INT16 too), Triton's INT16 here.
+    voxels.astype(np.int16 if target.batched_affine else np.float32).tofile(data / "IMAGE")
     affine.tofile(data / "AFFINE")
     shape = ",".join(str(n) for n in voxels.shape)
     csv = work / f"perf-{target.system}-{target.protocol}.csv"

@@ -73,6 +73,22 @@ def test_health_metadata_and_readiness(v2_client):
     ]
     assert v2_client.get_model_metadata(MODEL, "1.0.0")["versions"] == ["1.0.0"]
 
+    # Triton's model-configuration extension, which perf_analyzer reads first: no batch dimension, the same tensors.
+    assert "model_configuration" in v2_client.get_server_metadata()["extensions"]
+    configuration = v2_client.get_model_config(MODEL)
+    assert configuration["max_batch_size"] == 0 and configuration["platform"] == metadata["platform"]
+    assert configuration["input"] == [
+        {"name": "IMAGE", "data_type": "TYPE_FP32", "dims": [1, -1, -1, -1]},
+        {"name": "AFFINE", "data_type": "TYPE_FP64", "dims": [4, 4]},
+    ]
+    assert [(t["name"], t["data_type"]) for t in configuration["output"]] == [
+        ("MASK", "TYPE_UINT8"),
+        ("LABEL_VALUES", "TYPE_UINT8"),
+        ("LABEL_NAMES", "TYPE_STRING"),
+        ("LABEL_VOLUMES_ML", "TYPE_FP64"),
+    ]
+    assert v2_client.get_model_config(MODEL, "1.0.0") == configuration
+
 
 def test_binary_inference_gives_the_study_apis_mask_voxel_for_voxel(v2_client, client, ct):
     image, affine = ct
@@ -317,6 +333,14 @@ def test_grpc_health_metadata_and_readiness(grpc_client, v2_client, app_config):
 
     assert tensors(metadata.inputs) == over_http["inputs"] and tensors(metadata.outputs) == over_http["outputs"]
     assert list(grpc_client.get_model_metadata(MODEL, "1.0.0", headers=app).versions) == ["1.0.0"]
+
+    # The model configuration as over HTTP (Triton's DataType enum names, dims, no batch dimension).
+    configuration = grpc_client.get_model_config(MODEL, headers=app, as_json=True)["config"]
+    assert configuration["name"] == MODEL and configuration.get("max_batch_size", 0) == 0
+    over_http = v2_client.get_model_config(MODEL)
+    assert [(t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in configuration["input"]] == [
+        (t["name"], t["data_type"], t["dims"]) for t in over_http["input"]
+    ]
 
 
 def test_grpc_raw_inference_gives_the_http_answer(grpc_client, client, app_config, http_answer, ct):

@@ -36,6 +36,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "Caller",
     "InputTensor",
+    "ModelConfiguration",
     "ModelMetadata",
     "OutputTensor",
     "RequestedOutput",
@@ -44,6 +45,7 @@ __all__ = [
     "array_of",
     "bytes_data",
     "infer",
+    "model_configuration",
     "model_metadata",
     "model_ready",
     "outputs_of",
@@ -73,7 +75,7 @@ ACCEPTED = {"IMAGE": ("FP32", "INT16"), "AFFINE": ("FP64", "FP32")}
 """What each input may be sent as: the first is the one the model's metadata names."""
 OUTPUT_NAMES = ("MASK", "LABEL_VALUES", "LABEL_NAMES", "LABEL_VOLUMES_ML")
 """Every output of an infer answer, in the order they are returned when none is named."""
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 
 Answer = TypeVar("Answer")
 
@@ -103,6 +105,26 @@ class ModelMetadata(BaseModel):
     platform: str = Field(description="What runs it: medserve's segmentation pipeline.")
     inputs: list[TensorMetadata] = Field(description="What an infer request sends.")
     outputs: list[TensorMetadata] = Field(description="What an infer answer may hold.")
+
+
+class TensorConfiguration(BaseModel):
+    """One input or output in Triton's model configuration."""
+
+    name: str = Field(description="The tensor's name.")
+    data_type: str = Field(description="Triton's type name: TYPE_FP32, TYPE_UINT8, TYPE_STRING (the protocol's BYTES).")
+    dims: list[int] = Field(description="Its shape; -1 for a dimension of any length.")
+
+
+class ModelConfiguration(BaseModel):
+    """A model as Triton's model-configuration extension describes it (``GET /v2/models/{name}/config``), which load
+    generators such as ``perf_analyzer`` read before they send anything. medserve batches requests itself: a request
+    holds one volume, so ``max_batch_size`` is 0 (no batch dimension in the shapes)."""
+
+    name: str = Field(description="The model's name.")
+    platform: str = Field(description="What runs it, as in the model's metadata.")
+    max_batch_size: int = Field(description="0: a request's tensors have no batch dimension.")
+    input: list[TensorConfiguration] = Field(description="What an infer request sends.")
+    output: list[TensorConfiguration] = Field(description="What an infer answer may hold.")
 
 
 class ServerMetadata(BaseModel):
@@ -303,6 +325,30 @@ def bytes_data(strings: list[str]) -> bytes:
     """BYTES elements as binary data: each one's length (4 bytes, little-endian), then it."""
     encoded = [s.encode() for s in strings]
     return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+
+
+async def model_configuration(
+    caller: Caller,
+    name: str,
+    model_version: str | None,
+    gatekeeper: Gatekeeper,
+    repository: ModelRepository,
+    tensors: TensorSegmentation,
+) -> ModelConfiguration:
+    """The model's metadata in the shape of Triton's model configuration; the same refusals as ``model_metadata``."""
+    metadata = await model_metadata(caller, name, model_version, gatekeeper, repository, tensors)
+
+    def configured(tensor: TensorMetadata) -> TensorConfiguration:
+        data_type = "TYPE_STRING" if tensor.datatype == BYTES else f"TYPE_{tensor.datatype}"
+        return TensorConfiguration(name=tensor.name, data_type=data_type, dims=tensor.shape)
+
+    return ModelConfiguration(
+        name=metadata.name,
+        platform=metadata.platform,
+        max_batch_size=0,
+        input=[configured(t) for t in metadata.inputs],
+        output=[configured(t) for t in metadata.outputs],
+    )
 
 
 def _tensor_metadata(tensor: TensorSpec, datatype: str | None = None) -> TensorMetadata:

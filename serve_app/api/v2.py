@@ -32,6 +32,7 @@ from serve_app.api.dependencies import GatekeeperDep, RepositoryDep, Segmentatio
 from serve_app.api.inference_protocol import (
     BYTES,
     InputTensor,
+    ModelConfiguration,
     ModelMetadata,
     OutputTensor,
     RequestedOutput,
@@ -180,6 +181,27 @@ async def model_version_metadata(
 ) -> ModelMetadata:
     """One version of the model, as ``GET /v2/models/{name}`` describes it."""
     return await protocol.model_metadata(request, name, model_version, gatekeeper, repository, tensors)
+
+
+@router.get("/v2/models/{name}/config", response_model=ModelConfiguration, responses=_ERRORS)
+async def model_configuration(
+    name: str, request: Request, gatekeeper: GatekeeperDep, repository: RepositoryDep, tensors: TensorSegmentationDep
+) -> ModelConfiguration:
+    """The model's inputs and outputs in the shape of Triton's model configuration (what perf_analyzer reads)."""
+    return await protocol.model_configuration(request, name, None, gatekeeper, repository, tensors)
+
+
+@router.get("/v2/models/{name}/versions/{model_version}/config", response_model=ModelConfiguration, responses=_ERRORS)
+async def model_version_configuration(
+    name: str,
+    model_version: str,
+    request: Request,
+    gatekeeper: GatekeeperDep,
+    repository: RepositoryDep,
+    tensors: TensorSegmentationDep,
+) -> ModelConfiguration:
+    """One version of the model, as ``GET /v2/models/{name}/config`` describes it."""
+    return await protocol.model_configuration(request, name, model_version, gatekeeper, repository, tensors)
 
 
 @router.get("/v2/models/{name}/ready", responses={200: {"description": "Ready (empty body)."}, **_ERRORS})

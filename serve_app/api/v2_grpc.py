@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from starlette.datastructures import State
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 
 from serve_app.api import inference_protocol as protocol
@@ -183,6 +184,28 @@ class InferenceServiceMethods:
             platform=metadata.platform,
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs],
+        )
+
+    @_rpc("ModelConfig", pb.ModelConfigResponse)
+    async def ModelConfig(self, request: pb.ModelConfigRequest, caller: _GrpcCaller) -> pb.ModelConfigResponse:
+        """The model's inputs and outputs in the shape of Triton's model configuration, as
+        ``GET /v2/models/{name}/config`` gives them (what perf_analyzer reads)."""
+        services = self.services
+        configuration = await protocol.model_configuration(
+            caller, request.name, request.version or None, services.gatekeeper, services.repository, self._tensors
+        )
+
+        def tensors(kind, configured):
+            return [kind(name=t.name, data_type=t.data_type, dims=t.dims) for t in configured]
+
+        return pb.ModelConfigResponse(
+            config=model_config_pb2.ModelConfig(
+                name=configuration.name,
+                platform=configuration.platform,
+                max_batch_size=configuration.max_batch_size,
+                input=tensors(model_config_pb2.ModelInput, configuration.input),
+                output=tensors(model_config_pb2.ModelOutput, configuration.output),
+            )
         )
 
     @_rpc("ModelInfer", pb.ModelInferResponse)
