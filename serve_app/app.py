@@ -16,12 +16,9 @@ requests in flight first (graceful shutdown, for as long as a request may last).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-from pathlib import Path
 
-import ray
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
@@ -36,6 +33,7 @@ from deployments.tile_model import TileModelDeployment
 from serve_app.config import CONFIG_ENVIRONMENT_VARIABLE, AppConfig, load_config
 from serve_app.engines.torch_engine import check_network
 from serve_app.model_repository import ModelRepository, ModelRepositoryError
+from serve_app.source_digest import source_digest
 
 __all__ = ["app_builder", "build_app", "read_checked_repository"]
 
@@ -113,7 +111,7 @@ def _versioned(deployment: Deployment, given: tuple, **options) -> Deployment:
     Serve restarts a deployment's replicas on a new deployment only when its version changes; its public API
     leaves the version to Serve, which picks a random one on every ``serve.run``: hence ``_internal``.
     """
-    digest = hashlib.sha256(_source_digest().encode())
+    digest = hashlib.sha256(source_digest().encode())
     digest.update(repr(sorted(options.items())).encode())
     for part in given:
         digest.update(_described(part).encode())
@@ -126,17 +124,6 @@ def _described(part) -> str:
     if hasattr(part, "model_dump_json"):
         return part.model_dump_json()
     return repr(part)
-
-
-@functools.cache
-def _source_digest() -> str:
-    """SHA-256 of medserve's own Python source (serve_app/ and deployments/) and Ray's version: new code, new
-    replicas."""
-    digest = hashlib.sha256(ray.__version__.encode())
-    for package in (Path(__file__).parent, Path(__file__).parent.parent / "deployments"):
-        for path in sorted(package.rglob("*.py")):
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _longest_request_s(config: AppConfig) -> float:

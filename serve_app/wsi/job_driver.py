@@ -33,8 +33,6 @@ written.
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
 import json
 import logging
 import threading
@@ -49,7 +47,6 @@ import pydicom
 import ray
 from ray.serve.handle import DeploymentHandle
 
-import serve_app
 from serve_app.config import AppConfig
 from serve_app.dicomweb.pacs_client import PacsClient
 from serve_app.errors import PacsFailed, RequestError, unwrap
@@ -57,6 +54,7 @@ from serve_app.model_repository import ModelRepository
 from serve_app.model_spec import TilePreprocessingSpec
 from serve_app.observability.metrics import WsiJobMetrics
 from serve_app.segmentation.responses import PacsStoreOutcome
+from serve_app.source_digest import source_digest
 from serve_app.stopwatch import Stopwatch
 from serve_app.storage import set_private_umask, write_atomic
 from serve_app.wsi.annotations import tile_annotations
@@ -102,15 +100,9 @@ _METRICS_FLUSH_S = 12.0
 _RECYCLE_AFTER_JOBS = 100
 
 
-@functools.cache
 def code_version() -> str:
-    """A digest of medserve's source (the ``serve_app`` package): drivers of other code are another pool."""
-    root = Path(serve_app.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    """A short digest of the code this process runs (``source_digest``): drivers of other code are another pool."""
+    return source_digest()[:12]
 
 
 def driver_names(count: int) -> list[str]:
