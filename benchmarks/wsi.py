@@ -171,7 +171,15 @@ class GpuSampler:
 
 
 def end_to_end(
-    repository: Path, slide_path: Path, size: Size, work: Path, *, gpu_decode: bool, gpus: int = 1, slides: int = 1
+    repository: Path,
+    slide_path: Path,
+    size: Size,
+    work: Path,
+    *,
+    gpu_decode: bool,
+    gpus: int = 1,
+    slides: int = 1,
+    gpu_jpeg_decoder: str = "torchvision",
 ) -> dict:
     """A real WSI job on a local Ray cluster: submitted over HTTP, timed from submission to its end. ``slides``
     copies of the slide in the one job; the size's tile-model replicas on each of ``gpus`` GPUs."""
@@ -196,11 +204,12 @@ def end_to_end(
             "http.port": port,
             "storage.root": str(work / "storage"),
             "wsi.slide_roots": [str(slide_path.parent)],
-            "wsi.output_root": str(work / f"wsi-{gpu_decode}"),
+            "wsi.output_root": str(work / f"wsi-{gpu_decode}-{gpu_jpeg_decoder}"),
             "wsi.chunk_tiles": size.chunk_tiles,
             "wsi.chunks_in_flight": size.chunks_in_flight,
             "wsi.read_threads": size.read_threads,
             "wsi.gpu_decode": gpu_decode,
+            "wsi.gpu_jpeg_decoder": gpu_jpeg_decoder,
             "deployments.tile_model": tile_model,
         }
     )
@@ -273,7 +282,7 @@ def end_to_end(
             "reader": summary["reader"],
             "replicas": size.replicas * gpus,
             "gpu_per_replica": size.gpu_share,
-            "jpeg_decode": "GPU (nvJPEG)" if gpu_decode else "CPU threads",
+            "jpeg_decode": f"GPU ({gpu_jpeg_decoder})" if gpu_decode else "CPU threads",
         }
     finally:
         serve.shutdown()
@@ -283,7 +292,8 @@ def end_to_end(
 def _linked_copy(slide_path: Path, index: int) -> Path:
     """Another name for the slide (a hard link: no copy of its bytes), so a job may hold it several times."""
     copy = slide_path.with_name(f"{slide_path.stem}-{index}{slide_path.suffix}")
-    copy.hardlink_to(slide_path)
+    if not copy.exists():  # an earlier end-to-end run of this benchmark made it
+        copy.hardlink_to(slide_path)
     return copy
 
 
@@ -307,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         "--slides slides at once; writes wsi-scaling-<GPUS>.json (benchmarks/gpu_scaling.sh)",
     )
     parser.add_argument("--slides", type=int, default=1, help="slides in the end-to-end job (copies of one)")
+    parser.add_argument(
+        "--gpu-decoders",
+        default="torchvision",
+        help="comma-separated wsi.gpu_jpeg_decoder values, one end-to-end job each on a GPU (default torchvision)",
+    )
     parser.add_argument(
         "--network",
         choices=sorted(NETWORKS),
@@ -342,9 +357,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"naive loop: {naive_rate:.1f} tiles/s", flush=True)
     del classifier
     torch.cuda.empty_cache() if device.type == "cuda" else None
-    runs = [end_to_end(repository, slide_path, size, work, gpu_decode=False)]
+    runs = [end_to_end(repository, slide_path, size, work, gpu_decode=False, slides=args.slides)]
     if device.type == "cuda":
-        runs.append(end_to_end(repository, slide_path, size, work, gpu_decode=True))
+        runs += [
+            end_to_end(repository, slide_path, size, work, gpu_decode=True, slides=args.slides, gpu_jpeg_decoder=name)
+            for name in args.gpu_decoders.split(",")
+        ]
     for run in runs:
         print(f"medserve end to end, {run['jpeg_decode']} decode: {run['tiles_per_s']:.0f} tiles/s", flush=True)
     job = max(runs, key=lambda run: run["tiles_per_s"])

@@ -11,10 +11,12 @@ from deployments.replica import BatchingReplica
 from serve_app.config import AppConfig
 from serve_app.engines.devices import replica_device
 from serve_app.model_repository import ModelSpec
+from serve_app.observability.input_drift import input_monitor
 from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.results import ResultStore
 from serve_app.segmentation.messages import Prediction, PreparedStudy, Segmentation
-from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor, run_stages
+from serve_app.segmentation.stage_order import run_stages
+from serve_app.segmentation.stages import Postprocessor, Predictor, Preprocessor
 
 
 @serve.deployment(name="FusedPipeline")
@@ -22,7 +24,12 @@ class FusedPipelineDeployment(BatchingReplica):
     def __init__(self, spec: ModelSpec, config: AppConfig):
         device = replica_device()
         self.spec = spec
-        self.preprocessor = Preprocessor(config.limits, device, header_processes=config.reading.header_processes())
+        self.preprocessor = Preprocessor(
+            config.limits,
+            device,
+            header_processes=config.reading.header_processes(),
+            monitor=input_monitor(config.input_monitoring.window_inputs),
+        )
         self.predictor = Predictor(self.spec, device)
         self.postprocessor = Postprocessor(ResultStore.of(config.storage))
         self.metrics = ReplicaMetrics(model=spec.name)

@@ -8,6 +8,7 @@ from deployments.replica import Replica
 from serve_app.config import AppConfig
 from serve_app.engines.devices import replica_device
 from serve_app.model_repository import ModelSpec
+from serve_app.observability.input_drift import input_monitor
 from serve_app.observability.metrics import ReplicaMetrics
 from serve_app.segmentation.messages import PreparedStudy
 from serve_app.segmentation.stages import Preprocessor
@@ -17,7 +18,10 @@ from serve_app.segmentation.stages import Preprocessor
 class PreprocessDeployment(Replica):
     def __init__(self, config: AppConfig):
         self.preprocessor = Preprocessor(
-            config.limits, replica_device(), header_processes=config.reading.header_processes()
+            config.limits,
+            replica_device(),
+            header_processes=config.reading.header_processes(),
+            monitor=input_monitor(config.input_monitoring.window_inputs),
         )
         self.metrics = ReplicaMetrics()
 

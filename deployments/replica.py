@@ -4,11 +4,14 @@ live retuning of batching."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from serve_app.config import BatchingConfig
 from serve_app.errors import RequestError
-from serve_app.segmentation.stages import Predictor
 from serve_app.storage import set_private_umask
+
+if TYPE_CHECKING:  # only named here: the gate's and the tile model's replicas never import MONAI's stages
+    from serve_app.segmentation.stages import Predictor
 
 __all__ = ["BatchingReplica", "ClientErrorsAtWarning", "Replica"]
 

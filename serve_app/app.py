@@ -33,6 +33,7 @@ from deployments.tile_model import TileModelDeployment
 from serve_app.config import CONFIG_ENVIRONMENT_VARIABLE, AppConfig, load_config
 from serve_app.engines.torch_engine import check_network
 from serve_app.model_repository import ModelRepository, ModelRepositoryError
+from serve_app.segmentation.rollouts import check_rollouts
 from serve_app.source_digest import source_digest
 
 __all__ = ["app_builder", "build_app", "read_checked_repository"]
@@ -53,6 +54,7 @@ def read_checked_repository(config: AppConfig) -> ModelRepository:
 def build_app(config: AppConfig, repository: ModelRepository | None = None) -> Application:
     """The application; ``repository``: the config's, read and checked (``read_checked_repository``) unless given."""
     repository = repository or read_checked_repository(config)
+    check_rollouts(config, repository)
     model_deployment = FusedPipelineDeployment if config.fused else ModelDeployment
     graceful = {"graceful_shutdown_timeout_s": _longest_request_s(config)}
     model_handles, tile_model_handles = {}, {}

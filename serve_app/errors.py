@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 __all__ = [
     "CLIENT_CLOSED",
     "BadRequest",
+    "CandidateNotDeliverable",
     "Conflict",
     "DeadlineExceeded",
     "DeliveryFailed",
@@ -27,6 +28,7 @@ __all__ = [
     "ImageNotKept",
     "InstanceRefused",
     "InvalidRequestBody",
+    "InconsistentPyramid",
     "InvalidSlide",
     "InvalidStudy",
     "InvalidTensor",
@@ -34,6 +36,7 @@ __all__ = [
     "MethodNotAllowed",
     "ModelNotFound",
     "NoDicomResult",
+    "NoRollout",
     "NotFoundAtPacs",
     "PacsFailed",
     "PayloadTooLarge",
@@ -135,6 +138,11 @@ class InvalidSlide(RequestError):
     status_code = 422
 
 
+class InconsistentPyramid(InvalidSlide):
+    """A slide whose pyramid levels are not one image (another frame of reference, another shape): no other reader
+    is tried, since one that opens it would read a wrong image."""
+
+
 class ModelTaskMismatch(RequestError):
     """A segmentation model asked for a WSI job, or a tile classifier asked to segment a study."""
 
@@ -159,6 +167,18 @@ class NoDicomResult(RequestError):
     """
 
     status_code = 404
+
+
+class NoRollout(RequestError):
+    """A model that has no rollout configured (``rollouts.<model>``): nothing to report, promote or abort."""
+
+    status_code = 404
+
+
+class CandidateNotDeliverable(RequestError):
+    """A shadow result, a candidate version's run beside the live answer: kept for review, never sent to a PACS."""
+
+    status_code = 409
 
 
 class ImageNotKept(RequestError):

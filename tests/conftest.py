@@ -30,7 +30,13 @@ from serve_app.samples.study_files import write_ct_series
 # Modules that deploy an application of their own beside the main one, and delete it after. The test cluster has CPUs
 # for the main app and one more (``make_room_for_an_app``): run after the tenant app is first deployed, each would take
 # its room and the next tenant test would deploy it again, half a minute on CI's two cores each time. So they run first.
-OWN_APP_MODULES = ("test_autoscaling.py", "test_bundles_live.py", "test_layouts.py", "test_overload.py")
+OWN_APP_MODULES = (
+    "test_autoscaling.py",
+    "test_bundles_live.py",
+    "test_layouts.py",
+    "test_overload.py",
+    "test_rollouts.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -15,11 +15,15 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
 import nibabel as nib
 import numpy as np
+
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
 
 MODEL = "ct-phantom-organ"
 SEGMENT = f"/v1/models/{MODEL}/segment"
@@ -216,13 +220,10 @@ def wait_until_counted(code: int, count: float, timeout_s: float = 60) -> float:
 # Every test cluster's: an ingress replica being removed stops taking requests after 2 s, not Serve's 30 s, which it
 # waits so that an external load balancer deregisters it. Here the one load balancer is HAProxy on the same machine,
 # which Serve reconfigures at once; each app a test deletes would otherwise cost half a minute.
-# Handles and replicas also push their autoscaling figures to Serve's controller every second rather than every 10 s:
-# a deployment scaled to zero (the WSI tile model) starts its first replica that much sooner, and every autoscaling
-# test sees the controller act on a backlog within a second or two of it building.
+# (How often replicas report their backlog to Serve's controller is each autoscaled deployment's own
+# ``autoscaling.metrics_interval_s``: Ray 2.60 reads no environment variable for it.)
 TEST_RAY_ENVIRONMENT = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 
 
@@ -243,6 +244,9 @@ TEST_WSI = {
             # Serve averages the backlog over this window (30 s by default): the drained job's replicas go 5 s after
             # its last tile, not half a minute.
             "look_back_period_s": 2,
+            # Replicas and handles report the backlog every second (Serve's default, every 10 s, would leave the
+            # controller acting on figures up to 10 s old: the tile model would scale up and down that much later).
+            "metrics_interval_s": 1,
         },
     },
 }
@@ -275,6 +279,13 @@ def edit_json(path: Path, change) -> None:
 def insert_transform(transform: dict, at: int = 3):
     """A change for ``edit_json``: ``transform`` inserted into a bundle's preprocessing at ``at``."""
     return lambda config: config["preprocessing"]["transforms"].insert(at, transform)
+
+
+def beside_the_main_app(app_config: AppConfig, **update) -> AppConfig:
+    """``app_config`` changed by ``update``, for an app a test deploys beside the main one: without the main app's DICOM
+    node, its routes and destinations, which no such app is deployed to test (the node's replica would only cost
+    each deployment seconds of CI's two cores)."""
+    return app_config.model_copy(update={"dicom_network": None, "routes": {}, "destinations": {}, **update})
 
 
 def make_room_for_an_app(main_app: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 from fault_load import SUMMARY, run_load
 from ray import serve
 
-from helpers import SEGMENT, make_room_for_an_app
+from helpers import SEGMENT, beside_the_main_app, make_room_for_an_app
 from serve_app.app import build_app
 from serve_app.config import AutoscalingConfig
 
@@ -26,8 +26,9 @@ AUTOSCALING = {
     "max_replicas": 3,
     "target_ongoing_requests": 1,
     "upscale_delay_s": 2,
-    "downscale_delay_s": 10,
+    "downscale_delay_s": 5,
     "look_back_period_s": 2,
+    "metrics_interval_s": 1,  # the backlog reported every second, not every 10 s (Serve's default)
 }
 # The burst lasts until the model's deployment has scaled up, or this long.
 MAX_BURST_S = 150
@@ -44,7 +45,7 @@ def elastic_url(server_url, app_config):
             name: getattr(app_config.deployments, name).model_copy(update=elastic) for name in ("preprocess", "model")
         }
     )
-    config = app_config.model_copy(update={"name": "medserve-elastic", "layout": "split", "deployments": deployments})
+    config = beside_the_main_app(app_config, name="medserve-elastic", layout="split", deployments=deployments)
     make_room_for_an_app(app_config.name)
     serve.run(build_app(config), name=config.name, route_prefix=PREFIX, blocking=False)
     yield server_url + PREFIX, config.name

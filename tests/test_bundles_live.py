@@ -15,7 +15,17 @@ import pytest
 import ray
 from ray import serve
 
-from helpers import INFERENCE, MODEL, ZIP, edit_json, insert_transform, load_mask, write_organ_bundle, zip_files
+from helpers import (
+    INFERENCE,
+    MODEL,
+    ZIP,
+    beside_the_main_app,
+    edit_json,
+    insert_transform,
+    load_mask,
+    write_organ_bundle,
+    zip_files,
+)
 from serve_app.app import build_app
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY
 
@@ -47,8 +57,8 @@ def bundle_app(server_url, app_config, repository):
             for name in ("ingress", "preprocess", "model", "postprocess")
         }
     )
-    config = app_config.model_copy(
-        update={"name": APP, "layout": "split", "deployments": deployments, "model_repository": repository}
+    config = beside_the_main_app(
+        app_config, name=APP, layout="split", deployments=deployments, model_repository=repository
     )
     serve.run(build_app(config), name=APP, route_prefix=PREFIX, blocking=False)
     yield config, server_url + PREFIX

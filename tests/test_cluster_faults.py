@@ -43,8 +43,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 APP = "medserve-faults"
 REPLICAS = {"Ingress": 2, "Preprocess": 2, "Postprocess": 2, f"ModelReplica:{MODEL}": 2}
 CLIENTS = 8
-LOAD_S = 30
-FAULT_AT_S = 10
+LOAD_S = 25
+FAULT_AT_S = 5  # the clients all busy by then: each has a request in flight at the fault
 DEADLINE_S = 60
 FULL_STRENGTH_WAIT_S = 180
 

@@ -546,3 +546,23 @@ def test_the_grpc_service_is_off_by_default_and_rendered_into_the_cluster_manife
     service = objects["Service", "medserve-grpc"]
     assert service["spec"]["ports"][0]["port"] == 9001 and service["spec"]["selector"]["ray.io/serve"] == "true"
     kubernetes_validate.validate(service, "1.33.0", strict=True)
+
+
+def test_each_model_route_answers_on_its_plain_and_its_versioned_path_and_only_there_takes_a_version():
+    """One handler an endpoint, on both of the protocol's paths: the plain path's route documents no model_version
+    (not even in the query), the versioned path's names it in the path."""
+    from fastapi import FastAPI
+
+    from serve_app.api import v2
+
+    app = FastAPI()
+    app.include_router(v2.router)
+    paths = app.openapi()["paths"]
+    for suffix, method in (("", "get"), ("/config", "get"), ("/ready", "get"), ("/infer", "post")):
+        plain = paths[f"/v2/models/{{name}}{suffix}"][method]
+        versioned = paths[f"/v2/models/{{name}}/versions/{{model_version}}{suffix}"][method]
+        assert "model_version" not in {p["name"] for p in plain.get("parameters", [])}, suffix
+        assert {"name": "model_version", "in": "path"}.items() <= next(
+            p for p in versioned["parameters"] if p["name"] == "model_version"
+        ).items(), suffix
+        assert plain["description"] == versioned["description"] and plain["responses"] == versioned["responses"]

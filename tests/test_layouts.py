@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ray import serve
 
-from helpers import SEGMENT, dice, load_mask, make_room_for_an_app, zip_files
+from helpers import SEGMENT, beside_the_main_app, dice, load_mask, make_room_for_an_app, zip_files
 from serve_app.app import build_app
 
 FUSED_PREFIX = "/fused"
@@ -14,7 +14,7 @@ FUSED_PREFIX = "/fused"
 
 @pytest.fixture(scope="module")
 def fused_url(server_url, app_config):
-    config = app_config.model_copy(update={"layout": "fused", "name": "medserve-fused"})
+    config = beside_the_main_app(app_config, layout="fused", name="medserve-fused")
     make_room_for_an_app(app_config.name)
     serve.run(build_app(config), name=config.name, route_prefix=FUSED_PREFIX, blocking=False)
     yield server_url + FUSED_PREFIX

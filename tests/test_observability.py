@@ -385,7 +385,7 @@ def test_dashboards_fit_grafanas_schema():
     datasource_uid = re.search(
         r"uid: (\S+)", (monitoring.DASHBOARDS / "grafana/provisioning/datasources/prometheus.yaml").read_text()
     )[1]
-    assert {p.stem for p in DASHBOARD_FILES} == {"overview", "gpu", "tenants", "wsi"}
+    assert {p.stem for p in DASHBOARD_FILES} == {"overview", "gpu", "tenants", "wsi", "inputs"}
     for path in DASHBOARD_FILES:
         ours = json.loads(path.read_text())
         theirs = json.loads(json.dumps(Dashboard.from_json(ours), cls=JSONEncoder))

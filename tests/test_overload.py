@@ -11,7 +11,7 @@ import pytest
 from ray import serve
 
 from serve_app.app import build_app
-from tests.helpers import make_room_for_an_app, zip_files
+from tests.helpers import beside_the_main_app, make_room_for_an_app, zip_files
 
 pytestmark = pytest.mark.cluster
 
@@ -31,7 +31,7 @@ def narrow_url(server_url, app_config):
     deployments = app_config.deployments.model_copy(
         update={"preprocess": app_config.deployments.preprocess.model_copy(update=narrow)}
     )
-    config = app_config.model_copy(update={"name": "medserve-narrow", "layout": "split", "deployments": deployments})
+    config = beside_the_main_app(app_config, name="medserve-narrow", layout="split", deployments=deployments)
     make_room_for_an_app(app_config.name)
     serve.run(build_app(config), name=config.name, route_prefix=PREFIX, blocking=False)
     yield server_url + PREFIX
@@ -62,7 +62,7 @@ def test_a_full_queue_refuses_at_once_with_503_and_retry_after(narrow_url, phant
 def hasty_url(server_url, app_config):
     """Every request given 0.1 s: far less than the phantom series takes to segment (its model alone, ~0.13 s)."""
     limits = app_config.limits.model_copy(update={"request_deadline_s": DEADLINE_S})
-    config = app_config.model_copy(update={"name": "medserve-hasty", "layout": "split", "limits": limits})
+    config = beside_the_main_app(app_config, name="medserve-hasty", layout="split", limits=limits)
     make_room_for_an_app(app_config.name)
     serve.run(build_app(config), name=config.name, route_prefix=HASTY_PREFIX, blocking=False)
     yield server_url + HASTY_PREFIX, config.storage.results

@@ -2,20 +2,31 @@
 
 WebGL2 runs on SwiftShader (Chromium's software renderer): no GPU needed. The page uploads a generated DICOM series,
 the mask must then be drawn over the organ (checked pixel by pixel against the phantom's truth, through niivue's
-own screen-to-world mapping), a review made in the page must reach the API, and a wrong key must be said so.
+own screen-to-world mapping), a review made in the page must reach the API, and a wrong key must be said so. The
+worklist must list results newest first with a shadow candidate beside its live result, and open the next result
+awaiting review after each verdict.
 """
 
+import gzip
 import io
+import json
+import os
 import shutil
 import time
+import uuid
 
 import httpx
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-from helpers import MODEL, auth, skip_unless_installed
+from helpers import MODEL, SEGMENT, ZIP, auth, skip_unless_installed, zip_files
+from serve_app.config import EMBEDDED_MODEL_REPOSITORY
+from serve_app.model_repository import ModelRepository
+from serve_app.results import ResultStore
+from serve_app.tenancy.gatekeeper import ANONYMOUS
 
 pytestmark = pytest.mark.slow
 # Label 1's colour in viewer.js's palette, blended over grey at the page's opacity: red well above green and blue.
@@ -201,3 +212,89 @@ def test_a_wrong_key_is_said_in_the_page_and_a_right_one_lists_the_models(browse
     with httpx.Client(base_url=tenant_url, timeout=60) as api:
         listed = api.get("/v1/models", headers=auth(tenant_keys["research-lab"])).json()["models"]
     assert browser.find_element(By.ID, "model").get_attribute("value") in {m["name"] for m in listed}
+
+
+def worklist_ids(browser) -> list[str]:
+    """The result ids of the worklist's rows, top to bottom (candidates beside their live result included)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#worklist tbody tr')].map((tr) => tr.dataset.resultId)"
+    )
+
+
+def stored_shadow_of(app_config, client, live_id: str) -> str:
+    """A shadow candidate's result of the study of ``live_id``, committed as a rollout's shadow run commits one (the
+    open test app runs no rollout): the live result's mask, made by version 2.0.0 of its model."""
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(f"/v1/results/{live_id}/mask.nii.gz").content))
+    labels = client.get(f"/v1/results/{live_id}").json()["labels"]
+    candidate = ModelRepository(EMBEDDED_MODEL_REPOSITORY).get(MODEL).model_copy(update={"version": "2.0.0"})
+    shadow_id = uuid.uuid4().hex
+    previous = os.umask(0o077)  # as the replicas write: patient data is private
+    try:
+        store = ResultStore.of(app_config.storage)
+        box = np.asanyarray(mask.dataobj)
+        store.save(shadow_id, box, (0, 0, 0), box.shape, mask.affine, {"labels": labels}, candidate)
+        marker = {"role": "shadow", "version": "2.0.0", "paired_result_id": live_id}
+        store.commit(shadow_id, ANONYMOUS, None, marker)
+    finally:
+        os.umask(previous)
+    return shadow_id
+
+
+def test_the_worklist_filters_and_opens_the_next_result_awaiting_review_after_each_verdict(
+    browser, server_url, client, phantom_series, app_config
+):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    study = zip_files(phantom_series)
+    made = []  # oldest first
+    for _ in range(2):
+        answer = client.post(SEGMENT, content=study, headers=ZIP)
+        assert answer.status_code == 200, answer.text
+        made.append(answer.json()["result_id"])
+    shadow = stored_shadow_of(app_config, client, made[0])
+
+    open_viewer(browser, server_url)
+    wait_until(browser, "Number(document.body.dataset.worklist) >= 1", timeout_s=60)
+    Select(browser.find_element(By.ID, "worklist-model")).select_by_value(MODEL)
+    Select(browser.find_element(By.ID, "worklist-version")).select_by_value("1.0.0")
+    browser.find_element(By.ID, "worklist-refresh").click()
+    wait_until(browser, "Number(document.body.dataset.worklist) >= 2", timeout_s=60)
+    # Newest first, the shadow candidate's result beside the live result of the same study.
+    assert worklist_ids(browser)[:3] == [made[1], made[0], shadow]
+    beside = browser.find_element(By.CSS_SELECTOR, f"#worklist tr[data-result-id='{shadow}']")
+    assert "candidate" in beside.get_attribute("class") and "shadow" in beside.text and "2.0.0" in beside.text
+
+    def shown_is(result_id: str) -> None:
+        wait_until(browser, f"document.getElementById('shown-result-id').textContent === '{result_id}'", 60)
+
+    def row_gone(result_id: str) -> None:
+        wait_until(browser, f"!document.querySelector(\"#worklist tr[data-result-id='{result_id}']\")", 60)
+
+    browser.find_element(By.CSS_SELECTOR, f"#worklist tr[data-result-id='{made[1]}']").click()
+    shown_is(made[1])
+    browser.find_element(By.ID, "reviewer").send_keys("Dr Grey")
+    browser.execute_script("document.activeElement.blur()")
+    ActionChains(browser).send_keys("a").perform()  # accept: the next result awaiting review opens
+    shown_is(made[0])
+    row_gone(made[1])
+    current = browser.find_element(By.CSS_SELECTOR, f"#worklist tr[data-result-id='{made[0]}']")
+    assert "current" in current.get_attribute("class")
+    browser.find_element(By.ID, "reject").click()
+    shown_is(shadow)  # its live result reviewed, the candidate beside it is next
+    assert worklist_ids(browser)[:2] == [made[0], shadow]  # still awaiting: the candidate is
+    ActionChains(browser).send_keys("a").perform()
+    row_gone(made[0])
+
+    verdicts = [client.get(f"/v1/results/{r}/reviews").json()["reviews"] for r in (*made, shadow)]
+    assert [[(v["verdict"], v["reviewer"]) for v in reviews] for reviews in verdicts] == [
+        [("reject", "Dr Grey")],
+        [("accept", "Dr Grey")],
+        [("accept", "Dr Grey")],
+    ]
+    Select(browser.find_element(By.ID, "worklist-state")).select_by_value("reviewed")
+    browser.find_element(By.ID, "worklist-refresh").click()
+    top = "[...document.querySelectorAll('#worklist tbody tr')].slice(0, 3).map((tr) => tr.dataset.resultId)"
+    newest_first = json.dumps([made[1], made[0], shadow], separators=(",", ":"))
+    wait_until(browser, f"JSON.stringify({top}) === '{newest_first}'", timeout_s=60)

@@ -255,7 +255,9 @@ def test_tenancy_applies_to_wsi_jobs(tenant_url, tenant_keys, tenant_config, sli
     with client_of(None) as anonymous, client_of("rural-clinic") as rural, client_of("st-marys") as marys:
         assert anonymous.post(JOBS, json=body).status_code == 401
         assert rural.post(JOBS, json=body).status_code == 403  # may use ct-phantom-organ only
-        first = marys.post(JOBS, json=body)
+        # A slide on a PACS st-marys may not use (path-lab's and research-lab's) fails alone; the other runs.
+        forbidden = {"pacs": "unanswered", "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4"}
+        first = marys.post(JOBS, json={**body, "slides": [*body["slides"], forbidden]})
         assert first.status_code == 202
         second = marys.post(JOBS, json=body)  # the tenant's limit is one running job
         assert second.status_code == 429 and "Retry-After" in second.headers
@@ -263,7 +265,9 @@ def test_tenancy_applies_to_wsi_jobs(tenant_url, tenant_keys, tenant_config, sli
         with client_of("city-general") as other:
             assert other.get(f"{JOBS}/{job_id}").status_code == 404
             assert other.get(JOBS).json()["jobs"] == []
-        assert wait_for_job(marys, job_id)["state"] == "done"
+        finished = wait_for_job(marys, job_id)
+        assert finished["state"] == "done" and [s["state"] for s in finished["slides"]] == ["done", "failed"]
+        assert "tenant st-marys may not use PACS 'unanswered'" in finished["slides"][1]["error"]
         assert [j["job_id"] for j in marys.get(JOBS).json()["jobs"]] == [job_id]
     audit = "\n".join(p.read_text() for p in (tenant_config.storage.root / "audit").glob("audit-*.log*"))
     lines = [json.loads(line) for line in audit.splitlines() if '"wsi-submit"' in line]

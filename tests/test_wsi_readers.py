@@ -4,7 +4,8 @@ from the SVS by Orthanc's OrthancWSIDicomizer (TILED_SPARSE, one instance per le
 (TILED_FULL, a level left out), read by wsidicom and OpenSlide. Every pair of readers gives the same pixels within
 JPEG decoder tolerance; the factory says which reader and why, and refuses what is not a slide with one reason.
 Last, a WSI job over the SVS, the DICOM WSI folder made of it, and the same DICOM WSI on Orthanc read over DICOMweb,
-its tiles stored back to Orthanc as Microscopy Bulk Simple Annotations; and PACS a tenant may not name."""
+its tiles and tumour regions stored back to Orthanc as Microscopy Bulk Simple Annotations and its heatmap as a
+Parametric Map, both read back from there; and PACS a tenant may not name."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from helpers import skip_unless_installed, wait_for_job
+from helpers import assert_no_markers_in_logs, skip_unless_installed, wait_for_job
 from serve_app.errors import InvalidSlide
 from serve_app.samples.synthetic_slides import (
     LABEL_SHAPE,
@@ -474,7 +475,65 @@ def job_slides(slide_root, tmp_path_factory) -> dict[str, Path]:
     folder = slide_root / "readers"
     folder.mkdir()
     svs = write_slide(folder / "case.svs", *JOB_SLIDE, mpp=MPP, tile=TILE, levels=LEVELS, seed=3, tumour_fraction=0.5)
-    return {"svs": svs.path, "dicom": dicomize(svs, folder / "case-dicom")}
+    # With a frame of reference (type 1, which OrthancWSIDicomizer leaves to its --dataset): the results stand on it.
+    dataset = {**DICOMIZER_DATASET, "FrameOfReferenceUID": generate_uid()}
+    dicom = dicomize(svs, folder / "case-dicom", dataset=dataset)
+    return {"svs": svs.path, "dicom": dicom, **_bad_slides(folder, dicom)}
+
+
+# Each bad slide of the job, what its name holds (a patient's name, as files' names may: never logged) and the words of
+# its reason.
+BAD_SLIDES = {
+    "not-a-slide": "not a whole-slide image (its SOP class is CT Image Storage)",
+    "two-frames": "disagree on their frame of reference",
+    "two-sizes": "disagree on its size",
+    "mrxs-alone": "that folder is missing",
+    "too-long": "too large to reduce within the memory bound",
+}
+PATIENT_IN_NAMES = "Doe-Jane-1970"
+
+
+def _bad_slides(folder: Path, dicom: Path) -> dict[str, Path]:
+    """A CT image named as a slide; the DICOM WSI with its level 1 on another frame of reference, and with it of
+    another shape; an MRXS without its folder; a one-level TIFF of 400,000 x 256 px, which no band of the memory bound
+    reduces (its tissue image would be read 49 rows, 19.6 Mpx, at a time)."""
+    paths = {name: folder / f"{PATIENT_IN_NAMES}-{name}" for name in BAD_SLIDES}
+    shutil.copy(get_testdata_file("CT_small.dcm"), paths["not-a-slide"])
+    level1_width = sorted({ds.TotalPixelMatrixColumns for ds in _instances(dicom)})[-2]
+    for name, change in (("two-frames", "FrameOfReferenceUID"), ("two-sizes", "TotalPixelMatrixColumns")):
+        shutil.copytree(dicom, paths[name])
+        for path in paths[name].iterdir():
+            ds = pydicom.dcmread(path)
+            if ds.TotalPixelMatrixColumns == level1_width:
+                setattr(ds, change, generate_uid() if change == "FrameOfReferenceUID" else level1_width * 4 // 5)
+                ds.save_as(path)
+    paths["mrxs-alone"] = paths["mrxs-alone"].with_suffix(".mrxs")
+    paths["mrxs-alone"].write_text("[GENERAL]\nSLIDE_VERSION = 01.02\n")
+    paths["too-long"] = paths["too-long"].with_suffix(".tiff")
+    width, strip = 400_000, np.full((256, 8192, 3), 245, np.uint8)
+    tifffile.imwrite(
+        paths["too-long"],
+        (strip for _ in range(-(-width // 8192))),
+        shape=(256, width, 3),
+        dtype=np.uint8,
+        tile=(256, 8192),
+        compression="jpeg",
+        photometric="rgb",
+        resolution=(20_000, 20_000),  # 0.5 µm per pixel
+        resolutionunit="CENTIMETER",
+    )
+    return paths
+
+
+def test_each_bad_slide_is_refused_with_its_reason_naming_no_file(dicom_sparse, tmp_path):
+    """BAD_SLIDES without a cluster: each refused as it is opened, or (the slide too long) as its tissue is sought."""
+    from serve_app.wsi.tissue import detect_tissue
+
+    for name, path in _bad_slides(tmp_path, dicom_sparse).items():
+        with pytest.raises(InvalidSlide) as refused:
+            with open_slide(path) as slide:
+                detect_tissue(slide)
+        assert BAD_SLIDES[name] in refused.value.reason and PATIENT_IN_NAMES not in refused.value.reason, name
 
 
 def _stowed(orthanc, folder: Path) -> dict:
@@ -490,22 +549,33 @@ def _stowed(orthanc, folder: Path) -> dict:
 def test_a_job_reads_a_dicom_wsi_from_a_folder_and_from_the_pacs_as_it_reads_the_svs_and_stores_annotations(
     client, job_slides, orthanc
 ):
-    """One job, three slides: the SVS, the DICOM WSI made of it in a folder, and the same DICOM WSI on Orthanc read
-    over DICOMweb. The three heatmaps agree tile for tile; each DICOM slide's tiles come back as Microscopy Bulk
-    Simple Annotations on its image, stored to Orthanc (store_to) and read back from there with highdicom."""
+    """One job, three good slides: the SVS, the DICOM WSI made of it in a folder, and the same DICOM WSI on Orthanc
+    read over DICOMweb. The three heatmaps agree tile for tile; each slide's tumour regions are in regions.geojson;
+    each DICOM slide's tiles and regions come back as Microscopy Bulk Simple Annotations on its image and its heatmap
+    as a Parametric Map on its frame of reference, stored to Orthanc (store_to) and read back from there with
+    highdicom, value for value. The job's bad slides (BAD_SLIDES) each fail alone with their reason, and no log
+    names them."""
     import highdicom as hd
     import zarr
 
     on_pacs = _stowed(orthanc, job_slides["dicom"])
     body = {
         "model": "he-tile-tumour",
-        "slides": [str(job_slides["svs"]), str(job_slides["dicom"]), on_pacs],
+        "slides": [
+            str(job_slides["svs"]),
+            str(job_slides["dicom"]),
+            on_pacs,
+            *(str(job_slides[n]) for n in BAD_SLIDES),
+        ],
         "store_to": "main",
     }
     submitted = client.post("/v1/wsi/jobs", json=body)
     assert submitted.status_code == 202, submitted.text
     job = wait_for_job(client, submitted.json()["job_id"])
-    assert job["state"] == "done" and [s["state"] for s in job["slides"]] == ["done"] * 3, job
+    assert job["state"] == "done" and [s["state"] for s in job["slides"][:3]] == ["done"] * 3, job
+    for slide, words in zip(job["slides"][3:], BAD_SLIDES.values(), strict=True):
+        assert slide["state"] == "failed" and words in slide["error"], (words, slide)
+        assert PATIENT_IN_NAMES not in slide["error"]
     assert job["slides"][2]["slide"] == on_pacs
     summaries = [client.get(f"/v1/wsi/jobs/{job['job_id']}/slides/{i}/summary.json").json() for i in range(3)]
     assert [s["reader"] for s in summaries] == ["tifffile", "wsidicom", "wsidicom"]
@@ -514,7 +584,7 @@ def test_a_job_reads_a_dicom_wsi_from_a_folder_and_from_the_pacs_as_it_reads_the
     assert summaries[1]["reader_notes"] == [] and summaries[1]["levels"][0]["width"] == JOB_SLIDE[0]
     assert summaries[2]["levels"] == summaries[1]["levels"]
     assert summaries[2]["tiles_tissue"] == summaries[1]["tiles_tissue"] == summaries[0]["tiles_tissue"] > 0
-    folders = [Path(job["out_path"]) / slide["key"] for slide in job["slides"]]
+    folders = [Path(job["out_path"]) / slide["key"] for slide in job["slides"][:3]]
     heatmaps = [zarr.open_array(folder / "heatmap.zarr", mode="r")[:] for folder in folders]
     # The same JPEG tiles decoded: the same probabilities, tile for tile; by DICOMweb, the same frames (the model's
     # batches may differ, and with them the last bits of its sums).
@@ -522,30 +592,103 @@ def test_a_job_reads_a_dicom_wsi_from_a_folder_and_from_the_pacs_as_it_reads_the
     np.testing.assert_allclose(heatmaps[2], heatmaps[1], atol=1e-5)
     assert np.array_equal(np.isnan(heatmaps[2]), np.isnan(heatmaps[1]))
     assert os.stat(folders[1] / "summary.json").st_mode & 0o077 == 0
-    # Annotations: none for the SVS (no DICOM image to reference), one object per DICOM slide, stored to Orthanc.
+    # Regions: regions.geojson beside the tiles' GeoJSON, on every slide.
+    tile_um2 = (summaries[0]["tile_size"] * summaries[0]["mpp"]) ** 2
+    extent = json.loads((folders[0] / "heatmap.zarr" / "zarr.json").read_text())["attributes"]["tile_extent_level0"]
+    regions = [_assert_outlines_the_tumour(folders[i], summaries[i], heatmaps[i], extent, tile_um2) for i in range(3)]
+    # DICOM: no annotations for the SVS (no DICOM image to reference), and its probability map on a new frame of
+    # reference, not stored (no PACS holds its image); per DICOM slide an annotations object and a map on the
+    # slide's frame of reference, stored to Orthanc and read back from there.
     assert not summaries[0]["annotations"] and summaries[0]["stored"] is None
     assert not (folders[0] / "annotations.dcm").exists()
-    extent = json.loads((folders[0] / "heatmap.zarr" / "zarr.json").read_text())["attributes"]["tile_extent_level0"]
+    assert summaries[0]["frame_of_reference"] == "new: the slide is not DICOM"
+    _assert_maps_the_heatmap(pydicom.dcmread(folders[0] / "probabilities.dcm"), heatmaps[0])
+    assert dciodvfy_ann_errors(folders[0] / "probabilities.dcm", "ParametricMap") == []
+    slide_frame = _instances(job_slides["dicom"])[0].FrameOfReferenceUID
     pacs = DICOMwebClient(orthanc.dicomweb_url)
     for index in (1, 2):
         stored = summaries[index]["stored"]
         assert summaries[index]["annotations"] and stored["stored"] and stored["pacs"] == "main", stored
+        assert summaries[index]["frame_of_reference"] == "the slide's" and summaries[index]["probability_map"]
+        assert {"annotations.dcm", "probabilities.dcm", "regions.geojson"} <= set(summaries[index]["files"])
         written = folders[index] / "annotations.dcm"
         assert os.stat(written).st_mode & 0o077 == 0
         assert (
             client.get(f"/v1/wsi/jobs/{job['job_id']}/slides/{index}/annotations.dcm").content == written.read_bytes()
         )
-        local = pydicom.dcmread(written)
-        (sop_instance_uid,) = stored["sop_instance_uids"]
-        assert local.SOPInstanceUID == sop_instance_uid
-        from_pacs = pacs.retrieve_instance(on_pacs["study_instance_uid"], local.SeriesInstanceUID, sop_instance_uid)
-        _assert_annotates_the_tiles(
-            hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(from_pacs), heatmaps[index], extent
-        )
+        local, local_map = pydicom.dcmread(written), pydicom.dcmread(folders[index] / "probabilities.dcm")
+        assert stored["sop_instance_uids"] == [local.SOPInstanceUID, local_map.SOPInstanceUID]
+        study = on_pacs["study_instance_uid"]
+        from_pacs = pacs.retrieve_instance(study, local.SeriesInstanceUID, local.SOPInstanceUID)
+        annotations = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(from_pacs)
+        _assert_annotates_the_tiles(annotations, heatmaps[index], extent)
+        _assert_annotates_the_regions(annotations, regions[index])
         assert [ref.ReferencedSOPInstanceUID for ref in from_pacs.ReferencedImageSequence] == [
             _base_level_instance(job_slides["dicom"])
         ]
+        map_from_pacs = pacs.retrieve_instance(study, local_map.SeriesInstanceUID, local_map.SOPInstanceUID)
+        _assert_maps_the_heatmap(map_from_pacs, heatmaps[index])
+        assert (
+            map_from_pacs.FrameOfReferenceUID == slide_frame
+        )  # the annotations, in pixel coordinates (2D), carry none
         assert dciodvfy_ann_errors(written) == []
+        assert dciodvfy_ann_errors(folders[index] / "probabilities.dcm", "ParametricMap") == []
+    assert_no_markers_in_logs([PATIENT_IN_NAMES, on_pacs["study_instance_uid"], on_pacs["series_instance_uid"]])
+
+
+def _assert_outlines_the_tumour(folder: Path, summary: dict, heatmap: np.ndarray, extent: float, tile_um2: float):
+    """regions.geojson: QuPath annotations whose polygons, less their holes, cover exactly the centres of the tumour
+    tiles (p >= the threshold) of each 4-connected patch of at least the minimum area, with its area and mean
+    probability; returned as (outline, mean probability, area) per region."""
+    from scipy import ndimage
+    from skimage.measure import points_in_poly
+
+    features = json.loads((folder / "regions.geojson").read_text(encoding="utf-8"))["features"]
+    settings = summary["regions"]
+    assert settings["count"] == len(features) and settings["threshold"] == 0.5
+    tumour = np.nan_to_num(heatmap, nan=0.0) >= settings["threshold"]
+    labels, _ = ndimage.label(tumour)
+    tiles = np.bincount(labels.ravel())
+    expected = tumour & (tiles[labels] * tile_um2 >= settings["min_area_um2"])
+    rows, cols = np.indices(heatmap.shape)
+    centres = np.column_stack([(cols.ravel() + 0.5) * extent, (rows.ravel() + 0.5) * extent])
+    covered, found = np.zeros(heatmap.shape, bool), []
+    for feature in features:
+        properties, (outline, *holes) = feature["properties"], feature["geometry"]["coordinates"]
+        assert properties["objectType"] == "annotation" and properties["classification"]["name"] == "Tumor"
+        inside = points_in_poly(centres, outline)
+        for hole in holes:
+            inside &= ~points_in_poly(centres, hole)
+        inside = inside.reshape(heatmap.shape)
+        assert not (covered & inside).any()
+        covered |= inside
+        measurements = properties["measurements"]
+        assert measurements["Area µm^2"] == pytest.approx(inside.sum() * tile_um2)
+        assert measurements["Mean tumour probability"] == pytest.approx(heatmap[inside].mean(), abs=1e-4)
+        found.append((np.array(outline), measurements["Mean tumour probability"], measurements["Area µm^2"]))
+    assert np.array_equal(covered, expected)
+    return found
+
+
+def _assert_annotates_the_regions(annotations, regions: list) -> None:
+    """The annotations' "Tumour regions" are regions.geojson's outlines, with its probabilities and areas."""
+    groups = {group.label: group for group in annotations.get_annotation_groups()}
+    if not regions:
+        assert "Tumour regions" not in groups
+        return
+    outlines = groups["Tumour regions"].get_graphic_data(annotations.AnnotationCoordinateType)
+    assert [o.tolist() for o in outlines] == [outline[:-1].tolist() for outline, _, _ in regions]
+    _, values, _ = groups["Tumour regions"].get_measurements()
+    np.testing.assert_allclose(values, [[p, area] for _, p, area in regions], rtol=1e-4)
+
+
+def _assert_maps_the_heatmap(dataset: pydicom.Dataset, heatmap: np.ndarray) -> None:
+    """A Parametric Map whose total pixel matrix is the Zarr heatmap, value for value (NaN where no tissue)."""
+    import highdicom as hd
+
+    parametric_map = hd.pm.ParametricMap.from_dataset(dataset)
+    values = parametric_map.get_total_pixel_matrix().astype(np.float32)
+    assert np.array_equal(values, heatmap, equal_nan=True)
 
 
 def _base_level_instance(folder: Path) -> str:
@@ -559,6 +702,8 @@ def _assert_annotates_the_tiles(annotations, heatmap: np.ndarray, extent: float)
     assert annotations.AnnotationCoordinateType == "2D" and annotations.Modality == "ANN"
     found = {}
     for group in annotations.get_annotation_groups():
+        if group.label not in ("Tumour tiles", "Other tissue tiles"):
+            continue
         polygons = group.get_graphic_data(annotations.AnnotationCoordinateType)
         names, values, units = group.get_measurements()  # values: (annotations, measurements)
         assert [name.meaning for name in names] == ["Probability of cancer"] and [unit.value for unit in units] == ["1"]
@@ -576,14 +721,15 @@ def _assert_annotates_the_tiles(annotations, heatmap: np.ndarray, extent: float)
         assert found[row, col] == pytest.approx(heatmap[row, col], abs=1e-6)
 
 
-def dciodvfy_ann_errors(path: Path) -> list[str]:
-    """dciodvfy's errors for an ANN, less one it raises wrongly: dicom3tools of 2022 reports CommonZCoordinateValue
-    as "only valid for 3D" in every group of a 2D object that has none (highdicom writes it only for 3D ones)."""
+def dciodvfy_ann_errors(path: Path, iod: str = "MicroscopyBulkSimpleAnnotations") -> list[str]:
+    """dciodvfy's errors for an ANN (or another ``iod``), less one it raises wrongly: dicom3tools of 2022 reports
+    CommonZCoordinateValue as "only valid for 3D" in every group of a 2D object that has none (highdicom writes it only
+    for 3D ones)."""
     if shutil.which("dciodvfy") is None:
         skip_unless_installed("dciodvfy", "dciodvfy (Debian's dicom3tools) is not installed")
     checked = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
     lines = (checked.stdout + checked.stderr).splitlines()
-    assert [line for line in lines if not line.startswith(("Warning", "Error"))] == ["MicroscopyBulkSimpleAnnotations"]
+    assert [line for line in lines if not line.startswith(("Warning", "Error"))] == [iod]
     return [line for line in lines if line.startswith("Error") and "CommonZCoordinateValue" not in line]
 
 

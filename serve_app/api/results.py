@@ -1,17 +1,20 @@
 """The results' routes: a result reopened, its files, its reviews, and its DICOM SEG and SR stored to a PACS. The
 work is ``ResultsService``'s (and ``DicomwebService``'s for a store)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import ValidationError
 
 from serve_app.api.dependencies import DicomwebDep, GatekeeperDep, ResultsDep, json_body, result_path
 from serve_app.dicomweb.messages import StoreRequest
+from serve_app.errors import BadRequest
 from serve_app.responses import ERROR_RESPONSES
 from serve_app.results.reviews import Review, ReviewList, ReviewRequest, reviews_csv
 from serve_app.results.service import ResultFile, ResultsService
 from serve_app.results.summary import ResultSummary
+from serve_app.results.worklist import DEFAULT_PAGE, MAX_PAGE, Worklist, WorklistQuery, WorklistState
 from serve_app.segmentation.responses import PacsStoreOutcome
 from serve_app.tenancy.gatekeeper import Gatekeeper
 
@@ -20,6 +23,7 @@ __all__ = ["router"]
 router = APIRouter()
 
 FHIR_JSON = "application/fhir+json"
+_QUERY = WorklistQuery.model_fields
 
 
 def _file_responses(media_type: str, description: str) -> dict:
@@ -100,6 +104,33 @@ async def list_reviews(
         headers = {"Content-Disposition": 'attachment; filename="reviews.csv"'}
         return Response(reviews_csv(reviews), media_type="text/csv; charset=utf-8", headers=headers)
     return ReviewList(reviews=reviews)
+
+
+@router.get("/v1/reviews/worklist", response_model=Worklist, responses=ERROR_RESPONSES)
+async def review_worklist(
+    request: Request,
+    gatekeeper: GatekeeperDep,
+    results: ResultsDep,
+    model: Annotated[str | None, Query(max_length=200, description=_QUERY["model"].description)] = None,
+    version: Annotated[str | None, Query(max_length=100, description=_QUERY["version"].description)] = None,
+    state: Annotated[WorklistState, Query(description=_QUERY["state"].description)] = "awaiting",
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=_QUERY["limit"].description)] = DEFAULT_PAGE,
+    cursor: Annotated[str | None, Query(description=_QUERY["cursor"].description)] = None,
+) -> Worklist:
+    """The tenant's results to review, newest first, a page at a time: each live result with the shadow candidates'
+    results of the same study beside it. Filtered by model, version and state (``awaiting``, the default: no review
+    yet); ``next_cursor`` continues. A page looks at a bounded number of results, so it may be short with a
+    ``next_cursor``."""
+    async with gatekeeper.visit(request, "worklist") as visit:
+        unknown = set(request.query_params) - set(WorklistQuery.model_fields)
+        if unknown:
+            raise BadRequest(f"unknown query parameter; the worklist takes {', '.join(WorklistQuery.model_fields)}")
+        try:
+            query = WorklistQuery(model=model, version=version, state=state, limit=limit, cursor=cursor)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            raise BadRequest(f"invalid worklist query ({problems})") from None
+        return await results.worklist(visit.tenant_id, query)
 
 
 @router.get(

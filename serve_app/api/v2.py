@@ -13,6 +13,8 @@ reason (400 for a tensor the model does not take, 404 for an unknown model, 413,
 before any route runs (wrong Host, the server draining) gets medserve's own format.
 """
 
+import functools
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -161,94 +163,84 @@ async def ready(tensors: TensorSegmentationDep) -> Response:
     return _ready_answer(await protocol.server_ready(tensors))
 
 
-@router.get("/v2/models/{name}", response_model=ModelMetadata, responses=_ERRORS)
+def _model_route(method: str, suffix: str = "", **options) -> Callable[[Callable], Callable]:
+    """Register a handler of one model on ``/v2/models/{name}<suffix>`` (its newest version: ``model_version`` None)
+    and on ``/v2/models/{name}/versions/{model_version}<suffix>``, the protocol's two paths for each model route. The
+    plain path's route has no ``model_version`` parameter at all (not even in the query)."""
+
+    def register(handler: Callable) -> Callable:
+        signature = inspect.signature(handler)
+
+        @functools.wraps(handler)
+        async def newest_version(**kwargs):
+            return await handler(model_version=None, **kwargs)
+
+        newest_version.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p for p in signature.parameters.values() if p.name != "model_version"]
+        )
+        router.add_api_route(f"/v2/models/{{name}}{suffix}", newest_version, methods=[method], **options)
+        router.add_api_route(
+            f"/v2/models/{{name}}/versions/{{model_version}}{suffix}", handler, methods=[method], **options
+        )
+        return handler
+
+    return register
+
+
+@_model_route("GET", response_model=ModelMetadata, responses=_ERRORS)
 async def model_metadata(
-    name: str, request: Request, gatekeeper: GatekeeperDep, repository: RepositoryDep, tensors: TensorSegmentationDep
-) -> ModelMetadata:
-    """The model's versions, inputs and outputs (datatypes and shapes); see the documentation's Inference protocol
-    page for what each tensor means."""
-    return await protocol.model_metadata(request, name, None, gatekeeper, repository, tensors)
-
-
-@router.get("/v2/models/{name}/versions/{model_version}", response_model=ModelMetadata, responses=_ERRORS)
-async def model_version_metadata(
     name: str,
-    model_version: str,
     request: Request,
     gatekeeper: GatekeeperDep,
     repository: RepositoryDep,
     tensors: TensorSegmentationDep,
+    model_version: str | None = None,
 ) -> ModelMetadata:
-    """One version of the model, as ``GET /v2/models/{name}`` describes it."""
+    """The model's versions, inputs and outputs (datatypes and shapes), or those of the version the path names; see
+    the documentation's Inference protocol page for what each tensor means."""
     return await protocol.model_metadata(request, name, model_version, gatekeeper, repository, tensors)
 
 
-@router.get("/v2/models/{name}/config", response_model=ModelConfiguration, responses=_ERRORS)
+@_model_route("GET", "/config", response_model=ModelConfiguration, responses=_ERRORS)
 async def model_configuration(
-    name: str, request: Request, gatekeeper: GatekeeperDep, repository: RepositoryDep, tensors: TensorSegmentationDep
-) -> ModelConfiguration:
-    """The model's inputs and outputs in the shape of Triton's model configuration (what perf_analyzer reads)."""
-    return await protocol.model_configuration(request, name, None, gatekeeper, repository, tensors)
-
-
-@router.get("/v2/models/{name}/versions/{model_version}/config", response_model=ModelConfiguration, responses=_ERRORS)
-async def model_version_configuration(
     name: str,
-    model_version: str,
     request: Request,
     gatekeeper: GatekeeperDep,
     repository: RepositoryDep,
     tensors: TensorSegmentationDep,
+    model_version: str | None = None,
 ) -> ModelConfiguration:
-    """One version of the model, as ``GET /v2/models/{name}/config`` describes it."""
+    """The model's (or the version's the path names) inputs and outputs in the shape of Triton's model configuration
+    (what perf_analyzer reads)."""
     return await protocol.model_configuration(request, name, model_version, gatekeeper, repository, tensors)
 
 
-@router.get("/v2/models/{name}/ready", responses={200: {"description": "Ready (empty body)."}, **_ERRORS})
+@_model_route("GET", "/ready", responses={200: {"description": "Ready (empty body)."}, **_ERRORS})
 async def model_ready(
-    name: str, request: Request, gatekeeper: GatekeeperDep, repository: RepositoryDep, tensors: TensorSegmentationDep
-) -> Response:
-    """200 once the model's newest version and the stages it uses answer, else 503."""
-    return _ready_answer(await protocol.model_ready(request, name, None, gatekeeper, repository, tensors))
-
-
-@router.get("/v2/models/{name}/versions/{model_version}/ready", responses=_ERRORS)
-async def model_version_ready(
     name: str,
-    model_version: str,
     request: Request,
     gatekeeper: GatekeeperDep,
     repository: RepositoryDep,
     tensors: TensorSegmentationDep,
+    model_version: str | None = None,
 ) -> Response:
-    """200 once this version of the model and the stages it uses answer, else 503."""
+    """200 once the model's newest version (or the version the path names) and the stages it uses answer, else 503."""
     return _ready_answer(await protocol.model_ready(request, name, model_version, gatekeeper, repository, tensors))
 
 
-@router.post("/v2/models/{name}/infer", responses=_ERRORS)
+@_model_route("POST", "/infer", responses=_ERRORS)
 async def infer(
     name: str,
     request: Request,
     gatekeeper: GatekeeperDep,
     tensors: TensorSegmentationDep,
     stat: bool = False,
+    model_version: str | None = None,
 ) -> Response:
-    """Segment one volume with the model's newest version: inputs IMAGE (FP32 or INT16, [1, I, J, K]) and AFFINE
-    (FP64, [4, 4]), as JSON data or binary data (``Inference-Header-Content-Length``); outputs MASK (UINT8,
-    [1, I, J, K]), LABEL_VALUES, LABEL_NAMES and LABEL_VOLUMES_ML. ``?stat=true``: as for a study."""
-    return await _infer(request, name, None, stat, gatekeeper, tensors)
-
-
-@router.post("/v2/models/{name}/versions/{model_version}/infer", responses=_ERRORS)
-async def infer_with_version(
-    name: str,
-    model_version: str,
-    request: Request,
-    gatekeeper: GatekeeperDep,
-    tensors: TensorSegmentationDep,
-    stat: bool = False,
-) -> Response:
-    """Segment one volume with one version of the model; the tensors as for ``/v2/models/{name}/infer``."""
+    """Segment one volume with the model's newest version, or the version the path names: inputs IMAGE (FP32 or
+    INT16, [1, I, J, K]) and AFFINE (FP64, [4, 4]), as JSON data or binary data (``Inference-Header-Content-Length``);
+    outputs MASK (UINT8, [1, I, J, K]), LABEL_VALUES, LABEL_NAMES and LABEL_VOLUMES_ML. ``?stat=true``: as for a
+    study."""
     return await _infer(request, name, model_version, stat, gatekeeper, tensors)
 
 

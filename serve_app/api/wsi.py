@@ -72,8 +72,9 @@ async def cancel_wsi_job(
 async def wsi_output(
     job_id: str, slide_index: int, output: str, request: Request, gatekeeper: GatekeeperDep, wsi_jobs: WsiJobsDep
 ) -> FileResponse:
-    """One slide's overlay.png, tissue.png, tiles.geojson (QuPath), summary.json or annotations.dcm (DICOM
-    Microscopy Bulk Simple Annotations, for a slide read from DICOM WSI)."""
+    """One slide's overlay.png, tissue.png, tiles.geojson and regions.geojson (QuPath), summary.json,
+    annotations.dcm (DICOM Microscopy Bulk Simple Annotations, for a slide read from DICOM WSI) or probabilities.dcm
+    (the heatmap as a DICOM Parametric Map)."""
     async with gatekeeper.visit(request, "wsi-output", result_id=job_id) as visit:
         path = await asyncio.to_thread(wsi_jobs.output, job_id, visit.tenant_id, slide_index, output)
     return FileResponse(path, media_type=SLIDE_OUTPUTS[output], filename=output)

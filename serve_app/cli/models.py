@@ -1,5 +1,5 @@
 """``medserve import-bundle``: check a MONAI bundle and copy it into a model repository; ``medserve sample-bundle``:
-write the embedded model as one.
+write the embedded model as one; ``medserve input-reference``: a model's reference distribution of inputs.
 
     medserve sample-bundle /tmp/organ-bundle --format yaml --weights ts
     medserve import-bundle /tmp/organ-bundle --name organ --repository /srv/models   # /srv/models/organ/1.0.0/
@@ -43,6 +43,31 @@ def add_commands(commands) -> None:
         "--weights", choices=["pt", "ts", "both"], default="pt", help="models/model.pt (state dict), model.ts or both"
     )
     sample.set_defaults(run=_sample_bundle)
+
+    reference = commands.add_parser(
+        "input-reference",
+        help="compute a model version's reference distribution of inputs (input monitoring) from reference studies "
+        "or slides, and write it beside its files (input_reference.json)",
+    )
+    reference.add_argument("model", help="model name in the config's model repository")
+    reference.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        help="reference inputs: studies (a folder of one DICOM series, or a NIfTI file) for a segmentation model, "
+        "slides for a tile classifier",
+    )
+    reference.add_argument("--version", help="the model's version (default: its newest)")
+    reference.add_argument("--config", type=Path, help="application YAML whose model repository to use")
+    reference.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        help="use N synthetic inputs instead (CT phantoms written as DICOM, or H&E slides): the embedded demo "
+        "models' reference",
+    )
+    reference.add_argument("--seed", type=int, default=0, help="first seed of the synthetic inputs (default 0)")
+    reference.set_defaults(run=_input_reference)
 
 
 def _import_bundle(args) -> int:
@@ -100,3 +125,72 @@ def _sample_bundle(args) -> int:
     write_bundle(spec, args.out, config_format=args.format, weights=args.weights)
     print(f"wrote the embedded model {spec.name} {spec.version} as a MONAI bundle in {args.out}")
     return 0
+
+
+def _input_reference(args) -> int:
+    import tempfile
+
+    from serve_app.errors import RequestError
+    from serve_app.model_repository import ModelRepository
+    from serve_app.observability.input_drift import build_reference
+
+    config = load_config(args.config)
+    try:
+        spec = ModelRepository(config.model_repository).get(args.model, args.version)
+    except RequestError as e:
+        raise CommandError(str(e)) from None
+    slides = spec.task == "tile_classification"
+    if bool(args.inputs) == bool(args.synthetic):
+        raise CommandError("give reference inputs, or --synthetic N, not both")
+    with tempfile.TemporaryDirectory(prefix="medserve-reference-") as scratch:
+        paths = args.inputs or _synthetic_inputs(slides, args.synthetic, args.seed, Path(scratch))
+        features = []
+        for path in paths:
+            try:
+                features.append(_slide_features(path) if slides else _study_features(path, config.limits))
+            except (RequestError, OSError, ValueError) as e:
+                raise CommandError(f"{path}: cannot be read ({e})") from None
+    reference = build_reference(spec.name, spec.version, features)
+    written = reference.save(spec.folder)
+    print(f"wrote the input reference of {spec.name} {spec.version} from {len(features)} inputs to {written}")
+    return 0
+
+
+def _study_features(path: Path, limits) -> dict:
+    from serve_app.observability.input_features import study_features
+    from serve_app.studies.nifti import read_nifti
+    from serve_app.studies.reader import read_study
+
+    volume = read_study(path, limits) if path.is_dir() else read_nifti(path, limits)
+    return study_features(volume)
+
+
+def _slide_features(path: Path) -> dict:
+    from serve_app.observability.input_features import slide_features
+    from serve_app.wsi.slides import open_slide
+    from serve_app.wsi.tissue import detect_tissue
+
+    slide = open_slide(str(path))
+    try:
+        return slide_features(slide.levels[0].mpp, detect_tissue(slide).stain_od)
+    finally:
+        slide.close()
+
+
+def _synthetic_inputs(slides: bool, count: int, seed: int, folder: Path) -> list[Path]:
+    """``count`` synthetic inputs written under ``folder``, as a client would send them: DICOM CT series (the
+    demo's phantoms), or H&E slides of the demo's size and mpp."""
+    import numpy as np
+
+    from serve_app.samples.phantoms import ct_phantom
+    from serve_app.samples.study_files import write_ct_series
+    from serve_app.samples.synthetic_slides import write_slide
+
+    paths = []
+    for i in range(seed, seed + count):
+        if slides:
+            paths.append(write_slide(folder / f"slide-{i}.tiff", 3000, 2000, seed=i).path)
+        else:
+            write_ct_series(ct_phantom(np.random.default_rng(i)).volume, folder / f"series-{i}")
+            paths.append(folder / f"series-{i}")
+    return paths

@@ -22,7 +22,9 @@ from serve_app.config.dicom_network import (
     RouteName,
     check_against,
 )
+from serve_app.config.input_monitoring import InputMonitoringConfig
 from serve_app.config.pacs import ALL_TENANTS, PacsConfig, PacsName
+from serve_app.config.rollout import RolloutConfig
 from serve_app.config.tenancy import AuditConfig, SchedulingConfig, TenantConfig, TenantId
 from serve_app.strict_model import StrictModel
 
@@ -40,11 +42,13 @@ __all__ = [
     "GRPC_SERVICER_FUNCTION",
     "GrpcConfig",
     "HttpConfig",
+    "InputMonitoringConfig",
     "LimitsConfig",
     "ModelDeploymentConfig",
     "NodeGroupConfig",
     "RayConfig",
     "ReadingConfig",
+    "RolloutConfig",
     "StorageConfig",
     "WsiConfig",
     "default_storage_root",
@@ -72,6 +76,14 @@ class AutoscalingConfig(StrictModel):
     )
     look_back_period_s: float = Field(
         30.0, gt=0, description="Seconds of requests-in-progress figures Serve averages to decide."
+    )
+    # Serve marks this field deprecated in favour of RAY_SERVE_{REPLICA,HANDLE}_AUTOSCALING_METRIC_PUSH_INTERVAL_S, but
+    # Ray 2.60's replicas and handles still push every metrics_interval_s and read neither variable.
+    metrics_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between the replicas' reports of their requests in progress to Serve's controller: how "
+        "old the figures it decides on may be. Below look_back_period_s, or Serve warns.",
     )
 
     @model_validator(mode="after")
@@ -315,6 +327,19 @@ class WsiConfig(StrictModel):
         0.25, ge=0, le=1, description="A tile is classified when at least this fraction of it is tissue."
     )
     read_threads: int = Field(4, ge=1, le=256, description="Threads of a tile-model replica that read and decode.")
+    region_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A tile belongs to a tumour region (regions.geojson, the DICOM annotations) when its probability "
+        "is at least this.",
+    )
+    region_min_area_um2: float = Field(
+        20_000.0,
+        ge=0,
+        description="Tumour regions smaller than this (µm², holes excluded) are specks and left out; the default "
+        "drops a lone tile of the embedded model (112 µm square: 12,544 µm²) and keeps two side by side.",
+    )
     gpu_decode: bool = Field(
         True, description="A tile-model replica with a GPU decodes the slides' JPEG tiles there (nvJPEG), not on CPUs."
     )
@@ -575,6 +600,11 @@ class AppConfig(StrictModel):
     models: dict[str, ModelDeploymentConfig] = Field(
         {}, description="Per-model overrides of deployments.model, keyed by model name."
     )
+    rollouts: dict[str, RolloutConfig] = Field(
+        {},
+        description="Per model (keyed by its name), a candidate version tried in shadow or as a canary before it "
+        "is promoted (docs/rollouts.md).",
+    )
     deployments: DeploymentsConfig = Field(DeploymentsConfig(), description="Resources of each deployment.")
     limits: LimitsConfig = Field(LimitsConfig(), description="What one request may send.")
     reading: ReadingConfig = Field(ReadingConfig(), description="How preprocessing replicas read studies.")
@@ -603,6 +633,9 @@ class AppConfig(StrictModel):
         "name requests use (see README, PACS).",
     )
     audit: AuditConfig = Field(AuditConfig(), description="The audit log's files.")
+    input_monitoring: InputMonitoringConfig = Field(
+        InputMonitoringConfig(), description="Input monitoring: the window of inputs a drift score is computed over."
+    )
     dicom_network: DicomNetworkConfig | None = Field(
         None, description="medserve as a DICOM node (C-STORE listener); null: nothing listens (docs/dicom-network.md)."
     )

@@ -10,7 +10,6 @@ routing.py    ``match_routes``: which routes (models) take a complete series
 node.py       ``DicomNode``: all of it together, calling a ``SeriesProcessor`` per routed series
 outbox.py     ``Outbox``: results waiting for their destinations, retried with backoff, never sent twice
 delivery.py   ``Destinations``: C-STORE to a PACS's AE, or STOW-RS to a server of the ``pacs`` section
-durable.py    writes that are on disk when they return
 pipeline.py   ``SegmentationProcessor``: a routed series through the application's segmentation stages
 deliveries.py ``DeliveriesService``: the outbox as the HTTP API sees it (``/v1/deliveries``)
 stow_routing.py  ``StowRouting``: a STOW-RS push naming no model, routed by the same rules

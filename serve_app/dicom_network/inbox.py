@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_app.dicom_network.durable import PARTIAL_SUFFIX, copy_durably, fsync_folder
+from serve_app.durable import PARTIAL_SUFFIX, copy_durably, fsync_folder
 from serve_app.storage import private_folder
 
 __all__ = ["INSTANCE_SUFFIX", "Inbox", "ReceivedInstance", "uid_key"]

@@ -27,8 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.dicom_network.durable import write_durably
 from serve_app.dicom_network.inbox import uid_key
+from serve_app.durable import write_durably
 from serve_app.errors import DeliveryFailed
 from serve_app.observability import metrics
 from serve_app.storage import private_folder

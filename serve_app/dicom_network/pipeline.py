@@ -22,11 +22,12 @@ from serve_app.dicom_network.series import CompletedSeries
 from serve_app.errors import ReplicaLost, ServiceBusy, TooManyRequests
 from serve_app.observability import metrics
 from serve_app.results import ResultStore
+from serve_app.segmentation.responses import SegmentResponse
 from serve_app.segmentation.service import SegmentationService
 from serve_app.studies.upload import UploadBudget
 from serve_app.tenancy.gatekeeper import Gatekeeper
 
-__all__ = ["SegmentationProcessor", "copied_series"]
+__all__ = ["SegmentationProcessor", "copied_series", "series_result"]
 
 _ROUTE = "dicom"  # the route of a series that came by C-STORE: its audit line's, its latency metrics' label
 # A series over its tenant's rate, or finding the stages busy, waits as told and tries again, this many times at most.
@@ -97,14 +98,24 @@ class SegmentationProcessor:
             path = f"/v1/results/{visit.request_id}"
             answer = await self.segmentation.segment(visit, route.model, copied_series(series.files), path)
         metrics.observe_stages(_ROUTE, route.model, record.tenant, answer.timings_ms.model_dump())
-        seg = await asyncio.to_thread(self.results.seg_path, answer.result_id, record.tenant)
-        sr = await asyncio.to_thread(self.results.sr_path, answer.result_id, record.tenant)
-        return SeriesResult(
-            tenant=record.tenant,
-            study_instance_uid=record.study_instance_uid,
-            series_instance_uid=record.series_instance_uid,
-            model=answer.model.name,
-            model_version=answer.model.version,
-            result_id=answer.result_id,
-            files=(seg, sr),
+        return await series_result(
+            self.results, answer, record.tenant, record.study_instance_uid, record.series_instance_uid
         )
+
+
+async def series_result(
+    results: ResultStore, answer: SegmentResponse, tenant: str, study_instance_uid: str, series_instance_uid: str
+) -> SeriesResult:
+    """A series' segmentation (``answer``, the tenant's) as the outbox takes it: the model as run, and the result's
+    DICOM SEG and SR, built in ``results`` (off the event loop) on first asking."""
+    seg = await asyncio.to_thread(results.seg_path, answer.result_id, tenant)
+    sr = await asyncio.to_thread(results.sr_path, answer.result_id, tenant)
+    return SeriesResult(
+        tenant=tenant,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        model=answer.model.name,
+        model_version=answer.model.version,
+        result_id=answer.result_id,
+        files=(seg, sr),
+    )

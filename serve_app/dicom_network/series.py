@@ -23,8 +23,8 @@ from typing import Literal
 import pydicom
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.dicom_network.durable import write_durably
 from serve_app.dicom_network.inbox import Inbox
+from serve_app.durable import write_durably
 
 __all__ = ["CompletedSeries", "SeriesBook", "SeriesRecord", "SeriesState"]
 

@@ -21,8 +21,7 @@ import pydicom
 
 from serve_app.config import AppConfig
 from serve_app.dicom_network.deliveries import DeliveriesService
-from serve_app.dicom_network.outbox import SeriesResult
-from serve_app.dicom_network.pipeline import copied_series
+from serve_app.dicom_network.pipeline import copied_series, series_result
 from serve_app.dicom_network.routing import Route, SeriesFacts, match_routes
 from serve_app.dicomweb.stow import StowBody
 from serve_app.errors import InvalidStudy
@@ -85,16 +84,8 @@ class StowRouting:
         """Hand the result's SEG and SR to the outbox for the route's destinations (none: kept in medserve only)."""
         if not route.destinations:
             return
-        seg = await asyncio.to_thread(self.results.seg_path, answer.result_id, tenant_id)
-        sr = await asyncio.to_thread(self.results.sr_path, answer.result_id, tenant_id)
-        result = SeriesResult(
-            tenant=tenant_id,
-            study_instance_uid=series.study_instance_uid,
-            series_instance_uid=series.series_instance_uid,
-            model=answer.model.name,
-            model_version=answer.model.version,
-            result_id=answer.result_id,
-            files=(seg, sr),
+        result = await series_result(
+            self.results, answer, tenant_id, series.study_instance_uid, series.series_instance_uid
         )
         await self.deliveries.enqueue(result, list(route.destinations))
 

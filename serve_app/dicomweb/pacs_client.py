@@ -1,7 +1,7 @@
 """``PacsClient``: one configured PACS: series retrieved by WADO-RS, results stored by STOW-RS (``dicomweb-client``).
 
 Its calls block (``requests`` underneath): the ingress runs them in a thread. Every failure of the PACS
-or of the way to it leaves here as a medserve error, translated in one place (``_translated``).
+or of the way to it leaves here as a medserve error, translated in one place (``PacsClient.translated``).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class PacsClient:
         # for a whole one (a close-delimited answer ends the same either way; only the closing boundary
         # tells), and it decodes and re-encodes every instance where the bytes can go to disk as they come.
         url = f"{self.config.url.rstrip('/')}/studies/{study_instance_uid}/series/{series_instance_uid}"
-        with self._translated("retrieving the series"):
+        with self.translated("retrieving the series"):
             with self.session.get(url, headers=_AS_STORED, stream=True, timeout=self.config.timeout_s) as answer:
                 answer.raise_for_status()
                 boundary = multipart_related_boundary(answer.headers.get("content-type", ""))
@@ -98,7 +98,7 @@ class PacsClient:
         return the attempts it took. Raises ``PacsFailed`` when the last attempt fails."""
         for attempt in range(1, self.config.store_attempts + 1):
             try:
-                with self._translated("storing the results"):
+                with self.translated("storing the results"):
                     self.web.store_instances(list(instances))
                 return attempt
             except PacsFailed as failure:
@@ -109,8 +109,11 @@ class PacsClient:
         raise AssertionError("unreachable: the loop returns or raises")
 
     @contextmanager
-    def _translated(self, doing: str) -> Iterator[None]:
-        """The one place where what ``requests``, ``dicomweb-client`` and ``pydicom`` raise becomes ours."""
+    def translated(self, doing: str) -> Iterator[None]:
+        """The one place where what ``requests``, ``dicomweb-client`` and ``pydicom`` raise, calling this PACS,
+        becomes ours: ``NotFoundAtPacs`` for a 404, else ``PacsFailed`` (``transient`` where trying again may work).
+        ``doing`` ends each reason ("while retrieving the series"). Also what the WSI reader of a PACS's slides
+        translates its calls with."""
         retry_after = self.config.retry_after_s
         try:
             yield

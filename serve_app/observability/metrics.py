@@ -319,3 +319,102 @@ def set_delivery_backlog(destination: str, pending: int, oldest_age_s: float) ->
     _, _, _, _, pending_gauge, oldest_gauge = _dicom_network_metrics()
     pending_gauge.set(pending, tags={"destination": destination})
     oldest_gauge.set(oldest_age_s, tags={"destination": destination})
+
+
+@functools.cache
+def _input_drift_metrics():
+    from ray.util import metrics
+
+    inputs = metrics.Counter(
+        "medserve_inputs",
+        description="Inputs read, per model version and category feature (modality, manufacturer, "
+        "slice_thickness_mm, pixel_spacing_mm, mpp) and its value (a fixed set).",
+        tag_keys=("model", "version", "feature", "value"),
+    )
+    psi = metrics.Gauge(
+        "medserve_input_drift_psi",
+        description="Population stability index of a feature of a model version's last inputs (this process's "
+        "window) against the model's reference; over 0.25: drifted.",
+        tag_keys=("model", "version", "feature"),
+    )
+    fractions = metrics.Gauge(
+        "medserve_input_bin_fraction",
+        description="Fraction of a model version's inputs in each bin of a feature: population recent (this "
+        "process's window) or reference.",
+        tag_keys=("model", "version", "feature", "bin", "population"),
+    )
+    window = metrics.Gauge(
+        "medserve_input_drift_window_inputs",
+        description="Inputs in this process's drift window of a model version (at most the configured window).",
+        tag_keys=("model", "version"),
+    )
+    return inputs, psi, fractions, window
+
+
+def record_input_drift(model: str, version: str, categories: Mapping[str, str], readings: Mapping, inputs: int) -> None:
+    """Called by ``serve_app.observability.input_drift.InputMonitor`` after each input: its category features'
+    values (``categories``: feature -> a value of a fixed set), the drift ``readings`` of each feature (``psi``,
+    ``bins``, and the ``reference`` and ``recent`` fraction of each bin) and the ``inputs`` in its window."""
+    counter, psi, fractions, window = _input_drift_metrics()
+    tags = {"model": model, "version": version}
+    for feature, value in categories.items():
+        counter.inc(tags={**tags, "feature": feature, "value": value})
+    window.set(inputs, tags=tags)
+    for feature, reading in readings.items():
+        psi.set(reading.psi, tags={**tags, "feature": feature})
+        for population, values in (("reference", reading.reference), ("recent", reading.recent)):
+            for label, fraction in zip(reading.bins, values, strict=True):
+                fractions.set(fraction, tags={**tags, "feature": feature, "bin": label, "population": population})
+
+
+# Dice between a shadowed candidate's mask and the live one's: fine steps near 1, where a good candidate lies.
+AGREEMENT_BUCKETS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]
+
+
+@functools.cache
+def _rollout_metrics():
+    from ray.util import metrics
+
+    runs = metrics.Counter(
+        "medserve_rollout_runs",
+        description="Studies a rollout routed, by model, version, role (live, shadow, canary) and outcome (ok, "
+        "error: a server error; dropped: a shadow run not started because the replica's shadow runs were busy).",
+        tag_keys=("model", "version", "role", "outcome"),
+    )
+    agreement = metrics.Histogram(
+        "medserve_rollout_agreement_dice",
+        description="Mean Dice over the labels between a shadowed candidate's mask and the live version's, per "
+        "model and candidate version.",
+        boundaries=AGREEMENT_BUCKETS,
+        tag_keys=("model", "version"),
+    )
+    seconds = metrics.Histogram(
+        "medserve_rollout_run_duration_seconds",
+        description="Seconds a study took through the stages in a rollout, per model, version and role.",
+        boundaries=LATENCY_BUCKETS_S,
+        tag_keys=("model", "version", "role"),
+    )
+    aborted = metrics.Counter(
+        "medserve_rollout_aborted",
+        description="Rollouts that aborted themselves (an abort threshold crossed), by model and candidate version; "
+        "an operator's `medserve rollout abort` is audited, not counted.",
+        tag_keys=("model", "version"),
+    )
+    return runs, agreement, seconds, aborted
+
+
+def count_rollout_run(model: str, version: str, role: str, outcome: str, seconds: float | None = None) -> None:
+    """A study a rollout routed: ``role`` live, shadow or canary; ``outcome`` ok, error or dropped; ``seconds`` its
+    time through the stages when it ran."""
+    runs, _, latency, _ = _rollout_metrics()
+    runs.inc(tags={"model": model, "version": version, "role": role, "outcome": outcome})
+    if seconds is not None:
+        latency.observe(seconds, tags={"model": model, "version": version, "role": role})
+
+
+def observe_rollout_agreement(model: str, version: str, mean_dice: float) -> None:
+    _rollout_metrics()[1].observe(mean_dice, tags={"model": model, "version": version})
+
+
+def count_rollout_aborted(model: str, version: str) -> None:
+    _rollout_metrics()[3].inc(tags={"model": model, "version": version})

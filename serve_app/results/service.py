@@ -19,6 +19,7 @@ from serve_app.results.measurements import LabelVolume
 from serve_app.results.reviews import Review, ReviewRequest, ReviewStore
 from serve_app.results.store import ResultStore
 from serve_app.results.summary import ResultSummary
+from serve_app.results.worklist import Worklist, WorklistQuery, build_worklist
 
 __all__ = ["ResultFile", "ResultsService"]
 
@@ -74,6 +75,10 @@ class ResultsService:
     async def reviews_of_tenant(self, tenant_id: str, model: str | None, version: str | None) -> list[Review]:
         """The tenant's reviews of its unexpired results, of one model (and version) when given, oldest first."""
         return await asyncio.to_thread(self.reviews.of_tenant, tenant_id, model, version)
+
+    async def worklist(self, tenant_id: str, query: WorklistQuery) -> Worklist:
+        """A page of the tenant's review worklist, newest first (``build_worklist``: bounded file reads)."""
+        return await asyncio.to_thread(build_worklist, self.results, self.reviews, tenant_id, query)
 
     def _fhir(self, result_id: str, tenant_id: str) -> dict:
         spec = self.results.model_of(result_id, tenant_id)

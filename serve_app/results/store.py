@@ -22,16 +22,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import get_args
 
 import nibabel as nib
 import numpy as np
 import pydicom
 
 from serve_app.config import StorageConfig
-from serve_app.errors import ImageNotKept, NoDicomResult, ResultNotFound
+from serve_app.errors import CandidateNotDeliverable, ImageNotKept, NoDicomResult, ResultNotFound
 from serve_app.model_repository import ModelSpec
 from serve_app.results.dicom_seg import build_segmentation
 from serve_app.results.dicom_sr import build_measurement_report
+from serve_app.results.index import IndexEntry, ResultIndex, RolloutRole
 from serve_app.results.measurements import LabelVolume
 from serve_app.storage import private_folder
 from serve_app.studies.dicom_source import DicomSource
@@ -63,6 +65,7 @@ _PARTIAL = ".partial"
 _STAGED = ".staged"
 _DISCARDED = ".discarded"
 OWNER_FILE = "tenant"  # the tenant that made the result: only it may read the result
+_INDEXED_ALL = ".indexed-all"  # in the index: the results stored before it existed were indexed
 # The study's image on the mask's grid, kept only when the request asked (keep_image): a viewer reopening the
 # result shows the mask over it.
 IMAGE_FILE = "image.nii.gz"
@@ -76,12 +79,15 @@ class ResultStore:
     """Results under ``root``, each readable by its tenant for ``retention_hours`` from when it was made; ``sweep``
     deletes them then (``serve_app.retention.RetentionSweeper`` calls it on a timer).
 
-    ``root`` is created 0700, and refused (``UnsafeStorage``) if another user owns it or others may write it.
+    ``root`` is created 0700, and refused (``UnsafeStorage``) if another user owns it or others may write it. Beside
+    it, ``<root>-index`` holds each tenant's results by the time they were made (``ResultIndex``), for the review
+    worklist.
     """
 
     def __init__(self, root: Path, retention_hours: float):
         self.root = private_folder(root)
         self.retention_s = retention_hours * 3600
+        self.index = ResultIndex(self.root.with_name(f"{self.root.name}-index"))
 
     @classmethod
     def of(cls, storage: StorageConfig) -> ResultStore:
@@ -136,14 +142,22 @@ class ResultStore:
             return
         partial.rename(staged)
 
-    def commit(self, result_id: str, tenant_id: str, image: Path | None = None) -> None:
+    def commit(self, result_id: str, tenant_id: str, image: Path | None = None, rollout: dict | None = None) -> None:
         """Make the staged result readable by ``tenant_id``, with ``image`` (the study's gzipped NIfTI on the mask's
-        grid, for a viewer) kept in it when given; ``image`` may be on another filesystem (uploads in RAM)."""
+        grid, for a viewer) kept in it when given; ``image`` may be on another filesystem (uploads in RAM).
+        ``rollout``: the result's part in a rollout of its model (``ResultRollout``'s fields), kept in its
+        summary."""
         folder = self._folder(result_id)
         staged = _beside(folder, _STAGED)
         if image is not None:
             shutil.move(image, staged / IMAGE_FILE)
+        if rollout is not None:
+            summary = json.loads((staged / SUMMARY_FILE).read_text())
+            (staged / SUMMARY_FILE).write_text(json.dumps({**summary, "rollout": rollout}))
         (staged / OWNER_FILE).write_text(tenant_id)
+        # Indexed before it is readable: a committed result is never missing from its tenant's worklist (a reader
+        # skips an entry whose result is not there yet, or no longer).
+        self.index.add(tenant_id, _index_entry(result_id, staged))
         staged.rename(folder)
 
     def discard(self, result_id: str) -> None:
@@ -194,6 +208,23 @@ class ResultStore:
     def folder_of(self, result_id: str, tenant_id: str) -> Path:
         """The folder of the tenant's unexpired result; ``ResultNotFound`` (404) for another tenant's or none."""
         return self._existing(result_id, SUMMARY_FILE, tenant_id).parent
+
+    def index_existing(self) -> None:
+        """Index the results committed before the index existed (a storage root written by an earlier medserve),
+        once: a mark in the index says it was done."""
+        done = self.index.root / _INDEXED_ALL
+        if done.exists():
+            return
+        for folder in self.root.iterdir():
+            owner = folder / OWNER_FILE
+            if _RESULT_ID.match(folder.name) and owner.is_file():
+                try:
+                    entry = _index_entry(folder.name, folder)
+                except (OSError, ValueError):  # deleted meanwhile, or unreadable: nothing to review
+                    continue
+                if not self.index.has(owner.read_text(), entry):
+                    self.index.add(owner.read_text(), entry)
+        done.touch()
 
     def folders_of_tenant(self, tenant_id: str) -> list[Path]:
         """The folders of every unexpired result of the tenant."""
@@ -252,7 +283,14 @@ class ResultStore:
         return self._dicom_folder(result_id, tenant_id) / SR_FILE
 
     def dicom_results(self, result_id: str, tenant_id: str) -> list[pydicom.Dataset]:
-        """The SEG and the SR, in that order (a PACS that checks references receives the SEG first)."""
+        """The SEG and the SR, in that order (a PACS that checks references receives the SEG first), to send to a
+        PACS. ``CandidateNotDeliverable`` (409) for a shadow result: a candidate's run is kept for review only."""
+        rollout = self.summary(result_id, tenant_id).get("rollout") or {}
+        if rollout.get("role") == "shadow":
+            raise CandidateNotDeliverable(
+                f"result {result_id} is a shadow run of candidate version {rollout.get('version')}: it is kept for "
+                "review and is never sent to a PACS"
+            )
         folder = self._dicom_folder(result_id, tenant_id)
         return [pydicom.dcmread(folder / SEG_FILE), pydicom.dcmread(folder / SR_FILE)]
 
@@ -272,6 +310,11 @@ class ResultStore:
                 shutil.rmtree(path, ignore_errors=True)
             elif expired:
                 path.unlink(missing_ok=True)
+        self.index.sweep(datetime.fromtimestamp(now - self.retention_s, UTC))
+
+    def whole_mask(self, result_id: str, tenant_id: str) -> np.ndarray:
+        """The tenant's result's (I, J, K) uint8 mask on the study's whole grid."""
+        return self._whole_mask(self.folder_of(result_id, tenant_id))
 
     def _folder(self, result_id: str) -> Path:
         if not _RESULT_ID.match(result_id):
@@ -332,6 +375,27 @@ class ResultStore:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return built
+
+
+def _index_entry(result_id: str, folder: Path) -> IndexEntry:
+    """What the index keeps of the result in ``folder``: when it was made, its model and version, and its part in a
+    rollout (the summary's ``rollout``, when the result was made in one)."""
+    summary_file = folder / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text())
+    created = summary.get(_CREATED)
+    made = datetime.fromisoformat(created) if created else datetime.fromtimestamp(summary_file.stat().st_mtime, UTC)
+    rollout = summary.get("rollout")
+    rollout = rollout if isinstance(rollout, dict) and rollout.get("role") in get_args(RolloutRole) else {}
+    model_file = folder / _MODEL_FILE
+    model = json.loads(model_file.read_text()) if model_file.is_file() else {}
+    return IndexEntry(
+        result_id=result_id,
+        created_at=made,
+        model=model.get("name"),
+        version=model.get("version") or rollout.get("version"),
+        role=rollout.get("role"),
+        paired_result_id=rollout.get("paired_result_id"),
+    )
 
 
 def _beside(folder: Path, suffix: str) -> Path:

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from serve_app.model_spec import ModelRef
 from serve_app.results.measurements import LabelVolume
 from serve_app.results.reviews import Review
 
-__all__ = ["ResultSummary"]
+__all__ = ["ResultRollout", "ResultSummary"]
+
+
+class ResultRollout(BaseModel):
+    """A result's part in a rollout of its model (docs/rollouts.md)."""
+
+    role: Literal["live", "shadow", "canary"] = Field(
+        description="live: the live version's answer while a rollout runs; shadow: the candidate's run beside a "
+        "live answer, kept for review and never sent to a PACS; canary: the candidate's answer to a canary study."
+    )
+    version: str = Field(description="The version that made the result.")
+    paired_result_id: str | None = Field(
+        None, description="For a shadow result: the id of the live result made from the same study; else null."
+    )
 
 
 class ResultSummary(BaseModel):
@@ -23,3 +38,6 @@ class ResultSummary(BaseModel):
         "request asked to keep it (keep_image=true)."
     )
     reviews: list[Review] = Field(description="Its reviews, oldest first.")
+    rollout: ResultRollout | None = Field(
+        None, description="Its part in a rollout of its model (live, shadow or canary); null outside one."
+    )

@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.errors import unwrap
 from serve_app.model_repository import ModelSpec
 from serve_app.segmentation.messages import Prediction, PreparedStudy, Segmentation
-from serve_app.segmentation.stages import run_stages
+from serve_app.segmentation.stage_order import run_stages
 
 __all__ = ["StageHandles"]
 

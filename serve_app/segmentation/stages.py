@@ -1,4 +1,5 @@
-"""The three stages of a segmentation request as plain objects on one device, and the order they run in.
+"""The three stages of a segmentation request as plain objects on one device (the order they run in:
+``serve_app.segmentation.stage_order``).
 
 The split layout wraps each stage in its own deployment (host arrays between them); the fused layout
 runs all three in one replica, where tensors stay on its GPU. Same code, same results.
@@ -6,9 +7,8 @@ runs all three in one replica, where tensors stay on its GPU. Same code, same re
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +20,17 @@ from serve_app.engines import load_engine
 from serve_app.engines.devices import to_device
 from serve_app.errors import InvalidStudy
 from serve_app.model_repository import ModelSpec
+from serve_app.observability.input_drift import InputMonitor
 from serve_app.results import ResultStore
 from serve_app.results.measurements import LabelVolume
-from serve_app.segmentation.messages import Array, Grid, Prediction, PreparedStudy, Segmentation, StageTimings
+from serve_app.segmentation.messages import Array, Grid, Prediction, PreparedStudy
 from serve_app.segmentation.transforms import label_volumes_ml, mask_on_grid, to_model_input
 from serve_app.stopwatch import Stopwatch
 from serve_app.studies.header_processes import HeaderProcesses
 from serve_app.studies.reader import read_study
 from serve_app.studies.volume import Affine, voxel_volume_ml
 
-__all__ = ["Postprocessor", "Predictor", "Preprocessor", "run_stages"]
+__all__ = ["Postprocessor", "Predictor", "Preprocessor"]
 
 
 class Preprocessor:
@@ -39,10 +40,19 @@ class Preprocessor:
         limits: the server's limits on what an upload may hold.
         device: where the model's input is made (the replica's GPU, or the CPU).
         header_processes: processes that parse a DICOM series' headers (started here); 0: none, parsed in-process.
+        monitor: where each study read is recorded for input monitoring (``serve_app.observability.input_drift``);
+            None: nowhere.
     """
 
-    def __init__(self, limits: LimitsConfig, device: torch.device, *, header_processes: int = 0):
-        self.limits, self.device = limits, device
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        device: torch.device,
+        *,
+        header_processes: int = 0,
+        monitor: InputMonitor | None = None,
+    ):
+        self.limits, self.device, self.monitor = limits, device, monitor
         self.parsers = HeaderProcesses(header_processes) if header_processes else None
         if self.parsers is not None:
             self.parsers.warm_up()
@@ -57,6 +67,8 @@ class Preprocessor:
         volume = read_study(Path(upload_folder), self.limits, self.parsers)
         if volume.modality and volume.modality != spec.modality:
             raise InvalidStudy(f"the series is {volume.modality}; model {spec.name} takes {spec.modality}")
+        if self.monitor is not None:
+            self.monitor.observe_study(spec.name, spec.version, spec.folder, volume)
         if image_path is not None:
             volume.save_nifti(Path(image_path))
         image = to_model_input(volume, spec.preprocessing, self.device)
@@ -162,34 +174,6 @@ class Postprocessor:
         box = mask.labels.cpu().numpy()
         self.results.save(result_id, box, mask.start, grid.shape, grid.affine, summary, spec, grid.source)
         return labels
-
-
-async def run_stages(
-    preprocess: Callable[[], Awaitable[PreparedStudy]],
-    predict: Callable[[Array], Awaitable[Prediction]],
-    postprocess: Callable[[Prediction, PreparedStudy], Awaitable[list[LabelVolume]]],
-) -> Segmentation:
-    """One request through the three stages, however a layout reaches them (methods, or handles), timed
-    here as the request waits on each."""
-    watch = Stopwatch()
-    prepared = await preprocess()
-    preprocess_s = watch.lap()
-    prediction = await predict(prepared.image)
-    model_round_trip_s = watch.lap()
-    labels = await postprocess(prediction, prepared)
-    return Segmentation(
-        grid=dataclasses.replace(prepared.grid, source=None),  # the headers stay with the result, not the answer
-        dicom_source=prepared.grid.source is not None,
-        labels=labels,
-        batch_size=prediction.batch_size,
-        study_instance_uid=prepared.study_instance_uid,
-        timings=StageTimings(
-            preprocess=preprocess_s,
-            model_queue=max(model_round_trip_s - prediction.compute_s, 0.0),
-            model=prediction.compute_s,
-            postprocess=watch.lap(),
-        ),
-    )
 
 
 def _on_device(image: Array, device: torch.device) -> torch.Tensor:

@@ -48,6 +48,7 @@ class Visit:
     request_id: str
     tenant_id: str
     model_version: str | None  # of the model the route names: the version it names, else the newest
+    version_named: bool  # the route named the version: no rollout picks another
     max_upload_bytes: int
     deadline_s: float  # seconds the request may take from its arrival (the tenant's, else the server's)
     _record: _VisitRecord = field(repr=False)
@@ -131,6 +132,7 @@ class Gatekeeper:
                 request_id=record.request_id,
                 tenant_id=record.tenant_id,
                 model_version=record.model_version,
+                version_named=version is not None,
                 max_upload_bytes=self._upload_limit(tenant),
                 deadline_s=deadline_s,
                 _record=record,
@@ -170,6 +172,11 @@ class Gatekeeper:
         record = visit._record
         record.study_instance_uid = study_instance_uid
         record.timings_ms = {**timings_ms, "queue": round(record.slot_wait_s * 1000, 1)}
+
+    def routed(self, visit: Visit, model_version: str) -> None:
+        """For the audit line of a visit whose study a model's rollout gave to ``model_version`` (the live or the
+        candidate version) rather than the newest."""
+        visit._record.model_version = model_version
 
     def reviewed(self, visit: Visit, model: str | None, model_version: str | None, verdict: str) -> None:
         """For the audit line of a visit that reviewed a result: the result's model and version (its own record of

@@ -9,8 +9,10 @@ The path of a job, by file::
       serve_app/wsi/tissue.py     tissue detection on a low-resolution level: which tiles to classify
     deployments/tile_model.py     the tile model's replicas (Serve, autoscaled): read a unit, classify it
     serve_app/wsi/heatmaps.py     the Zarr heatmap, chunk by chunk, and its ledger of finished chunks
-    serve_app/wsi/renderings.py   overlay PNG, tissue PNG, QuPath GeoJSON
-    serve_app/wsi/annotations.py  the tiles as DICOM Microscopy Bulk Simple Annotations, stored to a PACS if asked
+    serve_app/wsi/renderings.py   overlay PNG, tissue PNG, QuPath GeoJSON of the tiles and of the tumour regions
+    serve_app/wsi/regions.py      the heatmap thresholded into tumour regions: polygons with holes, specks left out
+    serve_app/wsi/annotations.py  tiles and regions as DICOM Microscopy Bulk Simple Annotations, the heatmap as a
+                                  DICOM Parametric Map, stored to a PACS if asked
 
 The drivers are ``wsi.job_drivers`` detached actors, started with the application (``WsiJobs``) and restarted by
 Ray if their process dies; each runs any number of jobs at once (asyncio: a job mostly waits on the tile model), so
@@ -52,12 +54,14 @@ from serve_app.dicomweb.pacs_client import PacsClient
 from serve_app.errors import PacsFailed, RequestError, unwrap
 from serve_app.model_repository import ModelRepository
 from serve_app.model_spec import TilePreprocessingSpec
+from serve_app.observability.input_drift import input_monitor
+from serve_app.observability.input_features import slide_features
 from serve_app.observability.metrics import WsiJobMetrics
 from serve_app.segmentation.responses import PacsStoreOutcome
 from serve_app.source_digest import source_digest
 from serve_app.stopwatch import Stopwatch
 from serve_app.storage import set_private_umask, write_atomic
-from serve_app.wsi.annotations import tile_annotations
+from serve_app.wsi.annotations import described_slide, probability_map, reference_image, slide_annotations
 from serve_app.wsi.heatmaps import HeatmapStore
 from serve_app.wsi.job_status import (
     JobRecords,
@@ -69,7 +73,14 @@ from serve_app.wsi.job_status import (
     WsiJobStatus,
     utc_now,
 )
-from serve_app.wsi.renderings import OverlayPainter, TileFeatures, tissue_png, write_in_place
+from serve_app.wsi.regions import TumourRegion, tumour_regions
+from serve_app.wsi.renderings import (
+    OverlayPainter,
+    TileFeatures,
+    tissue_png,
+    write_in_place,
+    write_regions_geojson,
+)
 from serve_app.wsi.slides import Slide, open_slide
 from serve_app.wsi.tiling import TileGrid, plan_grid
 from serve_app.wsi.tissue import TissueMask, detect_tissue
@@ -79,6 +90,8 @@ __all__ = [
     "ANNOTATIONS_FILE",
     "DRIVER_NAMESPACE",
     "DRIVER_PREFIX",
+    "PROBABILITY_MAP_FILE",
+    "REGIONS_FILE",
     "JobRun",
     "WsiJobDriver",
     "code_version",
@@ -87,7 +100,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 DRIVER_NAMESPACE = "medserve-wsi"
-ANNOTATIONS_FILE = "annotations.dcm"  # the tiles as DICOM Microscopy Bulk Simple Annotations (DICOM slides)
+ANNOTATIONS_FILE = "annotations.dcm"  # tiles and regions as DICOM Microscopy Bulk Simple Annotations (DICOM slides)
+PROBABILITY_MAP_FILE = "probabilities.dcm"  # the heatmap as a DICOM Parametric Map
+REGIONS_FILE = "regions.geojson"  # the tumour regions as QuPath annotations
 DRIVER_PREFIX = "wsi-job-driver"
 _SAVE_EVERY_S = 0.5  # the record is rewritten at most this often while tiles finish
 _SPEED_WINDOW_S = 10.0  # tiles/s is measured over this much recent time
@@ -224,6 +239,23 @@ class _SlidePlan:
         self.tissue_png = tissue_png(self.tissue.mask, mpp=self.tissue.mpp)
 
 
+@dataclass(frozen=True)
+class _DicomResults:
+    """A slide's DICOM objects as written (None: not made), the frame of reference they are on, and whether they stand
+    on the slide's own image (so that a PACS holds what they reference)."""
+
+    annotations: pydicom.Dataset | None
+    probability_map: pydicom.Dataset | None
+    frame_of_reference: str | None
+    on_slide: bool
+
+
+def _save_dicom(dataset: pydicom.Dataset, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    dataset.save_as(partial, enforce_file_format=True)
+    partial.replace(path)
+
+
 class SlideFailed(Exception):
     """One slide cannot go on; its reason goes into its status, the job's other slides continue."""
 
@@ -246,6 +278,7 @@ class JobRun:
         self.tile_model = tile_model
         self.cancelled = False
         self.metrics = WsiJobMetrics(status.job_id, status.model, status.tenant)
+        self.input_monitor = input_monitor(config.input_monitoring.window_inputs)
         self._saved_at = 0.0
         self._speed: deque[tuple[float, int]] = deque()  # (time, tiles this run classified by then)
 
@@ -328,6 +361,8 @@ class JobRun:
             tissue = detect_tissue(slide)
             tissue_tiles = tissue.tile_fractions(grid) >= self.wsi.min_tissue_fraction
             tissue_s = watch.lap()
+            slide_summary = slide_features(slide.levels[0].mpp, tissue.stain_od)  # input monitoring
+            self.input_monitor.observe(self.spec.name, self.spec.version, self.spec.folder, slide_summary)
             store = HeatmapStore.open(
                 folder / "heatmap.zarr",
                 rows=grid.rows,
@@ -431,21 +466,34 @@ class JobRun:
 
     async def _write_outputs(self, plan: _SlidePlan) -> SlideSummary:
         """The slide's files beside its heatmap, from what its units built up: the overlay PNG, the tissue PNG, the
-        GeoJSON and the DICOM annotations in threads side by side (PNG's zlib lets go of the GIL), then the summary."""
+        tiles' GeoJSON and the regions' (then the DICOM objects) in threads side by side (PNG's zlib lets go of the
+        GIL), then the summary."""
         watch = Stopwatch()
         folder = plan.store.path.parent
         assert plan.painter is not None and plan.tissue_png is not None  # prepare_renderings ran
-        *_, annotations = await asyncio.gather(
+        grid = plan.grid
+        regions = await asyncio.to_thread(
+            tumour_regions,
+            plan.heatmap,
+            tile_extent_level0=grid.tile_extent_level0,
+            tile_um=grid.tile_size * grid.mpp,
+            threshold=self.wsi.region_threshold,
+            min_area_um2=self.wsi.region_min_area_um2,
+        )
+        *_, dicom = await asyncio.gather(
             asyncio.to_thread(plan.painter.save, folder / "overlay.png"),
             asyncio.to_thread(write_in_place, folder / "tissue.png", plan.tissue_png),
             asyncio.to_thread(plan.features.write, folder / "tiles.geojson"),
-            asyncio.to_thread(self._write_annotations, folder / ANNOTATIONS_FILE, plan, plan.heatmap),
+            asyncio.to_thread(write_regions_geojson, folder / REGIONS_FILE, regions),
+            asyncio.to_thread(self._write_dicom, folder, plan, regions),
         )
         plan.seconds.write += watch.lap()
-        return await asyncio.to_thread(self._write_summary, plan, annotations)
+        return await asyncio.to_thread(self._write_summary, plan, regions, dicom)
 
-    def _write_summary(self, plan: _SlidePlan, annotations: pydicom.Dataset | None) -> SlideSummary:
-        stored = self._store(annotations) if annotations is not None and self.status.store_to else None
+    def _write_summary(self, plan: _SlidePlan, regions: list[TumourRegion], dicom: _DicomResults) -> SlideSummary:
+        annotations = dicom.annotations
+        to_store = [ds for ds in (annotations, dicom.probability_map) if ds is not None] if dicom.on_slide else []
+        stored = self._store(to_store) if to_store and self.status.store_to else None
         heatmap, grid = plan.heatmap, plan.grid
         classified = ~np.isnan(heatmap)
         tissue = int(classified.sum())
@@ -474,39 +522,82 @@ class JobRun:
         # summary.json adds why the reader was chosen, what it left out (other focal planes, optical paths) and the
         # pyramid levels the slide was read as; the job's status, which carries every slide's summary, leaves them
         # out. Written whole: the API may serve it meanwhile.
+        folder = plan.store.path.parent
         written = {
             **summary.model_dump(mode="json"),
             "reader_reason": plan.slide.reader_reason,
             "reader_notes": list(plan.slide.reader_notes),
             "levels": [asdict(level) for level in plan.slide.levels],
+            "regions": {
+                "file": REGIONS_FILE,
+                "count": len(regions),
+                "threshold": self.wsi.region_threshold,
+                "min_area_um2": self.wsi.region_min_area_um2,
+                "area_mm2": round(sum(region.area_um2 for region in regions) / 1e6, 4),
+            },
+            "probability_map": dicom.probability_map is not None,
+            "frame_of_reference": dicom.frame_of_reference,
+            "files": sorted(
+                name
+                for name in (
+                    "heatmap.zarr",
+                    "overlay.png",
+                    "tissue.png",
+                    "tiles.geojson",
+                    REGIONS_FILE,
+                    ANNOTATIONS_FILE,
+                    PROBABILITY_MAP_FILE,
+                    "summary.json",
+                )
+                if name == "summary.json" or (folder / name).exists()
+            ),
         }
         write_atomic(plan.store.path.parent / "summary.json", json.dumps(written, indent=1))
         return summary
 
-    def _write_annotations(self, path: Path, plan: _SlidePlan, heatmap: np.ndarray) -> pydicom.Dataset | None:
-        """The tiles as DICOM Microscopy Bulk Simple Annotations on the slide's image, when the slide is DICOM WSI and
-        has classified tiles; written beside the heatmap (0600), and returned."""
+    def _write_dicom(self, folder: Path, plan: _SlidePlan, regions: list[TumourRegion]) -> _DicomResults:
+        """The slide's DICOM results beside its heatmap (0600), when it has classified tiles: on a DICOM slide, the
+        tiles and regions as Microscopy Bulk Simple Annotations of its image and the heatmap as a Parametric Map on
+        its frame of reference (a new one where the slide has none); on another slide, the Parametric Map alone, on
+        a new frame of reference, its source a description of the slide."""
+        heatmap, extent = plan.heatmap, plan.grid.tile_extent_level0
+        annotations_path, map_path = folder / ANNOTATIONS_FILE, folder / PROBABILITY_MAP_FILE
+        if not np.isfinite(heatmap).any():
+            annotations_path.unlink(missing_ok=True)  # a resumed job's stale ones
+            map_path.unlink(missing_ok=True)
+            return _DicomResults(None, None, None, on_slide=False)
         source = plan.slide.dicom_source()
-        if source is None or not np.isfinite(heatmap).any():
-            path.unlink(missing_ok=True)  # a resumed job's stale one
-            return None
-        annotations = tile_annotations(
-            heatmap, tile_extent_level0=plan.grid.tile_extent_level0, source=source, spec=self.spec
+        if source is None:
+            annotations_path.unlink(missing_ok=True)
+            level0 = plan.slide.levels[0]
+            described = described_slide(width=level0.width, height=level0.height, mpp=level0.mpp)
+            parametric_map = probability_map(heatmap, tile_extent_level0=extent, source=described, spec=self.spec)
+            _save_dicom(parametric_map, map_path)
+            return _DicomResults(None, parametric_map, "new: the slide is not DICOM", on_slide=False)
+        reference, own_frame = reference_image(source)
+        annotations = slide_annotations(
+            heatmap,
+            regions,
+            tile_extent_level0=extent,
+            source=reference,
+            spec=self.spec,
+            threshold=self.wsi.region_threshold,
         )
-        partial = path.with_name(f".{path.name}.partial")
-        annotations.save_as(partial, enforce_file_format=True)
-        partial.replace(path)
-        return annotations
+        parametric_map = probability_map(heatmap, tile_extent_level0=extent, source=reference, spec=self.spec)
+        _save_dicom(annotations, annotations_path)
+        _save_dicom(parametric_map, map_path)
+        frame = "the slide's" if own_frame else "new: the slide has none"
+        return _DicomResults(annotations, parametric_map, frame, on_slide=True)
 
-    def _store(self, annotations: pydicom.Dataset) -> PacsStoreOutcome:
-        """``annotations`` stored to the job's ``store_to`` PACS (its tenancy checked at submission); a failure is
-        the outcome's, not the slide's: the file stays beside the heatmap."""
+    def _store(self, datasets: list[pydicom.Dataset]) -> PacsStoreOutcome:
+        """``datasets`` stored to the job's ``store_to`` PACS (its tenancy checked at submission); a failure is
+        the outcome's, not the slide's: the files stay beside the heatmap."""
         name = self.status.store_to
         assert name is not None
         pacs = PacsClient(name, self.config.pacs[name])
-        uids = [str(annotations.SOPInstanceUID)]
+        uids = [str(ds.SOPInstanceUID) for ds in datasets]
         try:
-            attempts = pacs.store([annotations])
+            attempts = pacs.store(datasets)
         except PacsFailed as failure:
             return PacsStoreOutcome(pacs=name, stored=False, attempts=0, sop_instance_uids=uids, reason=failure.reason)
         finally:

@@ -101,7 +101,8 @@ class WsiJobRequest(BaseModel):
     store_to: PacsName | None = Field(
         None,
         description="A PACS of the server's `pacs` config section (that the tenant may use) to store each DICOM "
-        "slide's tile annotations (annotations.dcm, Microscopy Bulk Simple Annotations) to, by STOW-RS; null: none.",
+        "slide's results to, by STOW-RS: its tiles and tumour regions (annotations.dcm, Microscopy Bulk Simple "
+        "Annotations) and its probability map (probabilities.dcm, Parametric Map); null: none.",
     )
 
     @field_validator("out")
@@ -142,11 +143,13 @@ class SlideSummary(BaseModel):
     seconds: PhaseSeconds = Field(description="Where the time went.")
     annotations: bool = Field(
         False,
-        description="Whether annotations.dcm was written: the tiles as DICOM Microscopy Bulk Simple Annotations "
-        "on the slide's image (DICOM slides only).",
+        description="Whether annotations.dcm was written: the tiles and tumour regions as DICOM Microscopy Bulk "
+        "Simple Annotations on the slide's image (DICOM slides only).",
     )
     stored: PacsStoreOutcome | None = Field(
-        None, description="What became of storing annotations.dcm to the job's store_to PACS; null: not asked."
+        None,
+        description="What became of storing annotations.dcm and probabilities.dcm to the job's store_to PACS (DICOM "
+        "slides only); null: not asked.",
     )
     classify_wall_s: float = Field(
         description="Wall seconds from the slide's first work unit sent to its last written (this run's)."

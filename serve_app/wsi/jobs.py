@@ -47,6 +47,8 @@ from serve_app.wsi.job_driver import (
     ANNOTATIONS_FILE,
     DRIVER_NAMESPACE,
     DRIVER_PREFIX,
+    PROBABILITY_MAP_FILE,
+    REGIONS_FILE,
     WsiJobDriver,
     code_version,
     driver_names,
@@ -74,8 +76,10 @@ SLIDE_OUTPUTS = {
     "overlay.png": "image/png",
     "tissue.png": "image/png",
     "tiles.geojson": "application/geo+json",
+    REGIONS_FILE: "application/geo+json",
     "summary.json": "application/json",
     ANNOTATIONS_FILE: "application/dicom",
+    PROBABILITY_MAP_FILE: "application/dicom",
 }
 _SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"}
 _RETRY_AFTER_S = 60.0

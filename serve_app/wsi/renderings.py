@@ -11,6 +11,8 @@ writing never leaves a truncated file that looks finished:
   object per classified tile in level-0 pixel coordinates, classified "Tumor" or "Normal", with the
   probability as a measurement. QuPath: *File → Import objects from file* (or drag the file onto the
   viewer); then *Measure → Show measurement maps* colours tiles by probability.
+- ``regions.geojson``: the tumour regions (``serve_app/wsi/regions.py``) as QuPath annotation objects, one polygon
+  with its holes per region, classified "Tumor", its area and mean probability as measurements.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from serve_app.wsi.regions import TumourRegion
+
 __all__ = [
     "NORMAL_CLASS",
     "TUMOUR_CLASS",
@@ -35,6 +39,7 @@ __all__ = [
     "tissue_png",
     "write_in_place",
     "write_overlay_png",
+    "write_regions_geojson",
     "write_tiles_geojson",
     "write_tissue_png",
 ]
@@ -255,6 +260,39 @@ class TileFeatures:
             out.write(",\n".join(texts))
             out.write("\n]}\n")
         return len(texts)
+
+
+def write_regions_geojson(path: Path, regions: list[TumourRegion]) -> int:
+    """Write tumour regions as QuPath annotation objects; return how many were written.
+
+    Each is a Polygon feature (its outline, then its holes, rings of ``[x, y]`` level-0 pixels), ``objectType``
+    "annotation", named "Tumour region N" (largest first), classified :data:`TUMOUR_CLASS`, with the measurements
+    ``Area µm^2`` (QuPath's own name for it) and ``Mean tumour probability`` (rounded to 4 places).
+    """
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [
+                    [[_coordinate(x), _coordinate(y)] for x, y in ring] for ring in (region.outline, *region.holes)
+                ],
+            },
+            "properties": {
+                "objectType": "annotation",
+                "name": f"Tumour region {number}",
+                "classification": TUMOUR_CLASS,
+                "measurements": {
+                    "Area µm^2": round(region.area_um2, 1),
+                    "Mean tumour probability": round(region.mean_probability, 4),
+                },
+            },
+        }
+        for number, region in enumerate(regions, start=1)
+    ]
+    collection = {"type": "FeatureCollection", "features": features}
+    write_in_place(Path(path), json.dumps(collection, ensure_ascii=False).encode("utf-8"))
+    return len(features)
 
 
 def _tiles_under_pixels(pixels: int, extent: float, tiles: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
+from serve_app.observability.input_features import stain_optical_densities
 from serve_app.wsi.slides import Slide, read_level_reduced
 from serve_app.wsi.tiling import TileGrid
 
@@ -34,6 +35,8 @@ class TissueMask:
 
     mask: np.ndarray  # (H, W) bool, True = tissue
     mpp: float  # microns per pixel of the mask
+    # Mean haematoxylin and eosin optical densities of the tissue's pixels (input monitoring); None: no tissue.
+    stain_od: tuple[float, float] | None = None
 
     @property
     def tissue_fraction(self) -> float:
@@ -78,7 +81,9 @@ def detect_tissue(slide: Slide, *, target_mpp: float = 8.0, min_object_um2: floa
     # max_size: objects (holes) of at most this many pixels are removed (filled).
     mask = remove_small_objects(mask, max_size=min_pixels - 1) if min_pixels > 1 else mask
     mask = remove_small_holes(mask, max_size=min_pixels - 1) if min_pixels > 1 else mask
-    return TissueMask(mask=np.ascontiguousarray(mask, dtype=bool), mpp=mask_mpp)
+    # The stain statistics of input monitoring, from the pixels already read: a sub-sample of the tissue's.
+    stain_od = stain_optical_densities(rgb, mask)
+    return TissueMask(mask=np.ascontiguousarray(mask, dtype=bool), mpp=mask_mpp, stain_od=stain_od)
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:

@@ -19,6 +19,11 @@ const nv = new Niivue({
   multiplanarShowRender: SHOW_RENDER.NEVER, // axial, coronal and sagittal only: no 3D render
 });
 let shown = null; // the result on screen: its summary
+let models = []; // GET /v1/models' segmentation models: the worklist's filters
+// The worklist as last loaded: its rows (each a result with its shadow candidates beside it) and where it goes on.
+const worklist = { rows: [], cursor: null, loads: 0 };
+let fromWorklist = false; // whether the result on screen was opened from the worklist: a verdict then opens the next
+const WORKLIST_PAGE = 25;
 window.medserveViewer = { niivue: nv }; // for scripts and tests: niivue's own screen <-> world mapping
 
 function apiKey() {
@@ -71,14 +76,96 @@ async function call(path, options = {}) {
 }
 
 async function loadModels() {
-  const { models } = await (await call("models")).json();
+  models = (await (await call("models")).json()).models.filter((m) => m.task === "segmentation");
   const select = $("model");
-  select.replaceChildren(
-    ...models
-      .filter((m) => m.task === "segmentation")
-      .map((m) => new Option(`${m.name} ${m.version} (${m.modality})`, m.name)),
-  );
+  select.replaceChildren(...models.map((m) => new Option(`${m.name} ${m.version} (${m.modality})`, m.name)));
+  const filter = $("worklist-model");
+  const chosen = filter.value;
+  const names = [...new Set(models.map((m) => m.name))];
+  filter.replaceChildren(new Option("any", ""), ...names.map((name) => new Option(name, name)));
+  filter.value = names.includes(chosen) ? chosen : "";
+  showVersions();
   say("");
+}
+
+// The version filter offers the chosen model's versions.
+function showVersions() {
+  const model = $("worklist-model").value;
+  const served = models.filter((m) => m.name === model).flatMap((m) => m.versions.map((v) => v.version));
+  const versions = [...new Set(served)];
+  $("worklist-version").replaceChildren(new Option("any", ""), ...versions.map((v) => new Option(v, v)));
+}
+
+// The tenant's results to review, newest first, as the filters say; ``more`` adds the next page.
+async function loadWorklist(more = false) {
+  const params = new URLSearchParams({ state: $("worklist-state").value, limit: String(WORKLIST_PAGE) });
+  if ($("worklist-model").value) params.set("model", $("worklist-model").value);
+  if ($("worklist-version").value) params.set("version", $("worklist-version").value);
+  if (more && worklist.cursor) params.set("cursor", worklist.cursor);
+  const page = await (await call(`reviews/worklist?${params}`)).json();
+  worklist.rows = more ? worklist.rows.concat(page.rows) : page.rows;
+  worklist.cursor = page.next_cursor;
+  showWorklist();
+  document.body.dataset.worklist = String(++worklist.loads); // for tests and scripts: a load finished
+}
+
+function worklistCells(item, first) {
+  const volumes = item.labels.map((l) => l.volume_ml.toFixed(1)).join(", ") || "none";
+  const model = item.model ? `${item.model.name} ${item.model.version}` : "";
+  const role = item.role && item.role !== "live" ? `${item.role} ` : "";
+  const review = item.verdict ? `${item.verdict}${item.reviews > 1 ? ` (${item.reviews})` : ""}` : "awaiting";
+  const when = { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" };
+  const made = first ? new Date(item.created_at).toLocaleString([], when) : "beside it";
+  return [made, role + model, volumes, review];
+}
+
+function showWorklist() {
+  const rows = [];
+  for (const row of worklist.rows) {
+    for (const [index, item] of [row, ...row.candidates].entries()) {
+      const tr = document.createElement("tr");
+      tr.dataset.resultId = item.result_id;
+      tr.className = [index ? "candidate" : "", item.result_id === shown?.result_id ? "current" : ""].join(" ");
+      tr.title = item.result_id;
+      const cells = worklistCells(item, index === 0);
+      for (const [column, text] of cells.entries()) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        if (column === 3 && item.verdict) td.className = item.verdict;
+        tr.append(td);
+      }
+      tr.addEventListener(
+        "click",
+        guarded(async () => {
+          window.scrollTo({ top: 0 }); // the views, the legend and the review form are above the list
+          fromWorklist = true;
+          await open(item.result_id);
+        }),
+      );
+      rows.push(tr);
+    }
+  }
+  $("worklist").tBodies[0].replaceChildren(...rows);
+  $("worklist-empty").hidden = rows.length > 0;
+  $("worklist-more").hidden = !worklist.cursor;
+}
+
+// The next result of the worklist that has no review yet (a live result, then the candidates beside it), loading
+// further pages while there are some; ``before`` is said first when there is none.
+async function openNext(before = "") {
+  for (;;) {
+    const items = worklist.rows.flatMap((row) => [row, ...row.candidates]);
+    const next = items.find((item) => item.reviews === 0 && item.result_id !== shown?.result_id);
+    if (next) {
+      fromWorklist = true;
+      return open(next.result_id);
+    }
+    if (!worklist.cursor) {
+      say(`${before}No other result in the worklist awaits review.`, "info");
+      return;
+    }
+    await loadWorklist(true);
+  }
 }
 
 // The upload, through XMLHttpRequest: fetch reports no upload progress.
@@ -179,6 +266,7 @@ async function open(resultId) {
   showReviews(summary.reviews);
   $("result").hidden = false;
   history.replaceState(null, "", `#result=${summary.result_id}`); // a link to this result, for a colleague
+  showWorklist(); // the row on screen marked
   progress("");
   document.body.dataset.overlay = "shown"; // for tests and scripts: the mask is on screen
 }
@@ -217,6 +305,10 @@ async function review(verdict) {
   showReviews(shown.reviews);
   $("comment").value = "";
   say(`Review stored: ${stored.verdict}.`, "info");
+  // The worklist shows the verdict (an awaiting list drops the result). Working through the worklist, an accept or a
+  // reject opens the next result awaiting review.
+  await loadWorklist();
+  if (fromWorklist && verdict !== "comment") await openNext(`Review stored: ${stored.verdict}. `);
 }
 
 // Run an action from the page; what goes wrong is said in the page, never only in the console.
@@ -241,6 +333,7 @@ $("key-form").addEventListener(
     else sessionStorage.removeItem(KEY_STORAGE);
     $("api-key").value = "";
     await loadModels();
+    await loadWorklist();
     say(key ? "Key accepted." : "", "info");
   }),
 );
@@ -253,6 +346,7 @@ $("segment-form").addEventListener(
   guarded(async () => {
     say("");
     const answer = await upload($("model").value, $("study").files);
+    fromWorklist = false;
     await open(answer.result_id);
   }),
 );
@@ -260,6 +354,7 @@ $("open-form").addEventListener(
   "submit",
   guarded(async () => {
     say("");
+    fromWorklist = false;
     await open($("result-id").value.trim());
   }),
 );
@@ -267,6 +362,27 @@ $("review-form").addEventListener(
   "submit",
   guarded(async (event) => review(event.submitter.dataset.verdict)),
 );
+$("worklist-form").addEventListener(
+  "submit",
+  guarded(async () => loadWorklist()),
+);
+$("worklist-model").addEventListener("change", showVersions);
+$("to-worklist").addEventListener("click", () => $("worklist-panel").scrollIntoView());
+$("worklist-more").addEventListener(
+  "click",
+  guarded(async () => loadWorklist(true)),
+);
+// a: accept, r: reject, n: the next result awaiting review; not while typing.
+document.addEventListener("keydown", (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey || event.target.closest("input, textarea, select")) return;
+  const button = { a: "accept", r: "reject" }[event.key];
+  if (button && shown) {
+    event.preventDefault();
+    $("review-form").requestSubmit($(button));
+  } else if (event.key === "n") {
+    guarded(async () => openNext())(event);
+  }
+});
 $("opacity").addEventListener("input", () => {
   if (nv.volumes.length > 1) nv.setOpacity(nv.volumes.length - 1, Number($("opacity").value));
 });
@@ -280,5 +396,6 @@ try {
 const named = /^#result=([0-9a-f]{32})$/.exec(window.location.hash);
 guarded(async () => {
   await loadModels();
+  await loadWorklist();
   if (named) await open(named[1]);
 })(new Event("load"));

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import requests
 
 from serve_app.config.pacs import PacsConfig
 from serve_app.dicomweb.pacs_client import PacsClient
-from serve_app.errors import InvalidSlide
+from serve_app.errors import InvalidSlide, NotFoundAtPacs, PacsFailed
 from serve_app.wsi.readers.slide import SlideLevel
 from serve_app.wsi.readers.wsidicom_reader import WsiDicomSlide
 
@@ -80,25 +79,18 @@ class WsiDicomWebSlide(WsiDicomSlide):
 
     @contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
-        """What the PACS answers, as the slide's reason (never its URL, which holds the UIDs)."""
-        name = self.source.pacs
+        """The PACS's failures as ``PacsClient.translated`` words them (never the URL, which holds the UIDs), as the
+        slide's: a slide that cannot be read fails that slide of the job (422), whatever the PACS did; the reason
+        says when submitting the job again may work."""
         try:
-            yield
-        except requests.HTTPError as error:
-            status = error.response.status_code if error.response is not None else 0
-            logger.info("a DICOMweb slide's PACS answered %s", status)
-            if status == 404:
-                raise InvalidSlide(f"PACS {name} has no such study or series (404 while {doing})") from None
-            if status in (401, 403):
-                raise InvalidSlide(
-                    f"PACS {name} refused medserve's credentials ({status} while {doing}); check the pacs config"
-                ) from None
-            raise InvalidSlide(f"PACS {name} answered {status} while {doing}; submit the job again later") from None
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
-            raise InvalidSlide(
-                f"PACS {name} is unreachable or did not answer within {self.source.config.timeout_s:g} s while "
-                f"{doing}; submit the job again later"
-            ) from None
+            with self._pacs.translated(doing):
+                yield
+        except NotFoundAtPacs as failure:
+            raise InvalidSlide(failure.reason) from None
+        except PacsFailed as failure:
+            logger.info("a DICOMweb slide's PACS failed: %s", failure.reason)
+            later = "; submit the job again later" if failure.transient else ""
+            raise InvalidSlide(failure.reason + later) from None
 
     def close(self) -> None:
         super().close()

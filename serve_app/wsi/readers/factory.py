@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
-from serve_app.errors import InvalidSlide
+from serve_app.errors import InconsistentPyramid, InvalidSlide
 from serve_app.wsi.readers.dicomweb_reader import DicomwebSlide
 from serve_app.wsi.readers.slide import CONVERT_HINT, MAX_SINGLE_LEVEL_SIDE, Slide
 
@@ -106,6 +106,12 @@ def _open_file(path: Path, head: bytes, mpp: float | None) -> Slide:
         what = _TIFFFILE_VENDORS.get(vendor or "", "a TIFF")
         # tifffile's refusals (truncated, not RGB, no mpp...) stand: another reader would only fail later, mid-job.
         return _open_tiff(path, mpp, "auto", f"{what}: tifffile reads its tiles directly (medserve's fast path)")
+    if vendor is None and path.suffix.lower() == ".mrxs" and not (path.with_suffix("") / "Slidedat.ini").is_file():
+        # OpenSlide knows an MRXS by its folder: without it, the .mrxs file alone is in no format it knows.
+        raise InvalidSlide(
+            "a 3DHISTECH MRXS slide is its .mrxs file and the folder of the same name beside it (Slidedat.ini and the "
+            "data files), and that folder is missing: copy or upload the folder with the file"
+        )
     if vendor is None:
         raise InvalidSlide(
             f"the file is not a slide this server reads: not a TIFF, not DICOM, and in no format OpenSlide knows; "
@@ -124,6 +130,9 @@ def _first_that_opens(attempts: list[tuple[str, Callable[[], Slide]]], why: str)
     for name, attempt in attempts:
         try:
             slide = attempt()
+            _check_levels_agree(slide)
+        except InconsistentPyramid:
+            raise  # another reader that opens it would read a wrong image
         except InvalidSlide as error:
             logger.info("the %s reader could not open a slide (%s)", name, type(error.__cause__ or error).__name__)
             first = first or (name, error)
@@ -192,7 +201,22 @@ def _open_dicomweb(source: DicomwebSlide, mpp: float | None, reader: Reader) -> 
     return _opened(WsiDicomWebSlide(source, mpp), why)
 
 
+def _check_levels_agree(slide: Slide) -> None:
+    """Refuse (and close) a slide whose levels disagree on its shape: a level's width and height reduced from level 0's
+    by different factors (more than rounding, two pixels, apart), as a pyramid put together from several images is."""
+    base = slide.levels[0]
+    for level in slide.levels[1:]:
+        across, down = base.width / level.width, base.height / level.height
+        if abs(base.width / down - level.width) > 2 or abs(base.height / across - level.height) > 2:
+            slide.close()
+            raise InconsistentPyramid(
+                f"the slide's pyramid levels disagree on its size: level {level.index} is {level.width}x{level.height} "
+                f"px, which is not level 0's {base.width}x{base.height} px reduced by one factor"
+            )
+
+
 def _opened(slide: Slide, why: str) -> Slide:
+    _check_levels_agree(slide)
     slide.reader_reason = why
     level0 = slide.levels[0]
     if len(slide.levels) == 1 and max(level0.width, level0.height) > MAX_SINGLE_LEVEL_SIDE:

@@ -88,6 +88,12 @@ def read_level_reduced(slide: Slide, level_index: int, factor: int) -> np.ndarra
     if factor == 1 and level.width * level.height <= BAND_PIXELS:
         return slide.read_region(level_index, 0, 0, level.width, level.height)
     out_width = math.ceil(level.width / factor)
+    if factor * out_width * factor > BAND_PIXELS:  # not even one band of `factor` rows fits the bound
+        raise InvalidSlide(
+            f"the slide is too large to reduce within the memory bound: its level of {level.width}x{level.height} px "
+            f"would be read {factor} rows at a time, {factor * out_width * factor / 1e6:.1f} Mpx, over the "
+            f"{BAND_PIXELS / 1e6:.1f} Mpx a band may hold; {CONVERT_HINT} to make a pyramid"
+        )
     band_rows = max(1, BAND_PIXELS // (out_width * factor * factor)) * factor  # a multiple of factor
     out = np.empty((math.ceil(level.height / factor), out_width, 3), np.uint8)
     for top in range(0, level.height, band_rows):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 
-from serve_app.errors import InvalidSlide
+from serve_app.errors import InconsistentPyramid, InvalidSlide
 from serve_app.wsi.readers.slide import (
     MPP_HINT,
     Slide,
@@ -60,6 +60,17 @@ for _library in ("wsidicom", "fsspec"):
 _RGB_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
+def _check_frames_agree(pyramid) -> None:
+    """Refuse a pyramid with a level on another frame of reference than the base's: an instance of another scan, which
+    wsidicom puts into the pyramid all the same."""
+    frames = [level.datasets[0].as_dataset().get("FrameOfReferenceUID") for level in pyramid.levels]
+    if len(set(frames)) > 1:  # a level with one and another without disagree too
+        raise InconsistentPyramid(
+            "the slide's pyramid levels disagree on their frame of reference: its instances are of more than one "
+            "scan; give the instances of one scan"
+        )
+
+
 class WsiDicomSlide(Slide):
     """``WsiDicom.read_region`` on the first pyramid of a folder of DICOM WSI instances."""
 
@@ -84,7 +95,9 @@ class WsiDicomSlide(Slide):
         """Read the pyramid of ``wsi``, an opened ``WsiDicom``; closed again if it cannot be used."""
         self._wsi = wsi
         try:
-            self.levels, self.reader_notes = self._read_pyramid(mpp)
+            # wsidicom checks each instance's tiles lazily, as its levels are first asked about: here.
+            with slide_errors("reading the DICOM whole-slide image's pyramid"):
+                self.levels, self.reader_notes = self._read_pyramid(mpp)
         except BaseException:
             self._wsi.close()
             raise
@@ -141,6 +154,7 @@ class WsiDicomSlide(Slide):
                 )
             )
             self._pyramid_levels.append(level.level)
+        _check_frames_agree(pyramid)
         result = tuple(levels)
         return result, tuple(notes)
 
