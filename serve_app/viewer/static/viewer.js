@@ -332,9 +332,9 @@ $("key-form").addEventListener(
     if (key) sessionStorage.setItem(KEY_STORAGE, key);
     else sessionStorage.removeItem(KEY_STORAGE);
     $("api-key").value = "";
-    await loadModels();
-    await loadWorklist();
+    await loadModels(); // the key's first use: it was accepted once this answers
     say(key ? "Key accepted." : "", "info");
+    await loadWorklist();
   }),
 );
 $("forget-key").addEventListener("click", () => {
