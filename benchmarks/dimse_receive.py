@@ -6,9 +6,9 @@ dcmtk's ``storescu -xs`` sends the same CT series (``--slices`` instances of 512
 per run to (a) a ``DicomNode`` of medserve in this process (every instance on disk, name and all, before its
 Success: its bytes flushed with fdatasync, its folder fsynced; no route, so nothing is processed) and (b) Orthanc,
 started with ``TCP_NODELAY=1`` in its environment (without it dcmtk-based peers stall about 40 ms an instance on
-delayed ACKs). Each run starts both afresh on empty
-storage, so no instance is a duplicate. Reports instances/s of each (best run) and medserve's rate over Orthanc's,
-with the machine's load average before and after (a shared machine's other work slows both, and flushes most), to
+delayed ACKs). Each run starts both afresh on empty storage, so no instance is a duplicate; the runs alternate
+between the two. Reports instances/s of each (best run) and medserve's rate over Orthanc's, with the machine's load
+average before and after (a shared machine's other work slows both, and flushes most), to
 ``dimse-receive-<device>-<date>.json``.
 """
 
@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -40,7 +41,7 @@ __all__ = ["main"]
 
 RESULTS = Path(__file__).parent / "results"
 _CALLING = "STORESCU"
-_STORESCU = ["storescu", "-xs", "-aet", _CALLING]
+_STORESCU_ARGS = ["-xs", "-aet", _CALLING]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,15 +57,17 @@ def main(argv: list[str] | None = None) -> dict:
         scratch = Path(scratch)
         files = _series(scratch / "series", args.slices)
         size = sum(path.stat().st_size for path in files)
-        medserve_s = [_medserve(scratch / f"medserve-{run}", files) for run in range(args.runs)]
-        orthanc_s = [_orthanc(scratch / f"orthanc-{run}", files) for run in range(args.runs)]
+        medserve_s, orthanc_s = [], []
+        for run in range(args.runs):  # alternately, so that a shared machine's other work weighs on both alike
+            medserve_s.append(_medserve(scratch / f"medserve-{run}", files))
+            orthanc_s.append(_orthanc(scratch / f"orthanc-{run}", files))
     medserve_rate, orthanc_rate = len(files) / min(medserve_s), len(files) / min(orthanc_s)
     report = {
         "device": _device_name(),
         "date": datetime.date.today().isoformat(),
         "instances": len(files),
         "bytes": size,
-        "sender": " ".join(_STORESCU),
+        "sender": " ".join(["storescu", *_STORESCU_ARGS]),
         "medserve_seconds": medserve_s,
         "orthanc_tcp_nodelay_seconds": orthanc_s,
         "medserve_instances_per_s": round(medserve_rate, 1),
@@ -88,9 +91,19 @@ def _series(folder: Path, slices: int) -> list[Path]:
     return write_ct_series(Volume(array=array, affine=affine, modality="CT"), folder)
 
 
+def _dcmtk_storescu() -> str:
+    """dcmtk's storescu on PATH: a virtual environment's ``bin`` may put pynetdicom's own ``storescu`` first."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("storescu", path=folder)
+        if candidate and "dcmtk" in subprocess.run([candidate, "--version"], capture_output=True, text=True).stdout:
+            return candidate
+    raise SystemExit("dcmtk's storescu is not on PATH (Debian: dcmtk)")
+
+
 def _send(port: int, called: str, files: list[Path]) -> float:
+    command = [_dcmtk_storescu(), *_STORESCU_ARGS, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
     started = time.perf_counter()
-    subprocess.run([*_STORESCU, "-aec", called, "127.0.0.1", str(port), *map(str, files)], check=True)
+    subprocess.run(command, check=True)
     return round(time.perf_counter() - started, 3)
 
 
@@ -102,11 +115,13 @@ def _medserve(root: Path, files: list[Path]) -> float:
         }
     )
     node = DicomNode(config, _no_processing, AuditLog(config.audit, config.storage.root, "dimse-receive"))
+    tempfile.tempdir = str(node.receiving)  # as the node's replica receives (deployments/dicom_node.py)
     node.start()
     try:
         return _send(node.port, "MEDSERVE", files)
     finally:
         node.stop()
+        tempfile.tempdir = None
 
 
 def _no_processing(series, route):

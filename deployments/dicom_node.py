@@ -14,6 +14,7 @@ that a route took, to deliver.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -62,6 +63,7 @@ class DicomNodeDeployment(Replica):
         processor = SegmentationProcessor(segmentation, gatekeeper, results, asyncio.get_running_loop())
         audit = AuditLog(config.audit, config.storage.root, gatekeeper.audit.writer)
         self.node = DicomNode(config, processor, audit)
+        tempfile.tempdir = str(self.node.receiving)  # received instances are filed by a link (DicomNode.receiving)
         # Restoring the inbox reads every series' record: off the event loop, which the processor's calls need.
         await asyncio.to_thread(self.node.start)
 

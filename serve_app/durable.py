@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["PARTIAL_SUFFIX", "copy_durably", "fsync_folder", "write_durably"]
+__all__ = ["PARTIAL_SUFFIX", "copy_durably", "fsync_folder", "link_durably", "write_durably"]
 
 PARTIAL_SUFFIX = ".partial"  # a write a crash cut short: never acknowledged, deleted at start
 
@@ -36,6 +36,20 @@ def copy_durably(path: Path, source: Path) -> None:
             shutil.copyfileobj(original, file, length=1 << 20)
 
     _replace_durably(Path(path), copy)
+
+
+def link_durably(path: Path, source: Path) -> None:
+    """Give the file ``source`` the new name ``path`` on the same filesystem (a hard link: its bytes are not written
+    again), durably: its bytes flushed first, then the name with its folder. The file becomes 0600; ``source``
+    keeps its own name, for its owner to remove. Raises ``FileExistsError`` if ``path`` exists."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fchmod(fd, 0o600)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.link(source, path)
+    fsync_folder(Path(path).parent)
 
 
 def _replace_durably(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -4,6 +4,9 @@
 - uploaded slides and ended WSI jobs' records and outputs, after ``wsi.retention_days`` (``sweep_wsi``);
 - the upload folders (``<storage.uploads>/<request id>``) of requests whose ingress died before deleting them.
 
+It also indexes, once, the results stored before the review worklist's index existed (``ResultStore.index_existing``):
+a walk of every result, which belongs here rather than in a request.
+
 Every ingress replica runs one (``RetentionSweeper(config).start()`` in its ``__init__``): a sweep deletes only what
 has expired, so replicas sweeping the same shared storage at once do no harm, and the sweep goes on while one
 replica is restarted.
@@ -59,6 +62,7 @@ class RetentionSweeper:
         self.results.sweep()
         sweep_wsi(self.config.wsi)
         self._sweep_orphaned_uploads()
+        self.results.index_existing()  # after the results' sweep: the expired are not indexed; then a stat each time
 
     def _run(self) -> None:
         while True:

@@ -28,13 +28,16 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
 
 from helpers import free_port, skip_unless_installed, storescu
 from serve_app.config import EMBEDDED_MODEL_REPOSITORY, AppConfig, LimitsConfig
 from serve_app.dicom_network.delivery import Destinations
+from serve_app.dicom_network.inbox import Inbox, ReceivedInstance, uid_key
 from serve_app.dicom_network.node import DicomNode
 from serve_app.dicom_network.outbox import Outbox, RetryPolicy, SeriesResult
+from serve_app.dicom_network.reactor_wakeups import wake_on_work
 from serve_app.dicom_network.routing import Route
 from serve_app.dicom_network.series import CompletedSeries, SeriesRecord
 from serve_app.errors import DimseStatus
@@ -415,3 +418,50 @@ def test_a_result_as_fhir_validates_with_one_observation_per_label_and_the_study
     assert [ref.reference for ref in report.result] == [parsed.entry[1].fullUrl]
     assert observation.valueQuantity.value == 152.25 and observation.valueQuantity.code == "mL"
     assert observation.bodySite.coding[0].code == "78961009"  # the model.yaml's SNOMED CT code: spleen
+
+
+def test_the_inbox_files_an_instance_by_a_link_on_its_own_filesystem_and_by_a_copy_elsewhere(tmp_path):
+    inbox = Inbox(tmp_path / "inbox")
+    inbox.create_series_folder("anonymous", "1.2.3")
+    shm = Path("/dev/shm")
+    receiving_folders = [tmp_path, *([shm] if shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev else [])]
+    for index, receiving in enumerate(receiving_folders):
+        received = receiving / f"medserve-test-{uuid.uuid4().hex}.dcm"
+        received.write_bytes(b"DICM" * 1000)
+        received.chmod(0o644)  # as a receiver that is not medserve's could leave it: what is filed is 0600 still
+        try:
+            instance = ReceivedInstance("anonymous", "1.2", "1.2.3", f"1.2.3.{index}", received)
+            assert inbox.store(instance) is True
+            assert inbox.store(instance) is False  # a re-send
+            stored = inbox.series_folder("anonymous", "1.2.3") / f"{uid_key(f'1.2.3.{index}')}.dcm"
+            assert stored.read_bytes() == received.read_bytes()
+            assert stored.stat().st_mode & 0o777 == 0o600
+            # On the inbox's filesystem the received file itself is filed (its bytes written once); elsewhere a copy.
+            assert stored.samefile(received) is (receiving == tmp_path)
+        finally:
+            received.unlink()
+
+
+def test_an_association_s_thread_takes_each_message_as_it_arrives_not_at_its_next_poll():
+    """pynetdicom's association thread polls for DIMSE messages once a millisecond (half a millisecond's wait, at
+    the median); with ``wake_on_work`` it is woken for each."""
+    arrived, handovers = [], []
+    handlers = [
+        (evt.EVT_CONN_OPEN, lambda event: wake_on_work(event.assoc)),
+        (evt.EVT_DIMSE_RECV, lambda event: arrived.append(time.perf_counter())),  # in the DUL thread
+        (evt.EVT_C_ECHO, lambda event: handovers.append(time.perf_counter() - arrived[-1]) or DimseStatus.SUCCESS),
+    ]
+    scp = AE()
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    try:
+        scu = AE()
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1])
+        assert assoc.is_established
+        for _ in range(60):
+            assert assoc.send_c_echo().Status == DimseStatus.SUCCESS
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert np.median(handovers) < 0.35e-3, f"median handover {np.median(handovers) * 1e3:.2f} ms"

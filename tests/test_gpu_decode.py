@@ -4,6 +4,8 @@ GPU machine runs them (with the gpu extra installed; there a missing nvImageCode
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import imagecodecs
 import numpy as np
 import pytest
@@ -67,3 +69,15 @@ def test_nvimgcodec_tiles_are_within_its_tolerance_of_libjpeg_turbos(tmp_path, d
     )
     most, mean = TOLERANCE[decoder]
     assert difference.max() <= most and difference.mean() <= mean, (difference.max(), difference.mean())
+
+
+@pytest.mark.parametrize("decoder", sorted(TOLERANCE))
+def test_nvimgcodec_decodes_for_several_reader_threads_at_once(tmp_path, decoder):
+    """A tile-model replica's reader threads decode at once (a shared nvImageCodec decoder killed the replica)."""
+    write_slide(tmp_path / "slide.tiff", 1024, 768, tile=256, levels=1, seed=4)
+    with open_slide(tmp_path / "slide.tiff", reader="tifffile") as slide:
+        tiles = slide.jpeg_tiles(0, 0, 0, 1024, 768)
+    expected = [decode_jpeg_tiles(tiles, torch.device("cuda"), decoder)[i].cpu() for i in range(len(tiles))]
+    with ThreadPoolExecutor(8) as threads:
+        decoded = list(threads.map(lambda _: decode_jpeg_tiles(tiles, torch.device("cuda"), decoder), range(64)))
+    assert all(torch.equal(image.cpu(), expected[i]) for images in decoded for i, image in enumerate(images))

@@ -2,19 +2,23 @@
 
 Prometheus (Debian's package; `.ci/run` installs it) finds the Ray cluster through the
 service-discovery file Ray's dashboard writes, and scrapes the GPU exporter; every PromQL
-expression of every Grafana panel must then return data.
+expression of every Grafana panel must then return data (the Rollouts dashboard's from a shadow
+rollout in a small application of this module's own).
 """
 
 import asyncio
 import json
 import math
 import re
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import nibabel as nib
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -34,8 +38,12 @@ from helpers import (
     storescu,
     zip_bytes,
 )
+from serve_app.app import build_app
+from serve_app.cli.cluster import wait_until_ready
+from serve_app.config import load_config
 from serve_app.observability import gpu_exporter, monitoring
 from serve_app.observability.metrics import STAGES, ResponseCounter
+from serve_app.samples.phantoms import ct_phantom
 from serve_app.samples.synthetic_slides import write_slide
 
 DASHBOARD_FILES = sorted((monitoring.DASHBOARDS / "grafana" / "dashboards").glob("*.json"))
@@ -43,6 +51,8 @@ ALERT_RULES = monitoring.DASHBOARDS / "alerts" / "medserve.rules.yml"
 RATE_INTERVAL = "5m"  # what Grafana's $__rate_interval stands for in these queries
 # A zip entry name and a result id as a hospital might send them: they must never reach a label.
 PATIENT_MARKER = "DOE_JOHN_1970"
+ROLLOUT_APP, ROLLOUT_PREFIX, ROLLOUT_MODEL = "medserve-rollout-panels", "/rollout-panels", "organ"
+EMBEDDED_MODEL = Path(__file__).parent.parent / "serve_app" / "models" / MODEL
 
 
 def panel_queries() -> list[tuple[str, str, str]]:
@@ -136,6 +146,57 @@ def prometheus(server_url, tmp_path_factory):
         monitoring.stop(state)
 
 
+@pytest.fixture(scope="module")
+def rollout_url(server_url, app_config, tmp_path_factory):
+    """A shadow rollout of the same network (candidate 1.1.0 beside live 1.0.0, every study shadowed) in an application
+    of this module's own, fused layout: the series of the Rollouts dashboard. Deployed here and not waited for (the
+    first round's other traffic runs meanwhile); it reserves no CPUs (its work is two small studies), so it takes no
+    room from the tenant app."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("rollout-panel-models")
+    for version in ("1.0.0", "1.1.0"):
+        folder = root / ROLLOUT_MODEL / version
+        shutil.copytree(EMBEDDED_MODEL, folder)
+        spec = (folder / "model.yaml").read_text().replace(f"name: {MODEL}", f"name: {ROLLOUT_MODEL}")
+        (folder / "model.yaml").write_text(spec.replace('version: "1.0.0"', f'version: "{version}"'))
+    config = load_config(
+        overrides={
+            "name": ROLLOUT_APP,
+            "layout": "fused",
+            "model_repository": str(root),
+            "storage.root": str(tmp_path_factory.mktemp("rollout-panel-storage")),
+            "http.port": app_config.http.port,
+            "grpc": app_config.grpc.model_dump(),
+            "deployments.ingress.num_cpus": 0,
+            "models": {ROLLOUT_MODEL: {"num_cpus": 0, "batching": {"max_batch_size": 1}}},
+            "pacs.main": {"url": "http://127.0.0.1:9/dicom-web"},
+            "rollouts": {ROLLOUT_MODEL: {"candidate": "1.1.0", "live": "1.0.0", "mode": "shadow", "fraction": 1.0}},
+        }
+    )
+    serve.run(build_app(config), name=ROLLOUT_APP, route_prefix=ROLLOUT_PREFIX, blocking=False)
+    yield server_url + ROLLOUT_PREFIX
+    serve.delete(ROLLOUT_APP, _blocking=False)  # it holds no CPUs: its replicas may stop while the next tests run
+
+
+def small_study() -> bytes:
+    """A small NIfTI phantom: a cheap study for the rollout app."""
+    phantom = ct_phantom(np.random.default_rng(33), shape=(48, 48, 16))
+    return nib.Nifti1Image(phantom.volume.array.astype(np.int16), phantom.volume.affine).to_bytes()
+
+
+def run_rollout_study(rollout_url: str) -> None:
+    """One study through the rollout app: answered by the live version, then shadowed by the candidate."""
+    wait_until_ready(rollout_url, timeout_s=300)
+    answer = httpx.post(
+        f"{rollout_url}/v1/models/{ROLLOUT_MODEL}/segment",
+        content=small_study(),
+        headers={"content-type": "application/octet-stream"},
+        timeout=300,
+    )
+    assert answer.status_code == 200 and answer.json()["model"]["version"] == "1.0.0", answer.text
+
+
 def run_wsi_job(client: httpx.Client, slide: Path) -> None:
     """A real WSI job, to its end: the driver records the WSI metrics."""
     job = client.post("/v1/wsi/jobs", json={"model": "he-tile-tumour", "slides": [str(slide)]})
@@ -147,7 +208,9 @@ def run_wsi_job(client: httpx.Client, slide: Path) -> None:
     assert status["state"] == "done" and status["tiles_done"] > 0, status
 
 
-def send_traffic(server_url: str, study_zip: bytes, segments: int, slide: Path, dicom: tuple[int, list[Path]]) -> None:
+def send_traffic(
+    server_url: str, study_zip: bytes, segments: int, slide: Path, dicom: tuple[int, list[Path]], rollout_url: str
+) -> None:
     # The series C-STOREd to the application's DICOM node too: the DICOM panels' series (a re-send counts its
     # instances as duplicates).
     port, series = dicom
@@ -169,15 +232,16 @@ def send_traffic(server_url: str, study_zip: bytes, segments: int, slide: Path, 
         assert client.get(f"/v1/results/{PATIENT_MARKER}").status_code == 404
         assert client.post(SEGMENT, content=b"not a study").status_code == 415
         run_wsi_job(client, slide)
+    run_rollout_study(rollout_url)
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus, server_url, app_config, phantom_series, slide_root):
+def scraped(prometheus, rollout_url, server_url, app_config, phantom_series, slide_root):
     """Prometheus after two rounds of traffic: the first makes the series, the second moves their rates."""
     study_zip = zip_bytes({f"{PATIENT_MARKER}_{p.name}": p.read_bytes() for p in phantom_series})
     slide = write_slide(slide_root / "observability.tiff", 1500, 1100, seed=8).path
     dicom = (node_port(app_config.name), phantom_series)
-    send_traffic(server_url, study_zip, 1, slide, dicom)
+    send_traffic(server_url, study_zip, 1, slide, dicom, rollout_url)
     first_round = [
         "ray_medserve_dicom_instances_total",
         "ray_medserve_request_duration_seconds_count",
@@ -186,6 +250,8 @@ def scraped(prometheus, server_url, app_config, phantom_series, slide_root):
         "ray_medserve_wsi_tiles_total",
         "ray_medserve_wsi_jobs_total",
         "ray_medserve_reviews_total",
+        'ray_medserve_rollout_runs_total{role="live"}',
+        "ray_medserve_rollout_agreement_dice_count",  # after the shadow run, which follows the live answer
     ]
     missing = first_round
 
@@ -195,7 +261,7 @@ def scraped(prometheus, server_url, app_config, phantom_series, slide_root):
         return not missing
 
     prometheus.wait_for("the first round's series", first_round_scraped, describe=lambda: f"(missing {missing})")
-    send_traffic(server_url, study_zip, 3, slide, dicom)
+    send_traffic(server_url, study_zip, 3, slide, dicom, rollout_url)
     yield prometheus
 
 
@@ -385,7 +451,7 @@ def test_dashboards_fit_grafanas_schema():
     datasource_uid = re.search(
         r"uid: (\S+)", (monitoring.DASHBOARDS / "grafana/provisioning/datasources/prometheus.yaml").read_text()
     )[1]
-    assert {p.stem for p in DASHBOARD_FILES} == {"overview", "gpu", "tenants", "wsi", "inputs"}
+    assert {p.stem for p in DASHBOARD_FILES} == {"overview", "gpu", "tenants", "wsi", "inputs", "rollouts"}
     for path in DASHBOARD_FILES:
         ours = json.loads(path.read_text())
         theirs = json.loads(json.dumps(Dashboard.from_json(ours), cls=JSONEncoder))

@@ -1,7 +1,8 @@
 """The ``rollouts`` config section (serve_app/config/rollout.py): every bad value refused naming its field and the
 value; a rollout naming what the repository does not serve refused at start; the canary split and the shadow
 fraction as a function of the study, sticky and within a few percent of the weight; the runs file bounded by its
-compaction, its counts and windows exact, no record lost to replicas appending at once. No cluster."""
+compaction, its counts and windows exact, no record lost to replicas appending at once, an append reading only what
+other replicas wrote. No cluster."""
 
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def test_a_rollout_the_repository_cannot_serve_is_refused_at_start(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             check_rollouts(_config(tmp_path, rollout), repository)
-    tiles = load_config(overrides={"rollouts": {"he-tile-tumour": {"candidate": "1.0.0", "mode": "shadow"}}})
-    with pytest.raises(ConfigError, match=r"rollouts\.he-tile-tumour: .* rollouts are of segmentation models"):
+    tiles = load_config(overrides={"rollouts": {"he-tile-tumour": {"candidate": "1.0.0", "mode": "canary"}}})
+    with pytest.raises(ConfigError, match=r"rollouts\.he-tile-tumour\.mode: 'canary': a tile_classification .* shadow"):
         check_rollouts(tiles, repository)
     config = load_config(overrides={"rollouts": {"ct-phantom-organ": {"candidate": "9.9.9", "mode": "canary"}}})
     with pytest.raises(ConfigError, match=r"rollouts\.ct-phantom-organ\.candidate: version '9\.9\.9' .*versions: 1"):
@@ -184,6 +185,51 @@ def test_a_canary_aborts_itself_on_errors_and_a_promotion_gives_every_study_to_t
     assert all(promoted.route(study) == (promoted.candidate, "live") for study in studies)
 
 
+def test_a_tile_models_rollout_judges_the_slides_tumour_mask_dice_and_reports_its_heatmap_differences(tmp_path):
+    import numpy as np
+
+    from serve_app.results.agreement import heatmap_agreement
+
+    embedded = load_config().model_repository / "he-tile-tumour"
+    for version in ("1.0.0", "1.1.0"):
+        folder = tmp_path / "models" / "he-tile-tumour" / version
+        shutil.copytree(embedded, folder)
+        text = (folder / "model.yaml").read_text()
+        (folder / "model.yaml").write_text(text.replace('version: "1.0.0"', f'version: "{version}"'))
+    repository = ModelRepository(tmp_path / "models")
+    rollout = {"candidate": "1.1.0", "mode": "shadow", "abort": {"min_studies": 2, "agreement_window": 2}}
+    path = tmp_path / "rollout.yaml"
+    path.write_text("{}\n")
+    overrides = {"storage.root": str(tmp_path / "storage"), "rollouts": {"he-tile-tumour": rollout}}
+    config = load_config(path, overrides=overrides)
+    check_rollouts(config, repository)
+    tiles = Rollouts(config, repository, AuditLog(AuditConfig(), config.storage.root, "test")).of("he-tile-tumour")
+
+    live = np.full((4, 5), np.nan, np.float32)
+    live[1:3, 1:4] = [[0.9, 0.8, 0.1], [0.7, 0.2, 0.05]]  # 6 tissue tiles, 3 tumour
+    same = heatmap_agreement(live, live.copy(), label="tumour", live_area_mm2=0.75, candidate_area_mm2=0.75)
+    assert (same.mean_dice, same.heatmap_mean_abs_difference, same.tumour_area_difference_mm2) == (1.0, 0.0, 0.0)
+    assert same.dice == {"tumour": 1.0} and same.tumour_area_relative_difference == 0.0
+    shifted = live.copy()
+    shifted[1:3, 1:4] = [[0.9, 0.3, 0.1], [0.4, 0.2, 0.05]]  # two tumour tiles lost
+    worse = heatmap_agreement(live, shifted, label="tumour", live_area_mm2=0.75, candidate_area_mm2=0.25)
+    assert worse.mean_dice == 0.5 and worse.heatmap_mean_abs_difference == round(0.8 / 6, 6)
+    assert (worse.tumour_area_difference_mm2, worse.tumour_area_relative_difference) == (-0.5, round(-0.5 / 0.75, 6))
+    nan = np.full_like(live, np.nan)  # a broken network's answer: no probability at all, so no tumour
+    broken = heatmap_agreement(live, nan, label="tumour", live_area_mm2=0.75, candidate_area_mm2=0.0)
+    assert broken.mean_dice == 0.0 and broken.heatmap_mean_abs_difference == round(float(np.nanmean(live)), 6)
+
+    tiles.record({"role": "shadow", "outcome": "ok", "job_id": "j", "slide_index": 0, **same.model_dump()})
+    report = tiles.report()
+    assert (report.mean_dice, report.mean_heatmap_difference, report.mean_tumour_area_difference_mm2) == (1, 0, 0)
+    assert report.mean_volume_difference_ml == {} and report.state == "running"
+    tiles.record({"role": "shadow", "outcome": "ok", "job_id": "j", "slide_index": 1, **worse.model_dump()})
+    state = tiles.state()  # mean tumour Dice 0.75 over 2 slides
+    assert state.state == "aborted" and state.reason.startswith("mean Dice 0.750 over the last 2 shadowed studies")
+    report = tiles.report()
+    assert report.mean_tumour_area_difference_mm2 == -0.25 and report.mean_heatmap_difference == round(0.4 / 6, 6)
+
+
 def test_the_runs_file_stays_bounded_and_its_counts_and_windows_stay_exact(tmp_path):
     from serve_app.segmentation.rollouts import COMPACT_FACTOR, Rollout
 
@@ -247,3 +293,38 @@ def test_replicas_appending_at_once_lose_no_record_to_a_compaction(tmp_path):
     totals, records = replicas[0].read("r1")
     assert totals == {("live", "ok"): 200, ("shadow", "ok"): 200, ("canary", "error"): 200}
     assert len(records) <= 4 * 4 and len((tmp_path / "rollouts" / "app" / "organ" / "runs-r1.jsonl").read_text()) < 2000
+
+
+def test_an_append_reads_only_what_other_replicas_wrote_and_its_windows_are_every_replicas(tmp_path, monkeypatch):
+    from serve_app.config.rollout import RolloutAbortConfig
+    from serve_app.segmentation import rollouts
+
+    # Every byte the appends read, counted (the real reads still happen: a spy, not a stand-in).
+    read = []
+    read_from = rollouts._read_from
+    monkeypatch.setattr(rollouts, "_read_from", lambda *args: read.append(data := read_from(*args)) or data)
+    abort = RolloutAbortConfig(agreement_window=3, error_window=4)
+    one, other = (RolloutLedger(tmp_path, "app", "organ", abort) for _ in range(2))  # two ingress replicas
+    appended = []
+
+    def append(ledger: RolloutLedger, n: int):
+        record = {"role": "shadow", "outcome": "ok" if n % 5 else "error", "mean_dice": n / 100}
+        if n % 5 == 0:
+            del record["mean_dice"]
+        appended.append(record)
+        return ledger.append("r1", record)
+
+    for n in range(60):  # one replica alone: past its first look, it reads nothing, compactions included
+        append(one, n)
+    assert sum(map(len, read)) == 0
+    for n in range(60, 200):  # two replicas in turn: each reads the other's lines, once, or a file it compacted
+        windows = append(one if n % 2 else other, n)
+        agreement = [r for r in appended if "mean_dice" in r][-3:]
+        errors = appended[-4:]
+        assert windows == (agreement, errors), n
+    # Each line the other replica wrote, and each file it compacted (at most 7 records, every 9 appends or more):
+    # under 2 lines an append, where reading the whole file (up to 17 lines) cost about 12.
+    line = sum(len(json.dumps(r, separators=(",", ":"))) + 1 for r in appended) / len(appended)
+    assert sum(map(len, read)) < 3 * line * 140
+    totals, _ = one.read("r1")
+    assert totals == {("shadow", "ok"): 160, ("shadow", "error"): 40}

@@ -7,7 +7,11 @@ rollout changed between tests by deploying it again (only the ingress restarts).
   `medserve rollout abort`;
 - shadow with perturbed weights: agreement drops, the rollout aborts itself, audited, traffic back to live;
 - canary: each study answered by the version its hash gives it (the split's ±5 % over 200 studies is
-  test_rollout_config's), the same study again by the same version; `medserve rollout promote`.
+  test_rollout_config's), the same study again by the same version; `medserve rollout promote`;
+- a WSI job's shadow (the tile model he-tile-tumour, 1.0.0 live, 1.1.0 the same network, 1.2.0 perturbed): the
+  candidate's heatmap of the same network equals the live one (tumour Dice 1.0, heatmap difference 0), kept apart
+  from the live results; a perturbed candidate disagrees and the rollout aborts itself. Its rollout rides on the
+  deployments of the two shadow tests above (the same config, so no redeploy), one small slide each.
 
 Studies are small NIfTI phantoms, each made distinct by one voxel: cheap requests.
 """
@@ -26,13 +30,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 from ray import serve
 
-from helpers import exported_total, make_room_for_an_app, medserve
+from helpers import TEST_WSI, WSI_JOBS, exported_total, make_room_for_an_app, medserve, wait_for_job
 from serve_app.app import build_app
 from serve_app.config import load_config
 from serve_app.samples.phantoms import ct_phantom
+from serve_app.samples.synthetic_slides import write_slide
 from serve_app.segmentation.rollouts import rollout_id, share_of, study_identity
+from serve_app.wsi.job_driver import SHADOW_FOLDER
 
 APP, PREFIX = "medserve-rollouts", "/rollouts"
 MODEL = "organ"
@@ -40,6 +47,18 @@ SEGMENT = f"/v1/models/{MODEL}/segment"
 ROLLOUT = f"/v1/models/{MODEL}/rollout"
 PINNED = f"/v1/models/{MODEL}/versions/1.0.0/segment"
 EMBEDDED = Path(__file__).parent.parent / "serve_app" / "models" / "ct-phantom-organ"
+TILES = "he-tile-tumour"
+TILES_ROLLOUT = f"/v1/models/{TILES}/rollout"
+# The two shadow tests' rollouts of the organ model, and the tile model's beside each (a WSI test reuses the deploy).
+SAME_NETWORK = {"candidate": "1.1.0", "live": "1.0.0", "mode": "shadow", "fraction": 1.0}
+PERTURBED = {
+    "candidate": "1.2.0",
+    "live": "1.0.0",
+    "mode": "shadow",
+    "abort": {"min_studies": 3, "agreement_window": 5},
+}
+TILES_SAME_NETWORK = {"candidate": "1.1.0", "live": "1.0.0", "mode": "shadow"}
+TILES_PERTURBED = {"candidate": "1.2.0", "live": "1.0.0", "mode": "shadow", "abort": {"min_studies": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +73,32 @@ def repository(tmp_path_factory) -> Path:
                 'version: "1.0.0"', f'version: "{version}"'
             )
         )
-    # 1.2.0: every weight perturbed by noise of its tensor's own spread: a network that no longer finds the organ.
-    weights = torch.load(root / MODEL / "1.2.0" / "model.pt", weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for tensor in weights.values():
-        if tensor.is_floating_point() and tensor.numel() > 1:
-            tensor += torch.randn(tensor.shape, generator=generator) * tensor.std() * 0.8
-    torch.save(weights, root / MODEL / "1.2.0" / "model.pt")
+        tiles = root / TILES / version
+        shutil.copytree(EMBEDDED.with_name(TILES), tiles)
+        text = (tiles / "model.yaml").read_text()
+        (tiles / "model.yaml").write_text(text.replace('version: "1.0.0"', f'version: "{version}"'))
+    # 1.2.0: every weight perturbed by noise of its tensor's own spread: a network that no longer finds the organ, or
+    # that calls every tile of the WSI tests' slide tumour (tumour Dice 0.78). The tile network's BatchNorm running
+    # statistics are left alone: a negative variance would make it answer NaN rather than disagree.
+    for model, spread in ((MODEL, 0.8), (TILES, 2.0)):
+        weights = torch.load(root / model / "1.2.0" / "model.pt", weights_only=True)
+        generator = torch.Generator().manual_seed(0)
+        for name, tensor in weights.items():
+            if tensor.is_floating_point() and tensor.numel() > 1 and "running_" not in name:
+                tensor += torch.randn(tensor.shape, generator=generator) * tensor.std() * spread
+        torch.save(weights, root / model / "1.2.0" / "model.pt")
     return root
 
 
 @pytest.fixture(scope="module")
-def deploy(server_url, app_config, repository, tmp_path_factory):
-    """Deploys the rollout app with ``rollout`` as ``rollouts.organ``; returns its URL and the config file's path (for
-    the CLI)."""
+def deploy(server_url, app_config, repository, tmp_path_factory, slide_root):
+    """Deploys the rollout app with ``rollout`` as ``rollouts.organ`` (and ``tiles`` as the tile model's); returns its
+    URL and the config file's path (for the CLI). Deploying the same again changes nothing."""
     storage = tmp_path_factory.mktemp("rollout-storage")
     config_path = storage.parent / "rollout-app.yaml"
     make_room_for_an_app(app_config.name)
 
-    def deploy_with(rollout: dict) -> tuple[str, Path]:
+    def deploy_with(rollout: dict, tiles: dict | None = None) -> tuple[str, Path]:
         config = load_config(
             overrides={
                 "name": APP,
@@ -83,7 +109,9 @@ def deploy(server_url, app_config, repository, tmp_path_factory):
                 "grpc": app_config.grpc.model_dump(),
                 "models": {MODEL: {"num_cpus": 0.25, "batching": {"max_batch_size": 1}}},
                 "pacs.main": {"url": "http://127.0.0.1:9/dicom-web"},
-                "rollouts": {MODEL: rollout},
+                **TEST_WSI,
+                "wsi.slide_roots": [str(slide_root)],
+                "rollouts": {MODEL: rollout, **({TILES: tiles} if tiles else {})},
             }
         )
         config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -191,7 +219,7 @@ def test_a_model_without_a_rollout_has_none_to_report(client):
 
 
 def test_shadow_of_the_same_network_agrees_everywhere_and_leaves_the_live_p99_alone(deploy, capsys):
-    url, config_path = deploy({"candidate": "1.1.0", "live": "1.0.0", "mode": "shadow", "fraction": 1.0})
+    url, config_path = deploy(SAME_NETWORK, TILES_SAME_NETWORK)
     storage = load_config(config_path).storage.root
     runs = 10
 
@@ -270,14 +298,76 @@ def test_shadow_of_the_same_network_agrees_everywhere_and_leaves_the_live_p99_al
     )
 
 
+def tiles_report(client: httpx.Client) -> dict:
+    answer = client.get(TILES_ROLLOUT)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def shadowed_slide(client: httpx.Client, slide: Path) -> dict:
+    """A job of ``slide`` through the tile model, once it has ended."""
+    submitted = client.post(WSI_JOBS, json={"model": TILES, "slides": [str(slide)]})
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for_job(client, submitted.json()["job_id"], timeout_s=120)
+    assert job["state"] == "done" and job["model_version"] == "1.0.0", job
+    return job
+
+
+def rollout_slide(slide_root: Path, name: str, seed: int) -> Path:
+    """A small slide, half of its tissue tumour, in the slide root the apps allow."""
+    slide = slide_root / "rollouts" / f"{name}.tiff"
+    slide.parent.mkdir(exist_ok=True)
+    write_slide(slide, 1800, 1400, seed=seed, tumour_fraction=0.5)
+    return slide
+
+
+def test_a_wsi_shadow_of_the_same_tile_network_agrees_and_stays_out_of_the_live_results(deploy, slide_root):
+    url, config_path = deploy(SAME_NETWORK, TILES_SAME_NETWORK)
+    slide = rollout_slide(slide_root, "same", seed=11)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        job = shadowed_slide(client, slide)
+        state = until(lambda: (r := tiles_report(client))["counts"]["shadow"] == 1 and r)
+        assert (state["mode"], state["state"], state["live"], state["candidate"]) == (
+            "shadow",
+            "running",
+            "1.0.0",
+            "1.1.0",
+        )
+        assert state["counts"]["live"] == 1 and state["counts"]["shadow_errors"] == 0
+        assert (state["mean_dice"], state["mean_heatmap_difference"], state["mean_tumour_area_difference_mm2"]) == (
+            1.0,
+            0.0,
+            0.0,
+        )
+        live = job["slides"][0]
+        assert live["summary"]["tiles_positive"] > 0  # a slide with tumour: the Dice compares something
+        # The candidate's outputs: apart from the live ones, marked, its heatmap the live one's.
+        out, key = Path(job["out_path"]), live["key"]
+        shadow = out / SHADOW_FOLDER / "1.1.0" / key
+        summary = json.loads((shadow / "summary.json").read_text())
+        assert summary["rollout"] == {
+            "role": "shadow",
+            "version": "1.1.0",
+            "live_version": "1.0.0",
+            "job_id": job["job_id"],
+            "slide_index": 0,
+        }
+        assert (
+            summary["agreement"]["mean_dice"] == 1.0
+            and summary["tumour_area_mm2"] == live["summary"]["tumour_area_mm2"]
+        )
+        heatmaps = [zarr.open_array(folder / "heatmap.zarr", mode="r") for folder in (out / key, shadow)]
+        assert heatmaps[1].attrs["model_version"] == "1.1.0" and heatmaps[0].attrs["model_version"] == "1.0.0"
+        np.testing.assert_array_equal(heatmaps[0][:], heatmaps[1][:])
+        assert (shadow.stat().st_mode & 0o777, (shadow / "summary.json").stat().st_mode & 0o777) == (0o700, 0o600)
+        served = client.get(f"{WSI_JOBS}/{job['job_id']}/slides/0/summary.json").json()
+        assert "rollout" not in served and served["tiles_positive"] == live["summary"]["tiles_positive"]
+    submits = [line for line in audit_lines(load_config(config_path).storage.root) if line.get("route") == "wsi-submit"]
+    assert [(line["model"], line["model_version"]) for line in submits] == [(TILES, "1.0.0")]  # the version that ran
+
+
 def test_a_perturbed_candidate_disagrees_the_rollout_aborts_itself_and_stays_aborted_past_a_restart(deploy):
-    rollout = {
-        "candidate": "1.2.0",
-        "live": "1.0.0",
-        "mode": "shadow",
-        "abort": {"min_studies": 3, "agreement_window": 5},
-    }
-    url, config_path = deploy(rollout)
+    url, config_path = deploy(PERTURBED, TILES_PERTURBED)
     storage = load_config(config_path).storage.root
     with httpx.Client(timeout=120) as client:
         # Until it aborts: the window judged from its third shadowed study (some are dropped, their slots busy).
@@ -314,6 +404,22 @@ def test_a_perturbed_candidate_disagrees_the_rollout_aborts_itself_and_stays_abo
     assert line["event"] == "aborted" and line["by"] == "medserve" and line["reason"].startswith("mean Dice ")
     assert until(lambda: exported_total("ray_medserve_rollout_aborted_total", model=MODEL, version="1.2.0"))
     assert exported_total("ray_medserve_rollout_runs_total", model=MODEL, version="1.2.0", role="shadow") >= 3
+
+
+def test_a_perturbed_tile_candidate_disagrees_on_a_slide_and_the_rollout_aborts_itself(deploy, slide_root):
+    url, _ = deploy(PERTURBED, TILES_PERTURBED)
+    slide = rollout_slide(slide_root, "perturbed", seed=12)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        job = shadowed_slide(client, slide)
+        state = until(lambda: (r := tiles_report(client))["state"] == "aborted" and r)
+        assert state["counts"]["shadow"] == 1 and state["mean_dice"] < 0.9 and state["mean_heatmap_difference"] > 0.1
+        assert state["mean_tumour_area_difference_mm2"] > 0  # it calls tissue tumour that the live version does not
+        assert (
+            state["reason"].startswith("mean Dice ") and "below abort.min_mean_dice 0.9 (medserve)" in state["reason"]
+        )
+        assert job["slides"][0]["state"] == "done"  # the live results, whatever the candidate did
+    assert until(lambda: exported_total("ray_medserve_rollout_aborted_total", model=TILES, version="1.2.0"))
+    assert exported_total("ray_medserve_rollout_runs_total", model=TILES, version="1.2.0", role="shadow") == 1
 
 
 def test_a_canary_answers_by_the_weight_sticks_to_the_study_and_is_promoted(deploy, tmp_path):

@@ -130,7 +130,7 @@ def test_a_page_looks_at_a_bounded_number_of_results(store, monkeypatch):
     assert len(page(store, "st-marys", limit=MAX_PAGE).rows) == 5
 
 
-def test_expired_results_leave_the_index_and_older_results_are_indexed_once(store):
+def test_expired_results_leave_the_index(store):
     now = datetime.now(UTC)
     old = saved(store, 1, "st-marys", made=now - timedelta(hours=49))
     kept = saved(store, 2, "st-marys", made=now - timedelta(hours=47))
@@ -139,11 +139,30 @@ def test_expired_results_leave_the_index_and_older_results_are_indexed_once(stor
     assert not (store.root / old).exists()
     assert [e.result_id for e in store.index.newest_first("st-marys")] == [kept]
 
-    # A storage root from before the index: its results are indexed when a worklist is first asked for.
+
+def test_results_from_before_the_index_are_indexed_in_the_background_and_a_page_says_so_meanwhile(store, tmp_path):
+    import fcntl
+
+    from serve_app.config import load_config
+    from serve_app.retention import RetentionSweeper
+
+    kept = saved(store, 2, "st-marys")
+    assert page(store, "st-marys").index_complete  # a store that began empty indexed every result on commit
+    # A storage root from before the index: a page never walks the results; it says the index is being built.
     shutil.rmtree(store.index.root)
     again = ResultStore(store.root, retention_hours=48)
-    assert listed(again, "st-marys") == [kept]
-    assert (again.index.root / ".indexed-all").exists()
+    first = page(again, "st-marys")
+    assert (first.rows, first.next_cursor, first.index_complete) == ([], None, False)
+    # One process indexes at a time: while another holds the lock, this one leaves it to that one.
+    lock = open(again.index.root / ".indexing.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    assert again.index_existing() is False and not page(again, "st-marys").index_complete
+    lock.close()
+    # The retention sweeper indexes them, in its thread from the ingress's start.
+    RetentionSweeper(load_config(overrides={"storage.root": str(tmp_path)})).sweep()  # its results: tmp_path/results
+    after = page(again, "st-marys")
+    assert ([row.result_id for row in after.rows], after.index_complete) == ([kept], True)
+    assert again.index_existing() is True and oct((again.index.root / ".indexed-all").stat().st_mode & 0o777) == "0o600"
 
 
 def test_a_bad_query_is_refused_naming_the_field():

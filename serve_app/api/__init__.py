@@ -13,8 +13,8 @@ wsi.py           /v1/wsi: ``WsiJobs`` (``serve_app.wsi.jobs``)
 deliveries.py    /v1/deliveries: the DICOM node's outbox, ``DeliveriesService`` (``serve_app.dicom_network.deliveries``)
 v2.py            /v2: the Open Inference Protocol (KServe v2, Triton's) over HTTP
 v2_grpc.py       the same protocol over gRPC (``inference.GRPCInferenceService``): RPCs the ingress deployment serves
-inference_protocol.py  the protocol's data plane both call: ``TensorSegmentation``
-                 (``serve_app.segmentation.tensor_segmentation``)
+inference_protocol.py  the protocol's data plane both call, one ``DataPlane`` per replica (``Services.inference``)
+                 over ``TensorSegmentation`` (``serve_app.segmentation.tensor_segmentation``)
 
 What every route shares (the host check, the drain, the web headers, the error format, health) is the ingress's
 (``deployments/ingress.py``).

@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api.inference_protocol import DataPlane
 from serve_app.config import AppConfig
 from serve_app.dicom_network.deliveries import DeliveriesService
 from serve_app.dicom_network.stow_routing import StowRouting
@@ -32,6 +33,7 @@ from serve_app.tenancy.gatekeeper import Gatekeeper
 from serve_app.wsi.jobs import WsiJobs
 
 __all__ = [
+    "DataPlaneDep",
     "DeliveriesDep",
     "DicomwebDep",
     "GatekeeperDep",
@@ -65,6 +67,7 @@ class Services:
     wsi_jobs: WsiJobs
     deliveries: DeliveriesService
     stow_routing: StowRouting
+    inference: DataPlane  # the Open Inference Protocol's, for its HTTP routes and its gRPC service
 
     @classmethod
     def of(
@@ -83,15 +86,17 @@ class Services:
         gatekeeper = Gatekeeper(config, repository, gate)
         stages = StageHandles(model_handles, preprocess, postprocess)
         deliveries = DeliveriesService(dicom_node)
+        segmentation = SegmentationService(config, repository, stages, results, gatekeeper)
         return cls(
             gatekeeper=gatekeeper,
             repository=repository,
-            segmentation=SegmentationService(config, repository, stages, results, gatekeeper),
+            segmentation=segmentation,
             dicomweb=DicomwebService(config, results),
             results=ResultsService(results),
-            wsi_jobs=WsiJobs(config, repository, tile_model_handles),
+            wsi_jobs=WsiJobs(config, repository, tile_model_handles, segmentation.rollouts),
             deliveries=deliveries,
             stow_routing=StowRouting(config, results, deliveries),
+            inference=DataPlane(gatekeeper, repository, segmentation),
         )
 
 
@@ -132,6 +137,10 @@ async def _stow_routing(request: Request) -> StowRouting:
     return _services(request).stow_routing
 
 
+async def _inference(request: Request) -> DataPlane:
+    return _services(request).inference
+
+
 GatekeeperDep = Annotated[Gatekeeper, Depends(_gatekeeper)]
 RepositoryDep = Annotated[ModelRepository, Depends(_repository)]
 SegmentationDep = Annotated[SegmentationService, Depends(_segmentation)]
@@ -140,6 +149,7 @@ ResultsDep = Annotated[ResultsService, Depends(_results)]
 WsiJobsDep = Annotated[WsiJobs, Depends(_wsi_jobs)]
 DeliveriesDep = Annotated[DeliveriesService, Depends(_deliveries)]
 StowRoutingDep = Annotated[StowRouting, Depends(_stow_routing)]
+DataPlaneDep = Annotated[DataPlane, Depends(_inference)]
 
 
 async def json_body(request: Request, model: type[Body]) -> Body:

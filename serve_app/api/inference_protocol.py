@@ -1,6 +1,7 @@
-"""The Open Inference Protocol's data plane (KServe v2, which Triton speaks), whatever carries it: the HTTP routes
-(``serve_app.api.v2``) and the gRPC service (``serve_app.api.v2_grpc``) each turn their request into these calls and
-these answers into their own format, so both run the same checks, gatekeeper, segmentation, metrics and outputs.
+"""The Open Inference Protocol's data plane (KServe v2, which Triton speaks), whatever carries it: ``DataPlane``, one
+per ingress replica (``Services.inference``). The HTTP routes (``serve_app.api.v2``) and the gRPC service
+(``serve_app.api.v2_grpc``) each turn their request into its calls and its answers into their own format, so both run
+the same checks, gatekeeper, segmentation, metrics and outputs.
 
 The tensors and what they mean are ``TensorSegmentation``'s (``serve_app.segmentation.tensor_segmentation``); here
 they get the protocol's datatypes (FP32, INT16, BYTES...). Every call goes through the gatekeeper (API key, model
@@ -19,6 +20,7 @@ from pydantic import BaseModel, Field
 from serve_app.errors import InvalidTensor
 from serve_app.model_repository import ModelRepository
 from serve_app.observability import metrics
+from serve_app.segmentation.service import SegmentationService
 from serve_app.segmentation.tensor_segmentation import (
     ReadVolume,
     TensorSegmentation,
@@ -35,6 +37,7 @@ __all__ = [
     "EXTENSIONS",
     "OUTPUT_NAMES",
     "Caller",
+    "DataPlane",
     "InputTensor",
     "ModelConfiguration",
     "ModelMetadata",
@@ -44,14 +47,7 @@ __all__ = [
     "TensorMetadata",
     "array_of",
     "bytes_data",
-    "infer",
-    "model_configuration",
-    "model_metadata",
-    "model_ready",
-    "outputs_of",
     "raw_data",
-    "server_metadata",
-    "server_ready",
     "volume_of",
 ]
 
@@ -166,82 +162,122 @@ class OutputTensor:
     parameters: Mapping[str, Any] = field(default_factory=dict)  # what the request asked of it
 
 
-def server_metadata() -> ServerMetadata:
-    """The server's name, version and the protocol extensions it speaks."""
-    try:
-        medserve_version = version("medserve")
-    except PackageNotFoundError:
-        medserve_version = "unknown"
-    return ServerMetadata(name="medserve", version=medserve_version, extensions=EXTENSIONS)
+class DataPlane:
+    """The protocol's work for one ingress replica, built once with it (``Services.of``): server and model metadata,
+    readiness, model configuration and inference, each model call through the gatekeeper with its ``caller``.
 
+    Args:
+        gatekeeper: the replica's gatekeeper (API key, model rights, quotas, audit).
+        repository: the models the application was built with.
+        segmentation: the models' service, which runs each inference as it runs a study.
+    """
 
-async def server_ready(tensors: TensorSegmentation) -> bool:
-    """Whether every deployment answers."""
-    return await tensors.ready()
+    def __init__(self, gatekeeper: Gatekeeper, repository: ModelRepository, segmentation: SegmentationService):
+        self.gatekeeper = gatekeeper
+        self.repository = repository
+        self.tensors = TensorSegmentation(segmentation)
 
+    @staticmethod
+    def server_metadata() -> ServerMetadata:
+        """The server's name, version and the protocol extensions it speaks."""
+        try:
+            medserve_version = version("medserve")
+        except PackageNotFoundError:
+            medserve_version = "unknown"
+        return ServerMetadata(name="medserve", version=medserve_version, extensions=EXTENSIONS)
 
-async def model_metadata(
-    caller: Caller,
-    name: str,
-    model_version: str | None,
-    gatekeeper: Gatekeeper,
-    repository: ModelRepository,
-    tensors: TensorSegmentation,
-) -> ModelMetadata:
-    """The model's versions (every one served, or the one asked for), inputs and outputs; 404 for an unknown model
-    or version, 422 for a model that does not segment volumes."""
-    async with gatekeeper.visit(caller, "models", model=name, version=model_version):
-        if model_version is None:
-            spec, versions = repository.get(name), [spec.version for spec in repository.versions(name)]
-        else:
-            spec = repository.get(name, model_version)
-            versions = [spec.version]
-        signature = tensors.signature(spec)
-        return ModelMetadata(
-            name=spec.name,
-            versions=versions,
-            platform="medserve_segmentation",
-            inputs=[_tensor_metadata(t, ACCEPTED[t.name][0]) for t in signature.inputs],
-            outputs=[_tensor_metadata(t) for t in signature.outputs],
+    async def server_ready(self) -> bool:
+        """Whether every deployment answers."""
+        return await self.tensors.ready()
+
+    async def model_metadata(self, caller: Caller, name: str, model_version: str | None) -> ModelMetadata:
+        """The model's versions (every one served, or the one asked for), inputs and outputs; 404 for an unknown
+        model or version, 422 for a model that does not segment volumes."""
+        async with self.gatekeeper.visit(caller, "models", model=name, version=model_version):
+            if model_version is None:
+                spec = self.repository.get(name)
+                versions = [served.version for served in self.repository.versions(name)]
+            else:
+                spec = self.repository.get(name, model_version)
+                versions = [spec.version]
+            signature = self.tensors.signature(spec)
+            return ModelMetadata(
+                name=spec.name,
+                versions=versions,
+                platform="medserve_segmentation",
+                inputs=[_tensor_metadata(t, ACCEPTED[t.name][0]) for t in signature.inputs],
+                outputs=[_tensor_metadata(t) for t in signature.outputs],
+            )
+
+    async def model_ready(self, caller: Caller, name: str, model_version: str | None) -> bool:
+        """Whether the model (its newest version, or the one asked for) and the stages it uses answer; 404 for an
+        unknown model or version, 422 for a model that does not segment volumes."""
+        async with self.gatekeeper.visit(caller, "models", model=name, version=model_version):
+            spec = self.repository.get(name, model_version)
+            self.tensors.signature(spec)
+            return await self.tensors.model_ready(spec)
+
+    async def model_configuration(self, caller: Caller, name: str, model_version: str | None) -> ModelConfiguration:
+        """The model's metadata in the shape of Triton's model configuration; the same refusals as
+        ``model_metadata``."""
+        metadata = await self.model_metadata(caller, name, model_version)
+
+        def configured(tensor: TensorMetadata) -> TensorConfiguration:
+            data_type = "TYPE_STRING" if tensor.datatype == BYTES else f"TYPE_{tensor.datatype}"
+            return TensorConfiguration(name=tensor.name, data_type=data_type, dims=tensor.shape)
+
+        return ModelConfiguration(
+            name=metadata.name,
+            platform=metadata.platform,
+            max_batch_size=0,
+            input=[configured(t) for t in metadata.inputs],
+            output=[configured(t) for t in metadata.outputs],
         )
 
+    async def infer(
+        self,
+        caller: Caller,
+        name: str,
+        model_version: str | None,
+        stat: bool,
+        read: ReadVolume,
+        result_path: Callable[[str], str],
+        answer: Callable[[VolumeSegmentation], Answer],
+    ) -> Answer:
+        """Segment the volume ``read`` brings (within the request's upload budget) as a study is, once the
+        gatekeeper has let the request in and counted it against its tenant's quotas; ``answer`` turns the
+        segmentation into the transport's answer inside the request's visit, so that its refusals (an unknown output)
+        are audited too. ``result_path``: the path of a result's routes, from its id."""
+        visiting = self.gatekeeper.visit(caller, "infer", model=name, version=model_version, stat=stat, admit=True)
+        async with visiting as visit:
+            segmented = await self.tensors.segment(visit, name, read, result_path(visit.request_id))
+            metrics.observe_segment(caller, name, segmented.answer.timings_ms.model_dump())
+            return answer(segmented)
 
-async def model_ready(
-    caller: Caller,
-    name: str,
-    model_version: str | None,
-    gatekeeper: Gatekeeper,
-    repository: ModelRepository,
-    tensors: TensorSegmentation,
-) -> bool:
-    """Whether the model (its newest version, or the one asked for) and the stages it uses answer; 404 for an unknown
-    model or version, 422 for a model that does not segment volumes."""
-    async with gatekeeper.visit(caller, "models", model=name, version=model_version):
-        spec = repository.get(name, model_version)
-        tensors.signature(spec)
-        return await tensors.model_ready(spec)
-
-
-async def infer(
-    caller: Caller,
-    name: str,
-    model_version: str | None,
-    stat: bool,
-    gatekeeper: Gatekeeper,
-    tensors: TensorSegmentation,
-    read: ReadVolume,
-    result_path: Callable[[str], str],
-    answer: Callable[[VolumeSegmentation], Answer],
-) -> Answer:
-    """Segment the volume ``read`` brings (within the request's upload budget) as a study is, once the gatekeeper
-    has let the request in and counted it against its tenant's quotas; ``answer`` turns the segmentation into the
-    transport's answer inside the request's visit, so that its refusals (an unknown output) are audited too.
-    ``result_path``: the path of a result's routes, from its id."""
-    visiting = gatekeeper.visit(caller, "infer", model=name, version=model_version, stat=stat, admit=True)
-    async with visiting as visit:
-        segmented = await tensors.segment(visit, name, read, result_path(visit.request_id))
-        metrics.observe_segment(caller, name, segmented.answer.timings_ms.model_dump())
-        return answer(segmented)
+    def outputs_of(
+        self, segmented: VolumeSegmentation, requested: Sequence[RequestedOutput] | None
+    ) -> list[OutputTensor]:
+        """The outputs asked for (all of them, in ``OUTPUT_NAMES``' order, when none is named); 400 for an unknown
+        one, or one asked of an extension medserve does not speak."""
+        values = {
+            "MASK": segmented.mask[np.newaxis],
+            "LABEL_VALUES": segmented.label_values,
+            "LABEL_NAMES": segmented.label_names,
+            "LABEL_VOLUMES_ML": segmented.label_volumes_ml,
+        }
+        answer = segmented.answer
+        spec = self.tensors.segmentation.repository.get(answer.model.name, answer.model.version)
+        specs = {t.name: t for t in self.tensors.signature(spec).outputs}
+        outputs = []
+        for output in requested if requested is not None else [RequestedOutput(name) for name in OUTPUT_NAMES]:
+            if output.name not in values:
+                raise InvalidTensor(f"the outputs are {', '.join(OUTPUT_NAMES)}; there is no {output.name[:64]!r}")
+            if "classification" in output.parameters:
+                raise InvalidTensor("the classification extension is not supported: ask for the outputs themselves")
+            datatype, value = _datatype_of(specs[output.name]), values[output.name]
+            shape = [len(value)] if datatype == BYTES else list(value.shape)
+            outputs.append(OutputTensor(output.name, datatype, shape, value, output.parameters))
+        return outputs
 
 
 def volume_of(inputs: Sequence[InputTensor]) -> VolumeTensors:
@@ -288,32 +324,6 @@ def array_of(tensor: InputTensor) -> np.ndarray:
     return array.reshape(shape)
 
 
-def outputs_of(
-    segmented: VolumeSegmentation, requested: Sequence[RequestedOutput] | None, tensors: TensorSegmentation
-) -> list[OutputTensor]:
-    """The outputs asked for (all of them, in ``OUTPUT_NAMES``' order, when none is named); 400 for an unknown one, or
-    one asked of an extension medserve does not speak."""
-    values = {
-        "MASK": segmented.mask[np.newaxis],
-        "LABEL_VALUES": segmented.label_values,
-        "LABEL_NAMES": segmented.label_names,
-        "LABEL_VOLUMES_ML": segmented.label_volumes_ml,
-    }
-    answer = segmented.answer
-    spec = tensors.segmentation.repository.get(answer.model.name, answer.model.version)
-    specs = {t.name: t for t in tensors.signature(spec).outputs}
-    outputs = []
-    for output in requested if requested is not None else [RequestedOutput(name) for name in OUTPUT_NAMES]:
-        if output.name not in values:
-            raise InvalidTensor(f"the outputs are {', '.join(OUTPUT_NAMES)}; there is no {output.name[:64]!r}")
-        if "classification" in output.parameters:
-            raise InvalidTensor("the classification extension is not supported: ask for the outputs themselves")
-        datatype, value = _datatype_of(specs[output.name]), values[output.name]
-        shape = [len(value)] if datatype == BYTES else list(value.shape)
-        outputs.append(OutputTensor(output.name, datatype, shape, value, output.parameters))
-    return outputs
-
-
 def raw_data(output: OutputTensor) -> bytes | memoryview:
     """An output as binary data: its elements little-endian, or for BYTES each one's length and bytes."""
     if output.datatype == BYTES:
@@ -325,30 +335,6 @@ def bytes_data(strings: list[str]) -> bytes:
     """BYTES elements as binary data: each one's length (4 bytes, little-endian), then it."""
     encoded = [s.encode() for s in strings]
     return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
-
-
-async def model_configuration(
-    caller: Caller,
-    name: str,
-    model_version: str | None,
-    gatekeeper: Gatekeeper,
-    repository: ModelRepository,
-    tensors: TensorSegmentation,
-) -> ModelConfiguration:
-    """The model's metadata in the shape of Triton's model configuration; the same refusals as ``model_metadata``."""
-    metadata = await model_metadata(caller, name, model_version, gatekeeper, repository, tensors)
-
-    def configured(tensor: TensorMetadata) -> TensorConfiguration:
-        data_type = "TYPE_STRING" if tensor.datatype == BYTES else f"TYPE_{tensor.datatype}"
-        return TensorConfiguration(name=tensor.name, data_type=data_type, dims=tensor.shape)
-
-    return ModelConfiguration(
-        name=metadata.name,
-        platform=metadata.platform,
-        max_batch_size=0,
-        input=[configured(t) for t in metadata.inputs],
-        output=[configured(t) for t in metadata.outputs],
-    )
 
 
 def _tensor_metadata(tensor: TensorSpec, datatype: str | None = None) -> TensorMetadata:

@@ -2,11 +2,11 @@
 ``infer`` with JSON tensors or the binary tensor data extension, so that tritonclient, perf_analyzer and v2 gateways
 call medserve's segmentation models as they call Triton's.
 
-The protocol's data plane is ``serve_app.api.inference_protocol``'s, shared with the gRPC service
-(``serve_app.api.v2_grpc``); this module turns HTTP requests into its calls and its answers into the protocol's JSON
-and bytes. An inference goes through the gatekeeper (API key, model rights, quotas, audit), the upload limit, the
-request's deadline and the segment latency metrics as a study does, and its result is kept like a study's (the
-answer's ``parameters.result_id``).
+The protocol's data plane is the replica's ``serve_app.api.inference_protocol.DataPlane``, shared with the gRPC
+service (``serve_app.api.v2_grpc``); this module turns HTTP requests into its calls and its answers into the
+protocol's JSON and bytes. An inference goes through the gatekeeper (API key, model rights, quotas, audit), the
+upload limit, the request's deadline and the segment latency metrics as a study does, and its result is kept like a
+study's (the answer's ``parameters.result_id``).
 
 Errors from these routes are in the protocol's format, ``{"error": "<reason>"}`` with medserve's status for the
 reason (400 for a tensor the model does not take, 404 for an unknown model, 413, 429, 503, 504...); a request refused
@@ -18,10 +18,10 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -30,9 +30,10 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from serve_app.api import inference_protocol as protocol
-from serve_app.api.dependencies import GatekeeperDep, RepositoryDep, SegmentationDep, declared_length, result_path
+from serve_app.api.dependencies import DataPlaneDep, declared_length, result_path
 from serve_app.api.inference_protocol import (
     BYTES,
+    DataPlane,
     InputTensor,
     ModelConfiguration,
     ModelMetadata,
@@ -51,7 +52,7 @@ from serve_app.errors import (
     UnsupportedMediaType,
     unwrap,
 )
-from serve_app.segmentation.tensor_segmentation import TensorSegmentation, VolumeSegmentation, VolumeTensors
+from serve_app.segmentation.tensor_segmentation import VolumeSegmentation, VolumeTensors
 from serve_app.studies.upload import UploadBudget
 
 __all__ = ["HEADER_LENGTH", "InferenceError", "ModelMetadata", "ServerMetadata", "TensorMetadata", "router"]
@@ -138,17 +139,10 @@ _ERRORS = {
 router = APIRouter(route_class=_InferenceRoute, tags=["Open Inference Protocol (v2)"])
 
 
-async def _tensor_segmentation(segmentation: SegmentationDep) -> TensorSegmentation:
-    return TensorSegmentation(segmentation)
-
-
-TensorSegmentationDep = Annotated[TensorSegmentation, Depends(_tensor_segmentation)]
-
-
 @router.get("/v2", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
     """The server's name, version and the protocol extensions it speaks."""
-    return protocol.server_metadata()
+    return DataPlane.server_metadata()
 
 
 @router.get("/v2/health/live", responses={200: {"description": "Live (empty body)."}})
@@ -158,9 +152,9 @@ async def live() -> Response:
 
 
 @router.get("/v2/health/ready", responses={200: {"description": "Ready (empty body)."}, **_ERRORS})
-async def ready(tensors: TensorSegmentationDep) -> Response:
+async def ready(plane: DataPlaneDep) -> Response:
     """200 once every deployment answers, else 503 (the protocol reads any status but 200 as not ready)."""
-    return _ready_answer(await protocol.server_ready(tensors))
+    return _ready_answer(await plane.server_ready())
 
 
 def _model_route(method: str, suffix: str = "", **options) -> Callable[[Callable], Callable]:
@@ -191,49 +185,42 @@ def _model_route(method: str, suffix: str = "", **options) -> Callable[[Callable
 async def model_metadata(
     name: str,
     request: Request,
-    gatekeeper: GatekeeperDep,
-    repository: RepositoryDep,
-    tensors: TensorSegmentationDep,
+    plane: DataPlaneDep,
     model_version: str | None = None,
 ) -> ModelMetadata:
     """The model's versions, inputs and outputs (datatypes and shapes), or those of the version the path names; see
     the documentation's Inference protocol page for what each tensor means."""
-    return await protocol.model_metadata(request, name, model_version, gatekeeper, repository, tensors)
+    return await plane.model_metadata(request, name, model_version)
 
 
 @_model_route("GET", "/config", response_model=ModelConfiguration, responses=_ERRORS)
 async def model_configuration(
     name: str,
     request: Request,
-    gatekeeper: GatekeeperDep,
-    repository: RepositoryDep,
-    tensors: TensorSegmentationDep,
+    plane: DataPlaneDep,
     model_version: str | None = None,
 ) -> ModelConfiguration:
     """The model's (or the version's the path names) inputs and outputs in the shape of Triton's model configuration
     (what perf_analyzer reads)."""
-    return await protocol.model_configuration(request, name, model_version, gatekeeper, repository, tensors)
+    return await plane.model_configuration(request, name, model_version)
 
 
 @_model_route("GET", "/ready", responses={200: {"description": "Ready (empty body)."}, **_ERRORS})
 async def model_ready(
     name: str,
     request: Request,
-    gatekeeper: GatekeeperDep,
-    repository: RepositoryDep,
-    tensors: TensorSegmentationDep,
+    plane: DataPlaneDep,
     model_version: str | None = None,
 ) -> Response:
     """200 once the model's newest version (or the version the path names) and the stages it uses answer, else 503."""
-    return _ready_answer(await protocol.model_ready(request, name, model_version, gatekeeper, repository, tensors))
+    return _ready_answer(await plane.model_ready(request, name, model_version))
 
 
 @_model_route("POST", "/infer", responses=_ERRORS)
 async def infer(
     name: str,
     request: Request,
-    gatekeeper: GatekeeperDep,
-    tensors: TensorSegmentationDep,
+    plane: DataPlaneDep,
     stat: bool = False,
     model_version: str | None = None,
 ) -> Response:
@@ -241,7 +228,7 @@ async def infer(
     INT16, [1, I, J, K]) and AFFINE (FP64, [4, 4]), as JSON data or binary data (``Inference-Header-Content-Length``);
     outputs MASK (UINT8, [1, I, J, K]), LABEL_VALUES, LABEL_NAMES and LABEL_VOLUMES_ML. ``?stat=true``: as for a
     study."""
-    return await _infer(request, name, model_version, stat, gatekeeper, tensors)
+    return await _infer(request, name, model_version, stat, plane)
 
 
 @router.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
@@ -338,30 +325,27 @@ async def _infer(
     name: str,
     model_version: str | None,
     stat: bool,
-    gatekeeper: GatekeeperDep,
-    tensors: TensorSegmentation,
+    plane: DataPlane,
 ) -> Response:
     body = _InferBody(request)
-    return await protocol.infer(
+    return await plane.infer(
         request,
         name,
         model_version,
         stat,
-        gatekeeper,
-        tensors,
         body.read,
         lambda result_id: result_path(request, result_id),
-        lambda segmented: _answer(segmented, body.parsed, tensors),
+        lambda segmented: _answer(segmented, body.parsed, plane),
     )
 
 
-def _answer(segmented: VolumeSegmentation, parsed: _InferRequest, tensors: TensorSegmentation) -> Response:
+def _answer(segmented: VolumeSegmentation, parsed: _InferRequest, plane: DataPlane) -> Response:
     """The infer answer: the outputs asked for (all of them when none is named), each as JSON or binary data."""
     answer = segmented.answer
     binary_default = _flag(parsed.parameters, "binary_data_output")
     requested = None if parsed.outputs is None else [RequestedOutput(o.name, o.parameters) for o in parsed.outputs]
     outputs, blobs = [], []
-    for output in protocol.outputs_of(segmented, requested, tensors):
+    for output in plane.outputs_of(segmented, requested):
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
         if output.parameters.get("binary_data", binary_default):
             raw = protocol.raw_data(output)

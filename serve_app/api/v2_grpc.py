@@ -3,9 +3,9 @@ gRPC ingress as methods of the ingress deployment named like its RPCs (``Inferen
 
 The messages are the protocol's own (``grpc_service.proto``, as the stubs ``tritonclient.grpc`` ships compile it):
 Serve's proxy registers the service with ``tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_
-server`` (``config.grpc``) and hands each call's message to the method. The data plane is
-``serve_app.api.inference_protocol``'s, the HTTP routes' too (``serve_app.api.v2``): the same checks, gatekeeper
-(the API key in the call's metadata, under the HTTP header's name: ``authorization: Bearer <key>`` or
+server`` (``config.grpc``) and hands each call's message to the method. The data plane is the replica's
+``serve_app.api.inference_protocol.DataPlane``, the HTTP routes' too (``serve_app.api.v2``): the same checks,
+gatekeeper (the API key in the call's metadata, under the HTTP header's name: ``authorization: Bearer <key>`` or
 ``x-api-key``), quotas, upload limit, deadline, audit line, metrics and result.
 
 A refusal is the gRPC status of medserve's HTTP status (``STATUS_CODES``: 400 INVALID_ARGUMENT, 401 UNAUTHENTICATED,
@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from serve_app.api import inference_protocol as protocol
 from serve_app.api.dependencies import Services
-from serve_app.api.inference_protocol import InputTensor, RequestedOutput
+from serve_app.api.inference_protocol import DataPlane, InputTensor, RequestedOutput
 from serve_app.errors import (
     CLIENT_CLOSED,
     SHUTDOWN_RETRY_S,
@@ -36,7 +36,7 @@ from serve_app.errors import (
     unwrap,
 )
 from serve_app.observability import metrics
-from serve_app.segmentation.tensor_segmentation import TensorSegmentation, VolumeSegmentation, VolumeTensors
+from serve_app.segmentation.tensor_segmentation import VolumeSegmentation, VolumeTensors
 from serve_app.studies.upload import UploadBudget
 
 __all__ = ["SERVICE", "STATUS_CODES", "InferenceServiceMethods", "serve_grpc_where_http_listens"]
@@ -141,8 +141,8 @@ class InferenceServiceMethods:
     drain: Any
 
     @property
-    def _tensors(self) -> TensorSegmentation:
-        return TensorSegmentation(self.services.segmentation)
+    def _plane(self) -> DataPlane:
+        return self.services.inference
 
     @_rpc("ServerLive", pb.ServerLiveResponse)
     async def ServerLive(self, request: pb.ServerLiveRequest, caller: _GrpcCaller) -> pb.ServerLiveResponse:
@@ -152,31 +152,25 @@ class InferenceServiceMethods:
     @_rpc("ServerReady", pb.ServerReadyResponse)
     async def ServerReady(self, request: pb.ServerReadyRequest, caller: _GrpcCaller) -> pb.ServerReadyResponse:
         """Ready once every deployment answers."""
-        return pb.ServerReadyResponse(ready=await protocol.server_ready(self._tensors))
+        return pb.ServerReadyResponse(ready=await self._plane.server_ready())
 
     @_rpc("ServerMetadata", pb.ServerMetadataResponse)
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, caller: _GrpcCaller) -> pb.ServerMetadataResponse:
         """medserve's name, version and extensions."""
-        metadata = protocol.server_metadata()
+        metadata = DataPlane.server_metadata()
         return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
 
     @_rpc("ModelReady", pb.ModelReadyResponse)
     async def ModelReady(self, request: pb.ModelReadyRequest, caller: _GrpcCaller) -> pb.ModelReadyResponse:
         """Whether the model (the version named, else its newest) and the stages it uses answer; NOT_FOUND for an
         unknown model or version."""
-        services = self.services
-        ready = await protocol.model_ready(
-            caller, request.name, request.version or None, services.gatekeeper, services.repository, self._tensors
-        )
+        ready = await self._plane.model_ready(caller, request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
     @_rpc("ModelMetadata", pb.ModelMetadataResponse)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, caller: _GrpcCaller) -> pb.ModelMetadataResponse:
         """The model's versions, inputs and outputs, as ``GET /v2/models/{name}`` describes them."""
-        services = self.services
-        metadata = await protocol.model_metadata(
-            caller, request.name, request.version or None, services.gatekeeper, services.repository, self._tensors
-        )
+        metadata = await self._plane.model_metadata(caller, request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata.name,
@@ -190,10 +184,7 @@ class InferenceServiceMethods:
     async def ModelConfig(self, request: pb.ModelConfigRequest, caller: _GrpcCaller) -> pb.ModelConfigResponse:
         """The model's inputs and outputs in the shape of Triton's model configuration, as
         ``GET /v2/models/{name}/config`` gives them (what perf_analyzer reads)."""
-        services = self.services
-        configuration = await protocol.model_configuration(
-            caller, request.name, request.version or None, services.gatekeeper, services.repository, self._tensors
-        )
+        configuration = await self._plane.model_configuration(caller, request.name, request.version or None)
 
         def tensors(kind, configured):
             return [kind(name=t.name, data_type=t.data_type, dims=t.dims) for t in configured]
@@ -214,7 +205,7 @@ class InferenceServiceMethods:
         (all four when none is named) as ``raw_output_contents``; parameter ``stat`` (bool) as ``?stat=true``."""
         if self.drain.draining:
             raise ShuttingDown("medserve is shutting down; retry shortly", SHUTDOWN_RETRY_S)
-        tensors, gatekeeper = self._tensors, self.services.gatekeeper
+        plane = self._plane
         stat = _parameters(request.parameters).get("stat", False)
         if not isinstance(stat, bool):
             raise InvalidTensor("the parameter stat is true or false")
@@ -229,16 +220,14 @@ class InferenceServiceMethods:
 
         self.drain.in_flight += 1
         try:
-            return await protocol.infer(
+            return await plane.infer(
                 caller,
                 request.model_name,
                 request.model_version or None,
                 stat,
-                gatekeeper,
-                tensors,
                 read,
                 lambda result_id: f"/v1/results/{result_id}",
-                lambda segmented: _answer(segmented, request, tensors),
+                lambda segmented: _answer(segmented, request, plane),
             )
         finally:
             self.drain.in_flight -= 1
@@ -273,16 +262,14 @@ def _inputs_of(request: pb.ModelInferRequest) -> list[InputTensor]:
     return inputs
 
 
-def _answer(
-    segmented: VolumeSegmentation, request: pb.ModelInferRequest, tensors: TensorSegmentation
-) -> pb.ModelInferResponse:
+def _answer(segmented: VolumeSegmentation, request: pb.ModelInferRequest, plane: DataPlane) -> pb.ModelInferResponse:
     """The infer answer: each output asked for as binary data in ``raw_output_contents``, as Triton answers."""
     answer = segmented.answer
     requested = [RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs] or None
     response = pb.ModelInferResponse(model_name=answer.model.name, model_version=answer.model.version, id=request.id)
     response.parameters["result_id"].string_param = answer.result_id
     response.parameters["mask_url"].string_param = answer.mask_url
-    for output in protocol.outputs_of(segmented, requested, tensors):
+    for output in plane.outputs_of(segmented, requested):
         response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         response.raw_output_contents.append(bytes(protocol.raw_data(output)))
     return response

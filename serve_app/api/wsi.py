@@ -37,7 +37,9 @@ async def submit_wsi_job(request: Request, gatekeeper: GatekeeperDep, wsi_jobs: 
     async with gatekeeper.visit(request, "wsi-submit", result_id=job_id) as visit:
         job = await json_body(request, WsiJobRequest)
         gatekeeper.authorise_model(visit, job.model)
-        return await asyncio.to_thread(wsi_jobs.submit, job, job_id, visit.tenant_id)
+        status = await asyncio.to_thread(wsi_jobs.submit, job, job_id, visit.tenant_id)
+        gatekeeper.routed(visit, status.model_version)  # the version that runs it: a rollout's, not the newest
+        return status
 
 
 @router.get("/v1/wsi/jobs", response_model=WsiJobList, responses=ERROR_RESPONSES)

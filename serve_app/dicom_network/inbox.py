@@ -4,21 +4,24 @@ One folder per series, ``<root>/<tenant>/<series key>/``, one file per instance,
 the sender encoded it (Part 10, no decoding and re-encoding). Keys are hashes of the UIDs: a UID is the sender's
 text and never becomes a path. An instance already on disk is not written again, so a re-send is idempotent.
 
-Durability, in the order a crash could interrupt it: the bytes are copied from the listener's receiving file to a
-temporary file that is flushed (``fdatasync``), renamed to the instance's name, and the folder is fsynced so that the
-name survives too. A crash before the rename leaves a
-``.partial`` file that ``Inbox`` deletes at start; after it, the instance is whole.
+Durability, in the order a crash could interrupt it. Where the listener's receiving file is on the inbox's own
+filesystem (the DICOM node's replica receives into ``DicomNode.receiving``), it is flushed (``fdatasync``) and given
+the instance's name by a hard link, and the folder is fsynced so that the name survives too: the bytes are written
+once. Elsewhere they are copied to a temporary file that is flushed, renamed to the instance's name, and the folder
+fsynced; a crash before the rename leaves a ``.partial`` file that ``Inbox`` deletes at start. Either way, once the
+name exists the instance is whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_app.durable import PARTIAL_SUFFIX, copy_durably, fsync_folder
+from serve_app.durable import PARTIAL_SUFFIX, copy_durably, fsync_folder, link_durably
 from serve_app.storage import private_folder
 
 __all__ = ["INSTANCE_SUFFIX", "Inbox", "ReceivedInstance", "uid_key"]
@@ -38,7 +41,7 @@ class ReceivedInstance:
     Args:
         tenant: the tenant of the called AE title.
         study_instance_uid, series_instance_uid, sop_instance_uid: from its header.
-        received: the Part-10 file as received (preamble, file meta and data set), which is copied.
+        received: the Part-10 file as received (preamble, file meta and data set), which is linked or copied.
     """
 
     tenant: str
@@ -77,7 +80,13 @@ class Inbox:
         final = folder / f"{uid_key(instance.sop_instance_uid)}{INSTANCE_SUFFIX}"
         if final.exists():
             return False
-        copy_durably(final, instance.received)
+        if os.stat(instance.received).st_dev != os.stat(folder).st_dev:
+            copy_durably(final, instance.received)
+            return True
+        try:
+            link_durably(final, instance.received)
+        except FileExistsError:  # the same instance, stored by another association just now
+            return False
         return True
 
     def series_folders(self) -> Iterator[tuple[str, Path]]:

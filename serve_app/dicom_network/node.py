@@ -55,6 +55,12 @@ class DicomNode:
         processor: runs a route's model on a series (see ``SeriesProcessor``).
         audit: where associations and each series' routing are recorded (no patient data: the study's UID only
             as the audit log's salted hash).
+
+    Attributes:
+        receiving: a folder (0700) on the inbox's filesystem for the listener's receiving files. pynetdicom
+            receives each data set into a file in ``tempfile``'s folder; a process that makes this that folder
+            (``tempfile.tempdir``: the node's replica does) has each instance filed by a hard link, its bytes
+            written once; elsewhere the inbox copies them.
     """
 
     def __init__(self, config: AppConfig, processor: SeriesProcessor, audit: AuditLog):
@@ -64,6 +70,10 @@ class DicomNode:
         self._processor, self._audit = processor, audit
         folder = private_folder(self.network.folder_under(config.storage.root, config.name))
         self.book = SeriesBook(Inbox(folder / "inbox"), self.network.stable_after_s)
+        # Where the listener's receiving files belong (see ``receiving``); one left here was never acknowledged.
+        self.receiving = private_folder(folder / "receiving")
+        for leftover in self.receiving.iterdir():
+            leftover.unlink()
         retry = RetryPolicy(
             self.network.delivery_attempts, self.network.delivery_first_retry_s, self.network.delivery_max_retry_s
         )

@@ -13,7 +13,9 @@ many clients only want the volumes, and none of these should slow the request th
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import re
 import shutil
 import time
@@ -66,6 +68,7 @@ _STAGED = ".staged"
 _DISCARDED = ".discarded"
 OWNER_FILE = "tenant"  # the tenant that made the result: only it may read the result
 _INDEXED_ALL = ".indexed-all"  # in the index: the results stored before it existed were indexed
+_INDEXING_LOCK = ".indexing.lock"  # in the index: flocked by the one process indexing those results
 # The study's image on the mask's grid, kept only when the request asked (keep_image): a viewer reopening the
 # result shows the mask over it.
 IMAGE_FILE = "image.nii.gz"
@@ -81,13 +84,18 @@ class ResultStore:
 
     ``root`` is created 0700, and refused (``UnsafeStorage``) if another user owns it or others may write it. Beside
     it, ``<root>-index`` holds each tenant's results by the time they were made (``ResultIndex``), for the review
-    worklist.
+    worklist; results stored before the index existed are indexed in the background (``index_existing``).
     """
 
     def __init__(self, root: Path, retention_hours: float):
         self.root = private_folder(root)
         self.retention_s = retention_hours * 3600
         self.index = ResultIndex(self.root.with_name(f"{self.root.name}-index"))
+        done = self.index.root / _INDEXED_ALL
+        if not done.exists():
+            with os.scandir(self.root) as entries:
+                if next(entries, None) is None:  # no result at all, so none from before the index: all indexed
+                    done.touch(mode=0o600)
 
     @classmethod
     def of(cls, storage: StorageConfig) -> ResultStore:
@@ -209,22 +217,44 @@ class ResultStore:
         """The folder of the tenant's unexpired result; ``ResultNotFound`` (404) for another tenant's or none."""
         return self._existing(result_id, SUMMARY_FILE, tenant_id).parent
 
-    def index_existing(self) -> None:
+    @property
+    def index_complete(self) -> bool:
+        """Whether every result is in the index: none was stored before it, or those were indexed since."""
+        return (self.index.root / _INDEXED_ALL).exists()
+
+    def index_existing(self) -> bool:
         """Index the results committed before the index existed (a storage root written by an earlier medserve),
-        once: a mark in the index says it was done."""
+        once: a mark in the index says it was done. It walks every result, so it runs in the background (the
+        retention sweeper's thread), never in a request; one process at a time (a non-blocking ``flock``: another
+        process indexing already, this one returns False and tries again at its next sweep). A process that dies
+        half-way leaves no mark: the next one walks again, skipping what is indexed. Whether the index is complete."""
         done = self.index.root / _INDEXED_ALL
         if done.exists():
-            return
-        for folder in self.root.iterdir():
-            owner = folder / OWNER_FILE
-            if _RESULT_ID.match(folder.name) and owner.is_file():
-                try:
-                    entry = _index_entry(folder.name, folder)
-                except (OSError, ValueError):  # deleted meanwhile, or unreadable: nothing to review
-                    continue
-                if not self.index.has(owner.read_text(), entry):
-                    self.index.add(owner.read_text(), entry)
-        done.touch()
+            return True
+        lock = os.open(self.index.root / _INDEXING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if done.exists():  # another process finished between the first look and the lock
+                return True
+            with os.scandir(self.root) as folders:
+                for folder in folders:
+                    owner = Path(folder.path) / OWNER_FILE
+                    if not _RESULT_ID.match(folder.name):
+                        continue
+                    try:
+                        tenant_id = owner.read_text()
+                        entry = _index_entry(folder.name, Path(folder.path))
+                    except (OSError, ValueError):  # not committed, deleted meanwhile, or unreadable: nothing to review
+                        continue
+                    if not self.index.has(tenant_id, entry):
+                        self.index.add(tenant_id, entry)
+            done.touch(mode=0o600)
+            return True
+        finally:
+            os.close(lock)  # releases the flock
 
     def folders_of_tenant(self, tenant_id: str) -> list[Path]:
         """The folders of every unexpired result of the tenant."""

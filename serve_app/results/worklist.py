@@ -7,6 +7,10 @@ O(days of retention + ``MAX_SCANNED`` + ``limit`` x candidates) file reads and h
 many results the tenant has. A page may so come back short with a ``next_cursor`` (the filters matched little of
 what was looked at): the next page goes on from there. ``next_cursor`` is null once the oldest result was looked at.
 
+Results stored before the index existed (by an earlier medserve) are indexed in the background, by each ingress
+replica's retention sweeper from its start (``ResultStore.index_existing``), never in a request: until that is done
+a page says ``index_complete: false``, and such older results may be missing from it.
+
 Usage::
 
     page = build_worklist(results, reviews, tenant_id, WorklistQuery(model="ct-phantom-organ", state="awaiting"))
@@ -98,11 +102,15 @@ class Worklist(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as cursor for the next page; null once the tenant's oldest result was looked at."
     )
+    index_complete: bool = Field(
+        description="False while the results stored before the worklist's index existed (by an earlier medserve) "
+        "are still being indexed, in the background: until then such older results may be missing from the pages."
+    )
 
 
 def build_worklist(results: ResultStore, reviews: ReviewStore, tenant_id: str, query: WorklistQuery) -> Worklist:
     """A page of the tenant's worklist (see the module's docstring for what it costs)."""
-    results.index_existing()
+    complete = results.index_complete  # before any entry is read: "true" only for a page read from a complete index
     rows: list[WorklistRow] = []
     scanned = 0
     for entry in results.index.newest_first(tenant_id, before=query.cursor):
@@ -114,10 +122,10 @@ def build_worklist(results: ResultStore, reviews: ReviewStore, tenant_id: str, q
         elif (row := _row(results, reviews, tenant_id, entry, query)) is not None:
             rows.append(row)
             if len(rows) == query.limit:
-                return Worklist(rows=rows, next_cursor=entry.key)
+                return Worklist(rows=rows, next_cursor=entry.key, index_complete=complete)
         if scanned >= MAX_SCANNED:
-            return Worklist(rows=rows, next_cursor=entry.key)
-    return Worklist(rows=rows, next_cursor=None)
+            return Worklist(rows=rows, next_cursor=entry.key, index_complete=complete)
+    return Worklist(rows=rows, next_cursor=None, index_complete=complete)
 
 
 def _row(

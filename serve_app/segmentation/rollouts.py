@@ -11,13 +11,23 @@ multi-node cluster, a replica started after another died, and ``medserve rollout
     runs-<rollout id>.lock     taken (flock) around every append to the runs file and every compaction of it
 
 Each ingress replica rereads ``state.json`` when its modification time changes (one ``stat`` per request), and
-judges the abort thresholds from the run records' tail after each candidate run.
+judges the abort thresholds from the abort windows after each candidate run.
 
 The runs file is bounded: once it holds more than ``COMPACT_FACTOR`` times the larger abort window of records, the
 replica that appended the last one rewrites it (aside, fsync, rename) as one ``{"totals": {role: {outcome: n}}}``
 line, the running counts of the records it folds, followed by the records the abort windows still need (the last
 ``agreement_window`` shadowed studies with an agreement, the last ``error_window`` candidate runs). A rollout's counts
 are the totals plus the records left; its windows, and so its abort decisions, are exactly those of the whole history.
+
+An append reads nothing it has read before: each replica keeps, per rollout, a mirror of the runs file as it last
+saw it under the lock (its records since the last compaction, its totals, both abort windows) with the file's inode,
+size and modification time. An append whose ``fstat`` finds the file as this replica left it reads nothing; one
+that finds it grown reads only the lines other replicas appended; one that finds another file (another replica
+compacted it) reads it whole, at most both windows' records. Compacting is decided, and done, from the mirror.
+
+A tile_classification model's rollout is a shadow of WSI jobs' slides: the job's driver runs the candidate on each
+slide the live version finished (``serve_app/wsi/job_driver.py``) and records the slide's heatmap agreement, whose
+tumour-mask Dice is its ``mean_dice``.
 
 Usage, in ``SegmentationService``::
 
@@ -34,7 +44,8 @@ import json
 import logging
 import os
 import threading
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -59,6 +70,7 @@ __all__ = [
     "RolloutReport",
     "RolloutRuns",
     "RolloutState",
+    "RolloutWindows",
     "Rollouts",
     "check_rollouts",
     "rollout_id",
@@ -89,8 +101,16 @@ def check_rollouts(config: AppConfig, repository: ModelRepository) -> None:
                 f"rollouts.{model}: model {model!r} is not in the repository ({', '.join(repository.names())})"
             )
         task = repository.get(model).task
-        if task != "segmentation":
-            raise ConfigError(f"rollouts.{model}: {model} is a {task} model: rollouts are of segmentation models")
+        if task not in ("segmentation", "tile_classification"):
+            raise ConfigError(
+                f"rollouts.{model}: {model} is a {task} model: rollouts are of segmentation and tile_classification "
+                "models"
+            )
+        if task == "tile_classification" and rollout.mode != "shadow":
+            raise ConfigError(
+                f"rollouts.{model}.mode: {rollout.mode!r}: a tile_classification model's rollout is a shadow (a WSI "
+                "job's slides all run through one version)"
+            )
         served = [spec.version for spec in repository.versions(model)]
         for field, version in (("candidate", rollout.candidate), ("live", rollout.live)):
             if version is not None and version not in served:
@@ -170,11 +190,26 @@ class RolloutReport(BaseModel):
     counts: RolloutCounts = Field(description="Studies it routed, by role and outcome.")
     window_studies: int = Field(description="Shadowed studies in the agreement window (at most agreement_window).")
     mean_dice: float | None = Field(
-        description="Mean Dice between the candidate's masks and the live ones over the agreement window; null "
-        "before the first shadowed study."
+        description="Mean Dice between the candidate's masks and the live ones over the agreement window (a tile "
+        "model's: of the slides' thresholded tumour masks); null before the first shadowed study."
     )
     mean_volume_difference_ml: dict[str, float] = Field(
         description="Per label, the mean of candidate minus live volume (mL) over the agreement window."
+    )
+    mean_heatmap_difference: float | None = Field(
+        None,
+        description="A tile model's: the mean, over the agreement window's slides, of the mean absolute difference "
+        "of the candidate's and the live tumour probabilities; null for a segmentation model.",
+    )
+    mean_tumour_area_difference_mm2: float | None = Field(
+        None,
+        description="A tile model's: the mean of candidate minus live tumour area (mm²) over the agreement window; "
+        "null for a segmentation model.",
+    )
+    mean_tumour_area_relative_difference: float | None = Field(
+        None,
+        description="A tile model's: the mean of that difference over the live tumour area, over the window's "
+        "slides where the live version found tumour; null where none did, and for a segmentation model.",
     )
     error_ratio: float | None = Field(
         description="The fraction of the candidate's runs over the error window that failed with a server error; "
@@ -190,19 +225,115 @@ class RolloutRuns(NamedTuple):
     records: list[dict]  # the records kept, oldest first: at least those the abort windows need
 
 
+class RolloutWindows(NamedTuple):
+    """The records a rollout's abort thresholds are judged over, oldest first."""
+
+    agreement: list[dict]  # the last agreement_window shadowed studies with an agreement
+    errors: list[dict]  # the candidate's last error_window runs that finished, well or with a server error
+
+
+@dataclass
+class _RunsMirror:
+    """One process's copy of a runs file as it last read or wrote it, under the rollout's flock."""
+
+    inode: int
+    first_line: bytes  # the file's first line: a compacted file's totals, or the first record; tells rewrites apart
+    offset: int  # the bytes parsed, up to the end of the last whole line
+    stamp: tuple[int, int, int]  # (inode, size, mtime) right after this process's last look: unchanged, nothing to read
+    totals: Counter[tuple[str, str]]
+    records: list[dict]  # since the file's last compaction, oldest first
+    agreement: deque[dict]
+    errors: deque[dict]
+    lines: int = 0  # the records' lines and any unreadable ones since the last compaction: what its bound counts
+
+    @classmethod
+    def empty(cls, abort: RolloutAbortConfig, found: os.stat_result) -> _RunsMirror:
+        return cls(
+            inode=found.st_ino,
+            first_line=b"",
+            offset=0,
+            stamp=_stamp(found),
+            totals=Counter(),
+            records=[],
+            agreement=deque(maxlen=abort.agreement_window),
+            errors=deque(maxlen=abort.error_window),
+        )
+
+    def is_file(self, fd: int, found: os.stat_result) -> bool:
+        """Whether the file open at ``fd`` is the one this mirror copies, grown since (another replica appended): the
+        same inode, at least as long, and the same first line (an inode reused by a later compaction's file has
+        other totals: each compaction folds more records)."""
+        if found.st_ino != self.inode or found.st_size < self.offset:
+            return False
+        return not self.first_line or os.pread(fd, len(self.first_line), 0) == self.first_line
+
+    def take(self, data: bytes) -> None:
+        """The bytes that follow ``offset``: each whole line parsed into the mirror, a last line without its newline
+        left for the next look (so a line is never half-read)."""
+        if b"\n" not in data:
+            return
+        whole, _, rest = data.rpartition(b"\n")
+        if not self.first_line:
+            self.first_line = data[: data.index(b"\n") + 1]
+        for line in whole.split(b"\n"):
+            if line.strip():
+                self._take_line(line)
+        self.offset += len(data) - len(rest)
+
+    def add(self, record: dict, line: bytes) -> None:
+        """This process's own record, just appended as ``line`` at ``offset``."""
+        if not self.first_line:
+            self.first_line = line
+        self.offset += len(line)
+        self.lines += 1
+        self._count(record)
+
+    def _take_line(self, line: bytes) -> None:
+        try:
+            found = json.loads(line)
+        except ValueError:  # a line a replica was writing as it died
+            self.lines += 1
+            return
+        if not isinstance(found, dict):
+            self.lines += 1
+        elif "totals" in found:
+            for role, outcomes in found["totals"].items():
+                self.totals.update({(role, outcome): count for outcome, count in outcomes.items()})
+        else:
+            self.lines += 1
+            self._count(found)
+
+    def _count(self, record: dict) -> None:
+        self.records.append(record)
+        self.totals[(record["role"], record["outcome"])] += 1
+        if _in_agreement_window(record):
+            self.agreement.append(record)
+        if _in_error_window(record):
+            self.errors.append(record)
+
+
+def _stamp(found: os.stat_result) -> tuple[int, int, int]:
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
 class RolloutLedger:
     """One model's rollout state and run records on the shared storage (see the module's docstring).
 
     Args:
         storage_root, application, model: where its files are.
-        abort: the rollout's thresholds, whose windows say which records a compaction of the runs file keeps; None
-            (a ledger that only reads or changes the state, as the CLI's): the runs file is never compacted.
+        abort: the rollout's thresholds, whose windows say which records a compaction of the runs file keeps and
+            which ``append`` returns; None (a ledger that only reads or changes the state, as the CLI's): the runs
+            file is never compacted, and an append reads nothing.
     """
 
     def __init__(self, storage_root: Path, application: str, model: str, abort: RolloutAbortConfig | None = None):
         self.folder = Path(storage_root) / "rollouts" / application / model
         self.abort = abort
         self._lock = threading.Lock()
+        # This process's mirror of each rollout's runs file; its threads take turns (an append runs on the event
+        # loop or in a worker thread), then take the flock that excludes other processes.
+        self._runs_lock = threading.Lock()
+        self._mirrors: dict[str, _RunsMirror] = {}
 
     @classmethod
     def of(cls, config: AppConfig, model: str) -> RolloutLedger:
@@ -238,34 +369,57 @@ class RolloutLedger:
             write_atomic(self.state_path, changed.model_dump_json())
             return changed
 
-    def append(self, rollout: str, record: dict) -> None:
-        """One study's record, appended in one write; the runs file compacted when it passed its bound.
+    def append(self, rollout: str, record: dict) -> RolloutWindows | None:
+        """One study's record, appended in one write; the runs file compacted when it passed its bound. Returns the
+        abort windows as they stand after it, every replica's records included (None without ``abort``).
 
         Every append and every compaction holds an exclusive ``flock`` on the rollout's lock file, over every
-        replica of every node (Linux's NFS client maps ``flock`` onto the server's byte-range locks): a compaction
-        reads the file and renames its rewrite over it with no append in between, so none is lost in the old file.
-        Readers take no lock: the rename shows them the old file or the new one, whose counts and windows are equal.
+        replica of every node (Linux's NFS client maps ``flock`` onto the server's byte-range locks, and revalidates
+        a file's attributes when it opens it): a compaction rewrites the file from a mirror brought up to its end and
+        renames the rewrite over it with no append in between, so none is lost in the old file. Readers take no lock:
+        the rename shows them the old file or the new one, whose counts and windows are equal.
         """
         private_folder(self.folder)
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-        lock = os.open(self.folder / f"runs-{rollout}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            path = self._runs_path(rollout)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        with self._runs_lock:
+            lock = os.open(self.folder / f"runs-{rollout}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                os.write(fd, line)
-                if self.abort is not None:
-                    # Counting the lines reads the file, bounded by the compaction itself: O(window), not O(studies).
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    text = _read_all(fd)
-                    records = text.count(b"\n") - text.startswith(b'{"totals"')
-                    if records > COMPACT_FACTOR * _largest_window(self.abort):
-                        self._compact(path, text)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                path = self._runs_path(rollout)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+                try:
+                    if self.abort is None:
+                        os.write(fd, line)
+                        return None
+                    mirror = self._mirror(rollout, fd)
+                    whole_lines = mirror.offset == os.fstat(fd).st_size  # no half line before this one
+                    os.write(fd, line)
+                    if whole_lines:
+                        mirror.add(record, line)
+                        mirror.stamp = _stamp(os.fstat(fd))
+                    else:  # appended to a dead writer's half line: read back as the file now is
+                        mirror = self._mirror(rollout, fd)
+                    if mirror.lines > COMPACT_FACTOR * _largest_window(self.abort):
+                        self._compact(path, mirror)
+                    return RolloutWindows(list(mirror.agreement), list(mirror.errors))
+                finally:
+                    os.close(fd)
             finally:
-                os.close(fd)
-        finally:
-            os.close(lock)  # closing the last descriptor of the open file releases its flock
+                os.close(lock)  # closing the last descriptor of the open file releases its flock
+
+    def _mirror(self, rollout: str, fd: int) -> _RunsMirror:
+        """This process's mirror of the runs file open at ``fd``, brought up to its end; the caller holds the flock.
+        Reads nothing when the file is as this process left it, only the lines added when another replica appended,
+        and the whole file (at most both windows' records past a compaction) when it is another file."""
+        found = os.fstat(fd)
+        mirror = self._mirrors.get(rollout)
+        if mirror is not None and mirror.stamp == _stamp(found):
+            return mirror
+        if mirror is None or not mirror.is_file(fd, found):
+            mirror = self._mirrors[rollout] = _RunsMirror.empty(self.abort, found)
+        mirror.take(_read_from(fd, mirror.offset, found.st_size))
+        mirror.stamp = _stamp(found)
+        return mirror
 
     def read(self, rollout: str) -> RolloutRuns:
         """Rollout ``rollout``'s counts and the records kept."""
@@ -280,18 +434,21 @@ class RolloutLedger:
         then at least those its abort windows need."""
         return self.read(rollout).records
 
-    def _compact(self, path: Path, text: bytes) -> None:
-        """Rewrite the runs file as its totals and the records the windows need; the caller holds the flock."""
-        totals, records = _parse(text)
-        keep = {id(run) for run in _agreement_window(records, self.abort.agreement_window)}
-        keep |= {id(run) for run in _error_window(records, self.abort.error_window)}
-        kept = [run for run in records if id(run) in keep]
-        folded = totals - Counter((run["role"], run["outcome"]) for run in kept)
+    def _compact(self, path: Path, mirror: _RunsMirror) -> None:
+        """Rewrite the runs file as its totals and the records the windows need, from ``mirror`` (brought up to the
+        file's end), and the mirror as the new file; the caller holds the flock."""
+        keep = {id(run) for run in (*mirror.agreement, *mirror.errors)}
+        kept = [run for run in mirror.records if id(run) in keep]
+        folded = mirror.totals - Counter((run["role"], run["outcome"]) for run in kept)
         nested: dict[str, dict[str, int]] = {}
         for (role, outcome), count in sorted(folded.items()):
             nested.setdefault(role, {})[outcome] = count
-        lines = [{"totals": nested}, *kept]
-        write_durably(path, "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode())
+        lines = [json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in ({"totals": nested}, *kept)]
+        data = b"".join(lines)
+        write_durably(path, data)
+        found = path.stat()  # the new file, which no other process writes while the flock is held
+        mirror.inode, mirror.first_line, mirror.offset, mirror.stamp = found.st_ino, lines[0], len(data), _stamp(found)
+        mirror.records, mirror.lines = kept, len(kept)
 
     def _runs_path(self, rollout: str) -> Path:
         return self.folder / f"runs-{rollout}.jsonl"
@@ -317,10 +474,12 @@ def _parse(text: bytes) -> RolloutRuns:
     return RolloutRuns(totals, records)
 
 
-def _read_all(fd: int) -> bytes:
+def _read_from(fd: int, offset: int, end: int) -> bytes:
+    """The file's bytes from ``offset`` to ``end``."""
     chunks = []
-    while chunk := os.read(fd, 1 << 20):
+    while offset < end and (chunk := os.pread(fd, min(end - offset, 1 << 20), offset)):
         chunks.append(chunk)
+        offset += len(chunk)
     return b"".join(chunks)
 
 
@@ -328,16 +487,21 @@ def _largest_window(abort: RolloutAbortConfig) -> int:
     return max(abort.agreement_window, abort.error_window)
 
 
-def _agreement_window(runs: list[dict], size: int) -> list[dict]:
-    """The last ``size`` shadowed studies with an agreement."""
-    agreed = [run for run in runs if run["role"] == "shadow" and "mean_dice" in run]
-    return agreed[-size:]
+def _in_agreement_window(run: dict) -> bool:
+    """Whether a record counts in the agreement window: a shadowed study with an agreement."""
+    return run["role"] == "shadow" and "mean_dice" in run
 
 
-def _error_window(runs: list[dict], size: int) -> list[dict]:
-    """The candidate's last ``size`` runs that finished, well or with a server error."""
-    candidate = [run for run in runs if run["role"] != "live" and run["outcome"] in ("ok", "error")]
-    return candidate[-size:]
+def _in_error_window(run: dict) -> bool:
+    """Whether a record counts in the error window: a run of the candidate that finished, well or with an error."""
+    return run["role"] != "live" and run["outcome"] in ("ok", "error")
+
+
+def _windows_of(runs: list[dict], abort: RolloutAbortConfig) -> RolloutWindows:
+    """The abort windows of a rollout's records, oldest first."""
+    agreement = [run for run in runs if _in_agreement_window(run)]
+    errors = [run for run in runs if _in_error_window(run)]
+    return RolloutWindows(agreement[-abort.agreement_window :], errors[-abort.error_window :])
 
 
 class Rollout:
@@ -423,9 +587,11 @@ class Rollout:
         metrics.count_rollout_run(self.model, version, role, outcome, seconds)
         if "mean_dice" in run:
             metrics.observe_rollout_agreement(self.model, version, run["mean_dice"])
-        self.ledger.append(self.id, {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **run})
+        windows = self.ledger.append(self.id, {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **run})
         if role != "live" and outcome != "dropped" and self.state().state == "running":
-            reason = self._threshold_crossed(self.ledger.runs(self.id))
+            if windows is None:  # a ledger that keeps the whole history (no abort windows of its own): from its file
+                windows = _windows_of(self.ledger.runs(self.id), self.config.abort)
+            reason = self._threshold_crossed(windows)
             if reason is not None:
                 self.abort(reason, by="medserve")
 
@@ -450,12 +616,11 @@ class Rollout:
             canary=totals["canary", "ok"] + totals["canary", "error"],
             canary_errors=totals["canary", "error"],
         )
-        window = self._agreement_window(runs)
+        window, errors = _windows_of(runs, self.config.abort)
         volumes: dict[str, list[float]] = {}
         for run in window:
             for name, difference in run.get("volume_difference_ml", {}).items():
                 volumes.setdefault(name, []).append(difference)
-        errors = self._error_window(runs)
         shadow = self.config.mode == "shadow"
         return RolloutReport(
             model=self.model,
@@ -472,20 +637,15 @@ class Rollout:
             window_studies=len(window),
             mean_dice=_mean([run["mean_dice"] for run in window]),
             mean_volume_difference_ml={name: round(_mean(values), 3) for name, values in volumes.items()},
+            **_heatmap_means(window),
             error_ratio=_mean([run["outcome"] == "error" for run in errors]),
             abort=self.config.abort,
         )
 
-    def _agreement_window(self, runs: list[dict]) -> list[dict]:
-        return _agreement_window(runs, self.config.abort.agreement_window)
-
-    def _error_window(self, runs: list[dict]) -> list[dict]:
-        return _error_window(runs, self.config.abort.error_window)
-
-    def _threshold_crossed(self, runs: list[dict]) -> str | None:
+    def _threshold_crossed(self, windows: RolloutWindows) -> str | None:
         """Why the rollout must abort now, or None."""
         thresholds = self.config.abort
-        window = self._agreement_window(runs)
+        window, errors = windows
         if len(window) >= thresholds.min_studies:
             mean_dice = _mean([run["mean_dice"] for run in window])
             if mean_dice < thresholds.min_mean_dice:
@@ -493,7 +653,6 @@ class Rollout:
                     f"mean Dice {mean_dice:.3f} over the last {len(window)} shadowed studies is below "
                     f"abort.min_mean_dice {thresholds.min_mean_dice:g}"
                 )
-        errors = self._error_window(runs)
         if len(errors) >= thresholds.min_studies:
             ratio = _mean([run["outcome"] == "error" for run in errors])
             if ratio > thresholds.max_error_ratio:
@@ -536,6 +695,19 @@ class Rollouts:
 
 def _newest_other(repository: ModelRepository, model: str, candidate: ModelSpec) -> ModelSpec:
     return next(spec for spec in repository.versions(model) if spec.version != candidate.version)
+
+
+def _heatmap_means(window: list[dict]) -> dict[str, float | None]:
+    """The report's means of a tile model's slide agreements (``HeatmapAgreement``) over the agreement window."""
+    slides = [run for run in window if "heatmap_mean_abs_difference" in run]
+    if not slides:
+        return {}
+    relative = [run["tumour_area_relative_difference"] for run in slides]
+    return {
+        "mean_heatmap_difference": _mean([run["heatmap_mean_abs_difference"] for run in slides]),
+        "mean_tumour_area_difference_mm2": _mean([run["tumour_area_difference_mm2"] for run in slides]),
+        "mean_tumour_area_relative_difference": _mean([value for value in relative if value is not None]),
+    }
 
 
 def _mean(values: list[float]) -> float | None:

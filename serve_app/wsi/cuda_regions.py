@@ -19,7 +19,6 @@ tile, grey levels from libjpeg-turbo's pixels) and probes that backend again.
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch
@@ -120,10 +119,21 @@ def decode_jpeg_tiles(tiles: list[JpegTile], device: torch.device, decoder: GpuJ
 _BACKENDS = {"hardware": "HW_GPU_ONLY", "hybrid": "HYBRID_CPU_GPU"}
 
 
-@functools.cache
+# nvImageCodec's decoders are not to be called from several threads at once: with one shared by a replica's reader
+# threads, nvImageCodec 0.9 freed a decode state twice and the replica died (SIGABRT or SIGSEGV in initState).
+_THREAD_DECODERS = threading.local()
+
+
 def _nvimgcodec_decoder(decoder: GpuJpegDecoder, device_index: int):
-    """(nvimgcodec, its Decoder for ``decoder`` on GPU ``device_index``, decode parameters): one a process, made on
-    first use; nvImageCodec's decoders take concurrent calls."""
+    """(nvimgcodec, its Decoder for ``decoder`` on GPU ``device_index``, decode parameters): one a thread, made on
+    its first use there."""
+    decoders = _THREAD_DECODERS.__dict__.setdefault("decoders", {})
+    if (decoder, device_index) not in decoders:
+        decoders[decoder, device_index] = _new_nvimgcodec_decoder(decoder, device_index)
+    return decoders[decoder, device_index]
+
+
+def _new_nvimgcodec_decoder(decoder: GpuJpegDecoder, device_index: int):
     from nvidia import nvimgcodec  # the gpu extra
 
     backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, _BACKENDS[decoder]))]

@@ -26,6 +26,12 @@ as soon as they come back, and recorded finished only then, so a job killed at a
 with it) and submitted again into the same ``out`` folder redoes nothing that was finished and ends with the same
 heatmap. A restarted driver knows none of the jobs it ran: their records say ``interrupted``.
 
+With a shadow rollout of the job's model (``rollouts.<model>``, docs/rollouts.md), each slide the live version
+finished is also run through the candidate version afterwards, in a task of its own that the job's end does not wait
+for: its heatmap and a ``summary.json`` in ``<out>/.shadow/<candidate version>/<slide key>/`` (never served by the
+API, never stored to a PACS), its agreement with the live heatmap recorded in the rollout's runs. The rollout's
+``max_shadow_in_flight`` bounds those runs per driver; a slide that finds them all busy is not shadowed (dropped).
+
 Nothing of a job's fixed cost waits for its last unit that need not: the next slide is opened and its tissue found
 while the current one's units run; the overlay is painted and the GeoJSON's features made as each unit comes back,
 and the thumbnail is read and the tissue PNG encoded beside the units; after the last unit only the files are
@@ -35,8 +41,10 @@ written.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -53,14 +61,17 @@ from serve_app.config import AppConfig
 from serve_app.dicomweb.pacs_client import PacsClient
 from serve_app.errors import PacsFailed, RequestError, unwrap
 from serve_app.model_repository import ModelRepository
-from serve_app.model_spec import TilePreprocessingSpec
+from serve_app.model_spec import ModelSpec, TilePreprocessingSpec
 from serve_app.observability.input_drift import input_monitor
 from serve_app.observability.input_features import slide_features
 from serve_app.observability.metrics import WsiJobMetrics
+from serve_app.results.agreement import HeatmapAgreement, heatmap_agreement
 from serve_app.segmentation.responses import PacsStoreOutcome
+from serve_app.segmentation.rollouts import Rollout, Rollouts, rollout_id
 from serve_app.source_digest import source_digest
 from serve_app.stopwatch import Stopwatch
 from serve_app.storage import set_private_umask, write_atomic
+from serve_app.tenancy.audit import AuditLog
 from serve_app.wsi.annotations import described_slide, probability_map, reference_image, slide_annotations
 from serve_app.wsi.heatmaps import HeatmapStore
 from serve_app.wsi.job_status import (
@@ -81,7 +92,7 @@ from serve_app.wsi.renderings import (
     write_in_place,
     write_regions_geojson,
 )
-from serve_app.wsi.slides import Slide, open_slide
+from serve_app.wsi.slides import DicomwebSlide, Slide, open_slide
 from serve_app.wsi.tiling import TileGrid, plan_grid
 from serve_app.wsi.tissue import TissueMask, detect_tissue
 from serve_app.wsi.work_units import ChunkProbabilities, SlideSource, TileChunk
@@ -92,10 +103,12 @@ __all__ = [
     "DRIVER_PREFIX",
     "PROBABILITY_MAP_FILE",
     "REGIONS_FILE",
+    "SHADOW_FOLDER",
     "JobRun",
     "WsiJobDriver",
     "code_version",
     "driver_names",
+    "slide_identity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,6 +116,10 @@ DRIVER_NAMESPACE = "medserve-wsi"
 ANNOTATIONS_FILE = "annotations.dcm"  # tiles and regions as DICOM Microscopy Bulk Simple Annotations (DICOM slides)
 PROBABILITY_MAP_FILE = "probabilities.dcm"  # the heatmap as a DICOM Parametric Map
 REGIONS_FILE = "regions.geojson"  # the tumour regions as QuPath annotations
+SHADOW_FOLDER = ".shadow"  # in a job's out folder: a shadow rollout's candidate runs, by version and slide key
+_POSITIVE = 0.5  # a tile is tumour at this probability or above: tiles_positive, tumour_area_mm2, rollout agreement
+# A slide's identity, for a shadow of some slides only: a digest of at most this much of each of its files.
+_IDENTITY_BYTES = 1024 * 1024
 DRIVER_PREFIX = "wsi-job-driver"
 _SAVE_EVERY_S = 0.5  # the record is rewritten at most this often while tiles finish
 _SPEED_WINDOW_S = 10.0  # tiles/s is measured over this much recent time
@@ -141,6 +158,9 @@ class WsiJobDriver:
         set_private_umask()  # the heatmaps, renderings and records it writes are the patient's: 0600, 0700
         self.runs: dict[str, JobRun] = {}
         self.jobs_run = 0
+        # One per rollout this driver shadows, by its ledger's folder and id: its shadow slots bound the candidate's
+        # runs over every job here.
+        self.rollouts: dict[tuple[str, ...], Rollout] = {}
         self._tasks: set[asyncio.Task] = set()
         self.retiring = version != code_version()
 
@@ -150,6 +170,7 @@ class WsiJobDriver:
         status: WsiJobStatus,
         slide_sources: list[SlideSource | None],
         tile_model: DeploymentHandle,
+        candidate_model: DeploymentHandle | None = None,
     ) -> None:
         """Take a job: its first record is saved before this returns, then it runs in the background.
 
@@ -159,8 +180,18 @@ class WsiJobDriver:
             slide_sources: each slide's checked real path, or its series on a PACS the tenant may use; None for
                 those refused.
             tile_model: the handle of the model's ``TileModelDeployment``.
+            candidate_model: with a rollout of the model (``rollouts.<model>``), the handle of its candidate
+                version's ``TileModelDeployment``, which shadows the slides the live version finishes.
         """
-        run = await asyncio.to_thread(JobRun, config, status, slide_sources, tile_model)
+        shadow = None
+        if candidate_model is not None:
+            rollout_config = config.rollouts[status.model]
+            key = (config.name, str(config.storage.root), status.model, rollout_id(status.model, rollout_config))
+            if key not in self.rollouts:
+                rollout = await asyncio.to_thread(_rollout_of, config, status.model)
+                self.rollouts.setdefault(key, rollout)
+            shadow = _Shadow(self.rollouts[key], candidate_model)
+        run = await asyncio.to_thread(JobRun, config, status, slide_sources, tile_model, shadow)
         self.runs[status.job_id] = run
         run.save(force=True)  # the job's first record: saved here, so the API never overwrites the driver's
         task = asyncio.create_task(self._run(run))
@@ -190,6 +221,7 @@ class WsiJobDriver:
         finally:
             self.runs.pop(run.status.job_id, None)
             self.jobs_run += 1
+        await run.shadowed()  # the candidate's runs on its slides: after the job's end, never before it
         if (self.retiring or self.jobs_run >= _RECYCLE_AFTER_JOBS) and not self.runs:
             await asyncio.sleep(_METRICS_FLUSH_S)  # the last job's metrics exported first
             if not self.runs:
@@ -260,6 +292,51 @@ class SlideFailed(Exception):
     """One slide cannot go on; its reason goes into its status, the job's other slides continue."""
 
 
+class _ShadowStopped(Exception):
+    """A shadow run given up half-way (the job cancelled, the rollout no longer running): nothing to record."""
+
+
+@dataclass(frozen=True)
+class _Shadow:
+    """A job's shadow rollout: the rollout (its candidate, state and records) and its candidate's replicas."""
+
+    rollout: Rollout
+    tile_model: DeploymentHandle
+
+
+@dataclass(frozen=True)
+class _LiveSlide:
+    """What a shadow run of a slide compares its candidate's heatmap with: the live run's."""
+
+    heatmap: np.ndarray
+    grid: TileGrid
+    tumour_area_mm2: float
+
+
+def _rollout_of(config: AppConfig, model: str) -> Rollout:
+    """The model's rollout as a driver runs it; an abort it decides is audited under the driver's name."""
+    name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+    audit = AuditLog(config.audit, config.storage.root, f"{name or f'pid{os.getpid()}'}-{config.name}")
+    rollout = Rollouts(config, ModelRepository(config.model_repository), audit).of(model)
+    assert rollout is not None  # the caller found it in config.rollouts
+    return rollout
+
+
+def slide_identity(source: SlideSource) -> str:
+    """What makes two submissions the same slide, wherever its file lies: a PACS series' SeriesInstanceUID, else a
+    digest of the sizes and first MiB of its file (or of the files of its DICOM folder). Never logged or stored: only
+    hashed with a rollout's id."""
+    if isinstance(source, DicomwebSlide):
+        return f"dicom-series:{source.series_instance_uid}"
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digests = []
+    for file in files:
+        with file.open("rb") as opened:
+            digests.append(f"{file.stat().st_size}:{hashlib.sha256(opened.read(_IDENTITY_BYTES)).hexdigest()}")
+    return "slide:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
 class JobRun:
     """One job on its driver: ``run`` it to its end, ``cancel`` it."""
 
@@ -269,6 +346,7 @@ class JobRun:
         status: WsiJobStatus,
         slide_sources: list[SlideSource | None],
         tile_model: DeploymentHandle,
+        shadow: _Shadow | None = None,
     ):
         self.config, self.wsi = config, config.wsi
         self.status, self.slide_sources = status, slide_sources
@@ -276,6 +354,8 @@ class JobRun:
         self.records = JobRecords(self.wsi.jobs)
         self.out = Path(status.out_path)
         self.tile_model = tile_model
+        self.shadow = shadow
+        self._shadow_runs: set[asyncio.Task] = set()
         self.cancelled = False
         self.metrics = WsiJobMetrics(status.job_id, status.model, status.tenant)
         self.input_monitor = input_monitor(config.input_monitoring.window_inputs)
@@ -307,6 +387,11 @@ class JobRun:
         """Send no more work units; those in flight finish and are kept, so the job can be resumed."""
         self.cancelled = True
 
+    async def shadowed(self) -> None:
+        """Until the candidate's shadow runs of this job's slides have ended."""
+        while self._shadow_runs:
+            await asyncio.gather(*self._shadow_runs, return_exceptions=True)
+
     def _final_state(self) -> JobState:
         if self.cancelled:
             return JobState.cancelled
@@ -317,6 +402,7 @@ class JobRun:
     async def _run_slide(self, index: int) -> None:
         status = self.status.slides[index]
         plan = renderings = None
+        watch = Stopwatch()
         try:
             # A slide holds its slot from its planning to its last unit: its outputs are written after, while the
             # next slide's units run.
@@ -336,6 +422,11 @@ class JobRun:
                 await renderings
                 status.summary = await self._write_outputs(plan)
                 status.state = SlideState.done
+                if self.shadow is not None:
+                    live = _LiveSlide(plan.heatmap, plan.grid, status.summary.tumour_area_mm2)
+                    task = asyncio.create_task(self._rolled_out(index, live, watch.total_s))
+                    self._shadow_runs.add(task)
+                    task.add_done_callback(self._shadow_runs.discard)
         except (SlideFailed, RequestError, OSError, ValueError) as e:
             status.state, status.error = SlideState.failed, _reason(e)
         finally:
@@ -345,13 +436,15 @@ class JobRun:
                 plan.slide.close()
         self.save(force=True)
 
-    def _plan(self, source: SlideSource | None, folder: Path) -> _SlidePlan:
-        """Open the slide, choose its level, find its tissue, open (or reopen) its heatmap: in a thread."""
+    def _plan(self, source: SlideSource | None, folder: Path, spec: ModelSpec | None = None) -> _SlidePlan:
+        """Open the slide, choose its level, find its tissue, open (or reopen) its heatmap: in a thread. ``spec``: the
+        version whose tiles and heatmap these are, the job's unless a shadow's candidate."""
+        spec = spec or self.spec
         if source is None:
             raise SlideFailed("the slide was refused at submission")
         if isinstance(source, str) and not Path(source).is_file() and not Path(source).is_dir():  # a folder: DICOM WSI
             raise SlideFailed("no such file or folder (or not a regular file)")
-        preprocessing = self.spec.preprocessing
+        preprocessing = spec.preprocessing
         assert isinstance(preprocessing, TilePreprocessingSpec)
         watch = Stopwatch()
         slide = open_slide(source, mpp=self.status.mpp)
@@ -361,14 +454,15 @@ class JobRun:
             tissue = detect_tissue(slide)
             tissue_tiles = tissue.tile_fractions(grid) >= self.wsi.min_tissue_fraction
             tissue_s = watch.lap()
-            slide_summary = slide_features(slide.levels[0].mpp, tissue.stain_od)  # input monitoring
-            self.input_monitor.observe(self.spec.name, self.spec.version, self.spec.folder, slide_summary)
+            if spec is self.spec:  # input monitoring: what arrives, once
+                slide_summary = slide_features(slide.levels[0].mpp, tissue.stain_od)
+                self.input_monitor.observe(spec.name, spec.version, spec.folder, slide_summary)
             store = HeatmapStore.open(
                 folder / "heatmap.zarr",
                 rows=grid.rows,
                 cols=grid.cols,
                 chunk_tiles=self.wsi.chunk_tiles,
-                attributes=self._heatmap_attributes(grid),
+                attributes=self._heatmap_attributes(grid, spec),
             )
             # What an earlier run into this folder finished (NaN elsewhere): the outputs start from it.
             heatmap = store.read() if store.finished_chunks() else np.full(grid.shape, np.nan, np.float32)
@@ -380,17 +474,17 @@ class JobRun:
         seconds = PhaseSeconds(open=open_s, tissue=tissue_s)
         return _SlidePlan(source, slide, grid, tissue, tissue_tiles, store, seconds, heatmap, features)
 
-    def _heatmap_attributes(self, grid: TileGrid) -> dict:
+    def _heatmap_attributes(self, grid: TileGrid, spec: ModelSpec) -> dict:
         return {
-            "model": self.spec.name,
-            "model_version": self.spec.version,
+            "model": spec.name,
+            "model_version": spec.version,
             "level": grid.level.index,
             "level_mpp": grid.level.mpp,
             "tile_size": grid.tile_size,
             "mpp": grid.mpp,
             "scale": grid.scale,
             "tile_extent_level0": grid.tile_extent_level0,
-            "label": self.spec.labels[1].name,
+            "label": spec.labels[1].name,
         }
 
     async def _classify_slide(self, status: SlideStatus, plan: _SlidePlan) -> None:
@@ -416,19 +510,23 @@ class JobRun:
         """(h, w) bool: the tissue tiles of one work unit."""
         return plan.tissue_tiles[plan.store.tiles_of_chunk(chunk_row, chunk_col)]
 
+    def _unit(self, plan: _SlidePlan, chunk_row: int, chunk_col: int) -> TileChunk:
+        """One work unit of ``plan``'s slide, with its tissue tiles."""
+        return TileChunk(
+            slide=plan.source,
+            mpp=self.status.mpp,
+            grid=plan.grid,
+            chunk_row=chunk_row,
+            chunk_col=chunk_col,
+            chunk_tiles=self.wsi.chunk_tiles,
+            tissue=self._tissue_of(plan, chunk_row, chunk_col),
+        )
+
     async def _classify_unit(self, status: SlideStatus, plan: _SlidePlan, chunk_row: int, chunk_col: int) -> None:
         async with self.unit_slots:
             if self.cancelled or status.state is SlideState.failed:
                 return
-            chunk = TileChunk(
-                slide=plan.source,
-                mpp=self.status.mpp,
-                grid=plan.grid,
-                chunk_row=chunk_row,
-                chunk_col=chunk_col,
-                chunk_tiles=self.wsi.chunk_tiles,
-                tissue=self._tissue_of(plan, chunk_row, chunk_col),
-            )
+            chunk = self._unit(plan, chunk_row, chunk_col)
             result = await self._send(chunk)
         watch = Stopwatch()
         await asyncio.to_thread(self._write_unit, plan, chunk_row, chunk_col, result.probabilities)
@@ -446,11 +544,12 @@ class JobRun:
         rows, cols = plan.store.tiles_of_chunk(chunk_row, chunk_col)
         plan.finished(rows, cols, probabilities.astype(np.float32, copy=False))
 
-    async def _send(self, chunk: TileChunk) -> ChunkProbabilities:
-        """One unit to a replica; again, up to ``wsi.chunk_attempts`` times, if its replica dies."""
+    async def _send(self, chunk: TileChunk, tile_model: DeploymentHandle | None = None) -> ChunkProbabilities:
+        """One unit to a replica (of the job's version, or of ``tile_model``); again, up to ``wsi.chunk_attempts``
+        times, if its replica dies."""
         for attempt in range(1, self.wsi.chunk_attempts + 1):
             try:
-                return await self.tile_model.classify.remote(chunk)
+                return await (tile_model or self.tile_model).classify.remote(chunk)
             except Exception as e:
                 error = unwrap(e)
                 if isinstance(error, RequestError):  # the slide's own fault (a corrupt tile): no retry helps
@@ -463,6 +562,108 @@ class JobRun:
                     "WSI job %s: a work unit failed (%s), retrying", self.status.job_id, type(error).__name__
                 )
         raise AssertionError("unreachable")
+
+    async def _rolled_out(self, index: int, live: _LiveSlide, live_s: float) -> None:
+        """A slide the live version finished, for the job's rollout: its record, and, when the rollout shadows it
+        and a shadow slot is free, the candidate's run on it and their agreement recorded."""
+        assert self.shadow is not None
+        rollout, job_id = self.shadow.rollout, self.status.job_id
+        where = {"job_id": job_id, "slide_index": index}
+        live_run = {"role": "live", "version": self.spec.version, "outcome": "ok", **where}
+        await asyncio.to_thread(rollout.record, live_run, live_s)
+        if self.cancelled:
+            return
+        source = self.slide_sources[index]
+        identity = await asyncio.to_thread(slide_identity, source) if rollout.needs_identity else None
+        if not rollout.shadows(identity) or not rollout.take_shadow_slot():
+            return
+        version, watch = rollout.candidate.version, Stopwatch()
+        try:
+            agreement = await self._run_candidate(index, live)
+        except _ShadowStopped:
+            return
+        except Exception as error:
+            logger.warning(
+                "WSI job %s: a shadow run of %s %s failed: %s", job_id, rollout.model, version, type(error).__name__
+            )
+            run = {"role": "shadow", "version": version, "outcome": "error", **where}
+            await asyncio.to_thread(rollout.record, run)
+        else:
+            run = {"role": "shadow", "version": version, "outcome": "ok", **where, **agreement.model_dump()}
+            await asyncio.to_thread(rollout.record, run, watch.total_s)
+        finally:
+            rollout.release_shadow_slot()
+
+    async def _run_candidate(self, index: int, live: _LiveSlide) -> HeatmapAgreement:
+        """The candidate on slide ``index``: its heatmap and summary in the job's shadow folder, its agreement with
+        the live heatmap. Its units go to the candidate's replicas, at most ``chunks_in_flight`` at once."""
+        assert self.shadow is not None
+        candidate = self.shadow.rollout.candidate
+        folder = self.out / SHADOW_FOLDER / candidate.version / self.status.slides[index].key
+        plan = await asyncio.to_thread(self._plan, self.slide_sources[index], folder, candidate)
+        try:
+            store, finished = plan.store, plan.store.finished_chunks()
+            todo = [
+                (r, c)
+                for r in range(store.chunk_grid[0])
+                for c in range(store.chunk_grid[1])
+                if (r, c) not in finished and self._tissue_of(plan, r, c).any()
+            ]
+            slots = asyncio.Semaphore(self.wsi.chunks_in_flight)
+            units = [asyncio.ensure_future(self._classify_candidate_unit(plan, slots, r, c)) for r, c in todo]
+            try:
+                await asyncio.gather(*units)
+            except BaseException:  # one unit failed or stopped: the others are not sent either
+                for unit in units:
+                    unit.cancel()
+                raise
+            return await asyncio.to_thread(self._write_candidate_summary, index, plan, live)
+        finally:
+            plan.slide.close()
+
+    async def _classify_candidate_unit(
+        self, plan: _SlidePlan, slots: asyncio.Semaphore, chunk_row: int, chunk_col: int
+    ) -> None:
+        assert self.shadow is not None
+        async with slots:
+            if self.cancelled or self.shadow.rollout.state().state != "running":
+                raise _ShadowStopped
+            result = await self._send(self._unit(plan, chunk_row, chunk_col), self.shadow.tile_model)
+        await asyncio.to_thread(self._write_unit, plan, chunk_row, chunk_col, result.probabilities)
+
+    def _write_candidate_summary(self, index: int, plan: _SlidePlan, live: _LiveSlide) -> HeatmapAgreement:
+        """The candidate's agreement with the live heatmap on the live grid, and its ``summary.json``, marked a
+        shadow's, beside its heatmap."""
+        assert self.shadow is not None
+        candidate = self.shadow.rollout.candidate
+        tissue, positive, tile_mm2 = _tile_counts(plan.heatmap, plan.grid)
+        area_mm2 = round(positive * tile_mm2, 4)
+        agreement = heatmap_agreement(
+            live.heatmap,
+            _on_grid(plan.heatmap, plan.grid, live.grid),
+            label=candidate.labels[1].name,
+            live_area_mm2=live.tumour_area_mm2,
+            candidate_area_mm2=area_mm2,
+            threshold=_POSITIVE,
+        )
+        summary = {
+            "rollout": {
+                "role": "shadow",
+                "version": candidate.version,
+                "live_version": self.spec.version,
+                "job_id": self.status.job_id,
+                "slide_index": index,
+            },
+            "grid": plan.grid.shape,
+            "tile_size": plan.grid.tile_size,
+            "mpp": plan.grid.mpp,
+            "tiles_tissue": tissue,
+            "tiles_positive": positive,
+            "tumour_area_mm2": area_mm2,
+            "agreement": agreement.model_dump(),
+        }
+        write_atomic(plan.store.path.parent / "summary.json", json.dumps(summary, indent=1))
+        return agreement
 
     async def _write_outputs(self, plan: _SlidePlan) -> SlideSummary:
         """The slide's files beside its heatmap, from what its units built up: the overlay PNG, the tissue PNG, the
@@ -495,10 +696,7 @@ class JobRun:
         to_store = [ds for ds in (annotations, dicom.probability_map) if ds is not None] if dicom.on_slide else []
         stored = self._store(to_store) if to_store and self.status.store_to else None
         heatmap, grid = plan.heatmap, plan.grid
-        classified = ~np.isnan(heatmap)
-        tissue = int(classified.sum())
-        positive = int((heatmap[classified] >= 0.5).sum())
-        tile_mm2 = (grid.tile_size * grid.mpp / 1000.0) ** 2
+        tissue, positive, tile_mm2 = _tile_counts(heatmap, grid)
         summary = SlideSummary(
             reader=plan.slide.reader,
             level=grid.level.index,
@@ -629,6 +827,27 @@ class JobRun:
         if force or now - self._saved_at >= _SAVE_EVERY_S:
             self._saved_at = now
             self.records.save(self.status)
+
+
+def _tile_counts(heatmap: np.ndarray, grid: TileGrid) -> tuple[int, int, float]:
+    """A heatmap's classified (tissue) tiles, its positive ones, and a tile's area in mm²."""
+    classified = ~np.isnan(heatmap)
+    positive = int((heatmap[classified] >= _POSITIVE).sum())
+    return int(classified.sum()), positive, (grid.tile_size * grid.mpp / 1000.0) ** 2
+
+
+def _on_grid(heatmap: np.ndarray, grid: TileGrid, onto: TileGrid) -> np.ndarray:
+    """``heatmap`` (of ``grid``) on the tiles of ``onto``, another grid over the same slide: each tile takes the value
+    of the tile its centre falls in (NaN beyond ``grid``)."""
+    if grid.shape == onto.shape and grid.tile_extent_level0 == onto.tile_extent_level0:
+        return heatmap
+    ratio = onto.tile_extent_level0 / grid.tile_extent_level0
+    rows = np.floor((np.arange(onto.rows) + 0.5) * ratio).astype(int)
+    cols = np.floor((np.arange(onto.cols) + 0.5) * ratio).astype(int)
+    on_grid = np.full(onto.shape, np.nan, np.float32)
+    inside_rows, inside_cols = rows < grid.rows, cols < grid.cols
+    on_grid[np.ix_(inside_rows, inside_cols)] = heatmap[np.ix_(rows[inside_rows], cols[inside_cols])]
+    return on_grid
 
 
 def _ended(slide: SlideStatus) -> bool:

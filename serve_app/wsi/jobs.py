@@ -9,6 +9,9 @@ A job runs on one of a pool of long-lived, detached Ray actors (``serve_app.wsi.
 running while no driver runs its job was interrupted: its driver's process died (Ray restarts the driver, knowing
 none of its jobs), and the job resumes when submitted again into the same ``out``.
 
+A model with a rollout (``rollouts.<model>``, a shadow) runs a job's slides through the version the rollout gives
+(the live one, or the candidate once promoted), and its driver shadows them with the candidate (docs/rollouts.md).
+
 A tenant's jobs read slides from its own roots (``tenants.<id>.wsi_slide_roots``; on an open server
 ``wsi.slide_roots``) and its own uploads, never another tenant's.
 """
@@ -42,6 +45,7 @@ from serve_app.errors import (
 )
 from serve_app.model_repository import ModelRepository
 from serve_app.model_spec import ModelSpec
+from serve_app.segmentation.rollouts import Rollouts
 from serve_app.storage import private_folder
 from serve_app.wsi.job_driver import (
     ANNOTATIONS_FILE,
@@ -98,11 +102,20 @@ class WsiJobs:
     Args:
         config: the application's config; ``wsi`` above all.
         repository: the models, to check that a job names a tile classifier.
+        tile_model_handles: each tile classifier version's ``TileModelDeployment``, by its spec's key.
+        rollouts: the application's rollouts (the ingress replica's, shared with segmentation); None: none.
     """
 
-    def __init__(self, config: AppConfig, repository: ModelRepository, tile_model_handles: dict[str, DeploymentHandle]):
+    def __init__(
+        self,
+        config: AppConfig,
+        repository: ModelRepository,
+        tile_model_handles: dict[str, DeploymentHandle],
+        rollouts: Rollouts | None = None,
+    ):
         self.config, self.wsi, self.repository = config, config.wsi, repository
         self.tile_model_handles = tile_model_handles
+        self.rollouts = rollouts
         private_folder(config.wsi.output_root)
         self.records = JobRecords(config.wsi.jobs)
         if ray.is_initialized():  # in a Serve replica: the pool is up before the first job comes
@@ -117,6 +130,9 @@ class WsiJobs:
             raise ModelTaskMismatch(
                 f"model {spec.name} is a {spec.task} model; WSI jobs need a tile_classification one"
             )
+        rollout = self.rollouts.of(spec.name) if self.rollouts is not None else None
+        if rollout is not None:  # the live version, or the candidate once promoted (a tile model's is a shadow)
+            spec = rollout.route(None)[0]
         with _submitting(self.wsi.tenant_folder(tenant_id)):
             return self._submit(request, spec, job_id, tenant_id)
 
@@ -162,13 +178,16 @@ class WsiJobs:
             slides=slides,
         )
         out_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        rollout = self.rollouts.of(spec.name) if self.rollouts is not None else None
+        candidate = self.tile_model_handles[rollout.candidate.key] if rollout is not None else None
         # The driver saves the job's first record before it answers, so the record is never seen without a driver
         # that runs it, and is the driver's alone from then on. A driver of older code may have exited since it was
         # looked up (it retires after its last job): the pool is looked up again, which starts one in its place.
         for attempt in range(2):
             driver = self._least_busy(self._drivers())
             try:
-                ray.get(driver.start.remote(self.config, status, sources, self.tile_model_handles[spec.key]))
+                handle = self.tile_model_handles[spec.key]
+                ray.get(driver.start.remote(self.config, status, sources, handle, candidate))
                 return status
             except RayActorError:
                 if attempt:
