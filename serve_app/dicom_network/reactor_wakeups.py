@@ -23,8 +23,10 @@ from __future__ import annotations
 import queue
 import select
 import socket
+import time
 import weakref
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 
 __all__ = ["IDLE_WAIT_S", "wake_on_work"]
@@ -86,8 +88,8 @@ class _DulEventQueue(_RingingQueue):
         peer = getattr(self._dul.socket, "socket", None)
         try:
             select.select([self._doorbell.bell] if peer is None else [peer, self._doorbell.bell], [], [], IDLE_WAIT_S)
-        except (OSError, ValueError):  # the peer's socket closed under us: the DUL's next loop sees to it
-            select.select([self._doorbell.bell], [], [], IDLE_WAIT_S)
+        except (OSError, ValueError):  # a socket closed under us, the association ending: wait as a poll would
+            time.sleep(IDLE_WAIT_S)
         self._doorbell.silence()
         return super().get(False)
 
@@ -103,6 +105,9 @@ def wake_on_work(assoc: Association) -> None:
     """Make ``assoc``'s DUL and association threads wait for work rather than poll for it. Call before its threads
     start (an ``EVT_CONN_OPEN`` handler of an acceptor); what its queues already hold is kept."""
     doorbell = _Doorbell()
+    # Its sockets closed with the connection (a flood of connections must not hold two descriptors each until a
+    # garbage collection), else with the association.
+    assoc.bind(evt.EVT_CONN_CLOSE, lambda event: doorbell.close())
     weakref.finalize(assoc, doorbell.close)
     dul = assoc.dul
     for name, replacement in (
