@@ -35,10 +35,19 @@ TEST_MAX_UPLOAD_BYTES = 48 * 1024**2
 TEST_MAX_FILES = 2_000
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before in this run: the system may offer a port again as soon as
+    it is closed, and a Ray node given the same port for two of its components does not start."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def auth(key: str) -> dict:
