@@ -73,6 +73,7 @@ __all__ = [
     "RolloutWindows",
     "Rollouts",
     "check_rollouts",
+    "content_identity",
     "rollout_id",
     "study_identity",
 ]
@@ -138,12 +139,18 @@ def study_identity(folder: Path) -> str:
         uid = header.get("StudyInstanceUID")
         if uid:
             return f"dicom:{uid}"
+    return "files:" + content_identity(files)  # by content alone: an upload's files are named by how they were sent
+
+
+def content_identity(files: list[Path]) -> str:
+    """A digest of the files' sizes and first MiB, whatever they are called or wherever they lie: what makes two
+    uploads of a study, or two submissions of a slide, the same when no UID says so."""
     digests = []
-    for path in files:  # by content alone: an upload's files are named by how they were sent
+    for path in files:
         with path.open("rb") as file:
             head = hashlib.sha256(file.read(_IDENTITY_BYTES))
         digests.append(f"{path.stat().st_size}:{head.hexdigest()}")
-    return "files:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
 
 
 def share_of(rollout: str, identity: str) -> float:
@@ -289,18 +296,12 @@ class _RunsMirror:
         self._count(record)
 
     def _take_line(self, line: bytes) -> None:
-        try:
-            found = json.loads(line)
-        except ValueError:  # a line a replica was writing as it died
-            self.lines += 1
+        found = _decoded(line)
+        if found is not None and "totals" in found:
+            _fold_totals(self.totals, found["totals"])
             return
-        if not isinstance(found, dict):
-            self.lines += 1
-        elif "totals" in found:
-            for role, outcomes in found["totals"].items():
-                self.totals.update({(role, outcome): count for outcome, count in outcomes.items()})
-        else:
-            self.lines += 1
+        self.lines += 1  # a record, or a line that is none: both count towards the compaction bound
+        if found is not None:
             self._count(found)
 
     def _count(self, record: dict) -> None:
@@ -459,19 +460,31 @@ def _parse(text: bytes) -> RolloutRuns:
     totals: Counter[tuple[str, str]] = Counter()
     records = []
     for line in text.splitlines():
-        try:
-            found = json.loads(line)
-        except ValueError:  # a line a replica was writing as it died
-            continue
-        if not isinstance(found, dict):
+        found = _decoded(line)
+        if found is None:
             continue
         if "totals" in found:
-            for role, outcomes in found["totals"].items():
-                totals.update({(role, outcome): count for outcome, count in outcomes.items()})
+            _fold_totals(totals, found["totals"])
         else:
             records.append(found)
             totals[(found["role"], found["outcome"])] += 1
     return RolloutRuns(totals, records)
+
+
+def _decoded(line: bytes) -> dict | None:
+    """A runs file's line: its totals line or a record; None for a line that is neither (a replica was writing it as
+    it died)."""
+    try:
+        found = json.loads(line)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _fold_totals(totals: Counter[tuple[str, str]], line_totals: dict[str, dict[str, int]]) -> None:
+    """Add a totals line's counts (role -> outcome -> studies) to ``totals``."""
+    for role, outcomes in line_totals.items():
+        totals.update({(role, outcome): count for outcome, count in outcomes.items()})
 
 
 def _read_from(fd: int, offset: int, end: int) -> bytes:

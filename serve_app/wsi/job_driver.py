@@ -41,7 +41,6 @@ written.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -67,7 +66,7 @@ from serve_app.observability.input_features import slide_features
 from serve_app.observability.metrics import WsiJobMetrics
 from serve_app.results.agreement import HeatmapAgreement, heatmap_agreement
 from serve_app.segmentation.responses import PacsStoreOutcome
-from serve_app.segmentation.rollouts import Rollout, Rollouts, rollout_id
+from serve_app.segmentation.rollouts import Rollout, Rollouts, content_identity, rollout_id
 from serve_app.source_digest import source_digest
 from serve_app.stopwatch import Stopwatch
 from serve_app.storage import set_private_umask, write_atomic
@@ -118,8 +117,6 @@ PROBABILITY_MAP_FILE = "probabilities.dcm"  # the heatmap as a DICOM Parametric 
 REGIONS_FILE = "regions.geojson"  # the tumour regions as QuPath annotations
 SHADOW_FOLDER = ".shadow"  # in a job's out folder: a shadow rollout's candidate runs, by version and slide key
 _POSITIVE = 0.5  # a tile is tumour at this probability or above: tiles_positive, tumour_area_mm2, rollout agreement
-# A slide's identity, for a shadow of some slides only: a digest of at most this much of each of its files.
-_IDENTITY_BYTES = 1024 * 1024
 DRIVER_PREFIX = "wsi-job-driver"
 _SAVE_EVERY_S = 0.5  # the record is rewritten at most this often while tiles finish
 _SPEED_WINDOW_S = 10.0  # tiles/s is measured over this much recent time
@@ -329,12 +326,7 @@ def slide_identity(source: SlideSource) -> str:
     if isinstance(source, DicomwebSlide):
         return f"dicom-series:{source.series_instance_uid}"
     path = Path(source)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digests = []
-    for file in files:
-        with file.open("rb") as opened:
-            digests.append(f"{file.stat().st_size}:{hashlib.sha256(opened.read(_IDENTITY_BYTES)).hexdigest()}")
-    return "slide:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    return "slide:" + content_identity(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
 
 
 class JobRun:
